@@ -1,0 +1,1 @@
+"""SpecMesh's services: gateway, router, state and the model worker (drafter, verifier, target)."""

@@ -1,0 +1,27 @@
+"""The `specmesh` console script: `specmesh --help` lists every command.
+
+Each group lives in its own module and imports heavy libraries (torch, transformers) only
+inside its commands, so `specmesh status` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from shared.cli import config_cmd, models_cmd, engine_cmd, stack_cmd
+
+app = typer.Typer(
+    name="specmesh",
+    help="SpecMesh: multi-level speculative decoding as NATS microservices.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+stack_cmd.register(app)
+config_cmd.register(app)
+engine_cmd.register(app)
+app.add_typer(models_cmd.app, name="models", help="Train, list and evaluate the model family.")
+
+
+if __name__ == "__main__":
+    app()

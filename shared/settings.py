@@ -1,0 +1,117 @@
+"""Configuration for every SpecMesh process, read from `SPECMESH_*` environment variables.
+
+Nested fields use `__`: `SPECMESH_NATS__PORT=14222`, `SPECMESH_WORKER__THREADS=1`.
+The README's configuration table is generated from these classes (`specmesh config`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROLES = ("drafter", "verifier", "target")
+SERVICES = ("gateway", "router", "state", "drafter", "verifier", "target")
+
+
+class NatsSettings(BaseModel):
+    """The NATS server (JetStream enabled) that carries every message between services."""
+
+    host: str = Field("127.0.0.1", description="Address NATS listens on (loopback by default).")
+    port: int = Field(14222, ge=1, le=65535, description="NATS client port (not 4222, so an existing server is never touched).")
+    monitor_port: int = Field(18222, ge=1, le=65535, description="NATS HTTP monitoring port.")
+    url: str | None = Field(None, description="Connect to this URL instead of host:port (e.g. an external cluster).")
+
+    @property
+    def client_url(self) -> str:
+        return self.url or f"nats://{self.host}:{self.port}"
+
+
+class DatabaseSettings(BaseModel):
+    """The PostgreSQL server holding profiles, pair statistics and decisions."""
+
+    host: str = Field("127.0.0.1", description="Address PostgreSQL listens on.")
+    port: int = Field(15432, ge=1, le=65535, description="PostgreSQL port (not 5432).")
+    user: str = Field("specmesh", description="Database role the services use.")
+    password: str = Field("specmesh", description="Password of that role.")
+    name: str = Field("specmesh", description="Database name.")
+    os_user: str = Field("nobody", description="Unprivileged OS user that runs the server when started as root.")
+    url: str | None = Field(None, description="SQLAlchemy URL to use instead of the local server.")
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.url or f"postgresql+asyncpg://{self.user}:{self.password}@{self.host}:{self.port}/{self.name}"
+
+
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible HTTP API and the gRPC API."""
+
+    host: str = Field("127.0.0.1", description="HTTP and gRPC listen address.")
+    port: int = Field(18000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
+    grpc_port: int = Field(18001, ge=1, le=65535, description="gRPC port.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Longest a single generation may take.")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ModelSettings(BaseModel):
+    """Where the model family comes from: a trained profile, or explicit checkpoint folders."""
+
+    profile: Literal["tiny", "small", "bench"] = Field("tiny", description="Trained family to use when no folders are given.")
+    cache_dir: Path = Field(Path.home() / ".cache" / "specmesh" / "models", description="Content-addressed cache of trained families.")
+    target: Path | None = Field(None, description="HF checkpoint folder of the target (overrides the profile).")
+    verifier: Path | None = Field(None, description="HF checkpoint folder of the verifier.")
+    drafter_code: Path | None = Field(None, description="HF checkpoint folder of the code drafter.")
+    drafter_prose: Path | None = Field(None, description="HF checkpoint folder of the prose drafter.")
+
+
+class EngineSettings(BaseModel):
+    """How a model runs inside one process."""
+
+    device: str = Field("cpu", description="torch device for the model (cpu, cuda, cuda:1, ...).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight and activation dtype.")
+    threads: int = Field(1, ge=1, description="torch threads per model process (report it with every number).")
+    max_batch: int = Field(16, ge=1, description="Most requests one model holds KV cache for at once.")
+    max_len: int = Field(512, ge=16, description="Longest sequence (prompt + output) a request may reach.")
+    runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean Llama runner or transformers.")
+
+
+class SpeculationSettings(BaseModel):
+    """Defaults for speculation when neither the request nor the router says otherwise."""
+
+    chain: str = Field("drafter,target", description="Default chain, bottom level first.")
+    k: int = Field(4, ge=0, le=16, description="Default tokens proposed per verification at each level.")
+    confidence_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Stop drafting below this confidence.")
+    lenient: float = Field(1.0, ge=1.0, description="Middle-level leniency (1 = exact).")
+
+
+class Settings(BaseSettings):
+    """Everything one SpecMesh process needs to know."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECMESH_", env_nested_delimiter="__", extra="ignore")
+
+    run_dir: Path = Field(Path(".run"), description="Pid files, logs, server data and `.run/env`.")
+    dev_mode: bool = Field(True, description="Development mode (no API keys); `make up` uses it.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    nats: NatsSettings = NatsSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    models: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    speculation: SpeculationSettings = SpeculationSettings()
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
