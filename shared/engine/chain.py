@@ -1,0 +1,301 @@
+"""A chain of levels (bottom first, target last) driving lossless speculative decoding.
+
+Level 0 proposes (a model drafting autoregressively, or n-gram lookup). Every level above
+it produces tokens the same way, recursively: ask the level below for up to k tokens,
+score them in one forward, verify them against its own distribution (`shared.engine.verify`)
+and keep the accepted prefix plus one recovered or bonus token; a middle level repeats that
+until it holds k tokens for the level above. The target's verification is always exact, so
+the output is the target's own (token for token under greedy and seeded sampling,
+in distribution otherwise). After every verification each cache at or below the verifying
+level is rolled back to the longest prefix still valid: O(1) length moves, no copies.
+
+    chain = Chain([("drafter", drafter), ("target", target)], k=4)
+    outputs = chain.generate([prompt_ids], max_tokens=32)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+
+from shared.engine.ngram import NgramProposer
+from shared.engine.runner import Draft, Runner
+from shared.engine.sampling import GREEDY, SamplingParams, choose
+from shared.engine.stats import ChainStats, LevelStats
+from shared.engine.verify import verify
+
+Proposer = Union[Runner, NgramProposer]
+
+
+@dataclass
+class Request:
+    """One generation in flight: its tokens so far and its speculation settings."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = GREEDY
+    k: list[int] = field(default_factory=list)  # k[i]: tokens level i proposes per verification
+    confidence_threshold: float = 0.0
+    stop_at_eos: bool = True
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclass
+class Level:
+    """One rung of a chain."""
+
+    name: str
+    proposer: Proposer
+    stats: LevelStats
+
+    @property
+    def runner(self) -> Runner | None:
+        return self.proposer if isinstance(self.proposer, Runner) else None
+
+
+class Chain:
+    """Drives any number of levels over a batch of requests, in lockstep rounds."""
+
+    def __init__(
+        self,
+        levels: Sequence[tuple[str, Proposer]],
+        k: int | Sequence[int] = 4,
+        confidence_threshold: float = 0.0,
+        leniency: float = 1.0,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not levels:
+            raise ValueError("a chain needs at least its target")
+        if not isinstance(levels[-1][1], Runner):
+            raise ValueError("the last level of a chain (the target) must be a model")
+        if any(isinstance(p, NgramProposer) for _, p in levels[1:]):
+            raise ValueError("an n-gram proposer can only be the bottom level of a chain")
+        if len({id(p) for _, p in levels}) != len(levels):
+            raise ValueError("each level of a chain needs its own runner")
+        vocab = {p.vocab_size for _, p in levels}
+        if len(vocab) != 1:
+            raise ValueError(f"the levels of a chain must share one vocabulary; got sizes {sorted(vocab)}")
+        if leniency < 1.0:
+            raise ValueError(f"leniency must be >= 1 (1 = exact), got {leniency}")
+        self.levels = [Level(name, p, LevelStats(name)) for name, p in levels]
+        self.k = self._ks(k)
+        self.confidence_threshold = confidence_threshold
+        self.leniency = leniency
+        target = self.levels[-1].runner
+        self.eos_token_id = eos_token_id if eos_token_id is not None else target.eos_token_id
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+        self.requests: dict[str, Request] = {}
+        self.stats = ChainStats([lv.stats for lv in self.levels])
+        self._ids = itertools.count()
+
+    @property
+    def top(self) -> int:
+        return len(self.levels) - 1
+
+    def _ks(self, k: int | Sequence[int]) -> list[int]:
+        ks = [k] * self.top if isinstance(k, int) else list(k)
+        if len(ks) != self.top or any(x < 0 for x in ks):
+            raise ValueError(f"k needs {self.top} values >= 0 (one per proposing level), got {k!r}")
+        return ks
+
+    # -- requests ------------------------------------------------------------------------
+    def add(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        sampling: SamplingParams = GREEDY,
+        k: int | Sequence[int] | None = None,
+        confidence_threshold: float | None = None,
+        request_id: str | None = None,
+        stop_at_eos: bool = True,
+    ) -> Request:
+        """Prefill every level with `prompt` and emit the target's first token."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        rid = request_id or f"req-{next(self._ids)}"
+        req = Request(
+            rid,
+            list(prompt),
+            max_tokens,
+            sampling,
+            self.k if k is None else self._ks(k),
+            self.confidence_threshold if confidence_threshold is None else confidence_threshold,
+            stop_at_eos,
+        )
+        t0 = time.perf_counter()
+        for level in self.levels:
+            runner = level.runner
+            if runner is None:
+                continue
+            s = time.perf_counter()
+            p0 = runner.prefill(rid, req.prompt, sampling)
+            level.stats.seconds += time.perf_counter() - s
+        first = int(choose(p0[None], sampling, [len(req.prompt)], self.generator)[0])
+        self.requests[rid] = req
+        self._emit(req, [first])
+        self.stats.seconds += time.perf_counter() - t0
+        return req
+
+    def _emit(self, req: Request, tokens: list[int]) -> None:
+        room = req.max_tokens - len(req.output)
+        tokens = tokens[:room]
+        if req.stop_at_eos and self.eos_token_id is not None and self.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_token_id) + 1]
+            req.done = True
+        req.output.extend(tokens)
+        self.stats.tokens += len(tokens)
+        if len(req.output) >= req.max_tokens:
+            req.done = True
+        if req.done:
+            self.release(req.request_id)
+
+    def release(self, request_id: str) -> None:
+        """Free a request's caches at every level."""
+        for level in self.levels:
+            if level.runner is not None:
+                level.runner.release(request_id)
+        self.requests.pop(request_id, None)
+
+    # -- the recursion -------------------------------------------------------------------
+    def _produce(self, i: int, reqs: list[Request], ctx: dict[str, list[int]], n: dict[str, int]) -> dict[str, Draft]:
+        """Up to n[r] tokens per request from level i, continuing ctx[r]."""
+        level = self.levels[i]
+        todo = [r for r in reqs if n[r.request_id] > 0]
+        empty = Draft([], torch.empty(0, level.proposer.vocab_size))
+        out = {r.request_id: empty for r in reqs}
+        if not todo:
+            return out
+        if i == 0:
+            s = time.perf_counter()
+            ids = [r.request_id for r in todo]
+            if level.runner is None:
+                drafts = level.proposer.propose([ctx[x] for x in ids], [n[x] for x in ids])
+            else:
+                runner = level.runner
+                feeds = [ctx[x][runner.length(x) :] for x in ids]
+                drafts = runner.propose(ids, feeds, [n[x] for x in ids], [r.confidence_threshold for r in todo])
+            level.stats.seconds += time.perf_counter() - s
+            out.update(zip(ids, drafts))
+            return out
+        base = {r.request_id: len(ctx[r.request_id]) for r in todo}
+        tokens = {r.request_id: [] for r in todo}
+        rows: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in todo}
+        local = {r.request_id: list(ctx[r.request_id]) for r in todo}
+        active = todo
+        while active:
+            verdicts = self._round(i, active, local)
+            still = []
+            for r in active:
+                rid = r.request_id
+                v = verdicts[rid]
+                tokens[rid].extend(v.tokens)
+                rows[rid].append(v.probs)
+                local[rid].extend(v.tokens)
+                if len(tokens[rid]) < n[rid]:
+                    still.append(r)
+            active = still
+        for r in todo:
+            rid = r.request_id
+            if len(tokens[rid]) > n[rid]:  # keep exactly n: drop the tail everywhere below
+                self._sync(i, rid, base[rid] + n[rid])
+            probs = torch.cat(rows[rid])[: n[rid]]
+            out[rid] = Draft(tokens[rid][: n[rid]], probs)
+        return out
+
+    def _round(self, i: int, reqs: list[Request], ctx: dict[str, list[int]]):
+        """One verification at level i: drafts from below, one forward, verify, roll back."""
+        level = self.levels[i]
+        runner = level.runner
+        ids = [r.request_id for r in reqs]
+        if i > 0:
+            n = {r.request_id: min(r.k[i - 1], r.max_tokens - len(r.output) - 1) for r in reqs}
+            drafts = self._produce(i - 1, reqs, ctx, n)
+        else:
+            drafts = {rid: Draft([], torch.empty(0, runner.vocab_size)) for rid in ids}
+        s = time.perf_counter()
+        chunks = [ctx[rid][runner.length(rid) :] + drafts[rid].tokens for rid in ids]
+        scored = runner.score(ids, chunks)
+        leniency = self.leniency if i < self.top else 1.0
+        verdicts = {}
+        for r, rid, p in zip(reqs, ids, scored):
+            d = drafts[rid]
+            k = len(d.tokens)
+            v = verify(d.tokens, d.probs, p[p.shape[0] - k - 1 :], r.sampling, len(ctx[rid]), self.generator, leniency)
+            verdicts[rid] = v
+            if i > 0 and k:
+                self.levels[i - 1].stats.record(k, v.accepted)
+        level.stats.seconds += time.perf_counter() - s
+        for rid in ids:
+            self._sync(i, rid, len(ctx[rid]) + verdicts[rid].accepted)
+        return verdicts
+
+    def _sync(self, i: int, request_id: str, valid: int) -> None:
+        """Roll every cache at levels <= i back to at most `valid` positions."""
+        for level in self.levels[: i + 1]:
+            runner = level.runner
+            if runner is not None:
+                length = runner.length(request_id)
+                if length > valid:
+                    runner.rollback(request_id, valid)
+
+    # -- driving -------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """One target verification over every live request; returns those that finished."""
+        reqs = [r for r in self.requests.values() if not r.done]
+        if not reqs:
+            return []
+        t0 = time.perf_counter()
+        verdicts = self._round(self.top, reqs, {r.request_id: r.tokens for r in reqs})
+        finished = []
+        for r in reqs:
+            self._emit(r, verdicts[r.request_id].tokens)
+            if r.done:
+                finished.append(r)
+        self.stats.seconds += time.perf_counter() - t0
+        return finished
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+        k: int | Sequence[int] | None = None,
+        confidence_threshold: float | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[list[int]]:
+        """Generate for a batch of prompts in lockstep; returns each request's new tokens."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        reqs = [self.add(p, max_tokens, sp, k, confidence_threshold, stop_at_eos=stop_at_eos) for p, sp in zip(prompts, params)]
+        while any(not r.done for r in reqs):
+            self.step()
+        return [r.output for r in reqs]
+
+    def reset_stats(self) -> None:
+        for level in self.levels:
+            level.stats.__init__(level.name)
+            if level.runner is not None:
+                level.runner.forwards = 0
+                level.runner.forward_s = 0.0
+                level.runner.forward_tokens = 0
+        self.stats.tokens = 0
+        self.stats.seconds = 0.0
+
+    def collect_stats(self) -> ChainStats:
+        """The stats so far, with each level's forward counts and times filled in."""
+        for level in self.levels:
+            if level.runner is not None:
+                level.stats.forwards = level.runner.forwards
+                level.stats.step_seconds = level.runner.forward_s
+        return self.stats

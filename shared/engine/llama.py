@@ -1,0 +1,179 @@
+"""A lean forward for the Llama family (Llama, Qwen2, Mistral) in plain PyTorch.
+
+RMSNorm, RoPE (rope_theta, default rope type), grouped-query attention through
+`F.scaled_dot_product_attention`, SwiGLU, tied or untied lm_head. Weights are taken from a
+transformers model's state dict; q/k/v and gate/up are fused into one matmul each so a
+step issues as few kernels as possible (the fixed cost per call dominates small models on
+CPU). The forward reads and writes a `KVCache` at explicit per-row positions, so one call
+serves a ragged batch of requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared.engine.kv_cache import KVCache
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint is not something the lean forward reproduces exactly."""
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wgu: torch.Tensor
+    wd: torch.Tensor
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    scaling = getattr(config, "rope_scaling", None)
+    if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default"):
+        raise UnsupportedModel(f"rope type {rope_type!r} is not supported by the lean runner (use --runner hf)")
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+class LeanLlama:
+    """Weights and forward of one Llama-family model; no nn.Module, no hooks."""
+
+    def __init__(self, hf_model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, max_len: int = 512):
+        config = hf_model.config
+        if config.model_type not in SUPPORTED:
+            raise UnsupportedModel(f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED)} (use --runner hf)")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (SwiGLU with silu only)")
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < max_len:
+            raise UnsupportedModel(f"sliding window {window} < max_len {max_len} is not supported")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vocab_size = config.vocab_size
+        self.n_layers = config.num_hidden_layers
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        self.max_len = max_len
+
+        sd = {name: t.detach() for name, t in hf_model.state_dict().items()}
+
+        def w(name: str) -> torch.Tensor:
+            return sd[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def cat(names: list[str]) -> torch.Tensor:
+            return torch.cat([sd[n] for n in names], 0).to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = w("lm_head.weight") if "lm_head.weight" in sd else self.embed
+        self.norm = w("model.norm.weight")
+        self.layers: list[_Layer] = []
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            qkv = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+            bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+            if any(p + f"mlp.{x}_proj.bias" in sd for x in ("gate", "up", "down")) or p + "self_attn.o_proj.bias" in sd:
+                raise UnsupportedModel("biases on o_proj or the MLP are not supported")
+            self.layers.append(
+                _Layer(
+                    ln1=w(p + "input_layernorm.weight"),
+                    wqkv=cat(qkv),
+                    bqkv=cat(bias) if all(b in sd for b in bias) else None,
+                    wo=w(p + "self_attn.o_proj.weight"),
+                    ln2=w(p + "post_attention_layernorm.weight"),
+                    wgu=cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    wd=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        theta = _rope_theta(config)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(device=self.device, dtype=dtype)
+        self.sin = emb.sin().to(device=self.device, dtype=dtype)
+        self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
+        self.arange = torch.arange(max_len, device=self.device)
+
+    def new_cache(self, slots: int) -> KVCache:
+        return KVCache(self.n_layers, slots, self.n_kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        slots: list[int],
+        starts: list[int],
+        lengths: list[int],
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for a ragged batch, writing its keys and values into `cache`.
+
+        tokens [B, T] (rows right-padded), row b holds lengths[b] new tokens for slot
+        slots[b] at positions starts[b].. . Returns [B, T, V] logits, or [B, V] at each
+        row's last real token when last_only.
+        """
+        B, T = tokens.shape
+        H, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
+        kv_len = max(s + n for s, n in zip(starts, lengths))
+        if B == 1:
+            s0 = starts[0]
+            pos = self.arange[s0 : s0 + T]
+            cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
+            mask = None if T == 1 else self.causal[s0 : s0 + T, :kv_len]
+            slot = slots[0]
+        else:
+            start_t = torch.tensor(starts, device=self.device)
+            len_t = torch.tensor(lengths, device=self.device)
+            offs = self.arange[:T]
+            valid = offs[None, :] < len_t[:, None]  # [B, T]
+            pos = torch.where(valid, start_t[:, None] + offs[None, :], 0)  # padding attends to position 0
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, T, D]
+            mask = (self.arange[:kv_len][None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+            slot_t = torch.tensor(slots, device=self.device)
+            w_slot = torch.where(valid, slot_t[:, None], cache.scratch)
+            w_pos = torch.where(valid, pos, offs[None, :])
+        x = F.embedding(tokens, self.embed)
+        for li, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q, k, v = qkv.split([H * D, Hk * D, Hk * D], dim=-1)
+            q = self._rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(B, T, Hk, D).transpose(1, 2), cos, sin)
+            v = v.view(B, T, Hk, D).transpose(1, 2)
+            ck, cv = cache.k[li], cache.v[li]
+            if B == 1:
+                ck[slot, :, s0 : s0 + T] = k[0]
+                cv[slot, :, s0 : s0 + T] = v[0]
+                keys, values = ck[slot : slot + 1, :, :kv_len], cv[slot : slot + 1, :, :kv_len]
+            else:
+                ck[w_slot, :, w_pos] = k.transpose(1, 2)
+                cv[w_slot, :, w_pos] = v.transpose(1, 2)
+                keys, values = ck[slot_t, :, :kv_len], cv[slot_t, :, :kv_len]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hk != H)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), layer.wo)
+            h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
+            gate, up = F.linear(h, layer.wgu).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.wd)
+        if last_only:
+            if B == 1:
+                x = x[:, lengths[0] - 1]
+            else:
+                x = x[torch.arange(B, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
+        return F.linear(x, self.lm_head)

@@ -1,0 +1,288 @@
+"""Model runners: one model, many requests, the operations a speculative level needs.
+
+`prefill`, `propose` (k tokens autoregressively, with distributions and confidences),
+`score` (one forward over a chunk: the distribution after every chunk token), `rollback`,
+`release`, `length`. Every operation is keyed by request id, so a service can run the
+same steps for remote callers. `LeanRunner` runs `LeanLlama` on a preallocated cache;
+`HFRunner` runs the transformers forward with one `DynamicCache` per request (other
+architectures, and the reference the lean runner is tested against).
+
+Invariant the callers keep: a request's cache holds every token of its sequence except
+the ones the next call feeds (`feeds` / `chunks`), so `length(r)` is the position of the
+first fed token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from shared.engine.sampling import GREEDY, SamplingParams, choose, process_rows
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Draft:
+    """k (or fewer) tokens proposed for one request, with what produced them."""
+
+    tokens: list[int]
+    probs: torch.Tensor  # [len(tokens), V]: the distribution each token was drawn from
+    confidence: list[float] = field(default_factory=list)  # probs[j, tokens[j]]
+
+
+class Runner:
+    """The operations shared by every runner; subclasses provide the cache and the forward."""
+
+    vocab_size: int
+    device: torch.device
+    eos_token_id: int | None = None
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._sampling: dict[str, SamplingParams] = {}
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self.forwards = 0
+        self.forward_s = 0.0
+        self.forward_tokens = 0
+
+    # -- what subclasses implement -------------------------------------------------------
+    def _open(self, request_id: str) -> None: ...
+    def _close(self, request_id: str) -> None: ...
+    def length(self, request_id: str) -> int: ...
+    def rollback(self, request_id: str, length: int) -> None: ...
+    def _logits(self, request_ids: Sequence[str], chunks: Sequence[Sequence[int]], last_only: bool) -> torch.Tensor: ...
+
+    # -- the operations ----------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, request_ids: Sequence[str], chunks: Sequence[Sequence[int]], last_only: bool) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self._logits(request_ids, chunks, last_only)
+        self.forward_s += time.perf_counter() - t0
+        self.forwards += 1
+        self.forward_tokens += sum(len(c) for c in chunks)
+        return out
+
+    def sampling(self, request_id: str) -> SamplingParams:
+        return self._sampling[request_id]
+
+    @torch.inference_mode()
+    def prefill(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
+        """Start (or restart) a request: write `tokens`, return the next token's distribution [V]."""
+        if len(tokens) == 0:
+            raise ValueError("a prompt needs at least one token")
+        self._open(request_id)
+        self._sampling[request_id] = sampling
+        logits = self._forward([request_id], [list(tokens)], last_only=True)
+        return process_rows(logits, [sampling])[0]
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        request_ids: Sequence[str],
+        feeds: Sequence[Sequence[int]],
+        k: int | Sequence[int],
+        confidence_threshold: float | Sequence[float] = 0.0,
+    ) -> list[Draft]:
+        """Draft up to k tokens per request, autoregressively, in lockstep over the batch.
+
+        feeds[r] (>= 1 token) are written first; the last drafted token is not written
+        (it is fed by the next call, as every other emitted token). A request stops early
+        when a token's confidence (its own probability) is below the threshold; that token
+        is dropped. k = 0 drafts nothing and writes nothing.
+        """
+        n = len(request_ids)
+        ks = [k] * n if isinstance(k, int) else list(k)
+        thresholds = [confidence_threshold] * n if isinstance(confidence_threshold, (int, float)) else list(confidence_threshold)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        confs: list[list[float]] = [[] for _ in range(n)]
+        active = [i for i in range(n) if ks[i] > 0]
+        chunks = {i: list(feeds[i]) for i in active}
+        while active:
+            ids = [request_ids[i] for i in active]
+            params = [self._sampling[r] for r in ids]
+            logits = self._forward(ids, [chunks[i] for i in active], last_only=True)  # [B, V]
+            probs = process_rows(logits, params)
+            picked = self._choose(ids, probs, params)
+            conf = probs.gather(-1, picked[:, None]).squeeze(-1).tolist()
+            still = []
+            for row, (i, tok) in enumerate(zip(active, picked.tolist())):
+                if conf[row] < thresholds[i]:
+                    continue
+                tokens[i].append(tok)
+                rows[i].append(probs[row])
+                confs[i].append(conf[row])
+                if len(tokens[i]) < ks[i]:
+                    chunks[i] = [tok]
+                    still.append(i)
+            active = still
+        empty = torch.empty(0, self.vocab_size, device=self.device)
+        return [Draft(tokens[i], torch.stack(rows[i]) if rows[i] else empty, confs[i]) for i in range(n)]
+
+    def _choose(self, ids: Sequence[str], probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """One token per row of probs [B, V]; each drawn at its request's next position."""
+        if all(p.greedy for p in params):
+            return torch.argmax(probs, dim=-1)
+        out = torch.empty(len(ids), dtype=torch.long, device=probs.device)
+        for row, (rid, p) in enumerate(zip(ids, params)):
+            out[row] = choose(probs[row : row + 1], p, [self.length(rid)], self.generator)[0]
+        return out
+
+    @torch.inference_mode()
+    def score(self, request_ids: Sequence[str], chunks: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """One forward over each request's chunk: [len(chunk), V] distributions, row j
+        predicting the token after chunk[j] (so the last row is the bonus position)."""
+        logits = self._forward(request_ids, chunks, last_only=False)  # [B, T, V]
+        probs = process_rows(logits, [self._sampling[r] for r in request_ids])
+        return [probs[b, : len(c)] for b, c in enumerate(chunks)]
+
+    def release(self, request_id: str) -> None:
+        """Forget a request and free its cache."""
+        self._sampling.pop(request_id, None)
+        self._close(request_id)
+
+
+class LeanRunner(Runner):
+    """The lean Llama forward on a preallocated, slot-per-request KV cache."""
+
+    def __init__(self, hf_model, device="cpu", dtype=torch.float32, max_batch: int = 16, max_len: int = 512, seed: int | None = None):
+        from shared.engine.llama import LeanLlama
+
+        self.device = torch.device(device)
+        self.model = LeanLlama(hf_model, self.device, dtype, max_len)
+        self.cache = self.model.new_cache(max_batch)
+        self.vocab_size = self.model.vocab_size
+        self.eos_token_id = _eos(hf_model.config)
+        super().__init__(seed)
+
+    def _open(self, request_id: str) -> None:
+        self.cache.open(request_id)
+
+    def _close(self, request_id: str) -> None:
+        self.cache.close(request_id)
+
+    def length(self, request_id: str) -> int:
+        return self.cache.length(request_id)
+
+    def rollback(self, request_id: str, length: int) -> None:
+        self.cache.rollback(request_id, length)
+
+    def _logits(self, request_ids, chunks, last_only):
+        cache = self.cache
+        slots = [cache.slot(r) for r in request_ids]
+        starts = [cache.length(r) for r in request_ids]
+        lengths = [len(c) for c in chunks]
+        for r, n in zip(request_ids, lengths):
+            cache.check_room(r, n)
+        if len(chunks) == 1:
+            tokens = torch.tensor([chunks[0]], device=self.device)
+        else:
+            width = max(lengths)
+            tokens = torch.tensor([list(c) + [0] * (width - len(c)) for c in chunks], device=self.device)
+        logits = self.model.forward(cache, tokens, slots, starts, lengths, last_only)
+        for r, n in zip(request_ids, lengths):
+            cache.advance(r, n)
+        return logits
+
+
+class HFRunner(Runner):
+    """The transformers forward, one DynamicCache per request, requests run one by one."""
+
+    def __init__(self, hf_model, device="cpu", dtype=torch.float32, max_batch: int = 16, max_len: int = 512, seed: int | None = None):
+        self.device = torch.device(device)
+        self.model = hf_model.to(device=self.device, dtype=dtype).eval()
+        self.vocab_size = hf_model.config.vocab_size
+        self.eos_token_id = _eos(hf_model.config)
+        self.max_batch, self.max_len = max_batch, max_len
+        self._caches: dict[str, object] = {}
+        super().__init__(seed)
+
+    def _open(self, request_id: str) -> None:
+        from transformers import DynamicCache
+
+        if request_id not in self._caches and len(self._caches) >= self.max_batch:
+            raise RuntimeError(f"all {self.max_batch} request slots are in use; release a request or raise max_batch")
+        self._caches[request_id] = DynamicCache(config=self.model.config)
+
+    def _close(self, request_id: str) -> None:
+        self._caches.pop(request_id, None)
+
+    def _cache(self, request_id: str):
+        try:
+            return self._caches[request_id]
+        except KeyError:
+            raise KeyError(f"unknown request {request_id!r}: prefill it first") from None
+
+    def length(self, request_id: str) -> int:
+        return self._cache(request_id).get_seq_length()
+
+    def rollback(self, request_id: str, length: int) -> None:
+        current = self.length(request_id)
+        if not 0 <= length <= current:
+            raise ValueError(f"cannot roll request {request_id!r} back to {length}: it holds {current} positions")
+        if length < current:
+            self._cache(request_id).crop(length - current)  # transformers 5: a negative count removes tokens
+
+    def _logits(self, request_ids, chunks, last_only):
+        width = max(len(c) for c in chunks)
+        outs = []
+        for r, chunk in zip(request_ids, chunks):
+            cache = self._cache(r)
+            if cache.get_seq_length() + len(chunk) > self.max_len:
+                raise RuntimeError(f"request {r!r} would grow past max_len={self.max_len}")
+            ids = torch.tensor([list(chunk)], device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
+            if last_only:
+                outs.append(logits[-1])
+            else:
+                outs.append(torch.nn.functional.pad(logits, (0, 0, 0, width - len(chunk))))
+        return torch.stack(outs)
+
+
+def _eos(config) -> int | None:
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        return eos[0] if eos else None
+    return eos
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """`AutoModelForCausalLM.from_pretrained(path)` in eval mode on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def load_runner(
+    path: str | Path,
+    runner: str = "lean",
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    max_batch: int = 16,
+    max_len: int = 512,
+    seed: int | None = None,
+) -> Runner:
+    """A runner for the checkpoint at `path`: the lean one when it supports the
+    architecture (`runner="lean"`), the transformers one otherwise or when asked."""
+    from shared.engine.llama import UnsupportedModel
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if runner not in ("lean", "hf"):
+        raise ValueError(f"runner must be 'lean' or 'hf', got {runner!r}")
+    model = load_hf_model(path, torch.float32)
+    if runner == "lean":
+        try:
+            return LeanRunner(model, device, torch_dtype, max_batch, max_len, seed)
+        except UnsupportedModel as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("lean runner unavailable for %s (%s); using transformers", path, exc)
+    return HFRunner(model, device, torch_dtype, max_batch, max_len, seed)
