@@ -236,6 +236,7 @@ class Chain:
             verdicts[rid] = v
             if i > 0 and k:
                 self.levels[i - 1].stats.record(k, v.accepted)
+        level.stats.rounds += len(reqs)
         level.stats.seconds += time.perf_counter() - s
         for rid in ids:
             self._sync(i, rid, len(ctx[rid]) + verdicts[rid].accepted)

@@ -19,7 +19,8 @@ class LevelStats:
     accepted: int = 0  # of those, accepted by the level above
     accepted_per_pos: list[int] = field(default_factory=list)  # accepted at draft position j
     drafted_per_pos: list[int] = field(default_factory=list)
-    proposals: int = 0  # verifications its drafts went through (rounds of the level above)
+    proposals: int = 0  # non-empty drafts it handed to the level above
+    rounds: int = 0  # verifications this level ran (one per request per round, with or without drafts)
     forwards: int = 0  # model forward passes (propose steps + scores)
     seconds: float = 0.0  # time in this level's own operations
     step_seconds: float = 0.0  # forward time only (for the cost model)
@@ -54,6 +55,7 @@ class LevelStats:
             "acceptance": self.acceptance,
             "acceptance_per_pos": [a / d if d else None for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)],
             "proposals": self.proposals,
+            "rounds": self.rounds,
             "forwards": self.forwards,
             "seconds": round(self.seconds, 6),
             "step_ms": None if self.step_time is None else round(self.step_time * 1e3, 4),
@@ -115,3 +117,30 @@ def chain_cost(step_times: list[float], ks: list[float], alphas: list[float]) ->
     for t_next, k, alpha in zip(step_times[1:], ks, alphas):
         tau = (k * tau + t_next) / expected_tokens(alpha, k)
     return tau
+
+
+def theoretical_speedup(levels: list[LevelStats], target_alone_step: float) -> float | None:
+    """Speedup the BRIEF's sequential model predicts from a run's measured numbers.
+
+    Step time of each level: the mean forward (a model), or seconds per drafted token (a
+    model-free level). For each pair (i, i + 1): k_i = tokens drafted per verification,
+    alpha fitted so E(alpha, k_i) - 1 = tokens accepted per verification. Compared with
+    `target_alone_step`, the target's mean step when decoding alone.
+    """
+    if len(levels) < 2:
+        return 1.0
+    steps = []
+    for lv in levels:
+        if lv.forwards:
+            steps.append(lv.step_seconds / lv.forwards)
+        else:
+            steps.append(lv.seconds / lv.drafted if lv.drafted else 0.0)
+    ks, alphas = [], []
+    for lower, upper in zip(levels, levels[1:]):
+        if not upper.rounds:
+            return None
+        k = lower.drafted / upper.rounds
+        ks.append(k)
+        alphas.append(fit_alpha(lower.accepted / upper.rounds, k))
+    tau = chain_cost(steps, ks, alphas)
+    return target_alone_step / tau if tau > 0 else None
