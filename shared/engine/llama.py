@@ -24,15 +24,35 @@ class UnsupportedModel(ValueError):
     """The checkpoint is not something the lean forward reproduces exactly."""
 
 
+class _Linear:
+    """y = x W^T (+ b). On CPU in float32 W is also kept transposed: a one-row product
+    (a decode step) runs ~25-35% faster as x @ W^T with W^T contiguous than through
+    F.linear (measured on these 2-core machines); several rows use F.linear."""
+
+    __slots__ = ("w", "wt", "b")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, both: bool) -> None:
+        self.w = w.contiguous()
+        self.wt = w.t().contiguous() if both else None
+        self.b = b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wt is None:
+            return F.linear(x, self.w, self.b)
+        if x.numel() != x.shape[-1]:
+            return F.linear(x, self.w, self.b)
+        y = x @ self.wt
+        return y if self.b is None else y + self.b
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    wqkv: torch.Tensor
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    qkv: _Linear
+    o: _Linear
     ln2: torch.Tensor
-    wgu: torch.Tensor
-    wd: torch.Tensor
+    gate_up: _Linear
+    down: _Linear
 
 
 def _rope_theta(config) -> float:
@@ -66,6 +86,7 @@ class LeanLlama:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.eps = config.rms_norm_eps
         self.max_len = max_len
+        both = self.device.type == "cpu" and dtype == torch.float32  # see _Linear
 
         sd = {name: t.detach() for name, t in hf_model.state_dict().items()}
 
@@ -76,7 +97,7 @@ class LeanLlama:
             return torch.cat([sd[n] for n in names], 0).to(device=self.device, dtype=dtype).contiguous()
 
         self.embed = w("model.embed_tokens.weight")
-        self.lm_head = w("lm_head.weight") if "lm_head.weight" in sd else self.embed
+        self.lm_head = _Linear(w("lm_head.weight") if "lm_head.weight" in sd else self.embed, None, both)
         self.norm = w("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(self.n_layers):
@@ -88,12 +109,11 @@ class LeanLlama:
             self.layers.append(
                 _Layer(
                     ln1=w(p + "input_layernorm.weight"),
-                    wqkv=cat(qkv),
-                    bqkv=cat(bias) if all(b in sd for b in bias) else None,
-                    wo=w(p + "self_attn.o_proj.weight"),
+                    qkv=_Linear(cat(qkv), cat(bias) if all(b in sd for b in bias) else None, both),
+                    o=_Linear(w(p + "self_attn.o_proj.weight"), None, both),
                     ln2=w(p + "post_attention_layernorm.weight"),
-                    wgu=cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                    wd=w(p + "mlp.down_proj.weight"),
+                    gate_up=_Linear(cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]), None, both),
+                    down=_Linear(w(p + "mlp.down_proj.weight"), None, both),
                 )
             )
         theta = _rope_theta(config)
@@ -151,7 +171,7 @@ class LeanLlama:
         x = F.embedding(tokens, self.embed)
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = layer.qkv(h)
             q, k, v = qkv.split([H * D, Hk * D, Hk * D], dim=-1)
             q = self._rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
             k = self._rope(k.view(B, T, Hk, D).transpose(1, 2), cos, sin)
@@ -166,14 +186,14 @@ class LeanLlama:
                 cv[w_slot, :, w_pos] = v.transpose(1, 2)
                 keys, values = ck[slot_t, :, :kv_len], cv[slot_t, :, :kv_len]
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hk != H)
-            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), layer.wo)
+            x = x + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
-            gate, up = F.linear(h, layer.wgu).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.wd)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         if last_only:
             if B == 1:
                 x = x[:, lengths[0] - 1]
             else:
                 x = x[torch.arange(B, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        return F.linear(x, self.lm_head)
+        return self.lm_head(x)
