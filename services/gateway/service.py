@@ -1,0 +1,30 @@
+"""The gateway process: serves the HTTP API (uvicorn) beside its NATS connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from services.gateway.http_api import create_app
+from shared.service import ServiceProcess
+
+log = logging.getLogger("specmesh.gateway")
+
+
+class GatewayService(ServiceProcess):
+    name = "gateway"
+    description = "SpecMesh gateway: OpenAI-compatible HTTP API and gRPC"
+
+    async def setup(self) -> None:
+        cfg = self.settings.gateway
+        app = create_app(self.settings, self)
+        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")
+        self.http = uvicorn.Server(config)
+        self.http.install_signal_handlers = lambda: None  # the service shell owns signals
+        self._http_task = asyncio.create_task(self.http.serve())
+
+    async def teardown(self) -> None:
+        self.http.should_exit = True
+        await self._http_task

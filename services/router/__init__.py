@@ -1,0 +1,1 @@
+"""The router: profiles and acceptance history in PostgreSQL, chain assignments on NATS."""

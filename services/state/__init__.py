@@ -1,0 +1,1 @@
+"""The state service: authority on each request's committed tokens and epoch."""

@@ -1,0 +1,1 @@
+"""The model worker: one engine in three roles (drafter, verifier, target)."""

@@ -1,0 +1,87 @@
+"""The shell every SpecMesh service runs in: NATS connection, `micro` registration, shutdown.
+
+A service is registered with nats.py's `micro`, so `$SRV.PING.<name>`, `$SRV.INFO.<name>`
+and `$SRV.STATS.<name>` answer for it without code of its own. Subclasses add endpoints
+in `setup` and release resources in `teardown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import nats
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.service import Service
+
+from shared.settings import Settings
+
+VERSION = "0.1.0"
+log = logging.getLogger("specmesh.service")
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    """A NATS connection that keeps reconnecting for as long as the process lives."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error in %s: %s", name, exc)
+
+    return await nats.connect(
+        settings.nats.client_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        error_cb=on_error, connect_timeout=5,
+    )
+
+
+async def ping(nc: Client, name: str, timeout_s: float = 1.0) -> dict | None:
+    """One instance's `micro` ping reply for service `name`, or None if none answered."""
+    import json
+
+    try:
+        msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=timeout_s)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        return None
+    return json.loads(msg.data)
+
+
+class ServiceProcess:
+    """Base of every service process: `await Subclass(settings).run()` serves until SIGTERM."""
+
+    name: str = "service"
+    description: str = ""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.nc: Client | None = None
+        self.micro: Service | None = None
+        self._stop = asyncio.Event()
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    async def setup(self) -> None:
+        """Add endpoints and subscriptions; called once connected and registered."""
+
+    async def teardown(self) -> None:
+        """Release what `setup` took; called on shutdown."""
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        self.nc = await connect(self.settings, self.name)
+        self.micro = await add_service(
+            self.nc, name=self.name, version=VERSION, description=self.description, metadata=self.metadata(),
+        )
+        try:
+            await self.setup()
+            log.info("%s ready (nats %s)", self.name, self.settings.nats.client_url)
+            await self._stop.wait()
+        finally:
+            await self.teardown()
+            await self.micro.stop()
+            await self.nc.drain()

@@ -1,0 +1,186 @@
+"""NATS (with JetStream) and PostgreSQL servers, started by the project on loopback.
+
+PostgreSQL refuses to run as root: when we are root, its binaries run as an unprivileged
+OS user (`SPECMESH_DATABASE__OS_USER`, default `nobody`) through `setpriv`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from shared.settings import Settings
+from shared.stack import binaries
+from shared.stack.procs import PidFile, ProcessRecord, port_open, spawn, terminate, wait_until
+
+
+class ServerError(RuntimeError):
+    """A server could not be started or did not become healthy."""
+
+
+class NatsServer:
+    """nats-server with JetStream, data under `<run_dir>/nats`."""
+
+    name = "nats"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.run_dir = settings.run_dir
+        self.pidfile = PidFile(self.run_dir, self.name)
+        self.log = self.run_dir / "logs" / "nats.log"
+
+    def command(self) -> list[str]:
+        cfg = self.settings.nats
+        return [
+            str(binaries.nats_server()), "-a", cfg.host, "-p", str(cfg.port), "-m", str(cfg.monitor_port),
+            "-js", "-sd", str(self.run_dir / "nats"), "-n", "specmesh",
+        ]
+
+    def healthy(self) -> bool:
+        cfg = self.settings.nats
+        url = f"http://{cfg.host}:{cfg.monitor_port}/healthz?js-enabled-only=true"
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def ensure(self, timeout_s: float = 30.0) -> ProcessRecord:
+        record = self.pidfile.live()
+        if record is None:
+            cfg = self.settings.nats
+            if port_open(cfg.host, cfg.port):
+                raise ServerError(f"port {cfg.host}:{cfg.port} is taken by another program; set SPECMESH_NATS__PORT")
+            record = spawn(self.name, self.command(), self.log)
+            self.pidfile.write(record)
+        if not wait_until(self.healthy, timeout_s):
+            raise ServerError(f"NATS did not become healthy in {timeout_s:.0f}s; see {self.log}")
+        return record
+
+    def stop(self) -> None:
+        record = self.pidfile.live()
+        if record:
+            terminate(record)
+        self.pidfile.remove()
+
+
+class PostgresServer:
+    """A PostgreSQL cluster under `<run_dir>/postgres`, TCP on loopback only."""
+
+    name = "postgres"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.run_dir = settings.run_dir
+        self.pidfile = PidFile(self.run_dir, self.name)
+        self.home = self.run_dir / "postgres"
+        self.data = self.home / "data"
+        self.log = self.run_dir / "logs" / "postgres.log"
+        key = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
+        # Unix socket paths are limited to ~107 bytes: keep the socket folder short.
+        self.socket_dir = Path("/tmp") / f"specmesh-pg-{key}"
+        self.bin = binaries.postgres_bin_dir()
+
+    # -- running as an unprivileged user -------------------------------------------------
+    def _os_user(self) -> pwd.struct_passwd | None:
+        if os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwnam(self.settings.database.os_user)
+        except KeyError as exc:
+            raise ServerError(f"OS user {self.settings.database.os_user!r} does not exist; set SPECMESH_DATABASE__OS_USER") from exc
+
+    def _as_user(self, command: list[str]) -> list[str]:
+        user = self._os_user()
+        if user is None:
+            return command
+        return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                "--reset-env", "--"] + command
+
+    def _prepare_dirs(self) -> None:
+        for path in (self.home, self.data, self.socket_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.data.chmod(0o700)
+        user = self._os_user()
+        if user is not None:
+            for path in (self.home, self.data, self.socket_dir):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            probe = subprocess.run(self._as_user(["test", "-w", str(self.data), "-a", "-x", str(self.bin / "postgres")]))
+            if probe.returncode != 0:
+                raise ServerError(
+                    f"user {user.pw_name} cannot reach {self.data} or {self.bin}: every parent folder must be "
+                    "traversable (chmod o+x), or set SPECMESH_RUN_DIR to a folder that is"
+                )
+
+    def _run(self, command: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(self._as_user(command), capture_output=True, text=True, check=check)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def command(self) -> list[str]:
+        cfg = self.settings.database
+        return self._as_user([
+            str(self.bin / "postgres"), "-D", str(self.data), "-p", str(cfg.port), "-h", cfg.host,
+            "-k", str(self.socket_dir),
+        ])
+
+    def healthy(self) -> bool:
+        cfg = self.settings.database
+        result = subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", cfg.host, "-p", str(cfg.port)])
+        return result.returncode == 0
+
+    def _initdb(self) -> None:
+        if (self.data / "PG_VERSION").exists():
+            return
+        result = self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+                            "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"], check=False)
+        if result.returncode != 0:
+            raise ServerError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL as the cluster's superuser over the Unix socket (trust, local only)."""
+        cfg = self.settings.database
+        result = subprocess.run(
+            [str(self.bin / "psql"), "-h", str(self.socket_dir), "-p", str(cfg.port), "-U", "postgres",
+             "-d", database, "-v", "ON_ERROR_STOP=1", "-tAc", sql],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"psql failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def _ensure_database(self) -> None:
+        cfg = self.settings.database
+        user = cfg.user.replace('"', "")
+        password = cfg.password.replace("'", "''")
+        if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{user}'"):
+            self.psql(f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'")
+        if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{cfg.name}'"):
+            self.psql(f"CREATE DATABASE \"{cfg.name}\" OWNER \"{user}\"")
+
+    def ensure(self, timeout_s: float = 60.0) -> ProcessRecord:
+        record = self.pidfile.live()
+        if record is None:
+            cfg = self.settings.database
+            if port_open(cfg.host, cfg.port):
+                raise ServerError(f"port {cfg.host}:{cfg.port} is taken by another program; set SPECMESH_DATABASE__PORT")
+            self._prepare_dirs()
+            self._initdb()
+            # Our postmaster is dead (the pid file says so and the port is free): a leftover
+            # postmaster.pid would make PostgreSQL refuse to start if its PID was reused.
+            (self.data / "postmaster.pid").unlink(missing_ok=True)
+            record = spawn(self.name, self.command(), self.log)
+            self.pidfile.write(record)
+        if not wait_until(self.healthy, timeout_s, interval_s=0.2):
+            raise ServerError(f"PostgreSQL did not become ready in {timeout_s:.0f}s; see {self.log}")
+        self._ensure_database()
+        return record
+
+    def stop(self) -> None:
+        record = self.pidfile.live()
+        if record:
+            terminate(record, timeout_s=20.0)
+        self.pidfile.remove()

@@ -1,0 +1,194 @@
+"""`make up` / `make down` / `make status`: the whole local stack as managed processes.
+
+`up` starts NATS and PostgreSQL, migrates, makes sure the model family exists, starts
+every service, waits until each answers a NATS ping and the gateway reports healthy, then
+leaves a supervisor running that restarts whatever dies. Everything it starts has a pid
+file under `<run_dir>/pids`; `down` stops exactly those processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.settings import SERVICES, Settings
+from shared.stack.procs import PidFile, port_open, spawn, terminate, wait_until
+from shared.stack.servers import NatsServer, PostgresServer
+
+SUPERVISOR = "supervisor"
+
+
+@dataclass
+class Row:
+    """One line of `specmesh status`."""
+
+    name: str
+    pid: int | None
+    state: str
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.run_dir = settings.run_dir
+        self.nats = NatsServer(settings)
+        self.postgres = PostgresServer(settings)
+
+    # -- services ------------------------------------------------------------------------
+    def service_command(self, name: str) -> list[str]:
+        return [sys.executable, "-m", "shared.cli.main", "serve", name]
+
+    def service_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SPECMESH_RUN_DIR"] = str(self.run_dir)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def ensure_service(self, name: str) -> bool:
+        """Start `name` unless its recorded process is alive; True if it had to start it."""
+        pidfile = PidFile(self.run_dir, name)
+        if pidfile.live():
+            return False
+        record = spawn(name, self.service_command(name), self.run_dir / "logs" / f"{name}.log", env=self.service_env())
+        pidfile.write(record)
+        return True
+
+    async def _pings(self, names: list[str], timeout_s: float) -> dict[str, bool]:
+        from shared.service import connect, ping
+
+        nc = await connect(self.settings, "specmesh-cli")
+        try:
+            deadline = time.monotonic() + timeout_s
+            up: dict[str, bool] = {name: False for name in names}
+            while time.monotonic() < deadline and not all(up.values()):
+                for name in [n for n, ok in up.items() if not ok]:
+                    up[name] = await ping(nc, name, timeout_s=0.5) is not None
+                if not all(up.values()):
+                    await asyncio.sleep(0.3)
+            return up
+        finally:
+            await nc.close()
+
+    def ping_services(self, timeout_s: float = 1.0) -> dict[str, bool]:
+        if not self.nats.healthy():
+            return {name: False for name in SERVICES}
+        return asyncio.run(self._pings(list(SERVICES), timeout_s))
+
+    def gateway_health(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"{self.settings.gateway.http_url}/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            return None
+
+    # -- the whole stack -----------------------------------------------------------------
+    def write_env(self) -> Path:
+        path = self.run_dir / "env"
+        path.write_text(
+            f"SPECMESH_GATEWAY_URL={self.settings.gateway.http_url}\n"
+            f"SPECMESH_NATS_URL={self.settings.nats.client_url}\n"
+            f"SPECMESH_DATABASE_URL={self.settings.database.sqlalchemy_url}\n"
+        )
+        return path
+
+    def up(self, say=print, timeout_s: float = 300.0) -> None:
+        from shared.db.migrate import upgrade
+        from shared.models.family import resolve_family
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        say("nats: " + ("starting" if not self.nats.pidfile.live() else "running"))
+        self.nats.ensure()
+        say("postgres: " + ("starting" if not self.postgres.pidfile.live() else "running"))
+        self.postgres.ensure()
+        say("migrations: alembic upgrade head")
+        upgrade(self.settings)
+        say(f"models: profile {self.settings.models.profile} (trained on first use)")
+        resolve_family(self.settings)
+        for name in SERVICES:
+            if self.ensure_service(name):
+                say(f"{name}: starting")
+        up = asyncio.run(self._pings(list(SERVICES), timeout_s))
+        missing = [name for name, ok in up.items() if not ok]
+        if missing:
+            raise RuntimeError(f"services did not answer a NATS ping in {timeout_s:.0f}s: {', '.join(missing)}; "
+                               f"see {self.run_dir / 'logs'}")
+        if not wait_until(lambda: (self.gateway_health() or {}).get("status") == "ok", 60.0, 0.3):
+            raise RuntimeError(f"gateway not healthy at {self.settings.gateway.http_url}/health; see logs")
+        self.ensure_supervisor()
+        env = self.write_env()
+        say(f"SpecMesh is up: {self.settings.gateway.http_url}  (URLs in {env})")
+
+    def ensure_supervisor(self) -> None:
+        pidfile = PidFile(self.run_dir, SUPERVISOR)
+        if pidfile.live():
+            return
+        command = [sys.executable, "-m", "shared.cli.main", "supervise"]
+        pidfile.write(spawn(SUPERVISOR, command, self.run_dir / "logs" / "supervisor.log", env=self.service_env()))
+
+    def supervise(self, interval_s: float = 1.0) -> None:
+        """Restart any server or service that died, with backoff for those that keep dying."""
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
+        while True:
+            now = time.monotonic()
+            steps = [(server.name, lambda s=server: None if s.pidfile.live() else bool(s.ensure()))
+                     for server in (self.nats, self.postgres)]
+            steps += [(name, lambda n=name: self.ensure_service(n)) for name in SERVICES]
+            for name, ensure in steps:
+                if now < next_try.get(name, 0.0):
+                    continue
+                try:
+                    restarted = ensure()
+                    if restarted is True:
+                        print(f"{time.strftime('%H:%M:%S')} restarted {name}", flush=True)
+                        backoff[name] = min(backoff.get(name, 0.5) * 2, 30.0)
+                        next_try[name] = now + backoff[name]
+                    elif restarted is False:
+                        backoff.pop(name, None)
+                except Exception as exc:  # a server that cannot start now may start later
+                    print(f"{time.strftime('%H:%M:%S')} {name}: {exc}", flush=True)
+                    backoff[name] = min(backoff.get(name, 0.5) * 2, 30.0)
+                    next_try[name] = now + backoff[name]
+            time.sleep(interval_s)
+
+    def down(self, say=print) -> None:
+        for name in (SUPERVISOR, *reversed(SERVICES)):
+            pidfile = PidFile(self.run_dir, name)
+            record = pidfile.live()
+            if record:
+                say(f"{name}: stopping (pid {record.pid})")
+                terminate(record)
+            pidfile.remove()
+        for server in (self.postgres, self.nats):
+            if server.pidfile.live():
+                say(f"{server.name}: stopping")
+            server.stop()
+        (self.run_dir / "env").unlink(missing_ok=True)
+
+    def status(self) -> list[Row]:
+        rows = []
+        pings = self.ping_services()
+        for server in (self.nats, self.postgres):
+            record = server.pidfile.live()
+            rows.append(Row(server.name, record.pid if record else None,
+                            "up" if record and server.healthy() else ("starting" if record else "down")))
+        for name in SERVICES:
+            record = PidFile(self.run_dir, name).live()
+            state = "up" if pings.get(name) else ("no ping" if record else "down")
+            rows.append(Row(name, record.pid if record else None, state))
+        record = PidFile(self.run_dir, SUPERVISOR).live()
+        rows.append(Row(SUPERVISOR, record.pid if record else None, "up" if record else "down"))
+        return rows
+
+    def listening_ports(self) -> list[int]:
+        """The stack's ports that something still listens on (for `down` checks)."""
+        s = self.settings
+        ports = [(s.nats.host, s.nats.port), (s.nats.host, s.nats.monitor_port), (s.database.host, s.database.port),
+                 (s.gateway.host, s.gateway.port), (s.gateway.host, s.gateway.grpc_port)]
+        return [port for host, port in ports if port_open(host, port)]

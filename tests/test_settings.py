@@ -1,0 +1,33 @@
+"""Settings come from SPECMESH_ variables, nested with `__`, and bad values are refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.cli.config_cmd import settings_table
+from shared.settings import Settings
+
+
+def test_nested_environment(monkeypatch):
+    monkeypatch.setenv("SPECMESH_NATS__PORT", "24222")
+    monkeypatch.setenv("SPECMESH_ENGINE__THREADS", "2")
+    settings = Settings()
+    assert settings.nats.client_url == "nats://127.0.0.1:24222"
+    assert settings.engine.threads == 2
+
+
+def test_defaults_avoid_standard_ports():
+    settings = Settings()
+    assert settings.nats.port != 4222 and settings.database.port != 5432
+
+
+def test_bad_port_is_refused(monkeypatch):
+    monkeypatch.setenv("SPECMESH_NATS__PORT", "99999")
+    with pytest.raises(ValidationError, match="less than or equal to 65535"):
+        Settings()
+
+
+def test_table_lists_every_setting():
+    names = {row[0] for row in settings_table()}
+    assert {"SPECMESH_NATS__PORT", "SPECMESH_DATABASE__URL", "SPECMESH_ENGINE__THREADS", "SPECMESH_RUN_DIR"} <= names

@@ -1,0 +1,103 @@
+"""The local stack end to end: `up`, every service answers a NATS ping, `/health`, `down` leaves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from shared.settings import SERVICES, Settings
+from shared.stack.procs import PidFile, port_open, wait_until
+from tests.stack_fixtures import specmesh, stack_env
+
+pytestmark = pytest.mark.stack
+
+
+def _health(settings: Settings) -> dict:
+    with urllib.request.urlopen(f"{settings.gateway.http_url}/health", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+async def _ping_all(settings: Settings) -> dict[str, dict | None]:
+    from shared.service import connect, ping
+
+    nc = await connect(settings, "test")
+    try:
+        return {name: await ping(nc, name, timeout_s=2.0) for name in SERVICES}
+    finally:
+        await nc.close()
+
+
+def test_up_status_down_leaves_nothing(tmp_path):
+    run_dir = tmp_path / ".run"
+    env = stack_env(run_dir)
+    settings = Settings(run_dir=run_dir, **{})
+    ports = [int(env[k]) for k in env if k.endswith("PORT")]
+    try:
+        first = specmesh(env, "up", timeout=900)
+        assert env["SPECMESH_GATEWAY__PORT"] in first.stdout
+
+        # .run/env has the three URLs.
+        lines = dict(line.split("=", 1) for line in (run_dir / "env").read_text().splitlines())
+        assert set(lines) == {"SPECMESH_GATEWAY_URL", "SPECMESH_NATS_URL", "SPECMESH_DATABASE_URL"}
+        assert lines["SPECMESH_NATS_URL"].endswith(f":{env['SPECMESH_NATS__PORT']}")
+
+        os.environ.update({k: v for k, v in env.items() if k.startswith("SPECMESH_")})
+        settings = Settings()
+        replies = asyncio.run(_ping_all(settings))
+        assert all(replies.values()), {name: bool(reply) for name, reply in replies.items()}
+        assert {reply["name"] for reply in replies.values()} == set(SERVICES)
+
+        health = _health(settings)
+        assert health["status"] == "ok"
+        assert health["services"] == {name: "up" for name in SERVICES}
+
+        status = specmesh(env, "status", "--json")
+        assert all(row["state"] == "up" for row in json.loads(status.stdout))
+
+        # `up` twice is harmless: same processes.
+        pids = {name: PidFile(run_dir, name).read().pid for name in SERVICES}
+        specmesh(env, "up", timeout=300)
+        assert {name: PidFile(run_dir, name).read().pid for name in SERVICES} == pids
+
+        # kill -9 of a service and of a server: the supervisor brings them back.
+        os.kill(pids["drafter"], signal.SIGKILL)
+        nats_pid = PidFile(run_dir, "nats").read().pid
+        os.kill(nats_pid, signal.SIGKILL)
+        assert wait_until(lambda: (PidFile(run_dir, "drafter").live() or PidFile(run_dir, "drafter").read() or None)
+                          and PidFile(run_dir, "drafter").live() is not None
+                          and PidFile(run_dir, "drafter").read().pid != pids["drafter"], 60)
+        assert wait_until(lambda: (_safe_health(settings) or {}).get("status") == "ok", 120, 0.5)
+    finally:
+        specmesh(env, "down", check=False)
+    for name in (*SERVICES, "nats", "postgres", "supervisor"):
+        assert PidFile(run_dir, name).live() is None, name
+    left = [port for port in ports if port_open("127.0.0.1", port)]
+    assert not left, f"ports still listening after down: {left}"
+    assert not (run_dir / "env").exists()
+
+
+def _safe_health(settings: Settings) -> dict | None:
+    try:
+        return _health(settings)
+    except OSError:
+        return None
+
+
+def test_status_reports_down_stack(tmp_path):
+    env = stack_env(tmp_path / ".run")
+    result = specmesh(env, "status", check=False)
+    assert result.returncode == 3
+    assert "down" in result.stdout
+
+
+def test_serve_unknown_service_is_refused(tmp_path):
+    env = stack_env(tmp_path / ".run")
+    result = specmesh(env, "serve", "nosuch", check=False)
+    assert result.returncode == 2
+    assert "unknown service" in result.stderr
