@@ -1,0 +1,287 @@
+"""Every message SpecMesh services exchange over NATS, msgpack-encoded and versioned.
+
+Rules: a message is a dataclass here and nowhere else; fields may be added (with a
+default) but never renamed or given a new meaning; `V` is the wire version every message
+carries as `v`; a decoder refuses a newer major version, malformed bytes, unknown types and
+wrong field types with `BadMessage`, whose text says what was wrong. Every message about a
+request carries its request id and epoch, and where it concerns tokens, their position.
+
+Subjects (see docs/protocol.md):
+
+    specmesh.generate               GenerateJob     gateway -> target (queue group "target")
+    specmesh.tokens.<request_id>    TokenBatch      target  -> gateway
+    specmesh.cancel                 Cancel          gateway -> every target (broadcast)
+    specmesh.level.<role>           LevelCall       target  -> drafter/verifier (queue group)
+    specmesh.level.<role>.<worker>  LevelCall       target  -> one replica (sticky)
+    specmesh.state.commit           Commit          target  -> state
+    specmesh.state.get              StateQuery      anyone  -> state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+V = 1
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+SUBJECT_GENERATE = "specmesh.generate"
+SUBJECT_TOKENS = "specmesh.tokens"
+SUBJECT_CANCEL = "specmesh.cancel"
+SUBJECT_LEVEL = "specmesh.level"
+SUBJECT_COMMIT = "specmesh.state.commit"
+SUBJECT_STATE_GET = "specmesh.state.get"
+SUBJECT_ASSIGNMENTS = "specmesh.router.assignments"
+
+
+class BadMessage(ValueError):
+    """Bytes that are not a valid message of the expected type; the text says why."""
+
+
+@dataclass
+class Sampling:
+    """How the target's distribution becomes tokens (shared.engine.sampling.SamplingParams)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class GenerateJob:
+    """One generation, from the gateway to a target worker."""
+
+    TYPE: ClassVar[str] = "generate"
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    chain: list[str] = field(default_factory=lambda: ["target"])  # bottom level first
+    k: list[int] = field(default_factory=list)  # per proposing level
+    confidence_threshold: float = 0.0
+    stop_at_eos: bool = True
+    request_class: str = ""
+    # Resume after a target failure: tokens already committed (the state service's record).
+    committed: list[int] = field(default_factory=list)
+    epoch: int = 0
+
+
+@dataclass
+class TokenBatch:
+    """Committed tokens of one request, in order; `position` is the index of the first in the output."""
+
+    TYPE: ClassVar[str] = "tokens"
+    request_id: str
+    epoch: int
+    position: int
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # per level: drafted, accepted, ...
+    worker: str = ""
+
+
+@dataclass
+class Cancel:
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+    reason: str = "cancelled"
+
+
+@dataclass
+class LevelItem:
+    """One request's part of a LevelCall."""
+
+    request_id: str
+    epoch: int
+    position: int  # the cache length the caller expects before `tokens` are written
+    tokens: list[int] = field(default_factory=list)  # prefill: the prompt; propose/score: the feed
+    k: int = 0
+    confidence_threshold: float = 0.0
+    sampling: Sampling | None = None  # with prefill
+    context: list[int] = field(default_factory=list)  # the whole sequence, when the replica must rebuild
+
+
+@dataclass
+class LevelCall:
+    """A batched operation on a drafter's or verifier's runner."""
+
+    TYPE: ClassVar[str] = "level"
+    op: str  # "prefill" | "propose" | "score" | "rollback" | "release"
+    items: list[LevelItem]
+    want_probs: bool = False  # full distributions back (unseeded sampling, leniency)
+
+
+@dataclass
+class LevelResult:
+    """One request's part of a LevelReply."""
+
+    request_id: str
+    length: int  # the cache length after the operation
+    tokens: list[int] = field(default_factory=list)  # propose: drafts; score: each position's choice
+    confidence: list[float] = field(default_factory=list)
+    probs: bytes = b""  # float16 [rows, vocab] when want_probs
+    rows: int = 0
+    error: str | None = None  # "stale epoch", "unknown request", ...
+
+
+@dataclass
+class LevelReply:
+    TYPE: ClassVar[str] = "level-reply"
+    worker: str
+    results: list[LevelResult]
+    vocab_size: int = 0
+    step_ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Commit:
+    """Tokens the target verified, to be recorded as committed (fenced by epoch)."""
+
+    TYPE: ClassVar[str] = "commit"
+    request_id: str
+    epoch: int
+    position: int
+    tokens: list[int]
+    prompt: list[int] = field(default_factory=list)  # with the first commit
+    finished: bool = False
+    worker: str = ""
+
+
+@dataclass
+class StateQuery:
+    TYPE: ClassVar[str] = "state-query"
+    request_id: str
+
+
+@dataclass
+class RequestState:
+    """The state service's record of one request."""
+
+    TYPE: ClassVar[str] = "state"
+    request_id: str
+    epoch: int = 0
+    prompt: list[int] = field(default_factory=list)
+    committed: list[int] = field(default_factory=list)
+    finished: bool = False
+    found: bool = True
+    error: str | None = None
+
+
+MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateJob, TokenBatch, Cancel, LevelCall, LevelReply, Commit,
+                                           StateQuery, RequestState)}
+
+
+# -- codec ------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def encode(message: Any) -> bytes:
+    """msgpack bytes of a message dataclass, tagged with its type and the wire version."""
+    body = _plain(message)
+    body["v"] = V
+    body["type"] = type(message).TYPE
+    return msgpack.packb(body, use_bin_type=True)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, where)
+            except BadMessage as exc:
+                errors.append(str(exc))
+        raise BadMessage(errors[0] if errors else f"{where}: unexpected null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise BadMessage(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BadMessage(f"{where}: expected a map, got {type(value).__name__}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise BadMessage(f"{where}: expected a map, got {type(value).__name__}")
+        return _build(hint, value, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadMessage(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadMessage(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if hint in (str, bytes, bool):
+        if not isinstance(value, hint):
+            raise BadMessage(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _check(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BadMessage(f"{where}: missing field {f.name!r}")
+    return cls(**kwargs)  # unknown fields (from newer minor versions) are ignored
+
+
+def decode(data: bytes, expected: type | None = None) -> Any:
+    """The message in `data`; BadMessage if it is not one (of type `expected`, when given)."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise BadMessage(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BadMessage(f"not msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadMessage(f"expected a map, got {type(body).__name__}")
+    version = body.pop("v", None)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BadMessage("missing wire version 'v'")
+    if version > V:
+        raise BadMessage(f"wire version {version} is newer than this service's {V}")
+    kind = body.pop("type", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise BadMessage(f"unknown message type {kind!r}")
+    if expected is not None and cls is not expected:
+        raise BadMessage(f"expected a {expected.TYPE!r} message, got {kind!r}")
+    return _build(cls, body, cls.__name__)

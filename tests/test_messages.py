@@ -1,0 +1,69 @@
+"""The message codec: round trips, and bad bytes of every kind refused with a clear error."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, strategies as st
+
+from shared.messages import (
+    BadMessage, Commit, GenerateJob, LevelCall, LevelItem, LevelReply, LevelResult, Sampling, TokenBatch, V,
+    decode, encode,
+)
+
+
+def test_round_trip_nested():
+    job = GenerateJob("r1", [1, 2, 3], 16, Sampling(0.7, 0.9, 5, 42), ["drafter", "target"], [4])
+    assert decode(encode(job), GenerateJob) == job
+    call = LevelCall("score", [LevelItem("r1", 2, 10, [5, 6], 0, 0.0, None, [])], want_probs=True)
+    assert decode(encode(call)) == call
+    reply = LevelReply("w1", [LevelResult("r1", 12, [7], [0.5], b"\x00\x01", 1)])
+    assert decode(encode(reply)) == reply
+
+
+@given(st.lists(st.integers(0, 2**31 - 1), max_size=50), st.integers(0, 1000), st.booleans())
+def test_token_batch_round_trip(tokens, position, finished):
+    batch = TokenBatch("req", 3, position, tokens, finished)
+    assert decode(encode(batch), TokenBatch) == batch
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xc1", "not msgpack"),
+    (msgpack.packb([1, 2]), "expected a map"),
+    (msgpack.packb({"type": "commit"}), "missing wire version"),
+    (msgpack.packb({"v": V + 1, "type": "commit"}), "newer than"),
+    (msgpack.packb({"v": V, "type": "nope"}), "unknown message type"),
+    (msgpack.packb({"v": V, "type": "commit", "request_id": "r"}), "missing field 'epoch'"),
+    (msgpack.packb({"v": V, "type": "commit", "request_id": "r", "epoch": "x", "position": 0, "tokens": []}),
+     "expected an integer"),
+    (msgpack.packb({"v": V, "type": "commit", "request_id": "r", "epoch": 1, "position": 0, "tokens": ["a"]}),
+     r"tokens\[0\]: expected an integer"),
+])
+def test_bad_bytes_are_refused(data, message):
+    with pytest.raises(BadMessage, match=message):
+        decode(data)
+
+
+def test_truncated_message_is_refused():
+    data = encode(Commit("r", 1, 0, list(range(100))))
+    with pytest.raises(BadMessage):
+        decode(data[: len(data) // 2])
+
+
+def test_wrong_type_for_subject_is_refused():
+    with pytest.raises(BadMessage, match="expected a 'generate' message"):
+        decode(encode(Commit("r", 1, 0, [])), GenerateJob)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    body = msgpack.unpackb(encode(Commit("r", 1, 0, [4])))
+    body["new_field"] = 7
+    assert decode(msgpack.packb(body)) == Commit("r", 1, 0, [4])
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash(data):
+    try:
+        decode(data)
+    except BadMessage:
+        pass
