@@ -99,6 +99,7 @@ class Chain:
         self.requests: dict[str, Request] = {}
         self.stats = ChainStats([lv.stats for lv in self.levels])
         self._ids = itertools.count()
+        self.reset_stats()
 
     @property
     def top(self) -> int:
@@ -284,19 +285,18 @@ class Chain:
         return [r.output for r in reqs]
 
     def reset_stats(self) -> None:
+        """Start counting afresh (runner counters are read as differences, never reset)."""
         for level in self.levels:
             level.stats.__init__(level.name)
-            if level.runner is not None:
-                level.runner.forwards = 0
-                level.runner.forward_s = 0.0
-                level.runner.forward_tokens = 0
         self.stats.tokens = 0
         self.stats.seconds = 0.0
+        self._baseline = {lv.name: (lv.runner.forwards, lv.runner.forward_s) for lv in self.levels if lv.runner is not None}
 
     def collect_stats(self) -> ChainStats:
-        """The stats so far, with each level's forward counts and times filled in."""
+        """The stats since construction or `reset_stats`, with forward counts and times."""
         for level in self.levels:
             if level.runner is not None:
-                level.stats.forwards = level.runner.forwards
-                level.stats.step_seconds = level.runner.forward_s
+                forwards, seconds = self._baseline[level.name]
+                level.stats.forwards = level.runner.forwards - forwards
+                level.stats.step_seconds = level.runner.forward_s - seconds
         return self.stats

@@ -1,0 +1,255 @@
+"""Chains on the trained tiny family: token-exact equality with the target alone (greedy),
+seeded reproducibility across chains and batch sizes, an end-to-end sampling check,
+cache consistency after rollbacks, draft control, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from shared.engine.build import RunnerPool, parse_chain
+from shared.engine.chain import Chain
+from shared.engine.sampling import SamplingParams
+
+CHAINS = [
+    "target",
+    "drafter,target",
+    "verifier,target",
+    "drafter,verifier,target",
+    "ngram,drafter,target",
+    "ngram,drafter,verifier,target",
+]
+N_PROMPTS = 50  # half code, half prose
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def engine_family(request):
+    """The `tiny_family` fixture when the suite provides one; otherwise the cached tiny family."""
+    try:
+        return request.getfixturevalue("tiny_family")
+    except pytest.FixtureLookupError:
+        from shared.models.family import ensure_family
+
+        return ensure_family("tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def pool(engine_family):
+    torch.set_num_threads(1)
+    return RunnerPool(engine_family, max_batch=16, max_len=256)
+
+
+@pytest.fixture(scope="module")
+def prompts(pool):
+    from shared.models.corpus import heldout_prompts
+
+    tok = pool.tokenizer()
+    texts = heldout_prompts("code", N_PROMPTS // 2, 160, seed=1) + heldout_prompts("prose", N_PROMPTS // 2, 160, seed=1)
+    return [tok.encode(t) for t in texts]
+
+
+def target_alone(runner, prompt, n, sampling=SamplingParams()):
+    """Reference decoding, independent of the chain: prefill, then one token per forward."""
+    from shared.engine.sampling import choose
+
+    probs = runner.prefill("ref", prompt, sampling)
+    out = []
+    for _ in range(n):
+        tok = int(choose(probs[None], sampling, [len(prompt) + len(out)], runner.generator)[0])
+        out.append(tok)
+        probs = runner.score(["ref"], [[tok]])[0][-1]
+    runner.release("ref")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(pool, prompts):
+    target = pool.get("target")
+    return [target_alone(target, p, MAX_TOKENS) for p in prompts]
+
+
+def run_batches(chain, prompts, batch, max_tokens, **kwargs):
+    out = []
+    for i in range(0, len(prompts), batch):
+        out += chain.generate(prompts[i : i + batch], max_tokens, stop_at_eos=False, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("spec", CHAINS)
+def test_greedy_chain_is_token_exact(pool, prompts, reference, spec, batch):
+    chain = pool.chain(spec, k=4)
+    outputs = run_batches(chain, prompts, batch, MAX_TOKENS)
+    mismatched = [i for i, (a, b) in enumerate(zip(outputs, reference)) if a != b]
+    assert not mismatched, f"{spec} batch {batch}: prompts {mismatched} differ from the target alone"
+    if spec != "target":
+        stats = chain.collect_stats()
+        assert stats.levels[0].drafted > 0
+
+
+def test_greedy_exact_with_lenient_middle_thresholds_and_mixed_k(pool, prompts, reference):
+    chain = pool.chain("ngram,drafter,verifier,target", k=[2, 3, 2], leniency=3.0, confidence_threshold=0.3)
+    outputs = run_batches(chain, prompts[:16], 8, MAX_TOKENS)
+    assert outputs == reference[:16]
+    # per-request k: one request without speculation at all, one with a different chain depth
+    chain = pool.chain("drafter,verifier,target", k=4)
+    reqs = [chain.add(p, MAX_TOKENS, k=k, stop_at_eos=False) for p, k in zip(prompts[:3], [[0, 0], [4, 0], [1, 5]])]
+    while any(not r.done for r in reqs):
+        chain.step()
+    assert [r.output for r in reqs] == reference[:3]
+
+
+def test_k_zero_is_the_target_alone(pool, prompts, reference):
+    chain = pool.chain("drafter,target", k=0)
+    assert run_batches(chain, prompts[:4], 4, MAX_TOKENS) == reference[:4]
+    stats = chain.collect_stats()
+    assert stats.levels[0].drafted == 0
+
+
+def test_caches_hold_exactly_the_sequence_after_every_round(pool, prompts):
+    """After each step, every level's cache equals a fresh prefill of the tokens so far."""
+    chain = pool.chain("ngram,drafter,verifier,target", k=3, leniency=2.0)
+    reqs = [chain.add(p, 40, stop_at_eos=False) for p in prompts[:3]]
+    for _ in range(4):
+        chain.step()
+        for r in reqs:
+            seq = r.tokens
+            for level in chain.levels:
+                runner = level.runner
+                if runner is None:
+                    continue
+                n = runner.length(r.request_id)
+                assert n <= len(seq) - 1
+                got = runner.score([r.request_id], [seq[n:]])[0][-1]
+                runner.rollback(r.request_id, n)
+                fresh = runner.prefill("fresh", seq)
+                runner.release("fresh")
+                assert torch.allclose(got, fresh, atol=1e-5), (level.name, r.request_id)
+
+
+def chi2_critical(df: int, z: float = 4.0) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(df) at a normal z (z=4: p ~ 3e-5)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * a**0.5) ** 3
+
+
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+
+
+def test_seeded_sampling_is_reproducible_across_chains_and_batches(pool, prompts):
+    subset = prompts[:6] + prompts[-6:]
+    target = pool.get("target")
+    ref = [target_alone(target, p, MAX_TOKENS, SEEDED) for p in subset]
+    for spec, batch, kwargs in [
+        ("target", 1, {}),
+        ("drafter,target", 4, {}),
+        ("ngram,drafter,verifier,target", 12, {"leniency": 2.0}),
+        ("verifier,target", 3, {"k": 2}),
+    ]:
+        chain = pool.chain(spec, **kwargs)
+        assert run_batches(chain, subset, batch, MAX_TOKENS, sampling=SEEDED) == ref, spec
+    other = SamplingParams(temperature=0.9, top_p=0.95, seed=4321)
+    assert run_batches(pool.chain("drafter,target"), subset, 12, MAX_TOKENS, sampling=other) != ref
+
+
+def test_unseeded_sampling_follows_the_target_end_to_end(pool, prompts):
+    """Joint distribution of the first two tokens through a 3-level chain with a lenient middle."""
+    sp = SamplingParams(temperature=1.0, top_k=5)
+    prompt = prompts[3]
+    target = pool.get("target")
+    p1 = target.prefill("exact", prompt, sp)
+    exact = {}
+    for t1 in torch.nonzero(p1).flatten().tolist():
+        p2 = target.score(["exact"], [[t1]])[0][-1]
+        target.rollback("exact", len(prompt))
+        for t2 in torch.nonzero(p2).flatten().tolist():
+            exact[(t1, t2)] = float(p1[t1] * p2[t2])
+    target.release("exact")
+    chain = pool.chain("drafter,verifier,target", k=2, leniency=2.0, seed=0)
+    n = 1600
+    counts = Counter()
+    for _ in range(n // 16):
+        for out in chain.generate([prompt] * 16, 3, sampling=sp, stop_at_eos=False):
+            counts[tuple(out[:2])] += 1  # token 2 went through both verifications
+    assert set(counts) <= set(exact), "a token outside the target's support was emitted"
+    cells = [(c, e * n) for c, e in ((counts.get(key, 0), p) for key, p in exact.items())]
+    big = [(c, e) for c, e in cells if e >= 5]
+    rest_c, rest_e = sum(c for c, e in cells if e < 5), sum(e for c, e in cells if e < 5)
+    if rest_e > 0:
+        big.append((rest_c, rest_e))
+    stat = sum((c - e) ** 2 / e for c, e in big)
+    assert stat < chi2_critical(len(big) - 1), (stat, len(big))
+    assert chain.stats.levels[1].drafted > 0
+
+
+def test_eos_stops_like_the_target_alone(pool, prompts, reference):
+    eos = reference[0][5]
+    chain = Chain([(lv.name, lv.proposer) for lv in pool.chain("drafter,target").levels], eos_token_id=eos)
+    (out,) = chain.generate([prompts[0]], MAX_TOKENS)
+    assert out == reference[0][: reference[0].index(eos) + 1]
+
+
+def test_chain_names_and_vocabulary_are_checked(pool, tmp_path):
+    with pytest.raises(ValueError):
+        parse_chain("target,ngram")
+    with pytest.raises(ValueError):
+        parse_chain("drafter,llama")
+    with pytest.raises(ValueError):
+        parse_chain("drafter,drafter-code,target")
+    assert parse_chain("ngram, drafter ,target") == ["ngram", "drafter", "target"]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shared.engine.runner import LeanRunner
+
+    other = LeanRunner(LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
+    with pytest.raises(ValueError, match="vocabulary"):
+        Chain([("drafter", other), ("target", pool.get("target"))])
+
+
+def _cli(engine_family, monkeypatch, args):
+    from typer.testing import CliRunner
+
+    from shared.cli.main import app
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("SPECMESH_MODELS__CACHE_DIR", str(engine_family.root.parent))
+    monkeypatch.setenv("SPECMESH_MODELS__PROFILE", engine_family.profile)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, args)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_cli_generate(engine_family, monkeypatch):
+    result = _cli(engine_family, monkeypatch, ["generate", "--chain", "ngram,drafter,verifier,target", "--max-tokens", "12", "def main("])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output and "threads=" in result.output and "acceptance" in result.output
+    bad = _cli(engine_family, monkeypatch, ["generate", "--chain", "target,ngram", "x"])
+    assert bad.exit_code == 2 and "bottom" in bad.output
+
+
+def test_cli_bench_engine_json(engine_family, monkeypatch):
+    result = _cli(
+        engine_family, monkeypatch,
+        ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "8", "--chains", "drafter,target;ngram,drafter,verifier,target", "--no-hf"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{") :])
+    assert data["threads"] >= 1
+    for r in data["chains"].values():
+        assert r["identical_to_target"] is True
+        assert {"tokens_per_s", "speedup", "acceptance", "theoretical_speedup", "efficiency"} <= set(r)
+
+
+@pytest.mark.slow
+def test_cli_bench_engine_with_transformers_assisted(engine_family, monkeypatch):
+    result = _cli(engine_family, monkeypatch, ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "16"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{") :])
+    assert data["hf_assisted_tokens_per_s"] > 0
+    assert all(r["identical_to_target"] for r in data["chains"].values())
