@@ -1,18 +1,55 @@
-"""The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`."""
+"""The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`.
+
+Built by `create_app(settings, service)`; `service.backend` (a `Backend`) does the generating.
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`:
+400 bad input, 404 unknown model or path, 413 body too large, 503 backend unavailable,
+504 timeout. Try it: `curl localhost:18000/v1/completions -H 'content-type: application/json'
+-d '{"model": "specmesh", "prompt": "def f(", "max_tokens": 16, "temperature": 0}'`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, plan, render_chat, unavailable
+from services.gateway.openai_models import (
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelList,
+)
 from shared.service import ping
 from shared.settings import SERVICES, Settings
+
+log = logging.getLogger("specmesh.gateway")
+
+MAX_BODY_BYTES = 1 << 20  # a context's worth of text is far smaller
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 504)}
+# What a field must look like, for validation errors whose own words would not say.
+FIELD_HINTS = {
+    "prompt": "a string, a list of one string, or a list of token ids (batches of several prompts are not supported)",
+    "stop": "a string or a list of up to 4 strings",
+    "messages": "a non-empty list of {role, content} with role system, developer, user, assistant or tool "
+                "and content a string or a list of text parts",
+    "speculation": "{chain: 'drafter,target' or a list, k: int or list, enabled: bool, confidence_threshold: 0..1}",
+}
 
 
 def create_app(settings: Settings, service) -> FastAPI:
     app = FastAPI(title="SpecMesh", version="0.1.0",
                   description="OpenAI-compatible API over multi-level speculative decoding.")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    _install_error_handlers(app)
+    started = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:
@@ -22,4 +59,273 @@ def create_app(settings: Settings, service) -> FastAPI:
         services = {"gateway": "up"} | {name: ("up" if reply else "down") for name, reply in zip(others, replies)}
         return {"status": "ok" if all(v == "up" for v in services.values()) else "degraded", "services": services}
 
+    def backend():
+        found = getattr(service, "backend", None)
+        if found is None:
+            raise unavailable("The gateway is not connected to its backend yet; retry shortly.")
+        return found
+
+    def model_card(b) -> dict:
+        return {"id": b.model_name, "object": "model", "created": started, "owned_by": "specmesh",
+                "max_model_len": b.max_context}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> dict:
+        """The served model."""
+        return {"object": "list", "data": [model_card(backend())]}
+
+    @app.get("/v1/models/{model_id}", responses=ERRORS)
+    async def model(model_id: str) -> dict:
+        b = backend()
+        _check_model(b, model_id)
+        return model_card(b)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(body: CompletionRequest):
+        """Text completion; `stream: true` for server-sent events."""
+        return await serve(body, "completion", body.prompt_value(), "prompt")
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest):
+        """Chat completion: the messages become one prompt (`generation.render_chat`)."""
+        prompt = render_chat([(m.role, m.text()) for m in body.messages])
+        return await serve(body, "chat", prompt, "messages")
+
+    async def serve(body, kind: str, prompt, prompt_param: str):
+        arrived = time.monotonic()
+        b = backend()
+        _check_model(b, body.model)
+        refused = body.unsupported()
+        if refused:
+            raise invalid(refused[1], refused[0])
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        max_tokens = body.max_tokens
+        if kind == "chat" and body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        request = GenerationRequest(
+            request_id=request_id, prompt=prompt, max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+            speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
+        )
+        headers = {"x-request-id": request_id}
+        try:
+            job, stops = plan(b, settings, request)
+            generation = Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived)
+            reply = Reply(kind, request_id, b.model_name, body)
+            if body.stream:
+                return await stream(generation, reply, headers)
+            outcome = await generation.run()
+        except ApiError as exc:
+            exc.headers = headers
+            raise
+        return JSONResponse(reply.whole(outcome), headers=headers)
+
+    async def stream(generation: Generation, reply: Reply, headers: dict) -> StreamingResponse:
+        deltas = generation.deltas()
+        first = await anext(deltas, None)  # errors before the first token still get their status code
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if reply.kind == "chat":
+                    yield reply.sse(reply.chunk({"role": "assistant", "content": ""}))
+                pending = [first] if first is not None else []
+                while True:
+                    delta = pending.pop() if pending else await anext(deltas, None)
+                    if delta is None:
+                        break
+                    if delta.text or reply.token_ids:
+                        yield reply.sse(reply.chunk(delta.text, delta.token_ids))
+                outcome = generation.outcome
+                yield reply.sse(reply.chunk(None, finish_reason=outcome.finish_reason, outcome=outcome))
+                if reply.include_usage:
+                    yield reply.sse(reply.usage_chunk(outcome))
+            except ApiError as exc:
+                yield reply.sse(exc.body())
+            except Exception:
+                log.exception("request %s failed mid-stream", reply.request_id)
+                yield reply.sse(ApiError(500, "Internal error; see the gateway's log.", type="server_error").body())
+            yield "data: [DONE]\n\n"
+
+        return SSEResponse(events(), deltas, headers=headers | {"cache-control": "no-cache"})
+
     return app
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that close the generation however the response ends (client gone included)."""
+
+    def __init__(self, events: AsyncIterator[str], deltas, headers: dict):
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.deltas = deltas
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            # A disconnect cancels us wherever we are, maybe outside the generators; closing
+            # `deltas` ends the backend's generation (Generation.deltas' cleanup survives the cancel).
+            await _close_quietly(self.body_iterator)
+            await _close_quietly(self.deltas)
+
+
+async def _close_quietly(agen) -> None:
+    try:
+        await agen.aclose()
+    except BaseException:  # noqa: BLE001 - a cancelled close still starts the cleanup task
+        pass
+
+
+class Reply:
+    """Builds one request's response bodies (whole or chunks) in OpenAI's shapes."""
+
+    def __init__(self, kind: str, request_id: str, model: str, body):
+        self.kind, self.request_id, self.model = kind, request_id, model
+        self.created = int(time.time())
+        self.token_ids = body.return_token_ids
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, out: Outcome) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+                      "finish_reason": out.finish_reason}
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            head = self._head("text_completion")
+        if self.token_ids:
+            choice["token_ids"] = out.token_ids
+        return head | {"choices": [choice], "usage": out.usage, "speculation": out.speculation,
+                       "timings": out.timings}
+
+    def chunk(self, content, token_ids: list[int] | None = None, finish_reason: str | None = None,
+              outcome: Outcome | None = None) -> dict:
+        if self.kind == "chat":
+            delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            body = self._head("chat.completion.chunk") | {"choices": [choice]}
+        else:
+            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+            body = self._head("text_completion") | {"choices": [choice]}
+        if self.token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
+        if self.include_usage:
+            body["usage"] = None
+        if outcome is not None:
+            body["speculation"] = outcome.speculation
+            body["timings"] = outcome.timings
+        return body
+
+    def usage_chunk(self, out: Outcome) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._head(obj) | {"choices": [], "usage": out.usage}
+
+    @staticmethod
+    def sse(body: dict) -> str:
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def _check_model(backend, name: str) -> None:
+    if name != backend.model_name:
+        raise ApiError(404, f"The model {name!r} does not exist; this server serves {backend.model_name!r} "
+                            f"(see GET /v1/models).", param="model", code="model_not_found")
+
+
+# -- errors -----------------------------------------------------------------------------
+def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(ApiError(status, message, type=type, param=param, code=code).body(), status_code=status,
+                        headers=headers)
+
+
+def _param(loc: tuple) -> str | None:
+    """'messages[0].role' from a pydantic location, without its union-member tags."""
+    param = ""
+    for part in loc[1:]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif "[" not in part and "-" not in part and part not in ("str", "int", "float", "bool", "list", "dict"):
+            param += f".{part}" if param else part
+    return param or None
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One message for FastAPI's validation errors, the first field's first; and its param."""
+    if not errors:
+        return "The request body is invalid.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}.", None
+    loc = tuple(first.get("loc", ()))
+    if len(loc) <= 1 and loc[:1] == ("body",):
+        return "The request body must be a JSON object.", None
+    param = _param(loc)
+    top = re.split(r"[.\[]", param)[0] if param else None
+    same = [e for e in errors if _param(tuple(e.get("loc", ()))) == param]
+    if top in FIELD_HINTS and (len(same) > 1 or param == top):
+        return f"Invalid {param!r}: it must be {FIELD_HINTS[top]}.", param
+    return f"Invalid {param!r}: {first.get('msg', 'invalid value')}.", param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(exc.errors()))
+        return _error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"Unknown path {request.url.path}; see /docs for this API.",
+                   405: f"{request.method} is not allowed on {request.url.path}."}.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, message, type="invalid_request_error" if exc.status_code < 500 else "server_error",
+                      headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, "Internal error; see the gateway's log.", type="server_error")
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413 (ASGI middleware; declared or chunked)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = _error(413, f"The request body is larger than {self.limit} bytes.", code="request_too_large")
+        await response(scope, receive, send)

@@ -1,0 +1,510 @@
+"""One request, API-neutral: validate it into a `GenerateJob`, then turn the backend's token
+batches into text (incremental, UTF-8-safe), cut at `stop` strings, with usage, timings and
+the request's speculation statistics. The HTTP and gRPC APIs both go through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.gateway.backend import GenerationError
+from shared.messages import GenerateJob, Sampling
+from shared.settings import Settings
+
+log = logging.getLogger("specmesh.gateway")
+
+# Limits a request is checked against (the OpenAI API's where it has one).
+TEMPERATURE_MAX = 2.0
+MAX_STOP_STRINGS = 4
+MAX_K = 16  # the same bound as settings.speculation.k
+SEED_MAX = 2**63 - 1
+TARGET_ONLY = ["target"]
+REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
+
+# The chat template (the family's tokenizer has none): one line per message, then the cue.
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+CHAT_CUE = "Assistant:"
+
+
+class ApiError(Exception):
+    """An error reply with a message a user can act on, in the OpenAI error vocabulary.
+
+    `status` is the HTTP status; the gRPC API maps it to a status code (grpc_server.py).
+    """
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, type="service_unavailable", code="service_unavailable")
+
+
+# -- the request ------------------------------------------------------------------------
+@dataclass
+class SpeculationRequest:
+    """The `speculation` extension: None everywhere means the gateway's defaults."""
+
+    chain: str | list[str] | None = None  # "drafter,target" or ["drafter", "target"]
+    k: int | list[int] | None = None  # one value for every proposing level, or one per level
+    enabled: bool | None = None  # False: target only
+    confidence_threshold: float | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """What either API asks for, before validation."""
+
+    request_id: str
+    prompt: str | list[int]  # text, or token ids
+    max_tokens: int | None  # None: `default_max_tokens`, shortened to fit the context
+    default_max_tokens: int = 16
+    temperature: float | None = None  # None: 1.0, as in the OpenAI API
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    speculation: SpeculationRequest | None = None
+    prompt_param: str = "prompt"  # where the prompt came from, for error messages
+
+
+def render_chat(messages: Sequence[tuple[str, str]]) -> str:
+    """The prompt for a chat: `Role: content` per message, one per line, then `Assistant:`.
+
+    >>> render_chat([("system", "Be brief."), ("user", "Hi")])
+    'System: Be brief.\\nUser: Hi\\nAssistant:'
+    """
+    lines = [f"{CHAT_ROLES[role]}: {content}" for role, content in messages]
+    return "\n".join([*lines, CHAT_CUE])
+
+
+def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
+    """The job to send and the stop strings to apply; ApiError (4xx) if the request cannot run."""
+    tok = backend.tokenizer()
+    prompt = _prompt_ids(tok, req.prompt, req.prompt_param)
+    context = backend.max_context
+    if len(prompt) >= context:
+        raise invalid(f"The prompt is {len(prompt)} tokens long, but this model's context is {context} tokens "
+                      f"(prompt + max_tokens); shorten the prompt.", req.prompt_param, "context_length_exceeded")
+    room = context - len(prompt)
+    if req.max_tokens is None:
+        max_tokens = min(req.default_max_tokens, room)
+    else:
+        max_tokens = _int(req.max_tokens, "max_tokens")
+        if max_tokens < 1:
+            raise invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        if max_tokens > room:
+            raise invalid(f"max_tokens={max_tokens} plus the prompt's {len(prompt)} tokens exceeds this model's "
+                          f"context of {context} tokens; ask for at most {room}.", "max_tokens",
+                          "context_length_exceeded")
+    sampling = Sampling(
+        temperature=_ranged(req.temperature, 1.0, "temperature", 0.0, TEMPERATURE_MAX, "between 0 and 2"),
+        top_p=_ranged(req.top_p, 1.0, "top_p", 0.0, 1.0, "greater than 0 and at most 1", open_low=True),
+        top_k=_top_k(req.top_k, len(tok)),
+        seed=_seed(req.seed),
+    )
+    chain, k, threshold = resolve_speculation(req.speculation, backend.chains(), settings)
+    job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
+                      chain=chain, k=k, confidence_threshold=threshold)
+    return job, _stops(req.stop)
+
+
+def _prompt_ids(tok, prompt: str | list[int], param: str) -> list[int]:
+    if isinstance(prompt, str):
+        ids = list(tok.encode(prompt))
+    else:
+        vocab = len(tok)
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise invalid(f"Prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}.", param)
+        ids = list(prompt)
+    if not ids:  # an empty prompt starts from the beginning-of-sequence token
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise invalid("The prompt is empty.", param)
+        ids = [bos]
+    return ids
+
+
+def _int(value: Any, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{param} must be an integer, got {value!r}.", param)
+    return value
+
+
+def _ranged(value: float | None, default: float, param: str, low: float, high: float, words: str,
+            open_low: bool = False) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"{param} must be a number {words}, got {value!r}.", param)
+    ok = (low < value <= high) if open_low else (low <= value <= high)  # False for NaN
+    if not ok:
+        raise invalid(f"{param} must be {words}, got {value}.", param)
+    return float(value)
+
+
+def _top_k(value: int | None, vocab: int) -> int:
+    if value is None:
+        return 0
+    value = _int(value, "top_k")
+    if value < 0:
+        raise invalid(f"top_k must be 0 (off) or a positive number of tokens, got {value}.", "top_k")
+    return min(value, vocab)
+
+
+def _seed(value: int | None) -> int | None:
+    if value is None:
+        return None
+    value = _int(value, "seed")
+    if not 0 <= value <= SEED_MAX:
+        raise invalid(f"seed must be between 0 and {SEED_MAX}, got {value}.", "seed")
+    return value
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"At most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}.", "stop")
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise invalid("Stop strings must be non-empty strings.", "stop")
+    return stops
+
+
+def resolve_speculation(spec: SpeculationRequest | None, chains: list[list[str]],
+                        settings: Settings) -> tuple[list[str], list[int], float]:
+    """Chain (bottom first), k per proposing level and confidence threshold for one request.
+
+    No `speculation` means the settings' default chain when the backend serves it, else
+    target only; `enabled: false` means target only, whatever else is given.
+    """
+    spec = spec or SpeculationRequest()
+    served = [list(c) for c in chains]
+    defaults = settings.speculation
+    if spec.enabled is False:
+        chain = list(TARGET_ONLY)
+    elif spec.chain is not None:
+        chain = _chain(spec.chain)
+        if chain not in served:
+            names = ", ".join(repr(",".join(c)) for c in served) or "none"
+            raise invalid(f"speculation.chain {','.join(chain)!r} is not served; choose one of: {names}.",
+                          "speculation.chain", "unknown_chain")
+    else:
+        default = _chain(defaults.chain)
+        chain = default if default in served else list(TARGET_ONLY)
+    levels = len(chain) - 1
+    if spec.enabled is False or spec.k is None:
+        k = [defaults.k] * levels
+    else:
+        given = [spec.k] if isinstance(spec.k, int) else list(spec.k)
+        if len(given) == 1:
+            given = given * levels
+        if len(given) != levels:
+            raise invalid(f"speculation.k has {len(given)} values, but chain {','.join(chain)!r} has {levels} "
+                          f"proposing levels; give one value or one per level.", "speculation.k")
+        for value in given:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_K:
+                raise invalid(f"speculation.k values must be integers in [0, {MAX_K}], got {value!r}.",
+                              "speculation.k")
+        k = given
+    threshold = _ranged(spec.confidence_threshold, defaults.confidence_threshold,
+                        "speculation.confidence_threshold", 0.0, 1.0, "between 0 and 1")
+    return chain, k, threshold
+
+
+def _chain(chain: str | list[str]) -> list[str]:
+    names = chain.split(",") if isinstance(chain, str) else list(chain)
+    names = [n.strip() for n in names if isinstance(n, str)]
+    if not names or any(not n for n in names):
+        raise invalid(f"speculation.chain must name models bottom level first, e.g. 'drafter,target'; got {chain!r}.",
+                      "speculation.chain")
+    return names
+
+
+# -- text out ---------------------------------------------------------------------------
+class Detokenizer:
+    """Token ids in, text out as soon as it is complete: never half a UTF-8 character.
+
+    The text of the ids since `prefix` is decoded whole and compared with the text before
+    `read` (TGI's and vLLM's scheme), so tokens that only make sense together (bytes of
+    one character, SentencePiece spaces) come out right.
+    """
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        context = list(context)[-5:]
+        if self._decode(context).endswith("\ufffd"):
+            context = []  # a prompt that ends mid-character is no help
+        self.ids = context
+        self.prefix = 0
+        self.read = len(context)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def push(self, token: int) -> str:
+        """The new text `token` completes ('' while a character is unfinished)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end, unfinished characters as U+FFFD."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):] if len(text) > len(before) else ""
+
+
+class StopMatcher:
+    """Cuts the text before the first stop string; holds back a tail that may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.sent = 0
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """(text safe to release, whether a stop string was hit)."""
+        self.text += delta
+        if not self.stops:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, False
+        # A stop string cannot begin in released text: any tail that could begin one was held.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out, self.sent = self.text[self.sent:end], end
+            self.text = self.text[:end]
+            return out, True
+        hold = 0
+        for h in range(min(self.longest - 1, len(self.text) - self.sent), 0, -1):
+            tail = self.text[-h:]
+            if any(s.startswith(tail) for s in self.stops):
+                hold = h
+                break
+        end = len(self.text) - hold
+        out, self.sent = self.text[self.sent:end], end
+        return out, False
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+def speculation_report(job: GenerateJob, stats: dict[str, Any]) -> dict:
+    """Per-request speculation stats from the target's last `TokenBatch.stats`.
+
+    Expected shape (cumulative for the request): `{"chain": [...], "k": [...], "levels":
+    [{"name", "drafted", "accepted", "accepted_per_pos"}, ...]}` (LevelStats' names); a map
+    `{level_name: {...}}` is read too. Anything malformed is skipped, never an error.
+    """
+    raw = stats.get("levels") if isinstance(stats, dict) else None
+    if not isinstance(raw, list) and isinstance(stats, dict):
+        raw = [{"name": name, **v} for name, v in stats.items() if isinstance(v, dict)]
+    levels = []
+    for lv in raw or []:
+        if not isinstance(lv, dict):
+            continue
+        drafted, accepted = _count(lv.get("drafted")), _count(lv.get("accepted"))
+        per_pos = lv.get("accepted_per_pos", lv.get("accepted_per_position", []))
+        levels.append({
+            "name": str(lv.get("name", "")),
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": round(accepted / drafted, 6) if drafted else None,
+            "accepted_per_position": [_count(x) for x in per_pos] if isinstance(per_pos, list) else [],
+        })
+    chain = stats.get("chain") if isinstance(stats, dict) else None  # the chain may shrink mid-request
+    k = stats.get("k") if isinstance(stats, dict) else None
+    return {
+        "chain": [str(c) for c in chain] if isinstance(chain, list) else list(job.chain),
+        "k": [_count(x) for x in k] if isinstance(k, list) else list(job.k),
+        "levels": levels,
+    }
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0
+
+
+@dataclass
+class Delta:
+    """New output: text (may be '' while a character or a possible stop string is unfinished) and token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Outcome:
+    """A finished generation."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" | "length"
+    prompt_tokens: int = 0
+    speculation: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def usage(self) -> dict:
+        n = len(self.token_ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+
+_cleanups: set[asyncio.Task] = set()  # cancels in flight, kept alive past a cancelled request
+
+
+class Generation:
+    """One running request: `async for delta in gen.deltas()`, then `gen.outcome`; or `await gen.run()`.
+
+    Ends the backend's generation (`backend.cancel`) whenever it stops early: a stop
+    string, the timeout, an error, or the consumer going away (client disconnect).
+    """
+
+    def __init__(self, backend, job: GenerateJob, stops: Sequence[str], *, timeout_s: float,
+                 started: float | None = None):
+        self.backend, self.job = backend, job
+        self.started = started if started is not None else time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.timeout_s = timeout_s
+        self.detok = Detokenizer(backend.tokenizer(), job.prompt)
+        self.stops = StopMatcher(stops)
+        self.outcome = Outcome(prompt_tokens=len(job.prompt))
+        self._text: list[str] = []
+        self._stats: dict = {}
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+
+    async def run(self) -> Outcome:
+        async for _ in self.deltas():
+            pass
+        return self.outcome
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        batches = self.backend.generate(self.job)
+        backend_done = False
+        try:
+            while True:
+                batch = await self._next(batches)
+                if batch is None:
+                    raise unavailable("The backend ended the generation without finishing it; retry the request.")
+                backend_done = batch.finished
+                delta, stopped = self._take(batch)
+                if delta.text or delta.token_ids:
+                    yield delta
+                if stopped or batch.finished:
+                    self._finish(batch, stopped)
+                    tail = self.stops.flush() if not stopped else ""
+                    if tail:
+                        self._text.append(tail)
+                        yield Delta(tail, [])
+                    self.outcome.text = "".join(self._text)
+                    return
+        finally:
+            await self._close(batches, cancel=not backend_done)
+
+    async def _next(self, batches):
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(anext(batches, None), remaining)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"The generation did not finish within the gateway's {self.timeout_s:g} s timeout; "
+                                f"ask for fewer tokens or retry later.", type="timeout", code="timeout") from None
+        except GenerationError as exc:
+            status = getattr(exc, "status", 503)
+            raise ApiError(status, str(exc) or "The backend failed to generate; retry the request.",
+                           type="service_unavailable" if status == 503 else "server_error",
+                           code="backend_error") from None
+        except (ConnectionError, OSError) as exc:
+            raise unavailable(f"The backend is unreachable ({exc}); retry shortly.") from None
+
+    def _take(self, batch) -> tuple[Delta, bool]:
+        """The part of `batch` not seen yet, detokenized and matched against the stop strings."""
+        if batch.error or batch.finish_reason in ("error", "cancelled"):
+            why = batch.error or f"the generation was {batch.finish_reason} by the backend"
+            raise ApiError(500 if batch.finish_reason == "error" or batch.error else 503,
+                           f"Generation failed: {why}.", type="server_error", code="generation_failed")
+        if batch.stats:
+            self._stats = batch.stats
+        have = len(self.outcome.token_ids)
+        tokens = list(batch.tokens[max(0, have - batch.position):])  # a resumed request may resend a batch
+        if batch.position > have:
+            log.warning("request %s: batch at %d after %d tokens (gap)", self.job.request_id, batch.position, have)
+        now = time.monotonic()
+        if tokens:
+            self._first_token_at = self._first_token_at or now
+            self._last_token_at = now
+        text, taken, stopped = [], [], False
+        for token in tokens:
+            taken.append(token)
+            released, stopped = self.stops.push(self.detok.push(token))
+            text.append(released)
+            if stopped:
+                break
+        if not stopped and batch.finished:
+            released, stopped = self.stops.push(self.detok.flush())
+            text.append(released)
+        self.outcome.token_ids.extend(taken)
+        delta = Delta("".join(text), taken)
+        self._text.append(delta.text)
+        return delta, stopped
+
+    def _finish(self, batch, stopped: bool) -> None:
+        out = self.outcome
+        out.finish_reason = "stop" if stopped or batch.finish_reason != "length" else "length"
+        out.speculation = speculation_report(self.job, self._stats)
+        end = time.monotonic()
+        n = len(out.token_ids)
+        first, last = self._first_token_at, self._last_token_at
+        out.timings = {
+            "first_token_ms": round((first - self.started) * 1e3, 3) if first else None,
+            "total_ms": round((end - self.started) * 1e3, 3),
+            "inter_token_ms": round((last - first) * 1e3 / (n - 1), 3) if first and n > 1 else None,
+            "tokens_per_s": round(n / (end - self.started), 3) if end > self.started else None,
+        }
+
+    async def _close(self, batches, cancel: bool) -> None:
+        """Close the backend's stream and, if it is still generating, cancel it; survives our own cancellation."""
+
+        async def close() -> None:
+            try:
+                aclose = getattr(batches, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            except Exception:  # a backend's cleanup must not hide the request's outcome
+                log.exception("request %s: closing the backend stream failed", self.job.request_id)
+            if cancel:
+                try:
+                    await self.backend.cancel(self.job.request_id)
+                except Exception:
+                    log.exception("request %s: cancel failed", self.job.request_id)
+
+        task = asyncio.get_running_loop().create_task(close())
+        _cleanups.add(task)
+        task.add_done_callback(_cleanups.discard)
+        await asyncio.shield(task)

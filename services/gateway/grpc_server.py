@@ -1,0 +1,153 @@
+"""The gateway's gRPC API (proto/specmesh/v1/generate.proto): `Generate`, `GenerateStream`, health.
+
+A thin `grpc.aio` server over the same `generation` module as the HTTP API, so a request
+means the same on both. `await start_grpc(settings, backend)` serves on
+`settings.gateway.host:grpc_port` and returns the started server (`await server.stop(grace)`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from services.gateway.generation import (
+    REQUEST_ID, ApiError, Generation, GenerationRequest, Outcome, SpeculationRequest, invalid, plan,
+)
+from services.gateway.proto import generate_pb2 as pb
+from services.gateway.proto import generate_pb2_grpc as pb_grpc
+from shared.settings import Settings
+
+log = logging.getLogger("specmesh.gateway")
+
+SERVICE_NAME = "specmesh.v1.TextGeneration"
+DEFAULT_MAX_TOKENS = 16
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+# HTTP statuses of ApiError as gRPC codes: the one place errors become replies.
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def _replies_errors(method):
+    """Turns ApiError into its status code and anything unexpected into INTERNAL."""
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ApiError as exc:
+            await context.abort(STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+        except Exception:
+            log.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "Internal error; see the gateway's log.")
+
+    @functools.wraps(method)
+    async def streaming(self, request, context):
+        try:
+            async for reply in method(self, request, context):
+                yield reply
+        except ApiError as exc:
+            await context.abort(STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+        except Exception:
+            log.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "Internal error; see the gateway's log.")
+
+    return streaming if inspect.isasyncgenfunction(method) else unary
+
+
+class TextGeneration(pb_grpc.TextGenerationServicer):
+    def __init__(self, settings: Settings, backend):
+        self.settings, self.backend = settings, backend
+
+    def _start(self, request: pb.GenerateRequest) -> Generation:
+        arrived = time.monotonic()
+        if request.model and request.model != self.backend.model_name:
+            raise ApiError(404, f"The model {request.model!r} does not exist; this server serves "
+                                f"{self.backend.model_name!r}.", param="model", code="model_not_found")
+        if request.request_id and not REQUEST_ID.match(request.request_id):
+            raise invalid("request_id must be 1-64 letters, digits, '-' or '_'.", "request_id")
+        s, spec = request.sampling, request.speculation
+        speculation = None
+        if request.HasField("speculation"):
+            speculation = SpeculationRequest(
+                chain=list(spec.chain) or None,
+                k=list(spec.k) or None,
+                enabled=spec.enabled if spec.HasField("enabled") else None,
+                confidence_threshold=spec.confidence_threshold if spec.HasField("confidence_threshold") else None,
+            )
+        job, stops = plan(self.backend, self.settings, GenerationRequest(
+            request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
+            prompt=list(request.prompt_token_ids) or request.prompt,
+            max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+            default_max_tokens=DEFAULT_MAX_TOKENS,
+            temperature=s.temperature if s.HasField("temperature") else None,
+            top_p=s.top_p if s.HasField("top_p") else None,
+            top_k=s.top_k if s.HasField("top_k") else None,
+            seed=s.seed if s.HasField("seed") else None,
+            stop=list(request.stop),
+            speculation=speculation,
+        ))
+        return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
+                          started=arrived)
+
+    @_replies_errors
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        generation = self._start(request)
+        out = await generation.run()
+        return pb.GenerateResponse(request_id=generation.job.request_id, text=out.text, token_ids=out.token_ids,
+                                   **_summary(out))
+
+    @_replies_errors
+    async def GenerateStream(self, request: pb.GenerateRequest, context):
+        generation = self._start(request)
+        request_id = generation.job.request_id
+        async for delta in generation.deltas():
+            yield pb.GenerateStreamResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids)
+        yield pb.GenerateStreamResponse(request_id=request_id, **_summary(generation.outcome))
+
+
+def _summary(out: Outcome) -> dict:
+    """finish_reason, usage, speculation and timings of a finished generation, as proto fields."""
+    spec = out.speculation
+    levels = [pb.LevelStats(name=lv["name"], drafted=lv["drafted"], accepted=lv["accepted"],
+                            acceptance_rate=lv["acceptance_rate"] or 0.0,
+                            accepted_per_position=lv["accepted_per_position"]) for lv in spec.get("levels", [])]
+    t = out.timings
+    return {
+        "finish_reason": FINISH[out.finish_reason],
+        "usage": pb.Usage(**out.usage),
+        "speculation": pb.SpeculationStats(chain=spec.get("chain", []), k=spec.get("k", []), levels=levels),
+        "timings": pb.Timings(**{name: t.get(name) or 0.0 for name in
+                                 ("first_token_ms", "total_ms", "inter_token_ms", "tokens_per_s")}),
+    }
+
+
+async def start_grpc(settings: Settings, backend) -> grpc.aio.Server:
+    """Serve `TextGeneration` and `grpc.health.v1.Health` on the gateway's gRPC port; returns the started server.
+
+    The bound port is `server.port` (useful when `grpc_port` was 0, as in tests).
+    """
+    server = grpc.aio.server()
+    pb_grpc.add_TextGenerationServicer_to_server(TextGeneration(settings, backend), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    cfg = settings.gateway
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.port = port
+    server.health = health
+    log.info("gRPC on %s:%d", cfg.host, port)
+    return server

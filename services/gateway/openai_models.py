@@ -1,0 +1,231 @@
+"""The OpenAI API's wire shapes that SpecMesh serves, as pydantic models (they are the OpenAPI schema).
+
+Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
+confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
+and `return_token_ids` (vLLM's name) for the generated token ids.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from services.gateway.generation import MAX_K, MAX_STOP_STRINGS, TEMPERATURE_MAX, SpeculationRequest
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class SpeculationOptions(BaseModel):
+    """Per-request speculation control; anything left out takes the gateway's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chain: StrictStr | list[StrictStr] | None = Field(
+        None, description="Models of the chain, bottom level first: 'drafter,target' or ['drafter', 'target'].")
+    k: Annotated[StrictInt, Field(ge=0, le=MAX_K)] | list[Annotated[StrictInt, Field(ge=0, le=MAX_K)]] | None = Field(
+        None, description="Tokens each proposing level drafts per verification: one value, or one per level.")
+    enabled: StrictBool | None = Field(None, description="false: no speculation (target only).")
+    confidence_threshold: Probability | None = Field(None, description="Stop drafting below this confidence.")
+
+    def to_request(self) -> SpeculationRequest:
+        return SpeculationRequest(chain=self.chain, k=self.k, enabled=self.enabled,
+                                  confidence_threshold=self.confidence_threshold)
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = Field(False, description="Send a last chunk with `usage` (and empty `choices`).")
+
+
+class _Sampled(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored; known but unsupported ones are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr = Field(description="The served model (GET /v1/models).")
+    temperature: Annotated[float, Field(ge=0.0, le=TEMPERATURE_MAX)] | None = Field(
+        None, description="0 is greedy; default 1.")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="Nucleus mass; default 1.")
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="Extension: keep the k likeliest tokens; 0 is off.")
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = Field(None, description="Seed for sampling.")
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings; the output is cut before the first one found.")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt | None = Field(None, description="Choices per request: only 1 is supported.")
+    presence_penalty: float | None = Field(None, description="Not supported: only 0.")
+    frequency_penalty: float | None = Field(None, description="Not supported: only 0.")
+    logit_bias: dict[str, Any] | None = Field(None, description="Not supported.")
+    user: StrictStr | None = None
+    speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
+    return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for the first field asking for something SpecMesh does not do."""
+        for param, value, ok, why in self._checks():
+            if value is not None and not ok:
+                return param, f"{param}={value!r} is not supported: {why}."
+        return None
+
+    def _checks(self) -> list[tuple[str, Any, bool, str]]:
+        return [
+            ("n", self.n, self.n == 1, "only one choice per request (n=1)"),
+            ("presence_penalty", self.presence_penalty, self.presence_penalty == 0, "only 0"),
+            ("frequency_penalty", self.frequency_penalty, self.frequency_penalty == 0, "only 0"),
+            ("logit_bias", self.logit_bias, not self.logit_bias, "leave it out"),
+        ]
+
+
+class CompletionRequest(_Sampled):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)] | \
+        Annotated[list[StrictInt], Field(min_length=1)] | \
+        Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=1)] = Field(
+        description="Text, or token ids; a list of one of either (batches of several prompts are not supported).")
+    max_tokens: StrictInt | None = Field(None, description="Most tokens to generate; default 16.")
+    echo: StrictBool | None = Field(None, description="Not supported (only false).")
+    logprobs: StrictInt | None = Field(None, description="Not supported.")
+    best_of: StrictInt | None = Field(None, description="Only 1.")
+    suffix: StrictStr | None = Field(None, description="Not supported.")
+
+    def _checks(self) -> list[tuple[str, Any, bool, str]]:
+        return super()._checks() + [
+            ("echo", self.echo, self.echo is False, "the prompt is not echoed"),
+            ("logprobs", self.logprobs, False, "log probabilities are not returned"),
+            ("best_of", self.best_of, self.best_of == 1, "only 1"),
+            ("suffix", self.suffix, False, "no insertion"),
+        ]
+
+    def prompt_value(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return prompt[0]
+        return prompt
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampled):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: StrictInt | None = Field(None, description="Most tokens to generate; default 128.")
+    max_completion_tokens: StrictInt | None = Field(None, description="The same as max_tokens (newer name); wins.")
+    logprobs: StrictBool | None = Field(None, description="Not supported (only false).")
+    top_logprobs: StrictInt | None = Field(None, description="Not supported.")
+    tools: list[Any] | None = Field(None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+
+    def _checks(self) -> list[tuple[str, Any, bool, str]]:
+        return super()._checks() + [
+            ("logprobs", self.logprobs, self.logprobs is False, "log probabilities are not returned"),
+            ("top_logprobs", self.top_logprobs, False, "log probabilities are not returned"),
+            ("tools", self.tools, not self.tools, "no tool calling"),
+            ("response_format", self.response_format, self.response_format == {"type": "text"}, "only plain text"),
+        ]
+
+
+# -- responses ------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LevelReport(BaseModel):
+    name: str = Field(description="The level's model.")
+    drafted: int = Field(description="Tokens it proposed to the level above.")
+    accepted: int = Field(description="Of those, accepted by the level above.")
+    acceptance_rate: float | None = Field(description="accepted / drafted (null when nothing was drafted).")
+    accepted_per_position: list[int] = Field(description="Accepted count at each draft position.")
+
+
+class SpeculationReport(BaseModel):
+    chain: list[str] = Field(description="Models of the chain, bottom level first.")
+    k: list[int] = Field(description="Draft length per proposing level.")
+    levels: list[LevelReport] = Field(description="One per proposing level, bottom first.")
+
+
+class Timings(BaseModel):
+    first_token_ms: float | None
+    total_ms: float
+    inter_token_ms: float | None
+    tokens_per_s: float | None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    speculation: SpeculationReport | None = None
+    timings: Timings | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    speculation: SpeculationReport | None = None
+    timings: Timings | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "specmesh"
+    max_model_len: int = Field(description="Longest prompt + max_tokens.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,603 @@
+"""The gateway's HTTP and gRPC APIs against an in-memory backend (no NATS, no models).
+
+`FakeBackend` answers every job with the same deterministic text, tokenized by a real
+byte-level BPE (multi-byte characters split across tokens), in batches like a target
+worker's, with cumulative speculation stats. Run: `.venv/bin/pytest -q tests/test_gateway_api.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from types import SimpleNamespace
+
+import grpc
+import httpx
+import openai
+import pytest
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings as hsettings, strategies as st
+
+from services.gateway.backend import GenerationError
+from services.gateway.generation import Detokenizer, StopMatcher, render_chat, speculation_report
+from services.gateway.grpc_server import start_grpc
+from services.gateway.http_api import MAX_BODY_BYTES, create_app
+from services.gateway.proto import generate_pb2 as pb
+from services.gateway.proto import generate_pb2_grpc as pb_grpc
+from shared.messages import GenerateJob, TokenBatch
+from shared.settings import Settings
+
+MODEL = "specmesh-test"
+CONTEXT = 96
+REPLY = " Hello, wörld! 日本語 🙂 the quick brown fox. END"
+CORPUS = [f"{REPLY} naïve café def f(x): return x + 1\nUser: hi\nAssistant: ok\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from shared.models.tokenizer import train_tokenizer
+
+    return train_tokenizer(CORPUS, 300, threads=1)
+
+
+class FakeBackend:
+    """Emits REPLY's tokens (repeated) in batches of `batch` tokens; records jobs and cancels."""
+
+    model_name = MODEL
+    max_context = CONTEXT
+
+    def __init__(self, tok, batch: int = 3, delay_s: float = 0.0):
+        self.tok, self.batch, self.delay_s = tok, batch, delay_s
+        self.reply = tok.encode(REPLY)
+        self.jobs: list[GenerateJob] = []
+        self.cancelled: list[str] = []
+        self.fail: Exception | None = None
+        self.eos_after: int | None = None  # emit EOS after this many tokens
+
+    def tokenizer(self):
+        return self.tok
+
+    def chains(self) -> list[list[str]]:
+        return [["target"], ["drafter", "target"], ["drafter", "verifier", "target"]]
+
+    def output(self, n: int) -> list[int]:
+        ids = (self.reply * (n // len(self.reply) + 1))[:n]
+        if self.eos_after is not None and self.eos_after < n:
+            ids = ids[: self.eos_after] + [self.tok.eos_token_id]
+        return ids
+
+    async def generate(self, job: GenerateJob):
+        self.jobs.append(job)
+        if self.fail:
+            raise self.fail
+        ids = self.output(job.max_tokens)
+        drafted = accepted = 0
+        for pos in range(0, len(ids), self.batch):
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            chunk = ids[pos:pos + self.batch]
+            drafted, accepted = drafted + 4, accepted + len(chunk) - 1
+            done = pos + len(chunk) >= len(ids)
+            stats = {"levels": [{"name": name, "drafted": drafted, "accepted": accepted,
+                                 "accepted_per_pos": [accepted, max(0, accepted - 1)]} for name in job.chain[:-1]]}
+            reason = ("stop" if ids[-1] == self.tok.eos_token_id else "length") if done else None
+            yield TokenBatch(request_id=job.request_id, epoch=0, position=pos, tokens=chunk, finished=done,
+                             finish_reason=reason, stats=stats)
+
+    async def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+
+def make_settings(**gateway) -> Settings:
+    s = Settings()
+    return s.model_copy(update={"gateway": s.gateway.model_copy(update=gateway)})
+
+
+@pytest.fixture
+def backend(tok):
+    return FakeBackend(tok)
+
+
+@pytest.fixture
+def service(backend):
+    return SimpleNamespace(backend=backend, nc=None)
+
+
+@pytest.fixture
+async def client(service):
+    app = create_app(make_settings(), service)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        yield c
+
+
+def text_of(tok, n: int, backend: FakeBackend) -> str:
+    return tok.decode(backend.output(n), skip_special_tokens=True)
+
+
+def sse_events(body: str) -> list:
+    events = [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# -- pure logic ---------------------------------------------------------------------------
+@hsettings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_detokenizer_streams_exactly_the_full_decode(tok, data):
+    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=40))
+    detok = Detokenizer(tok)
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_detokenizer_never_emits_half_a_character(tok):
+    ids = tok.encode("日本語🙂")
+    detok = Detokenizer(tok)
+    pieces = [detok.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + detok.flush() == "日本語🙂"
+    assert len(ids) > 4  # the tokenizer really splits these characters
+
+
+def test_stop_matcher_holds_back_a_possible_stop_and_cuts_before_it():
+    m = StopMatcher(["END", "\n\n"])
+    assert m.push("abc E") == ("abc ", False)  # "E" may begin "END"
+    assert m.push("N") == ("", False)
+    assert m.push("x") == ("ENx", False)  # it did not
+    assert m.push(" E") == (" ", False)
+    assert m.push("NDtail") == ("", True)
+    assert m.text == "abc ENx "
+    m = StopMatcher(["ab", "b"])
+    assert m.push("xab") == ("x", True)  # the earliest stop wins
+    assert StopMatcher([]).push("anything") == ("anything", False)
+
+
+def test_speculation_report_reads_both_shapes_and_skips_junk():
+    job = GenerateJob(request_id="r", prompt=[1], max_tokens=4, chain=["drafter", "target"], k=[4])
+    rep = speculation_report(job, {"levels": [{"name": "drafter", "drafted": 8, "accepted": 6,
+                                               "accepted_per_pos": [2, 2, 1, 1]}, "junk"]})
+    assert rep == {"chain": ["drafter", "target"], "k": [4], "levels": [
+        {"name": "drafter", "drafted": 8, "accepted": 6, "acceptance_rate": 0.75, "accepted_per_position": [2, 2, 1, 1]}]}
+    rep = speculation_report(job, {"drafter": {"drafted": 0, "accepted": "x"}, "chain": ["target"], "k": []})
+    assert rep["chain"] == ["target"] and rep["levels"][0]["acceptance_rate"] is None
+    assert speculation_report(job, {})["levels"] == []
+
+
+def test_chat_template():
+    assert render_chat([("system", "Be brief."), ("user", "Hi"), ("assistant", "Yo"), ("user", "Bye")]) == \
+        "System: Be brief.\nUser: Hi\nAssistant: Yo\nUser: Bye\nAssistant:"
+
+
+# -- HTTP, raw ----------------------------------------------------------------------------
+async def test_completion(client, backend, tok):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 10,
+                                                   "temperature": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and r.headers["x-request-id"] == body["id"]
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    choice = body["choices"][0]
+    assert choice["text"] == text_of(tok, 10, backend) and choice["finish_reason"] == "length"
+    assert choice["token_ids"] == backend.output(10)
+    prompt = tok.encode("Hello")
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 10, "total_tokens": len(prompt) + 10}
+    job = backend.jobs[-1]
+    assert job.prompt == prompt and job.max_tokens == 10 and job.sampling.temperature == 0.0
+    assert job.chain == ["drafter", "target"] and job.k == [4]  # settings.speculation defaults
+    assert body["speculation"]["chain"] == ["drafter", "target"]
+    level = body["speculation"]["levels"][0]
+    assert level["name"] == "drafter" and level["drafted"] == 16 and level["accepted"] == 6
+    assert level["acceptance_rate"] == pytest.approx(6 / 16) and level["accepted_per_position"] == [6, 5]
+    assert body["timings"]["total_ms"] >= 0
+    assert backend.cancelled == []  # finished on its own
+
+
+async def test_completion_defaults_and_sampling_fields(client, backend):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["Hi"], "top_p": 0.5, "seed": 7,
+                                                   "top_k": 5})
+    assert r.status_code == 200, r.text
+    job = backend.jobs[-1]
+    assert job.max_tokens == 16 and job.sampling.temperature == 1.0
+    assert (job.sampling.top_p, job.sampling.seed, job.sampling.top_k) == (0.5, 7, 5)
+
+
+async def test_token_id_prompt(client, backend):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].prompt == [5, 6, 7]
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [[8, 9]], "max_tokens": 2})
+    assert r.status_code == 200 and backend.jobs[-1].prompt == [8, 9]
+
+
+async def test_default_max_tokens_shrinks_to_fit_the_context(client, backend):
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    job = backend.jobs[-1]
+    assert len(job.prompt) + job.max_tokens == CONTEXT  # 128 asked by default, the context allows less
+
+
+async def test_stop_string_truncates_and_cancels(client, backend, tok):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 40, "stop": ["fox"]})
+    body = r.json()
+    full = text_of(tok, 40, backend)
+    assert body["choices"][0]["text"] == full[:full.index("fox")]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    n = body["usage"]["completion_tokens"]
+    assert n < 40 and "fox" in tok.decode(backend.output(n)) and "fox" not in tok.decode(backend.output(n - 1))
+    await asyncio.sleep(0.05)
+    assert backend.cancelled == [body["id"]]
+
+
+async def test_eos_finishes_with_stop_and_is_not_text(client, backend, tok):
+    backend.eos_after = 5
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20})
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["text"] == tok.decode(backend.reply[:5])
+    assert body["usage"]["completion_tokens"] == 6
+
+
+async def test_streaming_completion_with_usage(client, backend, tok):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert len({e["id"] for e in events}) == 1 and events[0]["id"] == r.headers["x-request-id"]
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text == text_of(tok, 20, backend)
+    assert all("\ufffd" not in e["choices"][0]["text"] for e in events if e["choices"])
+    final = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(final) == 1 and final[0]["choices"][0]["finish_reason"] == "length"
+    assert final[0]["speculation"]["levels"][0]["name"] == "drafter"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 20
+    assert all(e["usage"] is None for e in events[:-1])
+
+
+async def test_streaming_chat_with_stop_across_batches(client, backend, tok):
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}],
+        "max_tokens": 30, "stream": True, "stop": "brown"})
+    events = sse_events(r.text)
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    full = text_of(tok, 30, backend)
+    assert text == full[:full.index("brown")]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in events[-1]
+    assert tok.decode(backend.jobs[-1].prompt) == "System: Be nice.\nUser: Hi\nAssistant:"
+
+
+async def test_chat_completion(client, backend, tok):
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "max_completion_tokens": 8, "speculation": {"enabled": False}})
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": text_of(tok, 8, backend)}
+    assert backend.jobs[-1].chain == ["target"] and backend.jobs[-1].k == []
+    assert body["speculation"] == {"chain": ["target"], "k": [], "levels": []}
+
+
+@pytest.mark.parametrize("spec, chain, k", [
+    ({"chain": "drafter,verifier,target", "k": 3}, ["drafter", "verifier", "target"], [3, 3]),
+    ({"chain": ["drafter", "verifier", "target"], "k": [5, 2], "confidence_threshold": 0.3},
+     ["drafter", "verifier", "target"], [5, 2]),
+    ({"chain": "target"}, ["target"], []),
+    ({"enabled": False, "chain": "drafter,target", "k": 7}, ["target"], []),
+])
+async def test_speculation_extension(client, backend, spec, chain, k):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4, "speculation": spec})
+    assert r.status_code == 200, r.text
+    job = backend.jobs[-1]
+    assert (job.chain, job.k) == (chain, k)
+    assert job.confidence_threshold == spec.get("confidence_threshold", 0.0)
+    assert r.json()["speculation"]["chain"] == chain
+
+
+async def test_models(client):
+    r = await client.get("/v1/models")
+    assert r.json()["data"][0]["id"] == MODEL and r.json()["data"][0]["max_model_len"] == CONTEXT
+    assert (await client.get(f"/v1/models/{MODEL}")).status_code == 200
+    assert (await client.get("/v1/models/nope")).status_code == 404
+
+
+LONG = "the quick brown fox " * 60
+BAD = [
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": LONG}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": [[1], [2]]}, 400, "prompt"),
+    ({"prompt": [1, 10**6]}, 400, "prompt"),
+    ({"prompt": 12}, 400, "prompt"),
+    ({}, 400, "prompt"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "seed": -1}, 400, "seed"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "x", "speculation": {"chain": "drafter,oracle,target"}}, 400, "speculation.chain"),
+    ({"prompt": "x", "speculation": {"chain": ""}}, 400, "speculation.chain"),
+    ({"prompt": "x", "speculation": {"chain": "drafter,verifier,target", "k": [1, 2, 3]}}, 400, "speculation.k"),
+    ({"prompt": "x", "speculation": {"k": 99}}, 400, "speculation.k"),
+    ({"prompt": "x", "speculation": {"confidence_threshold": 2}}, 400, "speculation.confidence_threshold"),
+    ({"prompt": "x", "speculation": {"turbo": True}}, 400, "speculation.turbo"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("fields, status, param", BAD, ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(BAD)])
+async def test_bad_completion_requests(client, backend, fields, status, param):
+    r = await client.post("/v1/completions", json={"model": MODEL} | fields)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and len(error["message"]) > 10
+    assert backend.jobs == []  # nothing reached the backend
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x" * 2000}]}, "messages"),
+])
+async def test_bad_chat_requests(client, fields, param):
+    r = await client.post("/v1/chat/completions", json={"model": MODEL} | fields)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param), r.text
+
+
+async def test_messages_say_what_to_do(client):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": LONG})
+    assert "context" in r.json()["error"]["message"] and r.json()["error"]["code"] == "context_length_exceeded"
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 500})
+    assert "at most" in r.json()["error"]["message"]
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "speculation": {"chain": "a,target"}})
+    assert "'drafter,target'" in r.json()["error"]["message"]  # lists what is served
+    r = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert MODEL in r.json()["error"]["message"] and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_malformed_bodies(client):
+    r = await client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = await client.post("/v1/completions", json=[1, 2])
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * (MAX_BODY_BYTES + 1)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    async def chunked():
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    r = await client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = await client.get("/v2/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+async def test_backend_unavailable(client, backend, service):
+    backend.fail = GenerationError("no target worker answers")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 503 and "no target worker" in r.json()["error"]["message"]
+    assert r.headers["x-request-id"].startswith("cmpl-")
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "stream": True,
+                                                        "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503  # before the first token: a status, not an event
+    service.backend = None
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+
+async def test_worker_error_mid_stream_is_an_error_event(client, backend):
+    async def failing(job):
+        yield TokenBatch(request_id=job.request_id, epoch=0, position=0, tokens=backend.reply[:2])
+        yield TokenBatch(request_id=job.request_id, epoch=0, position=2, tokens=[], finished=True,
+                         finish_reason="error", error="target worker lost its model")
+
+    backend.generate = failing
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
+    events = sse_events(r.text)
+    assert "target worker lost its model" in events[-1]["error"]["message"]
+
+
+async def test_timeout_is_504_and_cancels(tok):
+    backend = FakeBackend(tok, batch=1, delay_s=0.05)
+    app = create_app(make_settings(request_timeout_s=0.2), SimpleNamespace(backend=backend))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    await asyncio.sleep(0.05)
+    assert backend.cancelled == [r.headers["x-request-id"]]
+
+
+async def test_health_route_unchanged(tok):
+    import nats.errors
+
+    class NoOne:
+        async def request(self, *a, **k):
+            raise nats.errors.NoRespondersError
+
+    app = create_app(make_settings(), SimpleNamespace(backend=FakeBackend(tok), nc=NoOne()))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        body = (await c.get("/health")).json()
+    assert body["status"] == "degraded" and body["services"]["gateway"] == "up"
+
+
+async def test_openapi_schema_builds(client):
+    schema = (await client.get("/openapi.json")).json()
+    assert "/v1/completions" in schema["paths"] and "/v1/chat/completions" in schema["paths"]
+
+
+# -- HTTP, a real server and the official client ------------------------------------------
+@pytest.fixture(scope="module")
+async def server(tok):
+    backend = FakeBackend(tok, delay_s=0.002)
+    app = create_app(make_settings(), SimpleNamespace(backend=backend))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(srv.serve(sockets=[sock]))
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", backend=backend)
+    srv.should_exit = True
+    await task
+
+
+@pytest.fixture
+def oai(server):
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+async def test_openai_client_completions(oai, server, tok):
+    expected = text_of(tok, 12, server.backend)
+    done = await oai.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0)
+    assert done.choices[0].text == expected and done.usage.completion_tokens == 12
+    assert done.model_extra["speculation"]["chain"] == ["drafter", "target"]
+    parts, usage = [], None
+    stream = await oai.completions.create(model=MODEL, prompt="Hello", max_tokens=12, stream=True,
+                                          stream_options={"include_usage": True})
+    async for chunk in stream:
+        parts += [c.text for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) == expected and usage.completion_tokens == 12
+
+
+async def test_openai_client_chat(oai, server, tok):
+    expected = text_of(tok, 9, server.backend)
+    done = await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=9,
+                                             extra_body={"speculation": {"chain": "drafter,verifier,target", "k": 2}})
+    assert done.choices[0].message.content == expected and done.choices[0].finish_reason == "length"
+    assert [lv["name"] for lv in done.model_extra["speculation"]["levels"]] == ["drafter", "verifier"]
+    parts = []
+    async for chunk in await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                         max_tokens=9, stream=True):
+        parts += [c.delta.content or "" for c in chunk.choices]
+    assert "".join(parts) == expected
+
+
+async def test_openai_client_errors(oai):
+    with pytest.raises(openai.BadRequestError) as bad:
+        await oai.completions.create(model=MODEL, prompt="x", temperature=9)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        await oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    models = await oai.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+async def test_client_disconnect_cancels_the_generation(tok):
+    backend = FakeBackend(tok, batch=1, delay_s=0.02)
+    app = create_app(make_settings(), SimpleNamespace(backend=backend))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(srv.serve(sockets=[sock]))
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+            async with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 80,
+                                                                 "stream": True}) as r:
+                request_id = r.headers["x-request-id"]
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # first token seen; hang up
+        for _ in range(100):
+            if backend.cancelled:
+                break
+            await asyncio.sleep(0.02)
+        assert backend.cancelled == [request_id]
+    finally:
+        srv.should_exit = True
+        await task
+
+
+# -- gRPC ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+async def grpc_gateway(tok):
+    backend = FakeBackend(tok)
+    server = await start_grpc(make_settings(host="127.0.0.1", grpc_port=0), backend)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield SimpleNamespace(stub=pb_grpc.TextGenerationStub(channel), channel=channel, backend=backend)
+    await channel.close()
+    await server.stop(None)
+
+
+async def test_grpc_generate(grpc_gateway, tok):
+    backend = grpc_gateway.backend
+    reply = await grpc_gateway.stub.Generate(pb.GenerateRequest(
+        prompt="Hello", max_tokens=10, sampling=pb.SamplingParameters(temperature=0, seed=3),
+        speculation=pb.SpeculationParameters(chain=["drafter", "verifier", "target"], k=[3, 2])))
+    assert reply.text == text_of(tok, 10, backend) and list(reply.token_ids) == backend.output(10)
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH and reply.request_id.startswith("gen-")
+    assert reply.usage.completion_tokens == 10 and reply.usage.prompt_tokens == len(tok.encode("Hello"))
+    assert list(reply.speculation.chain) == ["drafter", "verifier", "target"] and list(reply.speculation.k) == [3, 2]
+    assert [lv.name for lv in reply.speculation.levels] == ["drafter", "verifier"]
+    assert reply.timings.total_ms > 0
+    job = backend.jobs[-1]
+    assert job.sampling.temperature == 0.0 and job.sampling.seed == 3
+
+
+async def test_grpc_generate_stream(grpc_gateway, tok):
+    backend = grpc_gateway.backend
+    replies = [r async for r in grpc_gateway.stub.GenerateStream(pb.GenerateRequest(
+        prompt_token_ids=[1, 2, 3], max_tokens=40, stop=["fox"], request_id="my-req-1"))]
+    full = text_of(tok, 40, backend)
+    assert "".join(r.text for r in replies) == full[:full.index("fox")]
+    assert all(r.request_id == "my-req-1" for r in replies)
+    last = replies[-1]
+    assert last.finish_reason == pb.FINISH_REASON_STOP and all(r.finish_reason == 0 for r in replies[:-1])
+    ids = [t for r in replies for t in r.token_ids]
+    assert last.usage.completion_tokens == len(ids) and ids == backend.output(len(ids))
+    await asyncio.sleep(0.05)
+    assert "my-req-1" in backend.cancelled
+
+
+@pytest.mark.parametrize("request_, code", [
+    (pb.GenerateRequest(prompt="x", model="gpt-4"), grpc.StatusCode.NOT_FOUND),
+    (pb.GenerateRequest(prompt="x", max_tokens=10**6), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParameters(top_p=0)), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", speculation=pb.SpeculationParameters(chain=["oracle", "target"])),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", request_id="bad id.*"), grpc.StatusCode.INVALID_ARGUMENT),
+])
+async def test_grpc_errors(grpc_gateway, request_, code):
+    for call in (grpc_gateway.stub.Generate, lambda r: _drain(grpc_gateway.stub.GenerateStream(r))):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request_)
+        assert err.value.code() == code and err.value.details()
+
+
+async def _drain(stream):
+    return [r async for r in stream]
+
+
+async def test_grpc_backend_unavailable(grpc_gateway):
+    grpc_gateway.backend.fail = GenerationError("no target worker answers")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="x"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no target worker" in err.value.details()
+    finally:
+        grpc_gateway.backend.fail = None
+
+
+async def test_grpc_health(grpc_gateway):
+    health = health_pb2_grpc.HealthStub(grpc_gateway.channel)
+    for service in ("", "specmesh.v1.TextGeneration"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
