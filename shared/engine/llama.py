@@ -24,7 +24,8 @@ class UnsupportedModel(ValueError):
     """The checkpoint is not something the lean forward reproduces exactly."""
 
 
-_SMALL = 1 << 19  # weights below this many elements decode a single row faster without oneDNN
+_SMALL = 1 << 19  # below this many elements a single row is faster without oneDNN...
+_TINY = 1 << 16  # ...and below this, a few rows too (oneDNN costs ~11 us a call)
 
 
 class _Linear:
@@ -38,13 +39,14 @@ class _Linear:
     x @ W^T (W^T kept contiguous, float32) or F.linear instead. Elsewhere: F.linear.
     """
 
-    __slots__ = ("w", "wt", "b", "packed", "small")
+    __slots__ = ("w", "wt", "b", "packed", "small", "tiny")
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
         self.w = w.contiguous()
         self.b = b
         self.packed = _prepack(self.w, b)
         self.small = self.w.numel() < _SMALL
+        self.tiny = self.w.numel() < _TINY
         cpu32 = self.w.device.type == "cpu" and self.w.dtype == torch.float32
         self.wt = self.w.t().contiguous() if cpu32 and self.small else None
 
@@ -54,7 +56,7 @@ class _Linear:
                 return F.linear(x, self.w, self.b)
             y = x @ self.wt
             return y if self.b is None else y + self.b
-        if self.packed is not None:
+        if self.packed is not None and not self.tiny:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
         return F.linear(x, self.w, self.b)
 
@@ -150,7 +152,9 @@ class LeanLlama:
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=self.device, dtype=dtype)
-        self.sin = emb.sin().to(device=self.device, dtype=dtype)
+        sin = emb.sin()
+        sin[:, : self.head_dim // 2] *= -1  # rotate_half's sign folded in: x*cos + roll(x)*sin
+        self.sin = sin.to(device=self.device, dtype=dtype)
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
         self.arange = torch.arange(max_len, device=self.device)
 
@@ -158,9 +162,7 @@ class LeanLlama:
         return KVCache(self.n_layers, slots, self.n_kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = self.head_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin)
 
     def forward(
         self,
@@ -201,10 +203,9 @@ class LeanLlama:
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
             qkv = layer.qkv(h)
-            q, k, v = qkv.split([H * D, Hk * D, Hk * D], dim=-1)
-            q = self._rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(B, T, Hk, D).transpose(1, 2), cos, sin)
-            v = v.view(B, T, Hk, D).transpose(1, 2)
+            heads = qkv.view(B, T, H + 2 * Hk, D).transpose(1, 2)  # [B, H + 2Hk, T, D]
+            qk = self._rope(heads[:, : H + Hk], cos, sin)  # one RoPE for queries and keys
+            q, k, v = qk[:, :H], qk[:, H:], heads[:, H + Hk :]
             ck, cv = cache.k[li], cache.v[li]
             if B == 1:
                 ck[slot, :, s0 : s0 + T] = k[0]

@@ -61,22 +61,24 @@ def _within_top(scores: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.T
     return (scores > chosen).sum(-1) < top
 
 
-def verify_greedy(draft_tokens: torch.Tensor, target_probs: torch.Tensor, leniency: float = 1.0) -> Verdict:
+def verify_greedy(draft_tokens: torch.Tensor | Sequence[int], target_probs: torch.Tensor, leniency: float = 1.0) -> Verdict:
     """Greedy verification: accept while the draft is the verifier's argmax.
 
-    draft_tokens [k] (long), target_probs [k + 1, V]. With `leniency` l >= 2 (middle levels
+    draft_tokens [k], target_probs [k + 1, V]. With `leniency` l >= 2 (middle levels
     only) a draft within the verifier's top int(l) is accepted.
     """
-    k = draft_tokens.shape[0]
-    best = torch.argmax(target_probs, dim=-1)  # [k + 1]
+    drafts = draft_tokens.tolist() if isinstance(draft_tokens, torch.Tensor) else list(draft_tokens)
+    k = len(drafts)
+    best = torch.argmax(target_probs, dim=-1).tolist()  # [k + 1]
     top = max(1, int(leniency))
     if top == 1:
-        ok = draft_tokens == best[:k]
+        a = 0
+        while a < k and drafts[a] == best[a]:
+            a += 1
     else:
-        ok = _within_top(target_probs[:k], draft_tokens, top)
-    a = _leading_true(ok)
-    tokens = draft_tokens[:a].tolist() + [int(best[a])]
-    return Verdict(tokens=tokens, accepted=a, probs=target_probs[: a + 1], drafted=k)
+        idx = torch.tensor(drafts, dtype=torch.long, device=target_probs.device)
+        a = _leading_true(_within_top(target_probs[:k], idx, top))
+    return Verdict(tokens=drafts[:a] + [best[a]], accepted=a, probs=target_probs[: a + 1], drafted=k)
 
 
 def verify_gumbel(draft_tokens: torch.Tensor, target_probs: torch.Tensor, noise: torch.Tensor, leniency: float = 1.0) -> Verdict:
@@ -176,11 +178,10 @@ def verify(
     predicts); the bonus position is first_position + k. `generator` supplies the
     uniforms of unseeded rejection sampling.
     """
-    device = target_probs.device
-    drafts = torch.as_tensor(list(draft_tokens), dtype=torch.long, device=device)
-    k = drafts.shape[0]
     if params.greedy:
-        return verify_greedy(drafts, target_probs, leniency)
+        return verify_greedy(draft_tokens, target_probs, leniency)
+    drafts = torch.as_tensor(list(draft_tokens), dtype=torch.long, device=target_probs.device)
+    k = drafts.shape[0]
     if params.seeded:
         noise = gumbel_noise(params.seed, range(first_position, first_position + k + 1), target_probs.shape[-1])
         return verify_gumbel(drafts, target_probs, noise, leniency)
