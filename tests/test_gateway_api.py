@@ -436,6 +436,33 @@ async def test_health_route_unchanged(tok):
     assert body["status"] == "degraded" and body["services"]["gateway"] == "up"
 
 
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+          "stop", "stream", "stream_options", "n", "speculation", "logprobs", "echo", "response_format", "logit_bias"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tok):
+    return create_app(make_settings(), SimpleNamespace(backend=FakeBackend(tok)))
+
+
+@hsettings(max_examples=120, deadline=None)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.fixed_dictionaries({}, optional={f: JSON for f in FIELDS}),
+       valid=st.booleans())
+async def test_no_input_gives_a_5xx(fuzz_app, path, body, valid):
+    if valid:  # mostly-valid requests with one odd field reach deeper
+        body = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "\ud800x"}]} | body
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fuzz_app), base_url="http://gw") as c:
+        # json.dumps escapes lone surrogates and writes NaN/Infinity, which the server's parser accepts
+        r = await c.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 async def test_openapi_schema_builds(client):
     schema = (await client.get("/openapi.json")).json()
     assert "/v1/completions" in schema["paths"] and "/v1/chat/completions" in schema["paths"]

@@ -127,6 +127,10 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
 
 def _prompt_ids(tok, prompt: str | list[int], param: str) -> list[int]:
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise invalid(f"The prompt is not valid Unicode ({exc.reason} at character {exc.start}).", param) from None
         ids = list(tok.encode(prompt))
     else:
         vocab = len(tok)

@@ -37,10 +37,12 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 5
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
     "prompt": "a string, a list of one string, or a list of token ids (batches of several prompts are not supported)",
-    "stop": "a string or a list of up to 4 strings",
-    "messages": "a non-empty list of {role, content} with role system, developer, user, assistant or tool "
-                "and content a string or a list of text parts",
+    "stop": "a string or a list of up to 4 non-empty strings",
+    "messages": "a non-empty list of {role, content} messages",
+    "messages.content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts (only text is supported)",
     "speculation": "{chain: 'drafter,target' or a list, k: int or list, enabled: bool, confidence_threshold: 0..1}",
+    "speculation.chain": "model names bottom level first, as 'drafter,target' or ['drafter', 'target']",
+    "speculation.k": "an integer in [0, 16], or a list of them with one per proposing level",
 }
 
 
@@ -262,10 +264,12 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if len(loc) <= 1 and loc[:1] == ("body",):
         return "The request body must be a JSON object.", None
     param = _param(loc)
-    top = re.split(r"[.\[]", param)[0] if param else None
-    same = [e for e in errors if _param(tuple(e.get("loc", ()))) == param]
-    if top in FIELD_HINTS and (len(same) > 1 or param == top):
-        return f"Invalid {param!r}: it must be {FIELD_HINTS[top]}.", param
+    if first.get("type") == "missing":
+        return f"{param!r} is required.", param
+    field = re.sub(r"\[\d+\]", "", param or "")
+    same = [e for e in errors if (_param(tuple(e.get("loc", ()))) or "").startswith(param or "")]
+    if field in FIELD_HINTS and len(same) > 1:  # a union: pydantic's first complaint would mislead
+        return f"Invalid {param!r}: it must be {FIELD_HINTS[field]}.", param
     return f"Invalid {param!r}: {first.get('msg', 'invalid value')}.", param
 
 
