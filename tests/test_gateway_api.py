@@ -526,7 +526,8 @@ async def test_openai_client_errors(oai):
     assert [m.id for m in models.data] == [MODEL]
 
 
-async def test_client_disconnect_cancels_the_generation(tok):
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_cancels_the_generation(tok, stream):
     backend = FakeBackend(tok, batch=1, delay_s=0.02)
     app = create_app(make_settings(), SimpleNamespace(backend=backend))
     sock = socket.socket()
@@ -535,19 +536,22 @@ async def test_client_disconnect_cancels_the_generation(tok):
     task = asyncio.create_task(srv.serve(sockets=[sock]))
     while not srv.started:
         await asyncio.sleep(0.01)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 80, "stream": stream}
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
-            async with c.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 80,
-                                                                 "stream": True}) as r:
-                request_id = r.headers["x-request-id"]
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        break  # first token seen; hang up
+            if stream:
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            break  # first token seen; hang up
+            else:
+                with pytest.raises(httpx.TimeoutException):
+                    await c.post("/v1/completions", json=body, timeout=0.3)
         for _ in range(100):
             if backend.cancelled:
                 break
             await asyncio.sleep(0.02)
-        assert backend.cancelled == [request_id]
+        assert backend.cancelled == [backend.jobs[0].request_id]
     finally:
         srv.should_exit = True
         await task

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, plan, render_chat, unavailable
@@ -83,17 +83,17 @@ def create_app(settings: Settings, service) -> FastAPI:
         return model_card(b)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         """Text completion; `stream: true` for server-sent events."""
-        return await serve(body, "completion", body.prompt_value(), "prompt")
+        return await serve(request, body, "completion", body.prompt_value(), "prompt")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Chat completion: the messages become one prompt (`generation.render_chat`)."""
         prompt = render_chat([(m.role, m.text()) for m in body.messages])
-        return await serve(body, "chat", prompt, "messages")
+        return await serve(request, body, "chat", prompt, "messages")
 
-    async def serve(body, kind: str, prompt, prompt_param: str):
+    async def serve(http: Request, body, kind: str, prompt, prompt_param: str):
         arrived = time.monotonic()
         b = backend()
         _check_model(b, body.model)
@@ -116,7 +116,9 @@ def create_app(settings: Settings, service) -> FastAPI:
             reply = Reply(kind, request_id, b.model_name, body)
             if body.stream:
                 return await stream(generation, reply, headers)
-            outcome = await generation.run()
+            outcome = await _unless_disconnected(http, generation.run())
+            if outcome is None:
+                return Response(status_code=499)  # nobody to read it; the generation was cancelled
         except ApiError as exc:
             exc.headers = headers
             raise
@@ -151,6 +153,29 @@ def create_app(settings: Settings, service) -> FastAPI:
         return SSEResponse(events(), deltas, headers=headers | {"cache-control": "no-cache"})
 
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """The result of `work`, or None (and `work` cancelled) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watch.cancel()
+        raise
+    if task in done:
+        watch.cancel()
+        return task.result()
+    task.cancel()  # Generation.deltas' cleanup cancels the backend's generation
+    await asyncio.wait([task])
+    return None
 
 
 class SSEResponse(StreamingResponse):
