@@ -632,3 +632,20 @@ async def test_grpc_health(grpc_gateway):
     for service in ("", "specmesh.v1.TextGeneration"):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_grpc_client_cancel_cancels_the_generation(tok):
+    backend = FakeBackend(tok, batch=1, delay_s=0.02)
+    server = await start_grpc(make_settings(host="127.0.0.1", grpc_port=0), backend)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = pb_grpc.TextGenerationStub(channel).GenerateStream(pb.GenerateRequest(prompt="x", max_tokens=80))
+            await call.read()
+            call.cancel()
+        for _ in range(100):
+            if backend.cancelled:
+                break
+            await asyncio.sleep(0.02)
+        assert backend.cancelled == [backend.jobs[0].request_id]
+    finally:
+        await server.stop(None)
