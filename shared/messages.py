@@ -154,6 +154,8 @@ class Commit:
     prompt: list[int] = field(default_factory=list)  # with the first commit
     finished: bool = False
     worker: str = ""
+    finish_reason: str | None = None  # with finished: "stop" | "length"
+    stats: dict[str, Any] = field(default_factory=dict)  # with finished: per-level speculation stats
 
 
 @dataclass

@@ -79,6 +79,7 @@ class EngineSettings(BaseModel):
     max_batch: int = Field(16, ge=1, description="Most requests one model holds KV cache for at once.")
     max_len: int = Field(512, ge=16, description="Longest sequence (prompt + output) a request may reach.")
     runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean Llama runner or transformers.")
+    model: str | None = Field(None, description="Family member a worker hosts (default by role: drafter-code, verifier, target).")
 
 
 class SpeculationSettings(BaseModel):

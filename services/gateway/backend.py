@@ -31,3 +31,112 @@ class Backend(Protocol):
 
     async def cancel(self, request_id: str) -> None:
         """Stop a generation (client gone, stop string hit); frees its KV everywhere."""
+
+
+class NatsBackend:
+    """Generation through the target workers over NATS (see docs/protocol.md)."""
+
+    model_name = "specmesh"
+    stall_s = 5.0  # no committed batch for this long: resume the request on another target
+
+    def __init__(self, settings, nc):
+        from shared.models.family import resolve_family
+
+        self.settings = settings
+        self.nc = nc
+        self.family = resolve_family(settings)
+        self.max_context = settings.engine.max_len
+        self._tokenizer = None
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.family.path("target")))
+        return self._tokenizer
+
+    def chains(self) -> list[list[str]]:
+        out = []
+        for bottom in ([], ["ngram"]):
+            for drafter in ([], ["drafter"], ["drafter-code"], ["drafter-prose"]):
+                for verifier in ([], ["verifier"]):
+                    out.append(bottom + drafter + verifier + ["target"])
+        return out
+
+    async def _submit(self, job: GenerateJob) -> None:
+        import nats.errors
+
+        from shared.messages import SUBJECT_GENERATE, RequestState, decode, encode
+
+        try:
+            msg = await self.nc.request(SUBJECT_GENERATE, encode(job), timeout=5.0)
+        except nats.errors.NoRespondersError:
+            raise GenerationError("no target worker is available; retry shortly") from None
+        except nats.errors.TimeoutError:
+            raise GenerationError("no target worker accepted the request in 5s; retry shortly") from None
+        ack = decode(msg.data, RequestState)
+        if ack.error:
+            raise GenerationError(ack.error)
+
+    async def _committed(self, request_id: str):
+        from shared.messages import SUBJECT_STATE_GET, RequestState, StateQuery, decode, encode
+
+        try:
+            msg = await self.nc.request(SUBJECT_STATE_GET, encode(StateQuery(request_id)), timeout=2.0)
+            return decode(msg.data, RequestState)
+        except Exception:  # state unreachable: resume from what this gateway received
+            return None
+
+    async def generate(self, job: GenerateJob) -> AsyncIterator[TokenBatch]:
+        import asyncio
+        import time
+
+        from shared.messages import SUBJECT_TOKENS, decode
+
+        inbox: asyncio.Queue = asyncio.Queue()
+        sub = await self.nc.subscribe(f"{SUBJECT_TOKENS}.{job.request_id}", cb=inbox.put)
+        received: list[int] = list(job.committed)
+        finished = False
+        deadline = time.monotonic() + self.settings.gateway.request_timeout_s
+        try:
+            await self._submit(job)
+            while not finished:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GenerationError(f"generation exceeded {self.settings.gateway.request_timeout_s:.0f}s")
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), timeout=min(self.stall_s, remaining))
+                except asyncio.TimeoutError:
+                    state = await self._committed(job.request_id)
+                    epoch = job.epoch
+                    if state is not None and state.found:
+                        extra = state.committed[len(received):]
+                        epoch = state.epoch
+                        if extra:
+                            received += extra
+                            yield TokenBatch(job.request_id, epoch, len(received) - len(extra), extra)
+                    job = GenerateJob(**{**job.__dict__, "committed": list(received), "epoch": epoch})
+                    await self._submit(job)
+                    continue
+                batch = decode(msg.data, TokenBatch)
+                if batch.error:
+                    raise GenerationError(batch.error)
+                fresh = batch.tokens[len(received) - batch.position:] if batch.position <= len(received) else None
+                if fresh is None:
+                    continue  # a gap cannot come from the state service; ignore a stray batch
+                received += fresh
+                finished = batch.finished
+                batch.position, batch.tokens = len(received) - len(fresh), fresh
+                yield batch
+        finally:
+            await sub.unsubscribe()
+            if not finished:
+                await self.cancel(job.request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        from shared.messages import SUBJECT_CANCEL, Cancel, encode
+
+        try:
+            await self.nc.publish(SUBJECT_CANCEL, encode(Cancel(request_id)))
+        except Exception:  # disconnected: targets drop abandoned requests on their own
+            pass

@@ -18,7 +18,13 @@ class GatewayService(ServiceProcess):
     description = "SpecMesh gateway: OpenAI-compatible HTTP API and gRPC"
 
     async def setup(self) -> None:
+        from services.gateway.backend import NatsBackend
+        from services.gateway.grpc_server import start_grpc
+
         cfg = self.settings.gateway
+        self.backend = NatsBackend(self.settings, self.nc)
+        self.backend.tokenizer()  # load once, before the first request
+        self.grpc = await start_grpc(self.settings, self.backend)
         app = create_app(self.settings, self)
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")
         self.http = uvicorn.Server(config)
@@ -28,3 +34,4 @@ class GatewayService(ServiceProcess):
     async def teardown(self) -> None:
         self.http.should_exit = True
         await self._http_task
+        await self.grpc.stop(grace=2)

@@ -1,18 +1,29 @@
 """The model worker process: hosts one model of the chain in a role (drafter, verifier, target).
 
-Replicas of a role share a NATS queue group, so adding a process adds capacity.
+Drafters and verifiers serve their runner to the target's driver (`LevelServer`) on
+`specmesh.level.<model>` (queue group: any replica) and `specmesh.level.<model>.<worker>`
+(this replica, which holds the KV of the requests it has seen). The target runs the
+`Driver`, taking jobs from `specmesh.generate` (queue group "target"). Model work runs on
+one thread per process, beside the event loop that does the messaging.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+from shared.messages import (
+    SUBJECT_CANCEL, SUBJECT_GENERATE, SUBJECT_LEVEL, BadMessage, Cancel, GenerateJob, LevelCall, LevelReply,
+    RequestState, decode, encode,
+)
 from shared.service import ServiceProcess
 from shared.settings import Settings
 
 log = logging.getLogger("specmesh.worker")
 
-MODEL_FOR_ROLE = {"drafter": "drafter", "verifier": "verifier", "target": "target"}
+MODEL_FOR_ROLE = {"drafter": "drafter-code", "verifier": "verifier", "target": "target"}
 
 
 class WorkerService(ServiceProcess):
@@ -24,12 +35,90 @@ class WorkerService(ServiceProcess):
         from shared.models.family import resolve_family
 
         self.family = resolve_family(settings)
-        self.model_path = self.family.path(MODEL_FOR_ROLE[self.role])
+        self.model = settings.engine.model or MODEL_FOR_ROLE[self.role]
+        self.model_path = self.family.path(self.model)
+        self.worker = f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
 
     def metadata(self) -> dict[str, str]:
         engine = self.settings.engine
-        return {"role": self.role, "model": str(self.model_path), "device": engine.device,
-                "dtype": engine.dtype, "threads": str(engine.threads)}
+        return {"role": self.role, "model": self.model, "path": str(self.model_path), "worker": self.worker,
+                "device": engine.device, "dtype": engine.dtype, "threads": str(engine.threads)}
+
+    def load_runner(self):
+        import torch
+
+        from shared.engine.runner import load_runner
+
+        engine = self.settings.engine
+        torch.set_num_threads(engine.threads)
+        return load_runner(self.model_path, engine.runner, engine.device, engine.dtype, engine.max_batch, engine.max_len)
+
+    async def setup(self) -> None:
+        loop = asyncio.get_running_loop()
+        runner = await loop.run_in_executor(self.executor, self.load_runner)
+        if self.role == "target":
+            await self._setup_driver(runner, loop)
+        else:
+            await self._setup_level(runner)
+        log.info("%s serving %s from %s", self.worker, self.model, self.model_path)
+
+    # -- drafter / verifier --------------------------------------------------------------
+    async def _setup_level(self, runner) -> None:
+        from services.worker.level_server import LevelServer
+
+        self.level = LevelServer(runner, self.worker)
+        group = f"{SUBJECT_LEVEL}.{self.model}"
+        await self.micro.add_endpoint(name="level", subject=group, handler=self._on_level, queue_group=self.model)
+        await self.micro.add_endpoint(name="level-sticky", subject=f"{group}.{self.worker}", handler=self._on_level,
+                                      queue_group=self.worker)
+
+    async def _on_level(self, request) -> None:
+        try:
+            call = decode(request.data, LevelCall)
+        except BadMessage as exc:
+            log.error("dropped bad level call: %s", exc)
+            await request.respond(encode(LevelReply(self.worker, [], error=f"bad message: {exc}")))
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            reply = await loop.run_in_executor(self.executor, self.level.handle, call)
+        except Exception as exc:  # the caller learns why; this replica keeps serving
+            log.exception("level call %s failed", call.op)
+            reply = LevelReply(self.worker, [], error=f"{type(exc).__name__}: {exc}")
+        await request.respond(encode(reply))
+
+    # -- target --------------------------------------------------------------------------
+    async def _setup_driver(self, runner, loop) -> None:
+        from services.worker.driver import Driver
+
+        self.driver = Driver(self.worker, runner, self.nc, loop, self.settings)
+        self.driver.start()
+        await self.micro.add_endpoint(name="generate", subject=SUBJECT_GENERATE, handler=self._on_job, queue_group="target")
+        self._cancel_sub = await self.nc.subscribe(SUBJECT_CANCEL, cb=self._on_cancel)
+
+    async def _on_job(self, request) -> None:
+        try:
+            job = decode(request.data, GenerateJob)
+        except BadMessage as exc:
+            log.error("dropped bad job: %s", exc)
+            await request.respond(encode(RequestState("", found=False, error=f"bad message: {exc}")))
+            return
+        self.driver.submit(job)
+        await request.respond(encode(RequestState(job.request_id)))
+
+    async def _on_cancel(self, msg) -> None:
+        try:
+            cancel = decode(msg.data, Cancel)
+        except BadMessage as exc:
+            log.error("dropped bad cancel: %s", exc)
+            return
+        self.driver.cancel(cancel.request_id)
+
+    async def teardown(self) -> None:
+        if self.role == "target" and hasattr(self, "driver"):
+            self.driver.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def worker_for_role(role: str) -> type[WorkerService]:

@@ -35,9 +35,13 @@ class NatsServer:
 
     def command(self) -> list[str]:
         cfg = self.settings.nats
+        conf = self.run_dir / "nats" / "nats.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        # Unseeded sampling ships full distributions between levels: allow 8 MB messages.
+        conf.write_text("max_payload: 8MB\n")
         return [
-            str(binaries.nats_server()), "-a", cfg.host, "-p", str(cfg.port), "-m", str(cfg.monitor_port),
-            "-js", "-sd", str(self.run_dir / "nats"), "-n", "specmesh",
+            str(binaries.nats_server()), "-c", str(conf), "-a", cfg.host, "-p", str(cfg.port),
+            "-m", str(cfg.monitor_port), "-js", "-sd", str(self.run_dir / "nats"), "-n", "specmesh",
         ]
 
     def healthy(self) -> bool:

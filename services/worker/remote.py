@@ -1,0 +1,179 @@
+"""A `Runner` whose model lives in another process: the chain's view of a remote level.
+
+The target's driver thread calls it exactly like a local runner; each call becomes one
+`LevelCall` over NATS carrying every request of the batch. It mirrors the tokens the
+remote cache holds, so a rollback costs no message of its own (the next call carries the
+new epoch and position) and a replacement replica can rebuild from `context`.
+Greedy and seeded levels return their choices only; the distributions they imply are
+rebuilt here as one-hot rows, which verification treats exactly as the full ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Sequence
+
+import nats.errors
+import torch
+
+from services.worker.level_server import MISSING, unpack_probs
+from shared.engine.runner import Draft, Runner
+from shared.engine.sampling import SamplingParams
+from shared.messages import SUBJECT_LEVEL, BadMessage, LevelCall, LevelItem, LevelReply, Sampling, decode, encode
+
+log = logging.getLogger("specmesh.remote")
+
+
+class LevelUnavailable(RuntimeError):
+    """No replica of a level answered; the chain must go on without it."""
+
+    def __init__(self, model: str, why: str):
+        super().__init__(f"level {model} unavailable: {why}")
+        self.model = model
+
+
+class RemoteRunner(Runner):
+    def __init__(self, model: str, nc, loop: asyncio.AbstractEventLoop, vocab_size: int,
+                 epochs: dict[str, int], eos_token_id: int | None = None, max_len: int = 512, timeout_s: float = 10.0,
+                 on_rollback: Callable[[str], None] | None = None):
+        self.device = torch.device("cpu")
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.max_len = max_len  # the replicas run with the same engine settings
+        super().__init__()
+        self.model = model
+        self.nc = nc
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.epochs = epochs  # shared with the driver: one epoch per request across levels
+        self.on_rollback = on_rollback
+        self.mirror: dict[str, list[int]] = {}
+        self.wire: dict[str, Sampling] = {}
+        self.replica: str | None = None  # sticky replica: its KV holds our requests
+
+    # -- transport -----------------------------------------------------------------------
+    def _request(self, subject: str, call: LevelCall) -> LevelReply:
+        async def go() -> bytes:
+            msg = await self.nc.request(subject, encode(call), timeout=self.timeout_s)
+            return msg.data
+
+        try:
+            data = asyncio.run_coroutine_threadsafe(go(), self.loop).result(self.timeout_s + 1)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError,
+                nats.errors.ConnectionClosedError) as exc:
+            raise LevelUnavailable(self.model, type(exc).__name__) from None
+        try:
+            reply = decode(data, LevelReply)
+        except BadMessage as exc:
+            raise LevelUnavailable(self.model, f"bad reply: {exc}") from None
+        if reply.error:
+            raise LevelUnavailable(self.model, reply.error)
+        return reply
+
+    def _call(self, op: str, items: list[LevelItem], want_probs: bool = False) -> LevelReply:
+        """Send to the sticky replica; on its loss, or a replica without our KV, rebuild on any."""
+        call = LevelCall(op, items, want_probs)
+        if self.replica is not None:
+            try:
+                reply = self._request(f"{SUBJECT_LEVEL}.{self.model}.{self.replica}", call)
+                if not any(r.error == MISSING for r in reply.results):
+                    return self._check(reply)
+            except LevelUnavailable as exc:
+                log.warning("%s replica %s lost (%s); rebuilding on another", self.model, self.replica, exc)
+        for item in items:  # any replica can rebuild the cache from the mirrored context
+            item.context = list(self.mirror.get(item.request_id, []))
+            item.sampling = self.wire.get(item.request_id)
+        reply = self._request(f"{SUBJECT_LEVEL}.{self.model}", call)
+        self.replica = reply.worker
+        return self._check(reply)
+
+    def _check(self, reply: LevelReply) -> LevelReply:
+        for res in reply.results:
+            if res.error:
+                raise LevelUnavailable(self.model, f"{res.request_id}: {res.error}")
+        return reply
+
+    def _item(self, rid: str, tokens: Sequence[int] = (), k: int = 0, threshold: float = 0.0) -> LevelItem:
+        return LevelItem(rid, self.epochs.get(rid, 0), len(self.mirror[rid]), list(tokens), k, threshold)
+
+    def _want_probs(self, ids: Sequence[str]) -> bool:
+        return any(not (self._sampling[r].greedy or self._sampling[r].seeded) for r in ids)
+
+    def _onehot(self, tokens: Sequence[int]) -> torch.Tensor:
+        rows = torch.zeros(len(tokens), self.vocab_size)
+        if tokens:
+            rows[torch.arange(len(tokens)), torch.tensor(list(tokens))] = 1.0
+        return rows
+
+    # -- the Runner interface ------------------------------------------------------------
+    def length(self, request_id: str) -> int:
+        return len(self.mirror[request_id])
+
+    def prefill(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = SamplingParams()) -> torch.Tensor:
+        """Open the request remotely; the returned row is unused by chains (the target's counts)."""
+        self._sampling[request_id] = sampling
+        wire = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
+        self.wire[request_id] = wire
+        self.mirror[request_id] = []
+        item = LevelItem(request_id, self.epochs.get(request_id, 0), 0, list(tokens), sampling=wire)
+        self._call("prefill", [item])
+        self.mirror[request_id] = list(tokens)
+        return torch.zeros(self.vocab_size)
+
+    def propose(self, request_ids, feeds, k, confidence_threshold=0.0) -> list[Draft]:
+        n = len(request_ids)
+        ks = [k] * n if isinstance(k, int) else list(k)
+        ths = [confidence_threshold] * n if isinstance(confidence_threshold, (int, float)) else list(confidence_threshold)
+        items = [self._item(r, f, kk, t) for r, f, kk, t in zip(request_ids, feeds, ks, ths)]
+        want = self._want_probs(request_ids)
+        reply = self._call("propose", items, want)
+        drafts = []
+        for rid, feed, res in zip(request_ids, feeds, reply.results):
+            self.mirror[rid] = (self.mirror[rid] + list(feed) + res.tokens)[: res.length]
+            probs = unpack_probs(res.probs, res.rows, self.vocab_size) if want else self._onehot(res.tokens)
+            drafts.append(Draft(res.tokens, probs, res.confidence))
+        self._account(reply, sum(len(f) for f in feeds) + sum(len(d.tokens) for d in drafts))
+        return drafts
+
+    def score(self, request_ids, chunks) -> list[torch.Tensor]:
+        items = [self._item(r, c) for r, c in zip(request_ids, chunks)]
+        want = self._want_probs(request_ids)
+        reply = self._call("score", items, want)
+        out = []
+        for rid, chunk, res in zip(request_ids, chunks, reply.results):
+            self.mirror[rid] = self.mirror[rid] + list(chunk)
+            out.append(unpack_probs(res.probs, res.rows, self.vocab_size) if res.probs else self._onehot(res.tokens))
+        self._account(reply, sum(len(c) for c in chunks))
+        return out
+
+    def rollback(self, request_id: str, length: int) -> None:
+        """Logical: the next call carries the new epoch and the shorter position."""
+        mirror = self.mirror[request_id]
+        if not 0 <= length <= len(mirror):
+            raise ValueError(f"cannot roll {request_id!r} back to {length}: {self.model} holds {len(mirror)}")
+        if length < len(mirror):
+            del mirror[length:]
+            if self.on_rollback:
+                self.on_rollback(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Forget the request here and tell the replica (fire and forget)."""
+        self._sampling.pop(request_id, None)
+        self.wire.pop(request_id, None)
+        if self.mirror.pop(request_id, None) is None or self.replica is None:
+            return
+        call = LevelCall("release", [LevelItem(request_id, self.epochs.get(request_id, 0), 0)])
+        subject = f"{SUBJECT_LEVEL}.{self.model}.{self.replica}"
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish(subject, call)))
+
+    async def _publish(self, subject: str, call: LevelCall) -> None:
+        try:
+            await self.nc.request(subject, encode(call), timeout=2.0)
+        except Exception as exc:  # a release lost to a dead replica frees nothing that still exists
+            log.debug("release to %s not sent: %s", subject, exc)
+
+    def _account(self, reply: LevelReply, tokens: int) -> None:
+        self.forwards += 1
+        self.forward_s += reply.step_ms / 1e3
+        self.forward_tokens += tokens
