@@ -129,6 +129,9 @@ def test_caches_hold_exactly_the_sequence_after_every_round(pool, prompts):
                 fresh = runner.prefill("fresh", seq)
                 runner.release("fresh")
                 assert torch.allclose(got, fresh, atol=1e-5), (level.name, r.request_id)
+    for r in reqs:
+        chain.release(r.request_id)
+    assert all(lv.runner.cache.active == 0 for lv in chain.levels if lv.runner is not None)
 
 
 def chi2_critical(df: int, z: float = 4.0) -> float:
@@ -208,6 +211,8 @@ def test_chain_names_and_vocabulary_are_checked(pool, tmp_path):
     other = LeanRunner(LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
     with pytest.raises(ValueError, match="vocabulary"):
         Chain([("drafter", other), ("target", pool.get("target"))])
+    with pytest.raises(ValueError, match="max_len"):
+        pool.chain("drafter,target", k=4).add([5] * 240, 16)
 
 
 def _cli(engine_family, monkeypatch, args):

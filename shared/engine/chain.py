@@ -15,8 +15,8 @@ level is rolled back to the longest prefix still valid: O(1) length moves, no co
 
 from __future__ import annotations
 
-import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -98,7 +98,6 @@ class Chain:
         self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
         self.requests: dict[str, Request] = {}
         self.stats = ChainStats([lv.stats for lv in self.levels])
-        self._ids = itertools.count()
         self.reset_stats()
 
     @property
@@ -125,7 +124,9 @@ class Chain:
         """Prefill every level with `prompt` and emit the target's first token."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        rid = request_id or f"req-{next(self._ids)}"
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r} is already running")
         req = Request(
             rid,
             list(prompt),
@@ -135,6 +136,13 @@ class Chain:
             self.confidence_threshold if confidence_threshold is None else confidence_threshold,
             stop_at_eos,
         )
+        reach = len(req.prompt) + max_tokens + sum(req.k)  # drafts may run sum(k) past the end
+        for level in self.levels:
+            if level.runner is not None and reach > level.runner.max_len:
+                raise ValueError(
+                    f"prompt ({len(req.prompt)} tokens) + max_tokens ({max_tokens}) + drafts ({sum(req.k)}) "
+                    f"exceed max_len={level.runner.max_len} of level {level.name!r}"
+                )
         t0 = time.perf_counter()
         for level in self.levels:
             runner = level.runner

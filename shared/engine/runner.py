@@ -40,6 +40,7 @@ class Runner:
 
     vocab_size: int
     device: torch.device
+    max_len: int
     eos_token_id: int | None = None
 
     def __init__(self, seed: int | None = None) -> None:
@@ -159,6 +160,7 @@ class LeanRunner(Runner):
         self.device = torch.device(device)
         self.model = LeanLlama(hf_model, self.device, dtype, max_len)
         self.cache = self.model.new_cache(max_batch)
+        self.max_len = max_len
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos(hf_model.config)
         super().__init__(seed)
