@@ -52,5 +52,5 @@ bench: ## In-process engine benchmark (speculative vs target-only vs HF assisted
 config: ## Print every SPECMESH_ setting
 	$(SPECMESH) config
 
-clean: down ## Stop the stack and delete .run/
-	rm -rf .run
+clean: ## Stop the stack and delete its data (.run/)
+	$(SPECMESH) down --purge

@@ -72,4 +72,4 @@ def stack(tmp_path_factory):
                 else:
                     os.environ[k] = v
     finally:
-        specmesh(env, "down", check=False)
+        specmesh(env, "down", "--purge", check=False)

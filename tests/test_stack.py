@@ -80,6 +80,8 @@ def test_up_status_down_leaves_nothing(tmp_path):
     left = [port for port in ports if port_open("127.0.0.1", port)]
     assert not left, f"ports still listening after down: {left}"
     assert not (run_dir / "env").exists()
+    specmesh(env, "down", "--purge")
+    assert not run_dir.exists()
 
 
 def _safe_health(settings: Settings) -> dict | None:

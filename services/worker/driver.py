@@ -11,6 +11,7 @@ far) and it is left out for a while; the target is never left out.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -54,6 +55,7 @@ class Driver:
         self.loop = loop
         self.settings = settings
         self.intake: queue.Queue = queue.Queue()
+        self.waiting: collections.deque[GenerateJob] = collections.deque()  # beyond max_batch, in order
         self.jobs: dict[str, Job] = {}
         self.chains: dict[tuple[str, ...], Chain] = {}
         self.epochs: dict[str, int] = {}
@@ -125,7 +127,7 @@ class Driver:
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.jobs)
+            self._drain(block=not self.jobs and not self.waiting)
             for key in list(self.chains):
                 chain = self.chains[key]
                 if not any(not r.done for r in chain.requests.values()):
@@ -145,17 +147,18 @@ class Driver:
     def _drain(self, block: bool) -> None:
         try:
             kind, value = self.intake.get(timeout=0.05) if block else self.intake.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if kind == "job":
-                self._start(value)
-            elif kind == "cancel":
-                self._finish(value)
-            try:
+            while True:
+                if kind == "job":
+                    self.waiting.append(value)
+                elif kind == "cancel":
+                    self.waiting = collections.deque(j for j in self.waiting if j.request_id != value)
+                    self._finish(value)
                 kind, value = self.intake.get_nowait()
-            except queue.Empty:
-                return
+        except queue.Empty:
+            pass
+        # Admit waiting jobs while every level has KV room for them.
+        while self.waiting and len(self.jobs) < self.settings.engine.max_batch:
+            self._start(self.waiting.popleft())
 
     def _start(self, msg: GenerateJob) -> None:
         if msg.request_id in self.jobs:

@@ -27,12 +27,14 @@ def register(app: typer.Typer) -> None:
         typer.echo(get_settings().gateway.http_url)
 
     @app.command()
-    def down() -> None:
+    def down(purge: Annotated[bool, typer.Option("--purge", help="Also delete all data under the run dir.")] = False) -> None:
         """Stop exactly what `specmesh up` started (by pid file)."""
         from shared.stack.stack import Stack
 
         stack = Stack(get_settings())
         stack.down(say=lambda line: typer.echo(line, err=True))
+        if purge:
+            stack.purge()
         left = stack.listening_ports()
         if left:
             typer.secho(f"warning: ports still listening: {left}", err=True, fg="yellow")

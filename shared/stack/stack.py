@@ -157,6 +157,13 @@ class Stack:
                     next_try[name] = now + backoff[name]
             time.sleep(interval_s)
 
+    def purge(self) -> None:
+        """Delete the stack's data (PostgreSQL cluster, JetStream, logs): after `down` only."""
+        import shutil
+
+        for path in (self.postgres.home, self.postgres.socket_dir, self.run_dir):
+            shutil.rmtree(path, ignore_errors=True)
+
     def down(self, say=print) -> None:
         for name in (SUPERVISOR, *reversed(SERVICES)):
             pidfile = PidFile(self.run_dir, name)
