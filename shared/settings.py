@@ -97,7 +97,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPECMESH_", env_nested_delimiter="__", extra="ignore")
 
     run_dir: Path = Field(Path(".run"), description="Pid files, logs, server data and `.run/env`.")
-    dev_mode: bool = Field(True, description="Development mode (no API keys); `make up` uses it.")
     log_level: str = Field("INFO", description="Python logging level.")
     nats: NatsSettings = NatsSettings()
     database: DatabaseSettings = DatabaseSettings()
