@@ -31,3 +31,11 @@ def test_bad_port_is_refused(monkeypatch):
 def test_table_lists_every_setting():
     names = {row[0] for row in settings_table()}
     assert {"SPECMESH_NATS__PORT", "SPECMESH_DATABASE__URL", "SPECMESH_ENGINE__THREADS", "SPECMESH_RUN_DIR"} <= names
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [var for var, _, _ in settings_table() if f"`{var}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"

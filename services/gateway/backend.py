@@ -37,7 +37,7 @@ class NatsBackend:
     """Generation through the target workers over NATS (see docs/protocol.md)."""
 
     model_name = "specmesh"
-    stall_s = 5.0  # no committed batch for this long: resume the request on another target
+    stall_s = 15.0  # no committed batch for this long: resume the request on another target
 
     def __init__(self, settings, nc):
         from shared.models.family import resolve_family

@@ -149,7 +149,8 @@ class Driver:
             kind, value = self.intake.get(timeout=0.05) if block else self.intake.get_nowait()
             while True:
                 if kind == "job":
-                    self.waiting.append(value)
+                    if value.request_id not in self.jobs and all(j.request_id != value.request_id for j in self.waiting):
+                        self.waiting.append(value)  # a resume of a request still running here changes nothing
                 elif kind == "cancel":
                     self.waiting = collections.deque(j for j in self.waiting if j.request_id != value)
                     self._finish(value)
