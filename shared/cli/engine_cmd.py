@@ -104,12 +104,12 @@ def _prompts(tokenizer, n: int, prompt_chars: int) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-def _run(chain, prompts, max_tokens) -> tuple[list[list[int]], float]:
+def _run(chain, prompts, max_tokens, batch: int = 1) -> tuple[list[list[int]], float]:
     chain.reset_stats()
     outs = []
     t0 = time.perf_counter()
-    for p in prompts:
-        outs.extend(chain.generate([p], max_tokens))
+    for i in range(0, len(prompts), batch):
+        outs.extend(chain.generate(prompts[i : i + batch], max_tokens))
     return outs, time.perf_counter() - t0
 
 
@@ -120,6 +120,7 @@ def bench_engine(
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
     prompt_chars: int = typer.Option(200, "--prompt-chars", min=10),
     k: int = typer.Option(4, help="Tokens proposed per verification at every level."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Requests per lockstep batch (transformers stays at 1)."),
     chains: str = typer.Option(";".join(BENCH_CHAINS), help="Chains to measure, separated by ';'."),
     family: Optional[str] = typer.Option(None, help="Model family profile (tiny, small, bench); default: settings."),
     runner: Optional[str] = typer.Option(None, help="lean | hf (default: settings)."),
@@ -127,7 +128,7 @@ def bench_engine(
     profile: bool = typer.Option(False, "--profile", help="Also print where the time of each chain goes (cProfile, top functions)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Measure transformers assisted generation on the drafter/target pair."),
 ) -> None:
-    """Greedy, batch 1: target alone, each chain, and transformers assisted generation."""
+    """Greedy: target alone, each chain, and transformers assisted generation (batch 1)."""
     import torch
 
     from shared.engine.stats import theoretical_speedup
@@ -142,7 +143,7 @@ def bench_engine(
     for c in built.values():  # warm up every runner and code path
         c.generate([ps[0][:16]], 4)
 
-    ref, secs = _run(built["target"], ps, max_tokens)
+    ref, secs = _run(built["target"], ps, max_tokens, batch)
     base = built["target"].collect_stats()
     n_tokens = sum(len(o) for o in ref)
     target_tps = n_tokens / secs
@@ -156,6 +157,7 @@ def bench_engine(
         "prompts": len(ps),
         "max_tokens": max_tokens,
         "k": k,
+        "batch": batch,
         "target_only": {"tokens": n_tokens, "seconds": round(secs, 4), "tokens_per_s": round(target_tps, 2), "step_ms": round(target_step * 1e3, 4)},
         "chains": {},
     }
@@ -167,7 +169,7 @@ def bench_engine(
 
             prof = cProfile.Profile()
             prof.enable()
-        outs, secs = _run(c, ps, max_tokens)
+        outs, secs = _run(c, ps, max_tokens, batch)
         if profile:
             prof.disable()
             typer.echo(f"--- profile of {spec}", err=True)
@@ -196,7 +198,8 @@ def bench_engine(
         return
     t = result["target_only"]
     typer.echo(
-        f"family={result['family']} threads={n_threads} runner={pool.kind} prompts={len(ps)} max_tokens={max_tokens} k={k}\n"
+        f"family={result['family']} threads={n_threads} runner={pool.kind} {pool.dtype} prompts={len(ps)} "
+        f"max_tokens={max_tokens} k={k} batch={batch}\n"
         f"target alone: {t['tokens_per_s']:.1f} tokens/s (step {t['step_ms']:.2f} ms)"
     )
     typer.echo(f"{'chain':<32}{'tok/s':>8}{'speedup':>9}{'theory':>8}{'effic.':>8}  identical  acceptance")

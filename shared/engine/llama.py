@@ -197,6 +197,8 @@ class LeanLlama:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, T, D]
             mask = (self.arange[:kv_len][None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
             slot_t = torch.tensor(slots, device=self.device)
+            first = slots[0]
+            run = slots == list(range(first, first + B))  # consecutive slots: read a view, copy nothing
             w_slot = torch.where(valid, slot_t[:, None], cache.scratch)
             w_pos = torch.where(valid, pos, offs[None, :])
         x = F.embedding(tokens, self.embed)
@@ -214,7 +216,10 @@ class LeanLlama:
             else:
                 ck[w_slot, :, w_pos] = k.transpose(1, 2)
                 cv[w_slot, :, w_pos] = v.transpose(1, 2)
-                keys, values = ck[slot_t, :, :kv_len], cv[slot_t, :, :kv_len]
+                if run:
+                    keys, values = ck[first : first + B, :, :kv_len], cv[first : first + B, :, :kv_len]
+                else:
+                    keys, values = ck[slot_t, :, :kv_len], cv[slot_t, :, :kv_len]
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hk != H)
             x = x + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
