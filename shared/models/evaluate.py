@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 PAIRS = (
     ("drafter-code", "target"),
@@ -191,9 +190,3 @@ def format_report(report: dict) -> str:
             lines.append(f"{' -> '.join(c['chain']):<40} {c['domain']:<6} {ks:<8} {c['sampling']['speedup']:>10.2f} {c['greedy']['speedup']:>9.2f}")
     return "\n".join(lines)
 
-
-def load_report_family(profile: str, cache_dir: Path | None = None):
-    """The family `specmesh models eval --profile` measures (trained if missing)."""
-    from shared.models.family import ensure_family
-
-    return ensure_family(profile, cache_dir)
