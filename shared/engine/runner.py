@@ -98,6 +98,10 @@ class Runner:
         (it is fed by the next call, as every other emitted token). A request stops early
         when a token's confidence (its own probability) is below the threshold; that token
         is dropped. k = 0 drafts nothing and writes nothing.
+
+        Unseeded sampling stops on the top probability instead (known before the draw):
+        stopping on the drawn token's own probability would skew the proposed tokens away
+        from q, and rejection sampling against q would no longer be exact.
         """
         n = len(request_ids)
         ks = [k] * n if isinstance(k, int) else list(k)
@@ -114,9 +118,11 @@ class Runner:
             probs = process_rows(logits, params)
             picked = self._choose(ids, probs, params)
             conf = probs.gather(-1, picked[:, None]).squeeze(-1).tolist()
+            sampled = [not (p.greedy or p.seeded) for p in params]
+            top = probs.max(-1).values.tolist() if any(sampled) else conf
             still = []
             for row, (i, tok) in enumerate(zip(active, picked.tolist())):
-                if conf[row] < thresholds[i]:
+                if (top[row] if sampled[row] else conf[row]) < thresholds[i]:
                     continue
                 tokens[i].append(tok)
                 rows[i].append(probs[row])
