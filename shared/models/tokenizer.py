@@ -20,7 +20,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, threads: int = 2):
     """Train a byte-level BPE of `vocab_size` tokens; returns a `PreTrainedTokenizerFast`."""
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
