@@ -258,3 +258,11 @@ def test_cli_bench_engine_with_transformers_assisted(engine_family, monkeypatch)
     data = json.loads(result.output[result.output.index("{") :])
     assert data["hf_assisted_tokens_per_s"] > 0
     assert all(r["identical_to_target"] for r in data["chains"].values())
+
+
+def test_transformers_runner_chain_is_token_exact(engine_family, prompts):
+    """The fallback runner drives the same chain code: exact against its own target alone."""
+    hf = RunnerPool(engine_family, runner="hf", max_batch=8, max_len=256)
+    ref = [target_alone(hf.get("target"), p, 12) for p in prompts[:4]]
+    chain = hf.chain("ngram,drafter,verifier,target", k=3)
+    assert run_batches(chain, prompts[:4], 2, 12) == ref

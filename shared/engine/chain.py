@@ -151,7 +151,7 @@ class Chain:
             s = time.perf_counter()
             p0 = runner.prefill(rid, req.prompt, sampling)
             level.stats.seconds += time.perf_counter() - s
-        first = int(choose(p0[None], sampling, [len(req.prompt)], self.generator)[0])
+        first = int(choose(p0[None], sampling, [len(req.prompt)], self.levels[-1].runner.generator)[0])
         self.requests[rid] = req
         self._emit(req, [first])
         self.stats.seconds += time.perf_counter() - t0
