@@ -75,6 +75,11 @@ def test_every_chain_reproduces_target_only(stack, prompts, reference, chain):
     assert not mismatched, f"chain {chain}: prompts {mismatched} differ from target-only"
     report = results[0]["speculation"]
     assert report["chain"] == chain.split(",")
+    levels = {lv["name"]: lv for r in results for lv in r["speculation"]["levels"]}
+    assert set(levels) == set(chain.split(",")[:-1])  # every proposing level reports, the target does not
+    for r in results:
+        for lv in r["speculation"]["levels"]:
+            assert 0 <= lv["accepted"] <= lv["drafted"]
 
 
 def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):

@@ -23,6 +23,7 @@ from shared.engine.chain import Chain
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
+from shared.engine.stats import LevelStats
 from shared.messages import SUBJECT_COMMIT, SUBJECT_TOKENS, Commit, GenerateJob, RequestState, TokenBatch, decode, encode
 from services.worker.remote import LevelUnavailable, RemoteRunner
 
@@ -42,6 +43,7 @@ class Job:
     chain_key: tuple[str, ...]
     done: list[int] = field(default_factory=list)  # output committed before the current chain request
     sent: int = 0  # output tokens of the current chain request handed to the committer
+    levels: dict = field(default_factory=dict)  # LevelStats of chain requests before the current one
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -215,6 +217,7 @@ class Driver:
             # The failed step emitted nothing: the request's output so far is all committed.
             job.done += req.output[: job.sent]
             job.sent = 0
+            job.levels = self._merged(job, req)
             chain.release(rid)
             self._add(job)
 
@@ -237,11 +240,31 @@ class Driver:
         reason = None
         if req.done:
             reason = "length" if position + len(new) >= job.msg.max_tokens else "stop"
+        stats = {"chain": list(job.chain_key), "k": list(req.k),
+                 "levels": [{"name": st.name, "drafted": st.drafted, "accepted": st.accepted,
+                             "accepted_per_pos": list(st.accepted_per_pos)}
+                            for st in self._merged(job, req).values()]}
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),
                                      prompt=job.msg.prompt if position == 0 else [],
-                                     finished=req.done, worker=self.worker, finish_reason=reason))
+                                     finished=req.done, worker=self.worker, finish_reason=reason, stats=stats))
         if req.done:
             self._finish(rid)
+
+    @staticmethod
+    def _merged(job: Job, req) -> dict:
+        """The request's per-level stats so far, across every chain it ran on."""
+        out = {name: LevelStats(name) for name in job.levels}
+        for part in (job.levels, req.stats):
+            for name, st in part.items():
+                acc = out.setdefault(name, LevelStats(name))
+                acc.drafted += st.drafted
+                acc.accepted += st.accepted
+                for attr in ("accepted_per_pos", "drafted_per_pos"):
+                    mine, theirs = getattr(acc, attr), getattr(st, attr)
+                    mine.extend([0] * (len(theirs) - len(mine)))
+                    for j, x in enumerate(theirs):
+                        mine[j] += x
+        return out
 
     def _finish(self, rid: str) -> None:
         job = self.jobs.pop(rid, None)

@@ -44,6 +44,7 @@ class Request:
     stop_at_eos: bool = True
     output: list[int] = field(default_factory=list)
     done: bool = False
+    stats: dict[str, LevelStats] = field(default_factory=dict)  # this request's share, per proposing level
 
     @property
     def tokens(self) -> list[int]:
@@ -245,6 +246,8 @@ class Chain:
             verdicts[rid] = v
             if i > 0 and k:
                 self.levels[i - 1].stats.record(k, v.accepted)
+                below = self.levels[i - 1].name
+                r.stats.setdefault(below, LevelStats(below)).record(k, v.accepted)
         level.stats.rounds += len(reqs)
         level.stats.seconds += time.perf_counter() - s
         for rid in ids:
