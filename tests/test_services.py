@@ -189,3 +189,17 @@ def _health(settings) -> str | None:
         return httpx.get(f"{settings.gateway.http_url}/health", timeout=5).json()["status"]
     except (httpx.HTTPError, json.JSONDecodeError, KeyError):
         return None
+
+
+def test_bench_serve_reports_identical_outputs_and_overhead(stack):
+    from tests.stack_fixtures import specmesh
+
+    env, _ = stack
+    out = specmesh(env, "bench", "serve", "--prompts", "2", "--max-tokens", "8", "--chains", "target;drafter,target",
+                   "--json", timeout=300)
+    report = json.loads(out.stdout)
+    assert set(report["chains"]) == {"target", "drafter,target"}
+    for row in report["chains"].values():
+        assert row["identical"] is True
+        assert row["services"]["tokens_per_s"] > 0 and row["engine"]["tokens_per_s"] > 0
+        assert row["distribution_overhead"] == round(1 - row["services"]["tokens_per_s"] / row["engine"]["tokens_per_s"], 3)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from shared.cli import config_cmd, models_cmd, engine_cmd, stack_cmd
+from shared.cli import config_cmd, engine_cmd, models_cmd, serve_bench, stack_cmd
 
 app = typer.Typer(
     name="specmesh",
@@ -19,6 +19,7 @@ app = typer.Typer(
 
 stack_cmd.register(app)
 config_cmd.register(app)
+serve_bench.register(engine_cmd.bench_app)
 engine_cmd.register(app)
 app.add_typer(models_cmd.app, name="models", help="Train, list and evaluate the model family.")
 

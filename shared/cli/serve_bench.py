@@ -1,0 +1,113 @@
+"""`specmesh bench serve`: the running stack against the in-process engine, same prompts.
+
+    make up && specmesh bench serve --prompts 6 --max-tokens 32 --json
+
+For each chain, requests go one at a time (batch 1, greedy) through the gateway's
+streaming API; tokens/s and mean inter-token latency are measured at the client. The same
+chains then run in this process on the same models, so the cost of distribution is
+visible: `distribution_overhead = 1 - services tokens/s / engine tokens/s`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+
+DEFAULT_CHAINS = "target;drafter,target;drafter,verifier,target"
+
+
+def _stream_one(client, prompt: list[int], chain: str, k: int, max_tokens: int) -> tuple[list[int], list[float]]:
+    """Token ids and the arrival time of each streamed chunk (seconds since the request)."""
+    body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "return_token_ids": True, "speculation": {"chain": chain, "k": k}}
+    tokens: list[int] = []
+    arrivals: list[float] = []
+    t0 = time.perf_counter()
+    with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"gateway answered {resp.status_code}: {resp.read().decode()}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                ids = choice.get("token_ids") or []
+                if ids:
+                    tokens.extend(ids)
+                    arrivals.extend([time.perf_counter() - t0] * len(ids))
+    return tokens, arrivals
+
+
+def register(bench_app: typer.Typer) -> None:
+    @bench_app.command("serve")
+    def bench_serve(
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        prompts: int = typer.Option(4, "--prompts", min=1, help="Prompts (half code, half prose)."),
+        max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+        k: int = typer.Option(4, help="Tokens proposed per verification at every level."),
+        chains: str = typer.Option(DEFAULT_CHAINS, help="Chains to measure, separated by ';'."),
+    ) -> None:
+        """Services vs in-process engine, batch 1, greedy: tokens/s, inter-token latency, overhead."""
+        import httpx
+        import torch
+
+        from shared.engine.build import RunnerPool
+        from shared.models.corpus import heldout_prompts
+        from shared.models.family import resolve_family
+        from shared.settings import get_settings
+
+        settings = get_settings()
+        family = resolve_family(settings)
+        pool = RunnerPool(family, settings.engine.runner, settings.engine.device, settings.engine.dtype,
+                          max_len=settings.engine.max_len)
+        tok = pool.tokenizer()
+        half = max(1, prompts // 2)
+        texts = heldout_prompts("code", half, 200) + heldout_prompts("prose", max(1, prompts - half), 200)
+        ps = [tok.encode(t)[-128:] for t in texts]
+        specs = [c.strip() for c in chains.split(";") if c.strip()]
+        torch.set_num_threads(settings.engine.threads)
+
+        result = {"family": family.profile, "threads_per_process": settings.engine.threads, "prompts": len(ps),
+                  "max_tokens": max_tokens, "k": k, "gateway": settings.gateway.http_url, "chains": {}}
+        with httpx.Client(base_url=settings.gateway.http_url, timeout=settings.gateway.request_timeout_s) as client:
+            try:
+                client.get("/health").raise_for_status()
+            except httpx.HTTPError as exc:
+                typer.secho(f"error: no healthy gateway at {settings.gateway.http_url} ({exc}); run `make up`",
+                            err=True, fg="red")
+                raise typer.Exit(1) from exc
+            for spec in specs:
+                _stream_one(client, ps[0][:16], spec, k, 4)  # warm up every level of the chain
+                outs, gaps, t0 = [], [], time.perf_counter()
+                for p in ps:
+                    toks, arrivals = _stream_one(client, p, spec, k, max_tokens)
+                    outs.append(toks)
+                    gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
+                secs = time.perf_counter() - t0
+                n = sum(len(o) for o in outs)
+                result["chains"][spec] = {"services": {"tokens_per_s": round(n / secs, 2),
+                                                       "ms_per_token": round(1e3 * secs / max(n, 1), 3),
+                                                       "mean_itl_ms": round(1e3 * sum(gaps) / max(len(gaps), 1), 3)},
+                                          "_outs": outs}
+        for spec in specs:
+            chain = pool.chain(spec, k=k)
+            chain.generate([ps[0][:16]], 4)
+            t0 = time.perf_counter()
+            outs = [chain.generate([p], max_tokens)[0] for p in ps]
+            secs = time.perf_counter() - t0
+            n = sum(len(o) for o in outs)
+            row = result["chains"][spec]
+            row["engine"] = {"tokens_per_s": round(n / secs, 2), "ms_per_token": round(1e3 * secs / max(n, 1), 3)}
+            row["distribution_overhead"] = round(1 - row["services"]["tokens_per_s"] / row["engine"]["tokens_per_s"], 3)
+            row["identical"] = row.pop("_outs") == outs
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        typer.echo(f"family={result['family']} threads/process={settings.engine.threads} prompts={len(ps)} "
+                   f"max_tokens={max_tokens} k={k} (batch 1, greedy)")
+        typer.echo(f"{'chain':<28}{'services tok/s':>15}{'ITL ms':>8}{'engine tok/s':>14}{'overhead':>10}  identical")
+        for spec, r in result["chains"].items():
+            typer.echo(f"{spec:<28}{r['services']['tokens_per_s']:>15.1f}{r['services']['mean_itl_ms']:>8.2f}"
+                       f"{r['engine']['tokens_per_s']:>14.1f}{r['distribution_overhead']:>10.3f}  {r['identical']}")
