@@ -101,7 +101,7 @@ def train_target(model, streams: dict[str, TokenStream], profile: Profile, seed:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{smoothed:.3f}")
+        bar.set_postfix(loss=f"{smoothed:.3f}", refresh=False)
     model.eval()
     return {"steps": profile.target_steps, "final_loss": round(smoothed, 4), "seconds": round(time.perf_counter() - started, 1)}
 
@@ -150,7 +150,7 @@ def distil(
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
             smoothed[name] = loss.item() if name not in smoothed else 0.95 * smoothed[name] + 0.05 * loss.item()
-        bar.set_postfix({f"kl[{name}]": f"{value:.3f}" for name, value in smoothed.items()})
+        bar.set_postfix({f"kl[{name}]": f"{value:.3f}" for name, value in smoothed.items()}, refresh=False)
     seconds = round(time.perf_counter() - started, 1)
     for model, _ in students.values():
         model.eval()
