@@ -15,6 +15,9 @@ Subjects (see docs/protocol.md):
     specmesh.level.<role>.<worker>  LevelCall       target  -> one replica (sticky)
     specmesh.state.commit           Commit          target  -> state
     specmesh.state.get              StateQuery      anyone  -> state
+    specmesh.feedback.outcome       Outcome         target  -> router
+    specmesh.feedback.profile       StepProfile     target  -> router
+    specmesh.router.assignments     Assignments     router  -> gateway (cached there)
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ SUBJECT_LEVEL = "specmesh.level"
 SUBJECT_COMMIT = "specmesh.state.commit"
 SUBJECT_STATE_GET = "specmesh.state.get"
 SUBJECT_ASSIGNMENTS = "specmesh.router.assignments"
+SUBJECT_OUTCOME = "specmesh.feedback.outcome"
+SUBJECT_PROFILE = "specmesh.feedback.profile"
 
 
 class BadMessage(ValueError):
@@ -178,8 +183,84 @@ class RequestState:
     error: str | None = None
 
 
+@dataclass
+class LevelOutcome:
+    """What one proposing level of a finished request drafted and got accepted."""
+
+    name: str  # the proposer, e.g. "drafter-code"
+    verifier: str  # the level above it
+    drafted: int = 0
+    accepted: int = 0
+    drafted_per_pos: list[int] = field(default_factory=list)
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """A finished request, as the target's driver saw it: feedback for the router."""
+
+    TYPE: ClassVar[str] = "outcome"
+    request_id: str
+    request_class: str
+    chain: list[str]
+    k: list[int]
+    tokens: int
+    prompt_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    duration_ms: float
+    levels: list[LevelOutcome] = field(default_factory=list)
+    finish_reason: str = ""
+    worker: str = ""
+
+
+@dataclass
+class ModelStep:
+    """Forward passes of one model over a reporting interval."""
+
+    model: str
+    device: str
+    forwards: int
+    seconds: float
+    tokens: int  # tokens written (a verify chunk counts all its tokens)
+    batch_size: float  # mean requests per forward over the interval
+
+
+@dataclass
+class StepProfile:
+    """Step timings a target's driver measured for every model of its chains."""
+
+    TYPE: ClassVar[str] = "profile"
+    worker: str
+    interval_s: float
+    live_requests: int
+    waiting_requests: int
+    steps: list[ModelStep] = field(default_factory=list)
+
+
+@dataclass
+class Assignment:
+    """The chain and k the router assigns to one request class."""
+
+    request_class: str
+    chain: list[str]
+    k: list[int]
+    predicted_ms_per_token: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class Assignments:
+    """The router's current table; the gateway caches the newest version."""
+
+    TYPE: ClassVar[str] = "assignments"
+    version: int
+    assignments: list[Assignment] = field(default_factory=list)
+    default: Assignment | None = None  # for classes without an entry
+
+
 MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateJob, TokenBatch, Cancel, LevelCall, LevelReply, Commit,
-                                           StateQuery, RequestState)}
+                                           StateQuery, RequestState, Outcome, StepProfile, Assignments)}
 
 
 # -- codec ------------------------------------------------------------------------------

@@ -47,6 +47,30 @@ class NatsBackend:
         self.family = resolve_family(settings)
         self.max_context = settings.engine.max_len
         self._tokenizer = None
+        self.table = None  # the router's newest Assignments
+
+    async def follow_router(self) -> None:
+        """Cache the router's assignment table: no router round trip on the request path."""
+        from shared.messages import SUBJECT_ASSIGNMENTS, Assignments, BadMessage, decode
+
+        async def on_table(msg) -> None:
+            try:
+                table = decode(msg.data, Assignments)
+            except BadMessage:
+                return
+            if self.table is None or table.version >= self.table.version:
+                self.table = table
+
+        self._router_sub = await self.nc.subscribe(SUBJECT_ASSIGNMENTS, cb=on_table)
+
+    def assignment(self, request_class: str):
+        """The router's chain and k for `request_class`, or None before the router has spoken."""
+        if self.table is None:
+            return None
+        for entry in self.table.assignments:
+            if entry.request_class == request_class:
+                return entry
+        return self.table.default
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from services.gateway.backend import GenerationError
 from shared.messages import GenerateJob, Sampling
+from shared.request_class import classify
 from shared.settings import Settings
 
 log = logging.getLogger("specmesh.gateway")
@@ -119,9 +120,13 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         top_k=_top_k(req.top_k, len(tok)),
         seed=_seed(req.seed),
     )
-    chain, k, threshold = resolve_speculation(req.speculation, backend.chains(), settings)
+    text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
+    request_class = classify(text, len(prompt))
+    lookup = getattr(backend, "assignment", None)
+    assigned = lookup(request_class) if lookup else None
+    chain, k, threshold = resolve_speculation(req.speculation, backend.chains(), settings, assigned)
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-                      chain=chain, k=k, confidence_threshold=threshold)
+                      chain=chain, k=k, confidence_threshold=threshold, request_class=request_class)
     return job, _stops(req.stop)
 
 
@@ -192,11 +197,12 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def resolve_speculation(spec: SpeculationRequest | None, chains: list[list[str]],
-                        settings: Settings) -> tuple[list[str], list[int], float]:
+                        settings: Settings, assigned=None) -> tuple[list[str], list[int], float]:
     """Chain (bottom first), k per proposing level and confidence threshold for one request.
 
-    No `speculation` means the settings' default chain when the backend serves it, else
-    target only; `enabled: false` means target only, whatever else is given.
+    No chain in `speculation` means the router's assignment for the request's class
+    (`assigned`, when the backend serves its chain), else the settings' default chain when
+    served, else target only; `enabled: false` means target only, whatever else is given.
     """
     spec = spec or SpeculationRequest()
     served = [list(c) for c in chains]
@@ -209,11 +215,16 @@ def resolve_speculation(spec: SpeculationRequest | None, chains: list[list[str]]
             names = ", ".join(repr(",".join(c)) for c in served) or "none"
             raise invalid(f"speculation.chain {','.join(chain)!r} is not served; choose one of: {names}.",
                           "speculation.chain", "unknown_chain")
+    elif assigned is not None and list(assigned.chain) in served:
+        chain = list(assigned.chain)
     else:
         default = _chain(defaults.chain)
         chain = default if default in served else list(TARGET_ONLY)
     levels = len(chain) - 1
-    if spec.enabled is False or spec.k is None:
+    if spec.k is None and spec.chain is None and assigned is not None and chain == list(assigned.chain) \
+            and len(assigned.k) == levels:
+        k = list(assigned.k)
+    elif spec.enabled is False or spec.k is None:
         k = [defaults.k] * levels
     else:
         given = [spec.k] if isinstance(spec.k, int) else list(spec.k)

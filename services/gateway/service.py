@@ -24,6 +24,7 @@ class GatewayService(ServiceProcess):
         cfg = self.settings.gateway
         self.backend = NatsBackend(self.settings, self.nc)
         self.backend.tokenizer()  # load once, before the first request
+        await self.backend.follow_router()
         self.grpc = await start_grpc(self.settings, self.backend)
         app = create_app(self.settings, self)
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")

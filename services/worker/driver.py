@@ -24,7 +24,10 @@ from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
 from shared.engine.stats import LevelStats
-from shared.messages import SUBJECT_COMMIT, SUBJECT_TOKENS, Commit, GenerateJob, RequestState, TokenBatch, decode, encode
+from shared.messages import (
+    SUBJECT_COMMIT, SUBJECT_OUTCOME, SUBJECT_PROFILE, SUBJECT_TOKENS, Commit, GenerateJob, LevelOutcome, ModelStep,
+    Outcome, RequestState, StepProfile, TokenBatch, decode, encode,
+)
 from services.worker.remote import LevelUnavailable, RemoteRunner
 
 log = logging.getLogger("specmesh.driver")
@@ -45,6 +48,7 @@ class Job:
     sent: int = 0  # output tokens of the current chain request handed to the committer
     levels: dict = field(default_factory=dict)  # LevelStats of chain requests before the current one
     started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
 
 
 class Driver:
@@ -64,6 +68,9 @@ class Driver:
         self.remotes: dict[str, RemoteRunner] = {}
         self.down_until: dict[str, float] = {}
         self.committer = Committer(nc, worker, loop)
+        self._last_profile = time.perf_counter()
+        self._profiled: dict[str, tuple[int, float, int]] = {}
+        self._batch_sum = self._batch_steps = 0  # requests per chain step, over the profile interval
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="driver", daemon=True)
 
@@ -134,6 +141,8 @@ class Driver:
                 chain = self.chains[key]
                 if not any(not r.done for r in chain.requests.values()):
                     continue
+                self._batch_sum += len(chain.requests)
+                self._batch_steps += 1
                 try:
                     finished = chain.step()
                 except LevelUnavailable as exc:
@@ -145,6 +154,7 @@ class Driver:
                         self._fail(rid, f"internal error: {exc}")
                     continue
                 self._publish(key, finished)
+            self._profile()
 
     def _drain(self, block: bool) -> None:
         try:
@@ -247,8 +257,60 @@ class Driver:
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),
                                      prompt=job.msg.prompt if position == 0 else [],
                                      finished=req.done, worker=self.worker, finish_reason=reason, stats=stats))
+        if job.first_token is None and new:
+            job.first_token = time.perf_counter()
         if req.done:
+            self._outcome(job, req, stats, reason)
             self._finish(rid)
+
+    def _outcome(self, job: Job, req, stats: dict, reason: str | None) -> None:
+        """Tell the router how the finished request went."""
+        now = time.perf_counter()
+        tokens = len(job.done) + job.sent
+        ttft = ((job.first_token or now) - job.started) * 1e3
+        duration = (now - job.started) * 1e3
+        key = job.chain_key
+        above = {name: key[i + 1] for i, name in enumerate(key[:-1])}
+        levels = [LevelOutcome(canonical(lv["name"]), canonical(above.get(lv["name"], "target")), lv["drafted"], lv["accepted"],
+                               list(st.drafted_per_pos), lv["accepted_per_pos"])
+                  for lv, st in zip(stats["levels"], self._merged(job, req).values())]
+        outcome = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
+                          len(job.msg.prompt), round(ttft, 3), round((duration - ttft) / max(tokens - 1, 1), 3),
+                          round(duration, 3), levels, reason or "", self.worker)
+        self._send(SUBJECT_OUTCOME, outcome)
+
+    def _send(self, subject: str, message) -> None:
+        data = encode(message)
+
+        async def publish() -> None:
+            try:
+                await self.nc.publish(subject, data)
+            except Exception as exc:  # feedback is best effort: the router also learns from the next one
+                log.debug("feedback to %s not sent: %s", subject, exc)
+
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(publish()))
+
+    def _profile(self) -> None:
+        """Every second: each model's forwards, seconds and tokens since the last report."""
+        now = time.perf_counter()
+        interval = now - self._last_profile
+        if interval < 1.0:
+            return
+        self._last_profile = now
+        runners = {"target": self.target} | {name: r for name, r in self.remotes.items()}
+        batch = self._batch_sum / self._batch_steps if self._batch_steps else 0.0
+        self._batch_sum = self._batch_steps = 0
+        steps = []
+        for name, runner in runners.items():
+            totals = (runner.forwards, runner.forward_s, runner.forward_tokens)
+            before = self._profiled.get(name, (0, 0.0, 0))
+            self._profiled[name] = totals
+            forwards = totals[0] - before[0]
+            if forwards > 0:
+                steps.append(ModelStep(name, str(getattr(runner, "device", "cpu")), forwards,
+                                       round(totals[1] - before[1], 6), totals[2] - before[2], round(batch, 3)))
+        if steps:
+            self._send(SUBJECT_PROFILE, StepProfile(self.worker, round(interval, 3), len(self.jobs), len(self.waiting), steps))
 
     @staticmethod
     def _merged(job: Job, req) -> dict:
