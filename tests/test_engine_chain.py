@@ -266,3 +266,11 @@ def test_transformers_runner_chain_is_token_exact(engine_family, prompts):
     ref = [target_alone(hf.get("target"), p, 12) for p in prompts[:4]]
     chain = hf.chain("ngram,drafter,verifier,target", k=3)
     assert run_batches(chain, prompts[:4], 2, 12) == ref
+
+
+def test_bfloat16_chains_are_token_exact_at_batch_1(engine_family, prompts):
+    """Reduced precision: verify chunks reproduce the decode steps bit for bit at batch 1."""
+    bf16 = RunnerPool(engine_family, dtype="bfloat16", max_batch=4, max_len=256)
+    ref = [target_alone(bf16.get("target"), p, MAX_TOKENS) for p in prompts[::5]]
+    for spec in ("drafter,target", "ngram,drafter,verifier,target"):
+        assert run_batches(bf16.chain(spec, k=4), prompts[::5], 1, MAX_TOKENS) == ref, spec

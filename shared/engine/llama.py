@@ -201,6 +201,9 @@ class LeanLlama:
             run = slots == list(range(first, first + B))  # consecutive slots: read a view, copy nothing
             w_slot = torch.where(valid, slot_t[:, None], cache.scratch)
             w_pos = torch.where(valid, pos, offs[None, :])
+        # bf16/fp16 attention rounds differently for 5 queries than for 1; a chunk then
+        # computes its queries one by one so that it reproduces the decode steps bit for bit
+        per_query = B == 1 and 1 < T <= 32 and self.dtype != torch.float32
         x = F.embedding(tokens, self.embed)
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
@@ -220,7 +223,16 @@ class LeanLlama:
                     keys, values = ck[first : first + B, :, :kv_len], cv[first : first + B, :, :kv_len]
                 else:
                     keys, values = ck[slot_t, :, :kv_len], cv[slot_t, :, :kv_len]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hk != H)
+            if per_query:  # reduced precision: one query at a time, exactly as a decode step computes it
+                o = torch.cat(
+                    [
+                        F.scaled_dot_product_attention(q[:, :, t : t + 1], keys[:, :, : s0 + t + 1], values[:, :, : s0 + t + 1], enable_gqa=Hk != H)
+                        for t in range(T)
+                    ],
+                    dim=2,
+                )
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hk != H)
             x = x + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
