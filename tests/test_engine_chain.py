@@ -244,7 +244,7 @@ def test_cli_bench_engine_json(engine_family, monkeypatch):
         ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "8", "--chains", "drafter,target;ngram,drafter,verifier,target", "--no-hf"],
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output[result.output.index("{") :])
+    data = json.loads(result.output[result.output.index("{\n") :])
     assert data["threads"] >= 1
     for r in data["chains"].values():
         assert r["identical_to_target"] is True
@@ -255,7 +255,7 @@ def test_cli_bench_engine_json(engine_family, monkeypatch):
 def test_cli_bench_engine_with_transformers_assisted(engine_family, monkeypatch):
     result = _cli(engine_family, monkeypatch, ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "16"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output[result.output.index("{") :])
+    data = json.loads(result.output[result.output.index("{\n") :])
     assert data["hf_assisted_tokens_per_s"] > 0
     assert all(r["identical_to_target"] for r in data["chains"].values())
 
