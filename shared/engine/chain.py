@@ -95,8 +95,11 @@ class Chain:
         self.leniency = leniency
         target = self.levels[-1].runner
         self.eos_token_id = eos_token_id if eos_token_id is not None else target.eos_token_id
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+        self.generator = torch.Generator()  # uniforms of unseeded rejection sampling
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
         self.requests: dict[str, Request] = {}
         self.stats = ChainStats([lv.stats for lv in self.levels])
         self.reset_stats()
@@ -145,13 +148,17 @@ class Chain:
                     f"exceed max_len={level.runner.max_len} of level {level.name!r}"
                 )
         t0 = time.perf_counter()
-        for level in self.levels:
-            runner = level.runner
-            if runner is None:
-                continue
-            s = time.perf_counter()
-            p0 = runner.prefill(rid, req.prompt, sampling)
-            level.stats.seconds += time.perf_counter() - s
+        try:
+            for level in self.levels:
+                runner = level.runner
+                if runner is None:
+                    continue
+                s = time.perf_counter()
+                p0 = runner.prefill(rid, req.prompt, sampling)
+                level.stats.seconds += time.perf_counter() - s
+        except Exception:
+            self.release(rid)  # no level keeps a slot for a request that never started
+            raise
         first = int(choose(p0[None], sampling, [len(req.prompt)], self.levels[-1].runner.generator)[0])
         self.requests[rid] = req
         self._emit(req, [first])
