@@ -80,7 +80,7 @@ def test_explicit_folders_override_the_profile(tiny_family, tmp_path):
 
     copy = tmp_path / "my-drafter"
     shutil.copytree(tiny_family.path("drafter-prose"), copy)
-    settings = Settings(models=ModelSettings(profile="tiny", drafter_prose=copy))
+    settings = Settings(models=ModelSettings(profile="tiny", cache_dir=tiny_family.root.parent, drafter_prose=copy))
     family = fam.resolve_family(settings)
     assert family.path("drafter-prose") == copy.resolve()
     assert family.path("target") == tiny_family.path("target")
