@@ -18,11 +18,13 @@ Subjects (see docs/protocol.md):
     specmesh.feedback.outcome       Outcome         target  -> router
     specmesh.feedback.profile       StepProfile     target  -> router
     specmesh.router.assignments     Assignments     router  -> gateway (cached there)
+    specmesh.router.explain         ExplainQuery    anyone  -> router (reply: Explanation)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +44,14 @@ SUBJECT_STATE_GET = "specmesh.state.get"
 SUBJECT_ASSIGNMENTS = "specmesh.router.assignments"
 SUBJECT_OUTCOME = "specmesh.feedback.outcome"
 SUBJECT_PROFILE = "specmesh.feedback.profile"
+SUBJECT_EXPLAIN = "specmesh.router.explain"
+
+
+REQUEST_ID = re.compile(r"^[-_=.a-zA-Z0-9]{1,200}$")  # usable in a NATS subject and as a JetStream key
+
+
+def valid_request_id(request_id: str) -> bool:
+    return bool(REQUEST_ID.match(request_id))
 
 
 class BadMessage(ValueError):
@@ -112,6 +122,7 @@ class LevelItem:
     confidence_threshold: float = 0.0
     sampling: Sampling | None = None  # with prefill
     context: list[int] = field(default_factory=list)  # the whole sequence, when the replica must rebuild
+    trace: str = ""  # W3C traceparent of this request's span (a batch carries several traces; shared.tracing)
 
 
 @dataclass
@@ -259,8 +270,29 @@ class Assignments:
     default: Assignment | None = None  # for classes without an entry
 
 
+@dataclass
+class ExplainQuery:
+    """Ask the router why it assigns what it does (`specmesh router explain`)."""
+
+    TYPE: ClassVar[str] = "explain"
+    request_class: str = ""  # empty: every class
+
+
+@dataclass
+class Explanation:
+    """The router's reasoning: per class, every candidate's predicted ms/token and its inputs."""
+
+    TYPE: ClassVar[str] = "explanation"
+    version: int
+    classes: dict[str, Any] = field(default_factory=dict)  # class -> {"winner", "reason", "candidates": [...]}
+    load: dict[str, Any] = field(default_factory=dict)  # batch size, step-time fits, served models
+    store: dict[str, Any] = field(default_factory=dict)  # buffered, written, dropped rows, database up
+    error: str | None = None
+
+
 MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateJob, TokenBatch, Cancel, LevelCall, LevelReply, Commit,
-                                           StateQuery, RequestState, Outcome, StepProfile, Assignments)}
+                                           StateQuery, RequestState, Outcome, StepProfile, Assignments,
+                                           ExplainQuery, Explanation)}
 
 
 # -- codec ------------------------------------------------------------------------------

@@ -91,6 +91,46 @@ class SpeculationSettings(BaseModel):
     lenient: float = Field(1.0, ge=1.0, description="Middle-level leniency (1 = exact).")
 
 
+class RouterSettings(BaseModel):
+    """How the router estimates, decides, explores and records history."""
+
+    publish_interval_s: float = Field(1.0, gt=0, description="Seconds between two publications of the assignment table.")
+    explore_rate: float = Field(0.05, ge=0.0, le=1.0, description="Chance per class and interval to assign a random candidate (reason `explore`).")
+    half_life_tokens: float = Field(2000.0, gt=0, description="Drafted tokens after which an acceptance observation weighs half (EWMA).")
+    profile_window: int = Field(120, ge=4, description="Recent step-time samples per model the least-squares fit uses.")
+    k_max: int = Field(6, ge=1, le=16, description="Largest k per level among the candidates (k = 1..k_max).")
+    hop_ms: float = Field(0.4, ge=0.0, description="NATS round trip added per call to a remote level (ms).")
+    margin: float = Field(0.02, ge=0.0, lt=1.0, description="Speculation must beat the target alone by this fraction to be chosen.")
+    slo_tpot_ms: float = Field(0.0, ge=0.0, description="TPOT objective per request class (ms per token; 0 = none).")
+    flush_interval_s: float = Field(1.0, gt=0, description="Seconds between two batched writes of history to PostgreSQL.")
+    buffer_rows: int = Field(100000, ge=100, description="Rows held in memory while PostgreSQL is down; beyond, rows are dropped and counted.")
+    history_rows: int = Field(5000, ge=0, description="Recent rows per table loaded at start to resume the estimates.")
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans: a JSON-lines file per service, and OTLP when an endpoint is configured."""
+
+    file: bool = Field(True, description="Write spans as JSON lines to `<run_dir>/traces/<service>.jsonl` (`specmesh trace show`).")
+    otlp_endpoint: str | None = Field(None, description="OTLP collector to export spans to (else `OTEL_EXPORTER_OTLP_ENDPOINT`; none: no OTLP).")
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests traced (parent-based: a request is traced everywhere or nowhere).")
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus `/metrics`: the gateway serves it on its HTTP port, every other service on its own port."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics (the gateway's `/metrics` is always on).")
+    host: str = Field("127.0.0.1", description="Address the services' metrics servers listen on.")
+    state_port: int = Field(19101, ge=0, le=65535, description="Metrics port of the state service (taken: a free one, in its NATS `micro` metadata).")
+    router_port: int = Field(19102, ge=0, le=65535, description="Metrics port of the router.")
+    drafter_port: int = Field(19103, ge=0, le=65535, description="Metrics port of a drafter worker.")
+    verifier_port: int = Field(19104, ge=0, le=65535, description="Metrics port of a verifier worker.")
+    target_port: int = Field(19105, ge=0, le=65535, description="Metrics port of a target worker.")
+
+    def port(self, service: str) -> int | None:
+        """The configured metrics port of `service` (None for the gateway, which uses its HTTP port)."""
+        return getattr(self, f"{service}_port", None)
+
+
 class Settings(BaseSettings):
     """Everything one SpecMesh process needs to know."""
 
@@ -104,6 +144,9 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     engine: EngineSettings = EngineSettings()
     speculation: SpeculationSettings = SpeculationSettings()
+    tracing: TracingSettings = TracingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    router: RouterSettings = RouterSettings()
 
     @field_validator("run_dir")
     @classmethod

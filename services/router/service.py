@@ -1,10 +1,278 @@
-"""The router service process: chain assignments from profiles and acceptance history."""
+"""The router service process: chain assignments from profiles and acceptance history.
+
+    specmesh serve router          (started by `make up`)
+    specmesh router explain --json
+
+Listens to the drivers' feedback (`specmesh.feedback.outcome`, `specmesh.feedback.profile`),
+keeps the estimates (services/router/estimates.py), decides per request class every
+`publish_interval_s` (services/router/decision.py) and publishes the table on
+`specmesh.router.assignments` with an increasing version; answers `specmesh.router.explain`.
+History goes to PostgreSQL through a buffered writer (services/router/store.py); the
+router decides from memory whether or not PostgreSQL is up, and resumes from it on start.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import random
+import time
+
+from services.router.cost_model import predict
+from services.router.decision import Choice, decide, served_chains
+from services.router.estimates import Estimates, canonical
+from services.router.store import HistoryStore
+from shared.messages import (
+    SUBJECT_ASSIGNMENTS, SUBJECT_EXPLAIN, SUBJECT_OUTCOME, SUBJECT_PROFILE, Assignment, Assignments, BadMessage,
+    ExplainQuery, Explanation, LevelOutcome, ModelStep, Outcome, StepProfile, decode, encode,
+)
+from shared.request_class import CLASSES
 from shared.service import ServiceProcess
+
+log = logging.getLogger("specmesh.router")
+DEFAULT_CLASS = "default"
+DISCOVER_EVERY_S = 5.0
+
+
+def family_params(settings) -> dict[str, int]:
+    """Parameter counts of the family's models (for the step-time prior); empty if unknown."""
+    try:
+        from shared.models.family import resolve_family
+
+        family = resolve_family(settings)
+        return {name: entry.params for name, entry in family.models.items()}
+    except Exception as exc:  # the prior is only a starting point
+        log.info("no family parameter counts for step-time priors: %s", exc)
+        return {}
+
+
+class Router:
+    """The router's state and logic without the NATS shell (tests drive it directly)."""
+
+    def __init__(self, settings, store: HistoryStore | None = None, params: dict[str, int] | None = None,
+                 seed: int | None = None):
+        cfg = settings.router
+        self.settings = settings
+        self.cfg = cfg
+        self.store = store
+        self.estimates = Estimates(cfg.half_life_tokens, cfg.profile_window, cfg.hop_ms, params)
+        self.chains = served_chains()
+        self.available: set[str] | None = None  # models some worker serves (None: not discovered yet)
+        self.rng = random.Random(seed)
+        self.version = 0
+        self.choices: dict[str, Choice] = {}
+        self.recorded: dict[str, tuple] = {}
+
+    # -- feedback ------------------------------------------------------------------------
+    def on_outcome(self, outcome: Outcome) -> None:
+        self.estimates.observe_outcome(outcome)
+        chain = tuple(canonical(c) for c in outcome.chain)
+        raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, calibrated=False).model_ms
+        if outcome.tokens >= 2 and outcome.tpot_ms > 0:
+            self.estimates.observe_calibration(outcome.request_class, chain, outcome.tpot_ms, raw)
+        if self.store is None:
+            return
+        for level in outcome.levels:
+            bottom = chain and canonical(level.name) == chain[0]
+            self.store.add("pair_stats", {
+                "proposer": canonical(level.name), "verifier": canonical(level.verifier),
+                "request_class": outcome.request_class, "drafted": level.drafted, "accepted": level.accepted,
+                "accepted_per_position": list(level.accepted_per_pos),
+                "drafted_per_position": list(level.drafted_per_pos), "tv_distance": None,
+                "request_id": outcome.request_id[:64],
+                "rounds": Estimates.rounds(outcome, level) if bottom else None,
+            })
+        current = self.choices.get(outcome.request_class)
+        slo = self.cfg.slo_tpot_ms
+        self.store.add("decisions", {
+            "request_id": outcome.request_id[:64], "request_class": outcome.request_class,
+            "chain": ",".join(chain), "k": list(outcome.k), "predicted_ms_per_token": raw,
+            "explored": bool(current and current.explored and current.winner.chain == chain),
+            "tokens": outcome.tokens,
+            "tokens_per_s": outcome.tokens / (outcome.duration_ms / 1e3) if outcome.duration_ms > 0 else None,
+            "ttft_ms": outcome.ttft_ms, "tpot_ms": outcome.tpot_ms,
+            "slo_met": (outcome.tpot_ms <= slo) if slo else None, "reason": "outcome",
+            "version": self.version or None, "duration_ms": outcome.duration_ms,
+        })
+
+    def on_profile(self, profile: StepProfile) -> None:
+        self.estimates.observe_profile(profile)
+        if self.store is None:
+            return
+        for step in profile.steps:
+            if step.forwards <= 0:
+                continue
+            self.store.add("model_profiles", {
+                "model": canonical(step.model), "device": step.device[:64], "batch_size": round(step.batch_size),
+                "tokens_per_step": round(step.tokens / step.forwards), "step_ms": step.seconds * 1e3 / step.forwards,
+                "samples": step.forwards, "worker": profile.worker[:64], "batch_mean": step.batch_size,
+                "tokens_per_forward": step.tokens / step.forwards, "live_requests": profile.live_requests,
+            })
+
+    def resume(self, history: dict[str, list[dict]]) -> int:
+        """Replay rows read back from PostgreSQL into the estimates; rows replayed."""
+        n = 0
+        for row in history.get("model_profiles", []):
+            if row.get("tokens_per_forward") is None or not row.get("samples"):
+                continue
+            step = ModelStep(row["model"], row["device"], row["samples"], row["step_ms"] * row["samples"] / 1e3,
+                             round(row["tokens_per_forward"] * row["samples"]), row.get("batch_mean") or 1.0)
+            self.estimates.observe_step(step)
+            n += 1
+        for row in history.get("pair_stats", []):
+            level = LevelOutcome(row["proposer"], row["verifier"], row["drafted"], row["accepted"],
+                                 list(row["drafted_per_position"] or []), list(row["accepted_per_position"] or []))
+            self.estimates.observe_level(level, row["request_class"], row.get("rounds"))
+            n += 1
+        for row in history.get("decisions", []):
+            if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
+                    and (row.get("tokens") or 0) >= 2:
+                self.estimates.observe_calibration(row["request_class"], tuple(row["chain"].split(",")),
+                                                   row["tpot_ms"], row["predicted_ms_per_token"])
+                n += 1
+        return n
+
+    # -- deciding ------------------------------------------------------------------------
+    def decide_all(self, explore: bool = True) -> dict[str, Choice]:
+        cfg = self.cfg
+        batch = self.estimates.batch()
+        choices = {}
+        for cls in (*CLASSES, DEFAULT_CLASS):
+            choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
+                                  self.available, cfg.explore_rate if explore and cls != DEFAULT_CLASS else 0.0,
+                                  self.rng, batch)
+        self.choices = choices
+        return choices
+
+    def next_version(self) -> int:
+        """Milliseconds since the epoch, strictly increasing: a restarted router's versions keep growing."""
+        self.version = max(self.version + 1, int(time.time() * 1000))
+        return self.version
+
+    def table(self) -> Assignments:
+        choices = self.decide_all()
+        version = self.next_version()
+
+        def entry(cls: str, c: Choice) -> Assignment:
+            return Assignment(cls, list(c.winner.chain), list(c.winner.k), round(c.winner.ms_per_token, 4), c.reason)
+
+        table = Assignments(version, [entry(cls, c) for cls, c in choices.items() if cls != DEFAULT_CLASS],
+                            entry(DEFAULT_CLASS, choices[DEFAULT_CLASS]))
+        if self.store is not None:
+            for cls, c in choices.items():
+                key = (c.winner.chain, c.winner.k, c.reason)
+                if self.recorded.get(cls) != key or c.explored:
+                    self.recorded[cls] = key
+                    self.store.add("decisions", {
+                        "request_id": None, "request_class": cls, "chain": ",".join(c.winner.chain),
+                        "k": list(c.winner.k), "predicted_ms_per_token": c.winner.ms_per_token,
+                        "explored": c.explored, "reason": c.reason, "version": version,
+                    })
+        return table
+
+    def explain(self, request_class: str = "") -> Explanation:
+        choices = self.choices or self.decide_all(explore=False)
+        classes = {cls: c.as_dict() for cls, c in choices.items() if not request_class or cls == request_class}
+        load = self.estimates.summary()
+        load["available_models"] = sorted(self.available) if self.available is not None else None
+        load["chains"] = [",".join(c) for c in self.chains]
+        load["settings"] = self.cfg.model_dump()
+        return Explanation(self.version, classes, load, self.store.status() if self.store else {})
 
 
 class RouterService(ServiceProcess):
     name = "router"
     description = "SpecMesh router: chain and k assignments"
+
+    async def setup(self) -> None:
+        cfg = self.settings.router
+        self.store = HistoryStore(self.settings.database.sqlalchemy_url, cfg.flush_interval_s,
+                                  buffer_rows=cfg.buffer_rows)
+        loop = asyncio.get_running_loop()
+        params = await loop.run_in_executor(None, family_params, self.settings)
+        self.router = Router(self.settings, self.store, params)
+        await self.store.start()
+        if cfg.history_rows:
+            try:
+                history = await self.store.load_recent(cfg.history_rows)
+                log.info("resumed from %d history rows", self.router.resume(history))
+            except Exception as exc:  # decide from priors; history is written once PostgreSQL is back
+                log.warning("history not loaded (%s): starting from priors", exc)
+        self._subs = [
+            await self.nc.subscribe(SUBJECT_OUTCOME, cb=self._on_outcome),
+            await self.nc.subscribe(SUBJECT_PROFILE, cb=self._on_profile),
+        ]
+        await self.micro.add_endpoint(name="explain", subject=SUBJECT_EXPLAIN, handler=self._on_explain)
+        self._tasks = [asyncio.create_task(self._publish_loop(), name="assignments"),
+                       asyncio.create_task(self._discover_loop(), name="discover")]
+
+    async def teardown(self) -> None:
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        for sub in getattr(self, "_subs", []):
+            await sub.unsubscribe()
+        if getattr(self, "store", None) is not None:
+            await self.store.close()
+
+    async def _on_outcome(self, msg) -> None:
+        try:
+            self.router.on_outcome(decode(msg.data, Outcome))
+        except BadMessage as exc:
+            log.warning("bad outcome: %s", exc)
+
+    async def _on_profile(self, msg) -> None:
+        try:
+            self.router.on_profile(decode(msg.data, StepProfile))
+        except BadMessage as exc:
+            log.warning("bad profile: %s", exc)
+
+    async def _on_explain(self, req) -> None:
+        try:
+            query = decode(req.data, ExplainQuery) if req.data else ExplainQuery()
+            reply = self.router.explain(query.request_class)
+        except BadMessage as exc:
+            reply = Explanation(self.router.version, error=str(exc))
+        await req.respond(encode(reply))
+
+    async def _publish_loop(self) -> None:
+        interval = self.settings.router.publish_interval_s
+        while True:
+            try:
+                table = self.router.table()
+                await self.nc.publish(SUBJECT_ASSIGNMENTS, encode(table))
+            except Exception:  # a bug must not stop the publications
+                log.exception("assignment table not published")
+            await asyncio.sleep(interval)
+
+    async def _discover_loop(self) -> None:
+        """Which models some worker serves ($SRV.INFO of drafters and verifiers), every few seconds."""
+        while True:
+            try:
+                found = await self._discover()
+                if found or self.router.available is not None:
+                    self.router.available = found
+            except Exception as exc:
+                log.debug("discovery failed: %s", exc)
+            await asyncio.sleep(DISCOVER_EVERY_S)
+
+    async def _discover(self, wait_s: float = 0.5) -> set[str]:
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        models: set[str] = set()
+        try:
+            for role in ("drafter", "verifier"):
+                await self.nc.publish(f"$SRV.INFO.{role}", b"", reply=inbox)
+            deadline = time.monotonic() + wait_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except Exception:
+                    break
+                info = json.loads(msg.data)
+                model = (info.get("metadata") or {}).get("model")
+                if model:
+                    models.add(canonical(model))
+        finally:
+            await sub.unsubscribe()
+        return models

@@ -1,6 +1,7 @@
 """Tables the router keeps: model profiles, pair statistics, decisions and their outcomes.
 
-Alembic migrations under `migrations/` create exactly these tables; `tests/test_db.py`
+Alembic migrations under `migrations/` create exactly these tables (0001: the tables,
+0002: the columns the router needs to resume its estimates); `tests/test_router_store.py`
 checks that the two agree.
 """
 
@@ -29,6 +30,11 @@ class ModelProfile(Base):
     tokens_per_step: Mapped[int] = mapped_column(Integer)
     step_ms: Mapped[float] = mapped_column(Float)
     samples: Mapped[int] = mapped_column(Integer, default=1)
+    # 0002: the exact sample the step-time fit uses (batch_size and tokens_per_step are rounded)
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens_per_forward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    live_requests: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class PairStat(Base):
@@ -46,6 +52,9 @@ class PairStat(Base):
     accepted_per_position: Mapped[list] = mapped_column(JSON, default=list)
     drafted_per_position: Mapped[list] = mapped_column(JSON, default=list)
     tv_distance: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # 0002: the request it came from and the verifier's rounds (for a proposer's draft rate)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rounds: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Decision(Base):
@@ -66,3 +75,7 @@ class Decision(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     tpot_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     slo_met: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # 0002: an assignment row (request_id NULL) or an outcome row; why; the table version
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -1,0 +1,93 @@
+"""The BRIEF's chain cost (section 3): predicted milliseconds per emitted token of a chain.
+
+    E(a, k)     = (1 - a^(k+1)) / (1 - a)
+    tau_1       = t_1
+    tau_{i+1}   = (k_i tau_i + t_{i+1}) / E(a_{i,i+1}, k_i)
+    cost        = tau_N
+
+With what serving adds (SpecServe's goodput view): every step serves the batch B, so a
+verification forward of level i+1 writes B (k_i + 1) tokens and its time t_{i+1} is the
+model's step time at that many tokens (grows with load; the target alone writes B); a
+remote level costs one NATS round trip per call (a middle level's score, the bottom
+proposer's call of k drafts); a bottom proposer that drafts on a fraction p of rounds (an
+n-gram finds no match) yields `E' = 1 + p (E(a, k) - 1)` and costs `p k tau_1`. The
+prediction is then scaled by the (class, chain) calibration from realised TPOT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NGRAM_MS = 0.02  # prompt lookup in the driver: no model forward
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E(alpha, k): tokens emitted per verification of k drafts at per-token acceptance alpha."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def tau(step_ms: list[float], alphas: list[float], ks: list[int], draft_rates: list[float] | None = None) -> float:
+    """tau_N for levels bottom first: `step_ms` per level (hops included), acceptances and k per pair."""
+    rates = draft_rates or [1.0] * len(alphas)
+    cost = step_ms[0]
+    for t_next, alpha, k, p in zip(step_ms[1:], alphas, ks, rates):
+        gain = 1.0 + p * (expected_tokens(alpha, k) - 1.0)
+        cost = (p * k * cost + t_next) / gain
+    return cost
+
+
+@dataclass
+class Prediction:
+    """One candidate (chain, k per level) and its predicted ms/token with every input."""
+
+    chain: tuple[str, ...]
+    k: tuple[int, ...]
+    ms_per_token: float  # calibrated: what the decision compares
+    model_ms: float  # tau_N before calibration
+    calibration: float
+    batch: float
+    levels: list[dict] = field(default_factory=list)  # per level: model, step_ms, alpha, k, draft_rate, hop_ms
+
+    def as_dict(self) -> dict:
+        return {"chain": ",".join(self.chain), "k": list(self.k), "ms_per_token": round(self.ms_per_token, 4),
+                "model_ms": round(self.model_ms, 4), "calibration": round(self.calibration, 4),
+                "batch": round(self.batch, 3), "levels": self.levels}
+
+
+def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates, batch: float | None = None,
+            remote=lambda model: model not in ("ngram", "target"), calibrated: bool = True) -> Prediction:
+    """The cost of `chain` with `ks` for `request_class` under the estimates' current load."""
+    batch = estimates.batch() if batch is None else batch
+    chain = tuple(chain)
+    if len(chain) == 1 or not ks or all(k == 0 for k in ks):
+        chain, ks = ("target",), ()
+    hop = estimates.hop_ms
+    steps, alphas, rates, levels = [], [], [], []
+    for i, model in enumerate(chain):
+        below_k = ks[i - 1] if i > 0 else 0
+        rate_below = rates[i - 1] if i > 0 else 1.0
+        tokens = batch * (1 + rate_below * below_k)  # one forward writes the batch's chunks
+        if model == "ngram":
+            t = NGRAM_MS
+        else:
+            t = estimates.step_ms(model, tokens)
+            if remote(model):
+                # bottom: one call per k drafts; above: one call per verification
+                t += hop / max(ks[0], 1) if i == 0 else hop
+        steps.append(t)
+        entry = {"model": model, "step_ms": round(t, 4), "tokens_per_forward": round(tokens, 2)}
+        if i < len(chain) - 1:
+            alpha = estimates.alpha(model, chain[i + 1], request_class)
+            rate = estimates.draft_rate(model, request_class) if i == 0 else 1.0
+            alphas.append(alpha)
+            rates.append(rate)
+            entry.update({"alpha": round(alpha, 4), "k": ks[i], "draft_rate": round(rate, 4),
+                          "expected_tokens": round(expected_tokens(alpha, ks[i]), 4)})
+        levels.append(entry)
+    model_ms = tau(steps, alphas, list(ks), rates)
+    factor = estimates.calibration_for(request_class, chain).ratio if calibrated else 1.0
+    return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, levels)

@@ -1,0 +1,125 @@
+"""The decision: per request class, the candidate (chain, k per level) with the lowest predicted cost.
+
+Candidates are every chain the gateway serves whose models are up, with k per proposing
+level in 1..k_max, and the target alone (k = 0). Rules, in order:
+
+1. with a TPOT objective, only candidates predicted to meet it qualify (none does: all do,
+   and the reason says so);
+2. the cheapest qualifying candidate wins, but speculation must beat the target alone by
+   `margin` (SpecServe: never slower than no speculation; under load the target's step at
+   B (k + 1) tokens grows and the target alone wins);
+3. CoSine's specialist: among the drafters, the one with the best measured acceptance on
+   the class is the one whose chains predict cheapest (the ranking says which);
+4. exploration: with probability `explore_rate` per class and interval, a random other
+   candidate (the least observed chain first) is assigned instead, reason `explore`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+from services.router.cost_model import Prediction, predict
+from services.router.estimates import canonical
+
+TARGET_ALONE = ("target",)
+
+
+def served_chains() -> list[tuple[str, ...]]:
+    """The gateway's served chains (services/gateway/backend.py), canonical names, without repeats."""
+    from services.gateway.backend import NatsBackend
+
+    out: list[tuple[str, ...]] = []
+    for chain in NatsBackend.chains(NatsBackend.__new__(NatsBackend)):
+        key = tuple(canonical(c) for c in chain)
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def candidates(chains: list[tuple[str, ...]], k_max: int, available: set[str] | None = None) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """(chain, ks) for every chain whose models are available and every k in 1..k_max per level."""
+    out = [(TARGET_ALONE, ())]
+    for chain in chains:
+        if tuple(chain) == TARGET_ALONE:
+            continue
+        if available is not None and any(m not in available and m not in ("ngram", "target") for m in chain):
+            continue
+        for ks in itertools.product(range(1, k_max + 1), repeat=len(chain) - 1):
+            out.append((tuple(chain), ks))
+    return out
+
+
+@dataclass
+class Choice:
+    """What the router assigns to one request class, and why."""
+
+    request_class: str
+    winner: Prediction
+    reason: str  # "cost" | "target-alone" | "slo" | "slo-unmet" | "explore"
+    why: str
+    explored: bool = False
+    best: Prediction | None = None  # the cost winner (differs from `winner` when exploring)
+    ranking: list[Prediction] = field(default_factory=list)  # best k per chain, cheapest first
+    specialist: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"request_class": self.request_class, "winner": self.winner.as_dict(), "reason": self.reason,
+                "why": self.why, "explored": self.explored, "specialist": self.specialist,
+                "candidates": [p.as_dict() for p in self.ranking]}
+
+
+def specialist(request_class: str, estimates, drafters=("drafter-code", "drafter-prose"),
+               available: set[str] | None = None) -> str | None:
+    """CoSine: the drafter with the best measured acceptance by the target on this class."""
+    options = [d for d in drafters if available is None or d in available]
+    if not options:
+        return None
+    return max(options, key=lambda d: estimates.alpha(d, "target", request_class))
+
+
+def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: int = 6, margin: float = 0.02,
+           slo_tpot_ms: float = 0.0, available: set[str] | None = None, explore_rate: float = 0.0,
+           rng: random.Random | None = None, batch: float | None = None) -> Choice:
+    """The assignment for `request_class` under the current estimates (pure, no I/O)."""
+    batch = estimates.batch() if batch is None else batch
+    preds = [predict(chain, ks, request_class, estimates, batch) for chain, ks in candidates(chains, k_max, available)]
+    best_per_chain: dict[tuple[str, ...], Prediction] = {}
+    for p in preds:
+        if p.chain not in best_per_chain or p.ms_per_token < best_per_chain[p.chain].ms_per_token:
+            best_per_chain[p.chain] = p
+    ranking = sorted(best_per_chain.values(), key=lambda p: p.ms_per_token)
+    alone = best_per_chain[TARGET_ALONE]
+    qualified = [p for p in ranking if not slo_tpot_ms or p.ms_per_token <= slo_tpot_ms]
+    slo_note = ""
+    if slo_tpot_ms and not qualified:
+        qualified, slo_note = ranking, f"; no candidate meets the {slo_tpot_ms:g} ms TPOT objective"
+    cheapest = qualified[0]
+    if cheapest.chain != TARGET_ALONE and alone in qualified and cheapest.ms_per_token > alone.ms_per_token * (1 - margin):
+        winner, reason = alone, "target-alone"
+        why = (f"target alone {alone.ms_per_token:.3f} ms/token; the best chain {','.join(cheapest.chain)} "
+               f"k={list(cheapest.k)} ({cheapest.ms_per_token:.3f}) does not beat it by {margin:.0%} at batch {batch:.1f}")
+    else:
+        winner = cheapest
+        reason = "target-alone" if cheapest.chain == TARGET_ALONE else "cost"
+        runner_up = next((p for p in qualified[1:]), None)
+        why = f"lowest predicted cost {winner.ms_per_token:.3f} ms/token at batch {batch:.1f}"
+        if runner_up is not None:
+            why += f"; next {','.join(runner_up.chain)} k={list(runner_up.k)} at {runner_up.ms_per_token:.3f}"
+        if winner.chain != TARGET_ALONE:
+            why += f"; {alone.ms_per_token / winner.ms_per_token:.2f}x the target alone"
+    if slo_tpot_ms:
+        reason = "slo-unmet" if slo_note else ("slo" if reason == "cost" else reason)
+        why += slo_note or f"; meets the {slo_tpot_ms:g} ms TPOT objective"
+    choice = Choice(request_class, winner, reason, why, best=winner, ranking=ranking,
+                    specialist=specialist(request_class, estimates, available=available))
+    if explore_rate > 0 and rng is not None and len(ranking) > 1 and rng.random() < explore_rate:
+        others = [p for p in ranking if p.chain != winner.chain]
+        seen = {p.chain: estimates.calibration_for(request_class, p.chain).observations for p in others}
+        fewest = min(seen.values())
+        pick = rng.choice([p for p in others if seen[p.chain] == fewest])
+        choice.winner, choice.reason, choice.explored = pick, "explore", True
+        choice.why = (f"exploring {','.join(pick.chain)} ({seen[pick.chain]} outcomes so far) for one interval; "
+                      f"the cost winner is {','.join(winner.chain)} k={list(winner.k)}: " + why)
+    return choice

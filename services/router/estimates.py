@@ -1,0 +1,304 @@
+"""What the router believes about the models: acceptance per pair and class, step time per model.
+
+Fed by the drivers' feedback (`Outcome`, `StepProfile`) and, at start, by the history in
+PostgreSQL. Every estimate starts from a prior and is smoothed:
+
+- acceptance alpha of a proposer -> verifier pair on a request class: the geometric
+  maximum-likelihood estimate from per-position counts (accepted at position j over the
+  proposals that reached position j), with counts decayed by `half_life_tokens` (an EWMA
+  in drafted tokens) and shrunk towards a neutral prior;
+- a bottom proposer's draft rate (proposals per verification: an n-gram drafter finds no
+  match on some rounds), from outcomes whose verifier is the target;
+- step time of a model as a function of the tokens one forward writes (batch x chunk):
+  weighted least squares `ms = a + b * tokens` over the recent samples (SpecServe's
+  `T_verify(B * (k + 1))`), a size-based prior until samples arrive;
+- the current load: requests live on each target worker;
+- calibration: realised TPOT over the cost model's prediction per (class, chain), which
+  absorbs what the formula leaves out (driver overhead per round, commits).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from shared.messages import LevelOutcome, ModelStep, Outcome, StepProfile
+
+NEUTRAL_ALPHA = 0.5
+PRIOR_TRIALS = 20.0  # the prior weighs like this many draft positions
+NGRAM_DRAFT_RATE = 0.5
+PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
+LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
+
+
+def canonical(name: str) -> str:
+    """The model behind a chain level's name (`drafter` is `drafter-code`)."""
+    return "drafter-code" if name == "drafter" else name
+
+
+def conditional_counts(level: LevelOutcome) -> tuple[float, float]:
+    """(accepted, trials): draft positions accepted and positions reached, over a request's proposals.
+
+    Position 0 is reached by every proposal; position j > 0 by the proposals that had
+    j drafts accepted and drafted at least j + 1. Under i.i.d. acceptance alpha,
+    accepted / trials is alpha's maximum-likelihood estimate (accepted / drafted is not:
+    it falls with k).
+    """
+    acc, dra = list(level.accepted_per_pos), list(level.drafted_per_pos)
+    if not dra:
+        return float(level.accepted), float(level.drafted)
+    acc += [0] * (len(dra) - len(acc))
+    trials = dra[0] + sum(min(acc[j - 1], dra[j]) for j in range(1, len(dra)))
+    return float(sum(acc[: len(dra)])), float(trials)
+
+
+@dataclass
+class Acceptance:
+    """Smoothed acceptance of one proposer -> verifier pair on one request class."""
+
+    prior: float = NEUTRAL_ALPHA
+    accepted: float = 0.0  # decayed counts
+    trials: float = 0.0
+    accepted_per_pos: list[float] = field(default_factory=list)
+    reached_per_pos: list[float] = field(default_factory=list)
+    observations: int = 0
+    drafted_total: int = 0
+
+    def observe(self, level: LevelOutcome, half_life_tokens: float) -> None:
+        accepted, trials = conditional_counts(level)
+        if trials <= 0:
+            return
+        decay = 0.5 ** (level.drafted / half_life_tokens)
+        self.accepted = self.accepted * decay + accepted
+        self.trials = self.trials * decay + trials
+        acc, dra = list(level.accepted_per_pos), list(level.drafted_per_pos)
+        reached = [dra[0]] + [min(acc[j - 1], dra[j]) for j in range(1, len(dra))] if dra else []
+        n = max(len(reached), len(self.reached_per_pos))
+        for arr in (self.accepted_per_pos, self.reached_per_pos):
+            arr.extend([0.0] * (n - len(arr)))
+            for j in range(n):
+                arr[j] *= decay
+        for j, r in enumerate(reached):
+            self.reached_per_pos[j] += r
+            self.accepted_per_pos[j] += acc[j] if j < len(acc) else 0
+        self.observations += 1
+        self.drafted_total += level.drafted
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance, shrunk towards the prior; in [0.01, 0.99]."""
+        value = (self.accepted + self.prior * PRIOR_TRIALS) / (self.trials + PRIOR_TRIALS)
+        return min(0.99, max(0.01, value))
+
+    def per_position(self) -> list[float | None]:
+        return [round(a / r, 4) if r > 0.5 else None for a, r in zip(self.accepted_per_pos, self.reached_per_pos)]
+
+
+@dataclass
+class DraftRate:
+    """Proposals per verification of a bottom proposer on a class (n-gram: matches found)."""
+
+    prior: float = 1.0
+    proposals: float = 0.0
+    rounds: float = 0.0
+
+    def observe(self, proposals: int, rounds: int, half_life_rounds: float) -> None:
+        decay = 0.5 ** (rounds / half_life_rounds)
+        self.proposals = self.proposals * decay + proposals
+        self.rounds = self.rounds * decay + rounds
+
+    @property
+    def value(self) -> float:
+        return min(1.0, max(0.01, (self.proposals + self.prior * 10) / (self.rounds + 10)))
+
+
+@dataclass
+class StepTime:
+    """A model's forward time as a function of the tokens the forward writes: ms = a + b * tokens."""
+
+    prior_ms: float
+    samples: deque = field(default_factory=lambda: deque(maxlen=120))  # (tokens, ms, weight)
+    _fit: tuple[float, float] | None = None
+
+    def observe(self, tokens: float, ms: float, weight: float) -> None:
+        if ms > 0 and tokens > 0 and weight > 0 and math.isfinite(ms):
+            self.samples.append((float(tokens), float(ms), float(weight)))
+            self._fit = None
+
+    def fit(self) -> tuple[float, float]:
+        """(a, b) of the weighted least-squares line; the prior's slope when tokens barely vary."""
+        if self._fit is None:
+            self._fit = self._least_squares()
+        return self._fit
+
+    def _least_squares(self) -> tuple[float, float]:
+        if not self.samples:
+            return self.prior_ms * (1 - PRIOR_SLOPE), self.prior_ms * PRIOR_SLOPE
+        w = sum(s[2] for s in self.samples)
+        mx = sum(s[0] * s[2] for s in self.samples) / w
+        my = sum(s[1] * s[2] for s in self.samples) / w
+        sxx = sum(s[2] * (s[0] - mx) ** 2 for s in self.samples)
+        sxy = sum(s[2] * (s[0] - mx) * (s[1] - my) for s in self.samples)
+        spread = sxx / w
+        slope = sxy / sxx if spread > 0.25 else my / max(mx, 1.0) * PRIOR_SLOPE
+        slope = max(0.0, slope)
+        intercept = my - slope * mx
+        if intercept < 0.05 * my:  # a line through (nearly) the origin: keep a fixed cost
+            intercept = 0.05 * my
+            slope = (my - intercept) / max(mx, 1.0)
+        return intercept, slope
+
+    def ms(self, tokens: float) -> float:
+        a, b = self.fit()
+        return a + b * max(tokens, 1.0)
+
+
+def prior_step_ms(params: int | None) -> float:
+    """A forward's time before any measurement: fixed overhead plus fp32 weights streamed at ~6 GB/s."""
+    if not params:
+        return 1.0
+    return 0.6 + params * 4 / 6e6
+
+
+@dataclass
+class Calibration:
+    """Realised TPOT over predicted TPOT for one (class, chain), decayed; 1 until measured."""
+
+    ratio_sum: float = 0.0
+    weight: float = 0.0
+    tpot_ms: float | None = None  # EWMA of realised TPOT
+    observations: int = 0
+
+    def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9) -> None:
+        if predicted_ms <= 0 or realised_ms <= 0:
+            return
+        ratio = min(8.0, max(0.125, realised_ms / predicted_ms))
+        self.ratio_sum = self.ratio_sum * decay + ratio
+        self.weight = self.weight * decay + 1.0
+        self.tpot_ms = realised_ms if self.tpot_ms is None else 0.8 * self.tpot_ms + 0.2 * realised_ms
+        self.observations += 1
+
+    @property
+    def ratio(self) -> float:
+        return (self.ratio_sum + 1.0) / (self.weight + 1.0)  # one pseudo-observation at 1
+
+
+class Estimates:
+    """Every estimate the cost model needs, updated from feedback; no I/O."""
+
+    def __init__(self, half_life_tokens: float = 2000.0, profile_window: int = 120, hop_ms: float = 0.4,
+                 params: dict[str, int] | None = None, alpha_priors: dict[tuple[str, str, str], float] | None = None):
+        self.half_life_tokens = half_life_tokens
+        self.profile_window = profile_window
+        self.hop_ms = hop_ms
+        self.params = dict(params or {})
+        self.alpha_priors = dict(alpha_priors or {})
+        self.acceptance: dict[tuple[str, str, str], Acceptance] = {}
+        self.draft_rates: dict[tuple[str, str], DraftRate] = {}
+        self.steps: dict[str, StepTime] = {}
+        self.calibration: dict[tuple[str, tuple[str, ...]], Calibration] = {}
+        self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
+        self.outcomes = 0
+        self.profiles = 0
+
+    # -- reading -------------------------------------------------------------------------
+    def pair(self, proposer: str, verifier: str, request_class: str) -> Acceptance:
+        key = (canonical(proposer), canonical(verifier), request_class)
+        if key not in self.acceptance:
+            self.acceptance[key] = Acceptance(prior=self.alpha_priors.get(key, NEUTRAL_ALPHA))
+        return self.acceptance[key]
+
+    def alpha(self, proposer: str, verifier: str, request_class: str) -> float:
+        return self.pair(proposer, verifier, request_class).alpha
+
+    def draft_rate(self, proposer: str, request_class: str) -> float:
+        key = (canonical(proposer), request_class)
+        if key not in self.draft_rates:
+            self.draft_rates[key] = DraftRate(prior=NGRAM_DRAFT_RATE if proposer == "ngram" else 1.0)
+        return self.draft_rates[key].value
+
+    def step(self, model: str) -> StepTime:
+        model = canonical(model)
+        if model not in self.steps:
+            self.steps[model] = StepTime(prior_step_ms(self.params.get(model)), deque(maxlen=self.profile_window))
+        return self.steps[model]
+
+    def step_ms(self, model: str, tokens: float) -> float:
+        return self.step(model).ms(tokens)
+
+    def calibration_for(self, request_class: str, chain: tuple[str, ...]) -> Calibration:
+        key = (request_class, tuple(canonical(c) for c in chain))
+        if key not in self.calibration:
+            self.calibration[key] = Calibration()
+        return self.calibration[key]
+
+    def batch(self, now: float | None = None) -> float:
+        """Mean requests live per busy target worker (1 when idle)."""
+        now = time.monotonic() if now is None else now
+        live = [v[1] for v in self.load.values() if now - v[0] <= LOAD_STALE_S]
+        return max(1.0, sum(live) / len(live)) if live else 1.0
+
+    # -- learning ------------------------------------------------------------------------
+    def observe_level(self, level: LevelOutcome, request_class: str, rounds: int | None = None) -> None:
+        self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens)
+        if rounds is not None and rounds > 0:
+            proposals = level.drafted_per_pos[0] if level.drafted_per_pos else 0
+            self.draft_rate(level.name, request_class)
+            self.draft_rates[(canonical(level.name), request_class)].observe(
+                min(proposals, rounds), rounds, self.half_life_tokens / 4)
+
+    @staticmethod
+    def rounds(outcome: Outcome, level: LevelOutcome) -> int | None:
+        """Verifications the target ran, for the level it verifies directly (else None)."""
+        if level.verifier != "target" or outcome.tokens < 2:
+            return None
+        return max(0, outcome.tokens - 1 - level.accepted)
+
+    def observe_outcome(self, outcome: Outcome) -> None:
+        self.outcomes += 1
+        chain = [canonical(c) for c in outcome.chain]
+        for level in outcome.levels:
+            bottom = chain and canonical(level.name) == chain[0]
+            self.observe_level(level, outcome.request_class, self.rounds(outcome, level) if bottom else None)
+
+    def observe_step(self, step: ModelStep, batch: float | None = None) -> None:
+        """One model's forwards over an interval; a remote level's 'forward' is one call."""
+        if step.forwards <= 0 or step.seconds <= 0:
+            return
+        per_call_ms = step.seconds * 1e3 / step.forwards
+        tokens_per_call = step.tokens / step.forwards
+        batch = max(1.0, batch if batch is not None else step.batch_size or 1.0)
+        fwd_per_call = 1.0
+        if canonical(step.model) != "target":
+            # A propose call of k drafts writes feed + k tokens per request in k forwards;
+            # a score call writes its chunk in one. Approximate with the propose reading:
+            # calibration per chain corrects what this misses.
+            fwd_per_call = max(1.0, min(16.0, tokens_per_call / batch - 1.0))
+        self.step(step.model).observe(tokens_per_call / fwd_per_call, per_call_ms / fwd_per_call, step.forwards)
+
+    def observe_profile(self, profile: StepProfile, now: float | None = None) -> None:
+        self.profiles += 1
+        self.load[profile.worker] = (time.monotonic() if now is None else now, profile.live_requests,
+                                     profile.waiting_requests)
+        for step in profile.steps:
+            self.observe_step(step)
+
+    def observe_calibration(self, request_class: str, chain: tuple[str, ...], realised_ms: float,
+                            predicted_ms: float) -> None:
+        self.calibration_for(request_class, chain).observe(realised_ms, predicted_ms)
+
+    # -- reporting -----------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {
+            "batch": round(self.batch(), 3),
+            "outcomes": self.outcomes,
+            "profiles": self.profiles,
+            "step_fits": {m: {"a_ms": round(s.fit()[0], 4), "b_ms_per_token": round(s.fit()[1], 5),
+                              "samples": len(s.samples), "prior_ms": round(s.prior_ms, 4)}
+                          for m, s in sorted(self.steps.items())},
+            "acceptance": {f"{p}->{v}@{c}": {"alpha": round(a.alpha, 4), "observations": a.observations,
+                                              "drafted": a.drafted_total, "per_position": a.per_position()}
+                           for (p, v, c), a in sorted(self.acceptance.items()) if a.observations},
+        }

@@ -1,0 +1,141 @@
+"""The router's history in PostgreSQL: batched asynchronous writes that survive an outage.
+
+Rows go into a bounded in-memory buffer (`add` never blocks, never touches the network);
+a writer task flushes them every `flush_interval_s` (or as soon as `batch_rows` wait) in
+one transaction. A row leaves the buffer only once its transaction has committed, so
+while PostgreSQL is down nothing is lost: rows wait and are written when it returns. If
+the buffer is full, the oldest rows are dropped and counted in `dropped` (and logged):
+never silently. `load_recent` reads the newest rows back so a restarted router resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from datetime import datetime, timezone
+
+from sqlalchemy import insert, select
+
+from shared.db.schema import Decision, ModelProfile, PairStat
+
+log = logging.getLogger("specmesh.router.store")
+
+TABLES = {"model_profiles": ModelProfile, "pair_stats": PairStat, "decisions": Decision}
+STAMP = {"model_profiles": "recorded_at", "pair_stats": "recorded_at", "decisions": "decided_at"}
+
+
+class HistoryStore:
+    """Buffered writer and reader of the router's tables."""
+
+    def __init__(self, url: str, flush_interval_s: float = 1.0, batch_rows: int = 1000, buffer_rows: int = 100000):
+        self.url = url
+        self.flush_interval_s = flush_interval_s
+        self.batch_rows = batch_rows
+        self.buffer_rows = buffer_rows
+        self.pending: deque[tuple[int, str, dict]] = deque()
+        self.seq = 0
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.db_up: bool | None = None
+        self.last_error: str | None = None
+        self.engine = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    # -- buffering -----------------------------------------------------------------------
+    def add(self, table: str, row: dict) -> None:
+        """Queue one row for `table`; stamped now, so a late flush keeps the time it happened."""
+        row = dict(row)
+        row.setdefault(STAMP[table], datetime.now(timezone.utc))
+        if len(self.pending) >= self.buffer_rows:
+            self.pending.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("history buffer full (%d rows, PostgreSQL down?): %d rows dropped so far",
+                            self.buffer_rows, self.dropped)
+        self.seq += 1
+        self.pending.append((self.seq, table, row))
+        if len(self.pending) >= self.batch_rows:
+            self._wake.set()
+
+    def status(self) -> dict:
+        return {"buffered": len(self.pending), "written": self.written, "dropped": self.dropped,
+                "failures": self.failures, "database_up": self.db_up, "last_error": self.last_error}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        self.engine = create_async_engine(self.url, pool_pre_ping=True, pool_size=2, max_overflow=0,
+                                          connect_args={"timeout": 3})
+        self._task = asyncio.create_task(self._run(), name="history-writer")
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await asyncio.wait_for(self.flush(), timeout_s)
+        except (asyncio.TimeoutError, Exception) as exc:  # shutting down: say what stays unwritten
+            log.warning("history not flushed at shutdown (%s): %d rows lost", exc, len(self.pending))
+        if self.pending:
+            log.warning("%d history rows unwritten at shutdown", len(self.pending))
+        if self.engine is not None:
+            await self.engine.dispose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write everything buffered, in batches; stops at the first failure (rows stay). Rows written."""
+        done = 0
+        async with self._lock:
+            while self.pending:
+                batch = list(self.pending)[: self.batch_rows]
+                by_table: dict[str, list[dict]] = {}
+                for _, table, row in batch:
+                    by_table.setdefault(table, []).append(row)
+                try:
+                    async with self.engine.begin() as conn:
+                        for table, rows in by_table.items():
+                            await conn.execute(insert(TABLES[table].__table__), rows)
+                except Exception as exc:  # PostgreSQL down or restarting: keep the rows, retry later
+                    self.failures += 1
+                    if self.db_up is not False:
+                        log.warning("PostgreSQL unreachable (%s); buffering history (%d rows)",
+                                    type(exc).__name__, len(self.pending))
+                    self.db_up = False
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                    return done
+                if self.db_up is False:
+                    log.info("PostgreSQL back; flushing %d buffered rows", len(self.pending))
+                self.db_up = True
+                last = batch[-1][0]
+                while self.pending and self.pending[0][0] <= last:
+                    self.pending.popleft()
+                self.written += len(batch)
+                done += len(batch)
+        return done
+
+    # -- reading -------------------------------------------------------------------------
+    async def load_recent(self, rows: int) -> dict[str, list[dict]]:
+        """The newest `rows` rows of each table, oldest first (raises if PostgreSQL is unreachable)."""
+        out: dict[str, list[dict]] = {}
+        async with self.engine.connect() as conn:
+            for name, model in TABLES.items():
+                table = model.__table__
+                result = await conn.execute(select(table).order_by(table.c.id.desc()).limit(rows))
+                out[name] = [dict(r._mapping) for r in reversed(result.all())]
+        return out

@@ -1,0 +1,236 @@
+"""The router's estimates and decision, in memory: the winner is the cost model's argmin.
+
+The reference cost here is written out from BRIEF section 3 independently of
+services/router/cost_model.py, over every candidate, so a bug in either shows.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.router.cost_model import expected_tokens, predict, tau
+from services.router.decision import TARGET_ALONE, candidates, decide, served_chains
+from services.router.estimates import Acceptance, Estimates, StepTime, conditional_counts
+from shared.messages import LevelOutcome, ModelStep, Outcome, StepProfile
+
+K_MAX = 4
+
+
+def simulate_level(rng: random.Random, proposer: str, verifier: str, alpha: float, k: int, proposals: int) -> LevelOutcome:
+    """Per-position counts of `proposals` drafts of k tokens, each accepted with probability alpha."""
+    acc, dra = [0] * k, [0] * k
+    accepted = 0
+    for _ in range(proposals):
+        for j in range(k):
+            dra[j] += 1
+        for j in range(k):
+            if rng.random() < alpha:
+                acc[j] += 1
+                accepted += 1
+            else:
+                break
+    return LevelOutcome(proposer, verifier, proposals * k, accepted, dra, acc)
+
+
+def synthetic(profile: dict[str, tuple[float, float]], alphas: dict[tuple[str, str, str], float], hop_ms: float = 0.0,
+              live: int = 1, seed: int = 0) -> Estimates:
+    """Estimates fed with exact step lines (ms = a + b * tokens) and long acceptance streams."""
+    est = Estimates(half_life_tokens=1e9, hop_ms=hop_ms)
+    for model, (a, b) in profile.items():
+        for tokens in (1, 2, 4, 8, 16, 32, 64):
+            est.step(model).observe(tokens, a + b * tokens, 10)
+    rng = random.Random(seed)
+    for (p, v, cls), alpha in alphas.items():
+        for _ in range(40):
+            est.observe_level(simulate_level(rng, p, v, alpha, 4, 200), cls)
+    est.load["t1"] = (1e18, live, 0)
+    return est
+
+
+def reference_cost(est: Estimates, chain, ks, cls: str, batch: float) -> float:
+    """tau_N from BRIEF section 3, every level remote except ngram/target, hop 0, draft rate 1."""
+    if not ks:
+        return est.step_ms("target", batch)
+    t = [est.step_ms(m, batch * (1 + (ks[i - 1] if i else 0))) for i, m in enumerate(chain)]
+    cost = t[0]
+    for i in range(len(chain) - 1):
+        a = est.alpha(chain[i], chain[i + 1], cls)
+        cost = (ks[i] * cost + t[i + 1]) / ((1 - a ** (ks[i] + 1)) / (1 - a))
+    return cost
+
+
+PROFILE = {"target": (2.0, 0.05), "verifier": (0.8, 0.02), "drafter-code": (0.3, 0.005), "drafter-prose": (0.3, 0.005)}
+ALPHAS = {
+    ("drafter-code", "target", "code-short"): 0.75, ("drafter-prose", "target", "code-short"): 0.35,
+    ("drafter-code", "target", "prose-short"): 0.3, ("drafter-prose", "target", "prose-short"): 0.7,
+    ("verifier", "target", "code-short"): 0.85, ("verifier", "target", "prose-short"): 0.8,
+    ("drafter-code", "verifier", "code-short"): 0.8, ("drafter-prose", "verifier", "prose-short"): 0.75,
+    ("drafter-code", "verifier", "prose-short"): 0.35, ("drafter-prose", "verifier", "code-short"): 0.3,
+}
+CHAINS = [c for c in served_chains() if "ngram" not in c]
+
+
+def test_formulas():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(1.0, 4) == 5
+    # tau_1 = t_1; tau_2 = (k tau_1 + t_2) / E
+    assert tau([1.0, 10.0], [0.5], [3]) == pytest.approx((3 * 1.0 + 10.0) / 1.875)
+    assert tau([1.0, 3.0, 10.0], [0.6, 0.8], [2, 3]) == pytest.approx(
+        (3 * ((2 * 1.0 + 3.0) / expected_tokens(0.6, 2)) + 10.0) / expected_tokens(0.8, 3))
+
+
+def test_served_chains_are_canonical_and_include_target_alone():
+    chains = served_chains()
+    assert TARGET_ALONE in chains and ("drafter-code", "target") in chains
+    assert all("drafter" not in c for c in chains) and len(set(chains)) == len(chains)
+
+
+@pytest.mark.parametrize("cls", ["code-short", "prose-short"])
+@pytest.mark.parametrize("live", [1, 4, 16])
+def test_decision_is_the_cost_models_argmin(cls, live):
+    est = synthetic(PROFILE, ALPHAS, live=live)
+    choice = decide(cls, est, CHAINS, k_max=K_MAX, margin=0.0)
+    costs = {(c, ks): reference_cost(est, c, ks, cls, float(live)) for c, ks in candidates(CHAINS, K_MAX)}
+    best = min(costs, key=costs.get)
+    assert (choice.winner.chain, choice.winner.k) == best
+    assert choice.winner.ms_per_token == pytest.approx(costs[best], rel=1e-9)
+    assert [p.ms_per_token for p in choice.ranking] == sorted(p.ms_per_token for p in choice.ranking)
+
+
+def test_specialist_drafter_per_class():
+    est = synthetic(PROFILE, ALPHAS)
+    two_level = [("drafter-code", "target"), ("drafter-prose", "target"), TARGET_ALONE]
+    assert decide("code-short", est, two_level, K_MAX).winner.chain == ("drafter-code", "target")
+    assert decide("prose-short", est, two_level, K_MAX).winner.chain == ("drafter-prose", "target")
+    assert decide("code-short", est, two_level, K_MAX).specialist == "drafter-code"
+    assert decide("prose-short", est, two_level, K_MAX).specialist == "drafter-prose"
+
+
+def test_under_load_speculation_turns_off():
+    """The target's step grows with the tokens a forward writes: at high batch the target alone wins."""
+    profile = {"target": (1.0, 0.25), "drafter-code": (0.2, 0.01)}
+    alphas = {("drafter-code", "target", "code-short"): 0.7}
+    chains = [("drafter-code", "target"), TARGET_ALONE]
+    low = decide("code-short", synthetic(profile, alphas, live=1), chains, K_MAX)
+    high = decide("code-short", synthetic(profile, alphas, live=16), chains, K_MAX)
+    assert low.winner.chain == ("drafter-code", "target") and low.reason == "cost"
+    assert high.winner.chain == TARGET_ALONE and high.reason == "target-alone"
+    assert high.winner.k == ()
+
+
+def test_margin_prefers_target_alone_when_gain_is_small():
+    profile = {"target": (1.0, 0.0), "drafter-code": (0.3, 0.0)}
+    est = synthetic(profile, {("drafter-code", "target", "code-short"): 0.45})
+    chains = [("drafter-code", "target"), TARGET_ALONE]
+    free = decide("code-short", est, chains, K_MAX, margin=0.0)
+    assert free.winner.chain != TARGET_ALONE
+    gain = 1 - free.winner.ms_per_token / est.step_ms("target", 1)
+    assert decide("code-short", est, chains, K_MAX, margin=gain + 0.01).winner.chain == TARGET_ALONE
+
+
+def test_slo_filters_candidates_and_reports_unmet():
+    est = synthetic(PROFILE, ALPHAS)
+    ok = decide("code-short", est, CHAINS, K_MAX, slo_tpot_ms=100.0)
+    assert ok.reason == "slo" and "meets" in ok.why
+    unmet = decide("code-short", est, CHAINS, K_MAX, slo_tpot_ms=0.001)
+    assert unmet.reason == "slo-unmet" and unmet.winner == ok.winner
+
+
+def test_exploration_picks_another_chain_at_about_the_rate():
+    est = synthetic(PROFILE, ALPHAS)
+    rng = random.Random(1)
+    picks = [decide("code-short", est, CHAINS, K_MAX, explore_rate=0.2, rng=rng) for _ in range(300)]
+    explored = [c for c in picks if c.explored]
+    assert 30 <= len(explored) <= 90
+    assert all(c.reason == "explore" and c.winner.chain != c.best.chain for c in explored)
+    assert not any(c.explored for c in (decide("code-short", est, CHAINS, K_MAX, explore_rate=0.0, rng=rng) for _ in range(50)))
+
+
+def test_unavailable_models_are_not_candidates():
+    est = synthetic(PROFILE, ALPHAS)
+    choice = decide("prose-short", est, served_chains(), K_MAX, available={"drafter-code", "verifier"})
+    assert all("drafter-prose" not in p.chain for p in choice.ranking)
+    assert any(p.chain[0] == "ngram" for p in choice.ranking)
+
+
+# -- estimates ---------------------------------------------------------------------------------
+def test_conditional_counts_are_the_geometric_mle():
+    level = simulate_level(random.Random(3), "d", "t", 0.6, 5, 4000)
+    accepted, trials = conditional_counts(level)
+    assert accepted / trials == pytest.approx(0.6, abs=0.02)
+    assert level.accepted / level.drafted < 0.4  # accepted/drafted is not alpha
+
+
+def test_acceptance_converges_and_follows_a_change():
+    rng = random.Random(7)
+    est = Estimates(half_life_tokens=400)
+    for _ in range(60):
+        est.observe_level(simulate_level(rng, "drafter-code", "target", 0.8, 4, 20), "code-short")
+    assert est.alpha("drafter-code", "target", "code-short") == pytest.approx(0.8, abs=0.05)
+    for _ in range(60):
+        est.observe_level(simulate_level(rng, "drafter-code", "target", 0.4, 4, 20), "code-short")
+    assert est.alpha("drafter-code", "target", "code-short") == pytest.approx(0.4, abs=0.06)
+    per_pos = est.pair("drafter-code", "target", "code-short").per_position()
+    assert all(abs(p - 0.4) < 0.15 for p in per_pos if p is not None)
+    # an unseen pair keeps the neutral prior
+    assert est.alpha("drafter-prose", "target", "code-short") == 0.5
+
+
+def test_outcome_stream_drives_alpha_and_draft_rate():
+    rng = random.Random(11)
+    est = Estimates(half_life_tokens=5000)
+    for i in range(200):
+        lv = simulate_level(rng, "ngram", "target", 0.6, 4, 6)  # 6 proposals over 12 rounds: rate 0.5
+        tokens = 12 + lv.accepted + 1
+        est.observe_outcome(Outcome(f"r{i}", "code-long", ["ngram", "target"], [4], tokens, 50, 1.0, 1.0, 10.0, [lv]))
+    assert est.alpha("ngram", "target", "code-long") == pytest.approx(0.6, abs=0.04)
+    assert est.draft_rate("ngram", "code-long") == pytest.approx(0.5, abs=0.05)
+
+
+def test_step_time_fit_recovers_the_line_from_noisy_profiles():
+    rng = random.Random(5)
+    est = Estimates(profile_window=200)
+    for _ in range(150):
+        batch = rng.choice([1, 2, 4, 8, 16])
+        tokens = batch * rng.choice([1, 5])
+        ms = (2.0 + 0.1 * tokens) * rng.uniform(0.95, 1.05)
+        est.observe_profile(StepProfile("t1", 1.0, batch, 0, [ModelStep("target", "cpu", 100, ms * 100 / 1e3, tokens * 100, batch)]))
+    a, b = est.step("target").fit()
+    assert a == pytest.approx(2.0, rel=0.1) and b == pytest.approx(0.1, rel=0.1)
+    assert est.batch() >= 1.0
+
+
+def test_step_time_prior_before_samples_and_flat_fit():
+    step = StepTime(prior_ms=2.0)
+    assert step.ms(1) == pytest.approx(2.0)
+    for _ in range(5):
+        step.observe(1, 3.0, 1)
+    assert step.ms(1) == pytest.approx(3.0, rel=0.01) and step.fit()[1] >= 0
+
+
+def test_calibration_scales_the_prediction():
+    est = synthetic(PROFILE, ALPHAS)
+    raw = predict(("drafter-code", "target"), (3,), "code-short", est, calibrated=False)
+    for _ in range(50):
+        est.observe_calibration("code-short", ("drafter-code", "target"), raw.model_ms * 2, raw.model_ms)
+    cal = predict(("drafter-code", "target"), (3,), "code-short", est)
+    assert cal.calibration == pytest.approx(2.0, rel=0.05) and cal.ms_per_token == pytest.approx(2 * raw.model_ms, rel=0.05)
+
+
+def test_prediction_levels_explain_their_inputs():
+    est = synthetic(PROFILE, ALPHAS, hop_ms=0.4)
+    p = predict(("drafter-code", "verifier", "target"), (3, 2), "code-short", est)
+    assert [lv["model"] for lv in p.levels] == ["drafter-code", "verifier", "target"]
+    assert p.levels[0]["k"] == 3 and p.levels[1]["k"] == 2 and "alpha" in p.levels[0] and "alpha" not in p.levels[2]
+    assert p.levels[0]["step_ms"] == pytest.approx(est.step_ms("drafter-code", 1) + 0.4 / 3, rel=1e-3)
+    assert p.levels[1]["step_ms"] == pytest.approx(est.step_ms("verifier", 4) + 0.4, rel=1e-3)
+
+
+def test_acceptance_prior_is_shrunk():
+    acc = Acceptance(prior=0.5)
+    assert acc.alpha == 0.5
+    acc.observe(LevelOutcome("d", "t", 4, 4, [1, 1, 1, 1], [1, 1, 1, 1]), 1000)
+    assert 0.5 < acc.alpha < 0.7  # four accepted positions move a 20-position prior only a little
