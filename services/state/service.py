@@ -12,13 +12,12 @@ cancelled requests are deleted; abandoned ones expire with the bucket's TTL.
 from __future__ import annotations
 
 import logging
-import re
 
 from nats.js.errors import KeyNotFoundError
 
 from shared.messages import (
     SUBJECT_CANCEL, SUBJECT_COMMIT, SUBJECT_STATE_GET, SUBJECT_TOKENS, BadMessage, Cancel, Commit, RequestState,
-    StateQuery, TokenBatch, decode, encode,
+    StateQuery, TokenBatch, decode, encode, valid_request_id,
 )
 from shared.service import ServiceProcess
 
@@ -26,7 +25,6 @@ log = logging.getLogger("specmesh.state")
 
 BUCKET = "specmesh_requests"
 TTL_S = 600
-KEY = re.compile(r"^[-_=.a-zA-Z0-9]{1,200}$")
 
 
 class StateService(ServiceProcess):
@@ -57,7 +55,7 @@ class StateService(ServiceProcess):
     async def apply(self, commit: Commit) -> RequestState:
         """Validate and record one commit; the new state, or one whose `error` says why not."""
         rid = commit.request_id
-        if not KEY.match(rid):
+        if not valid_request_id(rid):
             return RequestState(rid, found=False, error="request id must match [-_=.a-zA-Z0-9]{1,200}")
         state = await self.load(rid)
         if state is None:
@@ -116,7 +114,7 @@ class StateService(ServiceProcess):
         except BadMessage as exc:
             await request.respond(encode(RequestState("", found=False, error=f"bad message: {exc}")))
             return
-        state = await self.load(query.request_id) if KEY.match(query.request_id) else None
+        state = await self.load(query.request_id) if valid_request_id(query.request_id) else None
         await request.respond(encode(state or RequestState(query.request_id, found=False)))
 
     async def _on_cancel(self, msg) -> None:
@@ -125,7 +123,7 @@ class StateService(ServiceProcess):
         except BadMessage as exc:
             log.error("dropped bad cancel: %s", exc)
             return
-        if KEY.match(cancel.request_id):
+        if valid_request_id(cancel.request_id):
             await self._forget(cancel.request_id)
 
     async def teardown(self) -> None:

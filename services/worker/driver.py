@@ -26,7 +26,7 @@ from shared.engine.sampling import SamplingParams
 from shared.engine.stats import LevelStats
 from shared.messages import (
     SUBJECT_COMMIT, SUBJECT_OUTCOME, SUBJECT_PROFILE, SUBJECT_TOKENS, Commit, GenerateJob, LevelOutcome, ModelStep,
-    Outcome, RequestState, StepProfile, TokenBatch, decode, encode,
+    Outcome, RequestState, StepProfile, TokenBatch, decode, encode, valid_request_id,
 )
 from services.worker.remote import LevelUnavailable, RemoteRunner
 
@@ -175,6 +175,9 @@ class Driver:
 
     def _start(self, msg: GenerateJob) -> None:
         if msg.request_id in self.jobs:
+            return
+        if not valid_request_id(msg.request_id):
+            log.error("dropped job with unusable request id %r", msg.request_id[:80])
             return
         try:
             key = tuple(parse_chain(msg.chain))
