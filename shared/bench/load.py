@@ -1,0 +1,277 @@
+"""The open-loop load driver: requests at scheduled times over the gateway's streaming
+HTTP API, each measured at the client (TTFT, TPOT, ITL, tokens, chain, acceptance).
+
+    records = asyncio.run(run_load(LoadConfig(url="http://127.0.0.1:18000", rates=[1, 2])))
+
+Open loop: a request is sent at its arrival time whether or not earlier ones finished, so
+an overloaded server shows as growing latency, not as a slower client. Bounded: each cell
+(arrival process x rate x mode) sends at most `max_requests` within `duration_s`, then
+waits at most `drain_s` for the requests still running and cancels the rest (recorded as
+failures). Loopback only: a non-loopback URL is refused.
+
+The chain a request ran on comes from the final SSE chunk (the one with `finish_reason`),
+which carries the request's `speculation: {chain, k, levels}`; `stream_options.include_usage`
+adds the prompt token count. Streaming is kept so TTFT and ITL are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlsplit
+
+from shared.bench.arrivals import Arrivals, phased_times
+from shared.bench.stats import RequestRecord, Slo
+
+ADAPTIVE = "adaptive"
+OFF = "off"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How requests ask for speculation: `speculation` is the request's field, None = omitted."""
+
+    name: str
+    speculation: dict | None
+
+    @classmethod
+    def parse(cls, name: str, k: int) -> "Mode":
+        """`off` (no speculation), `adaptive` (router's choice), or a chain like `drafter,target`."""
+        name = name.strip()
+        if name == OFF:
+            return cls(OFF, {"enabled": False})
+        if name == ADAPTIVE:
+            return cls(ADAPTIVE, None)
+        levels = [x.strip() for x in name.split(",") if x.strip()]
+        if len(levels) < 2 or levels[-1] != "target":
+            raise ValueError(f"mode {name!r}: give off, adaptive or a chain ending in target, e.g. drafter,target")
+        return cls(",".join(levels), {"chain": ",".join(levels), "k": k})
+
+
+@dataclass
+class LoadConfig:
+    """One `bench load` run. Times in seconds, SLOs in milliseconds."""
+
+    url: str
+    rates: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    modes: list[str] = field(default_factory=lambda: [OFF, "drafter,target", "drafter,verifier,target", ADAPTIVE])
+    processes: list[str] = field(default_factory=lambda: ["poisson", "gamma"])
+    burstiness: float = 0.5            # gamma shape: CV = 1/sqrt(0.5) = 1.41
+    duration_s: float = 15.0           # arrival window per cell
+    max_requests: int = 200            # per cell
+    drain_s: float = 20.0              # longest wait for a cell's last requests
+    max_tokens: int = 32
+    prompt_chars: int = 200
+    prompts_per_domain: int = 16
+    k: int = 4
+    slo_ttft_ms: float = 300.0
+    slo_tpot_ms: float = 30.0
+    seed: int = 0
+    phased_rates: list[float] = field(default_factory=lambda: [1.0, 8.0, 1.0])
+    phase_s: float = 15.0              # per phase; 0 = no phased run
+    phased_mode: str = ADAPTIVE
+
+    @property
+    def slo(self) -> Slo:
+        return Slo(self.slo_ttft_ms / 1e3, self.slo_tpot_ms / 1e3)
+
+    def cells(self) -> list[tuple[str, float, str]]:
+        """(process, rate, mode) in run order: modes innermost, so they see the same conditions."""
+        return [(p, r, m) for p in self.processes for r in self.rates for m in self.modes]
+
+    def arrivals(self, process: str, rate: float) -> Arrivals:
+        return Arrivals(process, rate, self.burstiness if process == "gamma" else 1.0)
+
+    def schedule(self, process: str, rate: float) -> list[tuple[float, int]]:
+        """The same arrival times for every mode of a (process, rate) cell."""
+        times = self.arrivals(process, rate).times(self.duration_s, _seed(self.seed, process, rate), self.max_requests)
+        return [(t, 0) for t in times]
+
+    def phased_schedule(self) -> list[tuple[float, int]]:
+        phases = [(Arrivals("poisson", r), self.phase_s) for r in self.phased_rates]
+        return phased_times(phases, seed=self.seed + 1000, max_requests=self.max_requests * len(phases))
+
+
+def _seed(seed: int, process: str, rate: float) -> int:
+    """A stable seed per cell (Python's str hash is salted per process, so not `hash`)."""
+    return seed * 1_000_003 + sum(map(ord, process)) * 10_007 + int(rate * 1000)
+
+
+def check_loopback(url: str) -> None:
+    """Refuse to load anything but this machine."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"the load driver only targets loopback; {url!r} is not (use 127.0.0.1 or localhost)")
+
+
+def prompt_mix(prompt_chars: int, per_domain: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`(domain, text)` held-out prompts, both domains interleaved."""
+    from shared.models.corpus import heldout_prompts
+
+    code = heldout_prompts("code", per_domain, prompt_chars, seed)
+    prose = heldout_prompts("prose", per_domain, prompt_chars, seed)
+    return [pair for c, p in zip(code, prose) for pair in (("code", c), ("prose", p))]
+
+
+def request_body(mode: Mode, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
+    if mode.speculation is not None:
+        body["speculation"] = mode.speculation
+    return body
+
+
+async def send(client, body: dict, record: RequestRecord) -> None:
+    """Stream one request and fill `record`'s measurements (errors become `record.error`)."""
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                record.error = f"HTTP {resp.status_code}: {_message(text)}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    record.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
+                    return
+                now = time.perf_counter() - t0
+                for choice in chunk.get("choices") or []:
+                    ids = choice.get("token_ids") or []
+                    if ids:
+                        if last is None:
+                            record.ttft_s = now
+                        else:
+                            record.itl_s.append(now - last)
+                        last = now
+                        record.output_tokens += len(ids)
+                spec = chunk.get("speculation")
+                if spec:
+                    record.chain = list(spec.get("chain") or [])
+                    record.k = list(spec.get("k") or [])
+                    record.levels = [{"name": lv.get("name"), "drafted": lv.get("drafted", 0),
+                                      "accepted": lv.get("accepted", 0)} for lv in spec.get("levels") or []]
+                usage = chunk.get("usage")
+                if usage:
+                    record.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        record.e2e_s = last
+        if last is None:
+            record.error = "no token received"
+    except asyncio.CancelledError:
+        record.error = record.error or "cancelled: not finished within the drain time"
+        raise
+    except Exception as exc:  # noqa: BLE001 - every transport failure is one failed request
+        record.error = f"{type(exc).__name__}: {exc}"
+
+
+def _message(text: str) -> str:
+    try:
+        return json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return text[:200]
+
+
+async def run_schedule(client, schedule: list[tuple[float, int]], mode: Mode, prompts: list[tuple[str, str]],
+                       cfg: LoadConfig, process: str, rate: float | list[float],
+                       on_done: Callable[[RequestRecord], None] = lambda r: None) -> tuple[list[RequestRecord], float]:
+    """Send `schedule`'s requests at their times; the records and the wall time of the cell.
+
+    Prompts are drawn by a generator seeded with `cfg.seed`, so every mode of a cell sends
+    the same prompts at the same times.
+    """
+    rng = random.Random(cfg.seed)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    records: list[RequestRecord] = []
+    tasks: list[asyncio.Task] = []
+
+    async def one(record: RequestRecord, body: dict) -> None:
+        try:
+            await send(client, body, record)
+        finally:
+            on_done(record)
+
+    for scheduled, phase in schedule:
+        delay = t0 + scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        domain, text = rng.choice(prompts)
+        r = rate[phase] if isinstance(rate, list) else rate
+        record = RequestRecord(mode=mode.name, process=process, rate=r, scheduled_s=scheduled, domain=domain,
+                               sent_s=loop.time() - t0, phase=phase)
+        records.append(record)
+        tasks.append(asyncio.create_task(one(record, request_body(mode, text, cfg.max_tokens))))
+    if tasks:
+        window = schedule[-1][0] if schedule else 0.0
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + window + cfg.drain_s - loop.time()))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return records, loop.time() - t0
+
+
+async def warm_up(client, modes: list[Mode], prompt: str) -> None:
+    """One short request per mode, so no cell pays for first-use costs."""
+    for mode in modes:
+        await send(client, request_body(mode, prompt, 4), RequestRecord(mode.name, "warmup", 0.0, 0.0))
+
+
+async def run_load(cfg: LoadConfig, progress=None) -> dict:
+    """Every cell, then the phased run. Returns `{"cells": [...], "phased": {...} | None}` with
+    records as `RequestRecord`s; `progress` (a tqdm bar or None) is advanced per request."""
+    import httpx
+
+    check_loopback(cfg.url)
+    modes = [Mode.parse(m, cfg.k) for m in cfg.modes]
+    prompts = prompt_mix(cfg.prompt_chars, cfg.prompts_per_domain, cfg.seed)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    timeout = httpx.Timeout(cfg.drain_s + cfg.duration_s + 60.0, connect=10.0)
+
+    def done(record: RequestRecord) -> None:
+        if progress is not None:
+            progress.update(1)
+
+    out: dict = {"cells": [], "phased": None}
+    async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout, trust_env=False) as client:
+        await warm_up(client, modes if cfg.phased_mode in cfg.modes else modes + [Mode.parse(cfg.phased_mode, cfg.k)],
+                      prompts[0][1])
+        for process, rate, name in cfg.cells():
+            mode = next(m for m in modes if m.name == Mode.parse(name, cfg.k).name)
+            if progress is not None:
+                progress.set_postfix_str(f"{process} {rate:g}/s {mode.name}", refresh=False)
+            records, wall = await run_schedule(client, cfg.schedule(process, rate), mode, prompts, cfg,
+                                               process, rate, done)
+            out["cells"].append({"process": process, "rate": rate, "mode": mode.name, "wall_s": wall,
+                                 "records": records})
+        if cfg.phase_s > 0 and cfg.phased_rates:
+            mode = Mode.parse(cfg.phased_mode, cfg.k)
+            if progress is not None:
+                progress.set_postfix_str(f"phased {'->'.join(f'{r:g}' for r in cfg.phased_rates)}/s {mode.name}",
+                                         refresh=False)
+            records, wall = await run_schedule(client, cfg.phased_schedule(), mode, prompts, cfg, "phased",
+                                               list(cfg.phased_rates), done)
+            out["phased"] = {"mode": mode.name, "rates": list(cfg.phased_rates), "phase_s": cfg.phase_s,
+                             "wall_s": wall, "records": records}
+    return out
+
+
+def planned_requests(cfg: LoadConfig) -> int:
+    """How many requests the run will send (the progress bar's total)."""
+    n = sum(len(cfg.schedule(p, r)) for p, r, _ in cfg.cells())
+    if cfg.phase_s > 0 and cfg.phased_rates:
+        n += len(cfg.phased_schedule())
+    return n
