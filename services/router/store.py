@@ -5,7 +5,8 @@ a writer task flushes them every `flush_interval_s` (or as soon as `batch_rows` 
 one transaction. A row leaves the buffer only once its transaction has committed, so
 while PostgreSQL is down nothing is lost: rows wait and are written when it returns. If
 the buffer is full, the oldest rows are dropped and counted in `dropped` (and logged):
-never silently. `load_recent` reads the newest rows back so a restarted router resumes.
+never silently. A row PostgreSQL itself refuses (a bad value) is dropped, counted in
+`rejected` and logged, so it cannot block the rows behind it. `load_recent` reads the newest rows back so a restarted router resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ TABLES = {"model_profiles": ModelProfile, "pair_stats": PairStat, "decisions": D
 STAMP = {"model_profiles": "recorded_at", "pair_stats": "recorded_at", "decisions": "decided_at"}
 
 
+def _unreachable(exc: Exception) -> bool:
+    """Whether `exc` means PostgreSQL cannot be reached (retry later) rather than a refused row."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError, OperationalError, InterfaceError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    name = type(getattr(exc, "orig", None) or exc).__name__
+    return "Connection" in name or "CannotConnect" in name or "Shutdown" in name
+
+
 class HistoryStore:
     """Buffered writer and reader of the router's tables."""
 
@@ -36,7 +49,8 @@ class HistoryStore:
         self.pending: deque[tuple[int, str, dict]] = deque()
         self.seq = 0
         self.written = 0
-        self.dropped = 0
+        self.dropped = 0  # rows pushed out of a full buffer
+        self.rejected = 0  # rows PostgreSQL refused (bad values): dropped, counted, logged
         self.failures = 0
         self.db_up: bool | None = None
         self.last_error: str | None = None
@@ -63,7 +77,7 @@ class HistoryStore:
 
     def status(self) -> dict:
         return {"buffered": len(self.pending), "written": self.written, "dropped": self.dropped,
-                "failures": self.failures, "database_up": self.db_up, "last_error": self.last_error}
+                "rejected": self.rejected, "failures": self.failures, "database_up": self.db_up, "last_error": self.last_error}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,15 +118,22 @@ class HistoryStore:
         async with self._lock:
             while self.pending:
                 batch = list(self.pending)[: self.batch_rows]
-                by_table: dict[str, list[dict]] = {}
-                for _, table, row in batch:
-                    by_table.setdefault(table, []).append(row)
                 try:
-                    async with self.engine.begin() as conn:
-                        for table, rows in by_table.items():
-                            await conn.execute(insert(TABLES[table].__table__), rows)
+                    await self._write(batch)
                 except Exception as exc:  # PostgreSQL down or restarting: keep the rows, retry later
                     self.failures += 1
+                    if not _unreachable(exc):
+                        # The database answered but refused the batch: find the refused rows,
+                        # drop and count them, so one bad row never blocks the history.
+                        log.warning("PostgreSQL refused a history batch (%s); writing it row by row", exc)
+                        written, refused = await self._write_each(batch)
+                        if refused is None:
+                            return done
+                        self.rejected += refused
+                        self._forget(batch[-1][0])
+                        self.written += written
+                        done += written
+                        continue
                     if self.db_up is not False:
                         log.warning("PostgreSQL unreachable (%s); buffering history (%d rows)",
                                     type(exc).__name__, len(self.pending))
@@ -122,12 +143,38 @@ class HistoryStore:
                 if self.db_up is False:
                     log.info("PostgreSQL back; flushing %d buffered rows", len(self.pending))
                 self.db_up = True
-                last = batch[-1][0]
-                while self.pending and self.pending[0][0] <= last:
-                    self.pending.popleft()
+                self._forget(batch[-1][0])
                 self.written += len(batch)
                 done += len(batch)
         return done
+
+    def _forget(self, last_seq: int) -> None:
+        while self.pending and self.pending[0][0] <= last_seq:
+            self.pending.popleft()
+
+    async def _write(self, batch: list[tuple[int, str, dict]]) -> None:
+        """One transaction; rows of a table share their keys (absent ones are NULL)."""
+        by_table: dict[str, list[dict]] = {}
+        for _, table, row in batch:
+            by_table.setdefault(table, []).append(row)
+        async with self.engine.begin() as conn:
+            for table, rows in by_table.items():
+                keys = set().union(*rows)
+                await conn.execute(insert(TABLES[table].__table__), [{k: r.get(k) for k in keys} for r in rows])
+
+    async def _write_each(self, batch: list[tuple[int, str, dict]]) -> tuple[int, int | None]:
+        """(written, refused) writing one row per transaction; refused None if PostgreSQL went away."""
+        written = refused = 0
+        for item in batch:
+            try:
+                await self._write([item])
+                written += 1
+            except Exception as exc:
+                if _unreachable(exc):
+                    return written, None
+                refused += 1
+                log.warning("history row refused by PostgreSQL and dropped (%s): %s", exc, item[2])
+        return written, refused
 
     # -- reading -------------------------------------------------------------------------
     async def load_recent(self, rows: int) -> dict[str, list[dict]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from shared.cli import config_cmd, engine_cmd, models_cmd, serve_bench, stack_cmd
+from shared.cli import adaptive_bench, config_cmd, engine_cmd, models_cmd, router_cmd, serve_bench, stack_cmd
 
 app = typer.Typer(
     name="specmesh",
@@ -20,6 +20,8 @@ app = typer.Typer(
 stack_cmd.register(app)
 config_cmd.register(app)
 serve_bench.register(engine_cmd.bench_app)
+adaptive_bench.register(engine_cmd.bench_app)
+router_cmd.register(app)
 engine_cmd.register(app)
 app.add_typer(models_cmd.app, name="models", help="Train, list and evaluate the model family.")
 
