@@ -58,21 +58,21 @@ class LoadConfig:
     """One `bench load` run. Times in seconds, SLOs in milliseconds."""
 
     url: str
-    rates: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    rates: list[float] = field(default_factory=lambda: [2.0, 8.0, 16.0, 24.0])
     modes: list[str] = field(default_factory=lambda: [OFF, "drafter,target", "drafter,verifier,target", ADAPTIVE])
     processes: list[str] = field(default_factory=lambda: ["poisson", "gamma"])
     burstiness: float = 0.5            # gamma shape: CV = 1/sqrt(0.5) = 1.41
     duration_s: float = 15.0           # arrival window per cell
-    max_requests: int = 200            # per cell
+    max_requests: int = 500            # per cell
     drain_s: float = 20.0              # longest wait for a cell's last requests
     max_tokens: int = 32
     prompt_chars: int = 200
     prompts_per_domain: int = 16
     k: int = 4
     slo_ttft_ms: float = 300.0
-    slo_tpot_ms: float = 30.0
+    slo_tpot_ms: float = 25.0
     seed: int = 0
-    phased_rates: list[float] = field(default_factory=lambda: [1.0, 8.0, 1.0])
+    phased_rates: list[float] = field(default_factory=lambda: [2.0, 24.0, 2.0])
     phase_s: float = 15.0              # per phase; 0 = no phased run
     phased_mode: str = ADAPTIVE
 

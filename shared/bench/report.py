@@ -56,7 +56,10 @@ def results(raw: dict, cfg, meta: dict) -> dict:
 
 
 def _record(r: RequestRecord, slo: Slo, cell) -> dict:
-    return r.to_dict() | {"slo_met": slo.met(r), "cell": cell}
+    """A record for the document: ITL gaps are summarised per cell, so only their count stays."""
+    d = r.to_dict() | {"slo_met": slo.met(r), "cell": cell, "chunks": len(r.itl_s) + (r.ttft_s is not None)}
+    del d["itl_s"]
+    return d
 
 
 def targets(doc: dict) -> list[dict]:
@@ -261,6 +264,13 @@ def plot_chains(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def to_json(doc: dict) -> str:
+    """The document indented, except its records: one line each (thousands of them)."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "records"}, indent=1)
+    records = ",\n".join(json.dumps(r, separators=(",", ":")) for r in doc.get("records", []))
+    return head[:-2] + f',\n "records": [\n{records}\n ]\n}}\n'
+
+
 def write_report(doc: dict, folder: Path) -> list[Path]:
     """Write results.json, the plots and summary.md into `folder`; the paths written."""
     import matplotlib
@@ -268,7 +278,7 @@ def write_report(doc: dict, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "results.json"]
-    written[0].write_text(json.dumps(doc, indent=1) + "\n")
+    written[0].write_text(to_json(doc))
     images = []
     if doc["cells"]:
         plot_latency(doc, folder / "latency_vs_rate.png")
