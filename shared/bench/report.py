@@ -125,7 +125,10 @@ def markdown(doc: dict, images: list[str]) -> str:
              f"Family **{meta.get('family', '?')}** (the only one trained), "
              f"{meta.get('threads_per_process', '?')} torch thread(s) per model process, device "
              f"{meta.get('device', '?')}, gateway {meta.get('gateway', '?')}, commit {meta.get('commit', '?')}, "
-             f"on {meta.get('cpus', '?')} CPU cores shared with other work.", "",
+             f"on {meta.get('cpus', '?')} CPU cores shared with other work"
+             + (f" (1-minute load average {meta['loadavg_1m_at_start']:.1f} at the start, "
+                f"{meta.get('loadavg_1m_at_end', math.nan):.1f} at the end)" if "loadavg_1m_at_start" in meta else "")
+             + ".", "",
              f"Open-loop arrivals for {cfg['duration_s']:g} s per cell (at most {cfg['max_requests']} requests, "
              f"{cfg['drain_s']:g} s drain), gamma shape {cfg['burstiness']:g}; prompts of {cfg['prompt_chars']} "
              f"characters, code and prose mixed; {cfg['max_tokens']} tokens each, greedy, k = {cfg['k']}. "

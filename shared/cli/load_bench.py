@@ -91,7 +91,8 @@ def _meta(cfg: LoadConfig) -> dict:
     return {"date": now.strftime("%Y-%m-%d"), "started_at": now.isoformat(timespec="seconds"),
             "family": s.models.profile, "threads_per_process": s.engine.threads, "device": s.engine.device,
             "dtype": s.engine.dtype, "runner": s.engine.runner, "gateway": cfg.url, "commit": commit,
-            "cpus": os.cpu_count(), "command": "specmesh " + " ".join(sys.argv[1:])}
+            "cpus": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0],
+            "command": "specmesh " + " ".join(sys.argv[1:])}
 
 
 def measure(cfg: LoadConfig) -> dict:
@@ -111,6 +112,7 @@ def measure(cfg: LoadConfig) -> dict:
     with tqdm(total=planned_requests(cfg), unit="req", desc="bench load", mininterval=1.0, file=sys.stderr) as bar:
         raw = asyncio.run(run_load(cfg, bar))
     meta["finished_at"] = dt.datetime.now().isoformat(timespec="seconds")
+    meta["loadavg_1m_at_end"] = os.getloadavg()[0]
     return results(raw, cfg, meta)
 
 
