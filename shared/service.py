@@ -2,7 +2,9 @@
 
 A service is registered with nats.py's `micro`, so `$SRV.PING.<name>`, `$SRV.INFO.<name>`
 and `$SRV.STATS.<name>` answer for it without code of its own. Subclasses add endpoints
-in `setup` and release resources in `teardown`.
+in `setup` and release resources in `teardown`. The shell also sets up the process's
+tracer provider (`self.tracer_provider`) and Prometheus registry (`self.registry`, served on
+the service's metrics port, announced as `metrics` in the `micro` metadata).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import Service
 
+from shared.metrics import CollectorRegistry, serve_metrics
 from shared.settings import Settings
+from shared.tracing import setup_tracing
 
 VERSION = "0.1.0"
 log = logging.getLogger("specmesh.service")
@@ -56,6 +60,9 @@ class ServiceProcess:
         self.nc: Client | None = None
         self.micro: Service | None = None
         self._stop = asyncio.Event()
+        self.registry = CollectorRegistry()
+        self.tracer_provider = None
+        self.metrics_url = ""
 
     def metadata(self) -> dict[str, str]:
         return {}
@@ -73,9 +80,16 @@ class ServiceProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        self.tracer_provider = setup_tracing(self.settings, self.name)
+        metrics, port = self.settings.metrics, self.settings.metrics.port(self.name)
+        if metrics.enabled and port is not None:
+            port = serve_metrics(self.registry, metrics.host, port)
+            self.metrics_url = f"http://{metrics.host}:{port}/metrics"
+            log.info("%s metrics on %s", self.name, self.metrics_url)
         self.nc = await connect(self.settings, self.name)
+        metadata = self.metadata() | ({"metrics": self.metrics_url} if self.metrics_url else {})
         self.micro = await add_service(
-            self.nc, name=self.name, version=VERSION, description=self.description, metadata=self.metadata(),
+            self.nc, name=self.name, version=VERSION, description=self.description, metadata=metadata,
         )
         try:
             await self.setup()
@@ -85,3 +99,4 @@ class ServiceProcess:
             await self.teardown()
             await self.micro.stop()
             await self.nc.drain()
+            self.tracer_provider.shutdown()  # flushes the spans still batched

@@ -39,11 +39,14 @@ class NatsBackend:
     model_name = "specmesh"
     stall_s = 15.0  # no committed batch for this long: resume the request on another target
 
-    def __init__(self, settings, nc):
+    def __init__(self, settings, nc, tracer_provider=None, metrics=None):
         from shared.models.family import resolve_family
+        from shared.tracing import tracer
 
         self.settings = settings
         self.nc = nc
+        self.tracer = tracer(tracer_provider)  # Generation's spans
+        self.metrics = metrics  # shared.metrics.GatewayMetrics: Generation records latencies
         self.family = resolve_family(settings)
         self.max_context = settings.engine.max_len
         self._tokenizer = None
@@ -91,9 +94,10 @@ class NatsBackend:
         import nats.errors
 
         from shared.messages import SUBJECT_GENERATE, RequestState, decode, encode
+        from shared.tracing import inject
 
         try:
-            msg = await self.nc.request(SUBJECT_GENERATE, encode(job), timeout=5.0)
+            msg = await self.nc.request(SUBJECT_GENERATE, encode(job), timeout=5.0, headers=inject() or None)
         except nats.errors.NoRespondersError:
             raise GenerationError("no target worker is available; retry shortly") from None
         except nats.errors.TimeoutError:

@@ -18,6 +18,7 @@ from services.gateway.backend import GenerationError
 from shared.messages import GenerateJob, Sampling
 from shared.request_class import classify
 from shared.settings import Settings
+from shared.tracing import Status, StatusCode, tracer, use_span
 
 log = logging.getLogger("specmesh.gateway")
 
@@ -123,7 +124,15 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
     lookup = getattr(backend, "assignment", None)
-    assigned = lookup(request_class) if lookup else None
+    with getattr(backend, "tracer", tracer(None)).start_as_current_span("router.assignment") as span:
+        assigned = lookup(request_class) if lookup else None
+        if span.is_recording():
+            table = getattr(backend, "table", None)
+            span.set_attributes({"specmesh.request_class": request_class,
+                                 "specmesh.router.version": getattr(table, "version", -1),
+                                 "specmesh.chain": ",".join(assigned.chain) if assigned else "",
+                                 "specmesh.k": list(assigned.k) if assigned else [],
+                                 "specmesh.router.reason": getattr(assigned, "reason", "") or ""})
     chain, k, threshold = resolve_speculation(req.speculation, backend.chains(), settings, assigned)
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class)
@@ -400,8 +409,10 @@ class Generation:
     """
 
     def __init__(self, backend, job: GenerateJob, stops: Sequence[str], *, timeout_s: float,
-                 started: float | None = None):
+                 started: float | None = None, operation: str = "text_completion"):
         self.backend, self.job = backend, job
+        self.operation = operation  # gen_ai.operation.name of the request's span
+        self.span = None  # the request's span, open while `deltas` runs
         self.started = started if started is not None else time.monotonic()
         self.deadline = self.started + timeout_s
         self.timeout_s = timeout_s
@@ -419,6 +430,7 @@ class Generation:
         return self.outcome
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        self.span = self._open_span()
         batches = self.backend.generate(self.job)
         backend_done = False
         try:
@@ -438,15 +450,20 @@ class Generation:
                         yield Delta(tail, [])
                     self.outcome.text = "".join(self._text)
                     return
+        except BaseException as exc:
+            self._failed(exc)
+            raise
         finally:
             await self._close(batches, cancel=not backend_done)
+            self.span.end()
 
     async def _next(self, batches):
         remaining = self.deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(anext(batches, None), remaining)
+            with use_span(self.span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                return await asyncio.wait_for(anext(batches, None), remaining)  # the backend's NATS work in our span
         except asyncio.TimeoutError:
             raise ApiError(504, f"The generation did not finish within the gateway's {self.timeout_s:g} s timeout; "
                                 f"ask for fewer tokens or retry later.", type="timeout", code="timeout") from None
@@ -502,6 +519,55 @@ class Generation:
             "inter_token_ms": round((last - first) * 1e3 / (n - 1), 3) if first and n > 1 else None,
             "tokens_per_s": round(n / (end - self.started), 3) if end > self.started else None,
         }
+        self._observe(out)
+
+    # -- observability ------------------------------------------------------------------
+    def _open_span(self):
+        """The request's span (GenAI semantic conventions plus `specmesh.*`), under the API's server span."""
+        job, s = self.job, self.job.sampling
+        model = getattr(self.backend, "model_name", "specmesh")
+        attributes = {
+            "gen_ai.operation.name": self.operation, "gen_ai.provider.name": "specmesh", "gen_ai.system": "specmesh",
+            "gen_ai.request.model": model, "gen_ai.request.max_tokens": job.max_tokens,
+            "gen_ai.request.temperature": s.temperature, "gen_ai.request.top_p": s.top_p,
+            "gen_ai.request.top_k": s.top_k, "gen_ai.usage.input_tokens": len(job.prompt),
+            "gen_ai.response.id": job.request_id, "gen_ai.response.model": model,
+            "specmesh.request_id": job.request_id, "specmesh.chain": ",".join(job.chain), "specmesh.k": list(job.k),
+            "specmesh.request_class": job.request_class,
+        }
+        if s.seed is not None:
+            attributes["gen_ai.request.seed"] = s.seed
+        return getattr(self.backend, "tracer", tracer(None)).start_span(f"{self.operation} {model}", attributes=attributes)
+
+    def _observe(self, out: Outcome) -> None:
+        """A finished request: usage and speculation on its span, latencies in the metrics."""
+        levels = out.speculation.get("levels", [])
+        if self.span is not None and self.span.is_recording():
+            self.span.set_attributes({
+                "gen_ai.usage.output_tokens": len(out.token_ids), "gen_ai.response.finish_reasons": [out.finish_reason],
+                "specmesh.chain": ",".join(out.speculation.get("chain", [])),
+                "specmesh.levels": [lv["name"] for lv in levels],
+                "specmesh.drafted": [lv["drafted"] for lv in levels],
+                "specmesh.accepted": [lv["accepted"] for lv in levels],
+                "specmesh.first_token_ms": out.timings.get("first_token_ms") or 0.0,
+            })
+        metrics = getattr(self.backend, "metrics", None)
+        if metrics is not None:
+            metrics.finished(out.timings, out.prompt_tokens, len(out.token_ids), out.finish_reason)
+
+    def _failed(self, exc: BaseException) -> None:
+        """The request ended without finishing: its span says why; an error is counted."""
+        if isinstance(exc, ApiError):
+            self.span.set_status(Status(StatusCode.ERROR, exc.message))
+            self.span.set_attribute("error.type", exc.code or exc.type)
+        elif isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+            self.span.set_attribute("specmesh.cancelled", True)
+            return
+        else:
+            self.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        metrics = getattr(self.backend, "metrics", None)
+        if metrics is not None:
+            metrics.requests.labels("error").inc()
 
     async def _close(self, batches, cancel: bool) -> None:
         """Close the backend's stream and, if it is still generating, cancel it; survives our own cancellation."""

@@ -23,6 +23,7 @@ from services.gateway.generation import (
 from services.gateway.proto import generate_pb2 as pb
 from services.gateway.proto import generate_pb2_grpc as pb_grpc
 from shared.settings import Settings
+from shared.tracing import trace_id
 
 log = logging.getLogger("specmesh.gateway")
 
@@ -103,6 +104,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
     @_replies_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        _trace_metadata(context)
         generation = self._start(request)
         out = await generation.run()
         return pb.GenerateResponse(request_id=generation.job.request_id, text=out.text, token_ids=out.token_ids,
@@ -110,11 +112,19 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
     @_replies_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context):
+        _trace_metadata(context)
         generation = self._start(request)
         request_id = generation.job.request_id
         async for delta in generation.deltas():
             yield pb.GenerateStreamResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids)
         yield pb.GenerateStreamResponse(request_id=request_id, **_summary(generation.outcome))
+
+
+def _trace_metadata(context) -> None:
+    """The request's trace id as trailing metadata `x-trace-id` (`specmesh trace show`)."""
+    tid = trace_id()
+    if tid:
+        context.set_trailing_metadata((("x-trace-id", tid),))
 
 
 def _summary(out: Outcome) -> dict:
@@ -133,12 +143,18 @@ def _summary(out: Outcome) -> dict:
     }
 
 
-async def start_grpc(settings: Settings, backend) -> grpc.aio.Server:
+async def start_grpc(settings: Settings, backend, tracer_provider=None) -> grpc.aio.Server:
     """Serve `TextGeneration` and `grpc.health.v1.Health` on the gateway's gRPC port; returns the started server.
 
-    The bound port is `server.port` (useful when `grpc_port` was 0, as in tests).
+    The bound port is `server.port` (useful when `grpc_port` was 0, as in tests). With a
+    `tracer_provider`, every call is a server span (OpenTelemetry's gRPC instrumentation).
     """
-    server = grpc.aio.server()
+    interceptors = []
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
+    server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_TextGenerationServicer_to_server(TextGeneration(settings, backend), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

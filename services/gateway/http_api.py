@@ -28,6 +28,7 @@ from services.gateway.openai_models import (
 )
 from shared.service import ping
 from shared.settings import SERVICES, Settings
+from shared.tracing import trace_id
 
 log = logging.getLogger("specmesh.gateway")
 
@@ -71,6 +72,14 @@ def create_app(settings: Settings, service) -> FastAPI:
         return {"id": b.model_name, "object": "model", "created": started, "owned_by": "specmesh",
                 "max_model_len": b.max_context}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus metrics of the gateway (latencies, requests, tokens)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        registry = getattr(service, "registry", None)
+        return Response(generate_latest(registry) if registry is not None else b"", media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict:
         """The served model."""
@@ -109,10 +118,12 @@ def create_app(settings: Settings, service) -> FastAPI:
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
         )
-        headers = {"x-request-id": request_id}
+        tid = trace_id()  # the request's trace (`specmesh trace show <request id>`)
+        headers = {"x-request-id": request_id} | ({"x-trace-id": tid} if tid else {})
         try:
             job, stops = plan(b, settings, request)
-            generation = Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived)
+            generation = Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
+                                    operation="chat" if kind == "chat" else "text_completion")
             reply = Reply(kind, request_id, b.model_name, body)
             if body.stream:
                 return await stream(generation, reply, headers)
@@ -122,7 +133,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         except ApiError as exc:
             exc.headers = headers
             raise
-        return JSONResponse(reply.whole(outcome), headers=headers)
+        return JSONResponse(reply.whole(outcome) | ({"trace_id": tid} if tid else {}), headers=headers)
 
     async def stream(generation: Generation, reply: Reply, headers: dict) -> StreamingResponse:
         deltas = generation.deltas()

@@ -21,12 +21,18 @@ class GatewayService(ServiceProcess):
         from services.gateway.backend import NatsBackend
         from services.gateway.grpc_server import start_grpc
 
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        from shared.metrics import GatewayMetrics
+
         cfg = self.settings.gateway
-        self.backend = NatsBackend(self.settings, self.nc)
+        self.backend = NatsBackend(self.settings, self.nc, self.tracer_provider, GatewayMetrics(self.registry))
         self.backend.tokenizer()  # load once, before the first request
         await self.backend.follow_router()
-        self.grpc = await start_grpc(self.settings, self.backend)
-        app = create_app(self.settings, self)
+        self.grpc = await start_grpc(self.settings, self.backend, self.tracer_provider)
+        app = create_app(self.settings, self)  # `/metrics` serves self.registry
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=self.tracer_provider, excluded_urls="health,metrics",
+                                           exclude_spans=["receive", "send"])
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")
         self.http = uvicorn.Server(config)
         self.http.install_signal_handlers = lambda: None  # the service shell owns signals

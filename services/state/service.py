@@ -19,7 +19,9 @@ from shared.messages import (
     SUBJECT_CANCEL, SUBJECT_COMMIT, SUBJECT_STATE_GET, SUBJECT_TOKENS, BadMessage, Cancel, Commit, RequestState,
     StateQuery, TokenBatch, decode, encode, valid_request_id,
 )
+from shared.metrics import StateMetrics
 from shared.service import ServiceProcess
+from shared.tracing import continued, fail, tracer
 
 log = logging.getLogger("specmesh.state")
 
@@ -35,6 +37,8 @@ class StateService(ServiceProcess):
         self.js = self.nc.jetstream()
         self.kv = await self.js.create_key_value(bucket=BUCKET, ttl=TTL_S, history=1)
         self.cache: dict[str, RequestState] = {}
+        self.metrics = StateMetrics(self.registry)
+        self.tracer = tracer(self.tracer_provider)
         await self.micro.add_endpoint(name="commit", subject=SUBJECT_COMMIT, handler=self._on_commit, queue_group="state")
         await self.micro.add_endpoint(name="get", subject=SUBJECT_STATE_GET, handler=self._on_get, queue_group="state")
         self._cancel_sub = await self.nc.subscribe(SUBJECT_CANCEL, cb=self._on_cancel)
@@ -102,7 +106,16 @@ class StateService(ServiceProcess):
             log.error("dropped bad commit: %s", exc)
             await request.respond(encode(RequestState("", found=False, error=f"bad message: {exc}")))
             return
-        state = await self.apply(commit)
+        with continued(self.tracer, "commit", request.headers, attributes={
+                "specmesh.request_id": commit.request_id, "specmesh.epoch": commit.epoch,
+                "specmesh.position": commit.position, "specmesh.tokens": len(commit.tokens),
+                "specmesh.finished": commit.finished}) as span:
+            state = await self.apply(commit)
+            if state.error:
+                fail(span, state.error)
+        self.metrics.commits.labels("refused" if state.error else "accepted").inc()
+        if not state.error:
+            self.metrics.tokens.inc(len(commit.tokens))
         if state.error:
             log.warning("commit %s@%d refused: %s", commit.request_id, commit.position, state.error)
         reply = RequestState(state.request_id, state.epoch, [], [], state.finished, state.found, state.error)

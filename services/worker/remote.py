@@ -21,6 +21,7 @@ from services.worker.level_server import MISSING, unpack_probs
 from shared.engine.runner import Draft, Runner
 from shared.engine.sampling import SamplingParams
 from shared.messages import SUBJECT_LEVEL, BadMessage, LevelCall, LevelItem, LevelReply, Sampling, decode, encode
+from shared.tracing import SpanKind, end, traceparent
 
 log = logging.getLogger("specmesh.remote")
 
@@ -36,7 +37,7 @@ class LevelUnavailable(RuntimeError):
 class RemoteRunner(Runner):
     def __init__(self, model: str, nc, loop: asyncio.AbstractEventLoop, vocab_size: int,
                  epochs: dict[str, int], eos_token_id: int | None = None, max_len: int = 512, timeout_s: float = 10.0,
-                 on_rollback: Callable[[str], None] | None = None):
+                 on_rollback: Callable[[str], None] | None = None, spans=None):
         self.device = torch.device("cpu")
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
@@ -51,6 +52,7 @@ class RemoteRunner(Runner):
         self.mirror: dict[str, list[int]] = {}
         self.wire: dict[str, Sampling] = {}
         self.replica: str | None = None  # sticky replica: its KV holds our requests
+        self.spans = spans  # shared.tracing.RequestSpans of the driver, or None
 
     # -- transport -----------------------------------------------------------------------
     def _request(self, subject: str, call: LevelCall) -> LevelReply:
@@ -72,6 +74,27 @@ class RemoteRunner(Runner):
         return reply
 
     def _call(self, op: str, items: list[LevelItem], want_probs: bool = False) -> LevelReply:
+        """`_exchange`, with a span per traced request whose traceparent rides on its item."""
+        spans = []
+        if self.spans is not None and self.spans.roots:
+            for item in items:
+                span = self.spans.open(item.request_id, f"{op} {self.model}", {
+                    "specmesh.level": self.model, "specmesh.epoch": item.epoch, "specmesh.position": item.position,
+                    "specmesh.tokens": len(item.tokens), "specmesh.batch_size": len(items)}
+                    | ({"specmesh.k": item.k} if op == "propose" else {}), kind=SpanKind.CLIENT)
+                item.trace = traceparent(span)
+                spans.append(span)
+        try:
+            reply = self._exchange(op, items, want_probs)
+        except LevelUnavailable as exc:
+            for span in spans:
+                end(span, str(exc))
+            raise
+        for span, res in zip(spans, reply.results):
+            end(span, replica=reply.worker, length=res.length, returned=len(res.tokens))
+        return reply
+
+    def _exchange(self, op: str, items: list[LevelItem], want_probs: bool = False) -> LevelReply:
         """Send to the sticky replica; on its loss, or a replica without our KV, rebuild on any."""
         call = LevelCall(op, items, want_probs)
         if self.replica is not None:

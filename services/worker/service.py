@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,7 @@ from shared.messages import (
 )
 from shared.service import ServiceProcess
 from shared.settings import Settings
+from shared.tracing import SpanKind, extract, fail, from_traceparent, tracer
 
 log = logging.getLogger("specmesh.worker")
 
@@ -68,6 +70,11 @@ class WorkerService(ServiceProcess):
         from services.worker.level_server import LevelServer
 
         self.level = LevelServer(runner, self.worker)
+        from shared.metrics import LevelMetrics
+
+        self.metrics = LevelMetrics(self.registry)
+        self.metrics.kv.watch(self.model, runner)
+        self.tracer = tracer(self.tracer_provider)
         group = f"{SUBJECT_LEVEL}.{self.model}"
         await self.micro.add_endpoint(name="level", subject=group, handler=self._on_level, queue_group=self.model)
         await self.micro.add_endpoint(name="level-sticky", subject=f"{group}.{self.worker}", handler=self._on_level,
@@ -81,18 +88,46 @@ class WorkerService(ServiceProcess):
             await request.respond(encode(LevelReply(self.worker, [], error=f"bad message: {exc}")))
             return
         loop = asyncio.get_running_loop()
+        started = time.time_ns()
         try:
             reply = await loop.run_in_executor(self.executor, self.level.handle, call)
         except Exception as exc:  # the caller learns why; this replica keeps serving
             log.exception("level call %s failed", call.op)
             reply = LevelReply(self.worker, [], error=f"{type(exc).__name__}: {exc}")
         await request.respond(encode(reply))
+        self._observe_level(call, reply, started)
+
+    def _observe_level(self, call: LevelCall, reply: LevelReply, started: int) -> None:
+        """Metrics of one call, and a span per traced item (children of the driver's, one batch's times)."""
+        done = time.time_ns()
+        self.metrics.calls.labels(self.model, call.op).inc()
+        self.metrics.batch_size.labels(self.model, call.op).observe(len(call.items))
+        self.metrics.seconds.labels(self.model, call.op).observe((done - started) / 1e9)
+        results = {r.request_id: r for r in reply.results}
+        for item in call.items:
+            parent = from_traceparent(item.trace)
+            if parent is None:
+                continue
+            res = results.get(item.request_id)
+            span = self.tracer.start_span(f"{call.op} {self.model}", context=parent, kind=SpanKind.SERVER,
+                                          start_time=started, attributes={
+                                              "specmesh.level": self.model, "specmesh.worker": self.worker,
+                                              "specmesh.epoch": item.epoch, "specmesh.position": item.position,
+                                              "specmesh.batch_size": len(call.items),
+                                              "specmesh.returned": len(res.tokens) if res is not None else 0})
+            error = reply.error or (res.error if res is not None else "no result")
+            if error:
+                fail(span, error)
+            span.end(end_time=done)
 
     # -- target --------------------------------------------------------------------------
     async def _setup_driver(self, runner, loop) -> None:
         from services.worker.driver import Driver
 
-        self.driver = Driver(self.worker, runner, self.nc, loop, self.settings)
+        from shared.metrics import DriverMetrics
+
+        self.driver = Driver(self.worker, runner, self.nc, loop, self.settings, self.tracer_provider,
+                             DriverMetrics(self.registry))
         self.driver.start()
         await self.micro.add_endpoint(name="generate", subject=SUBJECT_GENERATE, handler=self._on_job, queue_group="target")
         self._cancel_sub = await self.nc.subscribe(SUBJECT_CANCEL, cb=self._on_cancel)
@@ -104,7 +139,7 @@ class WorkerService(ServiceProcess):
             log.error("dropped bad job: %s", exc)
             await request.respond(encode(RequestState("", found=False, error=f"bad message: {exc}")))
             return
-        self.driver.submit(job)
+        self.driver.submit(job, extract(request.headers))
         await request.respond(encode(RequestState(job.request_id)))
 
     async def _on_cancel(self, msg) -> None:
