@@ -107,8 +107,8 @@ def test_jsonl_exporter_writes_a_tree_trace_show_reads(tmp_path):
     tracer = tp.get_tracer("t")
     with tracer.start_as_current_span("POST /v1/completions"):
         with tracer.start_as_current_span("text_completion specmesh", attributes={"specmesh.request_id": "cmpl-1"}):
-            with tracer.start_as_current_span("step", attributes={"specmesh.k": [3, 3], "specmesh.epoch": 2}):
-                pass
+            with tracer.start_as_current_span("step", attributes={"specmesh.k": [3, 3], "specmesh.epoch": 2}) as step:
+                step.add_event("rollback verifier", {"specmesh.level": "verifier", "specmesh.length": 9})
     (tmp_path / "gateway.jsonl").open("a").write('{"torn": ')  # a live file's unfinished last line
     spans = read_spans(tmp_path)
     assert len(spans) == 3 and {s["service"] for s in spans} == {"gateway"}
@@ -118,6 +118,7 @@ def test_jsonl_exporter_writes_a_tree_trace_show_reads(tmp_path):
         (0, "POST /v1/completions"), (1, "text_completion specmesh"), (2, "step")]
     text = render(spans)
     assert "    step  k=3,3 epoch=2" in text and text.startswith(f"trace {tid}")
+    assert "      · rollback verifier  length=9" in text
 
 
 def test_setup_tracing_once_per_process(tmp_path):
@@ -202,6 +203,9 @@ def test_one_generation_is_one_trace(stack):
             assert parent(s)["name"] == "commit" and parent(s)["service"] == "target"
         if s["name"] == "propose drafter-code" and s["service"] == "target":
             assert 1 <= s["attributes"]["specmesh.k"] <= 3 and "specmesh.epoch" in s["attributes"]
+    rolled = any(lv["accepted"] < lv["drafted"] for lv in out["speculation"]["levels"])
+    events = [e for s in steps for e in s["events"] if e["name"].startswith("rollback ")]
+    assert (events or not rolled) and all("specmesh.epoch" in e["attributes"] for e in events)
     commits = [s for s in spans if s["service"] == "state"]
     assert sum(s["attributes"]["specmesh.tokens"] for s in commits) == out["usage"]["completion_tokens"]
 

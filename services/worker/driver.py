@@ -118,14 +118,16 @@ class Driver:
         self.epochs[request_id] = self.epochs.get(request_id, 0) + 1
 
     def _rolled_back(self, model: str, request_id: str) -> None:
-        """A lower level's cache was rolled back: a new epoch (remote levels), a count and a span."""
+        """A level's cache was rolled back: a new epoch (remote levels), a count, an event in the trace."""
         if model != "target":
             self._bump(request_id)
         if self.metrics is not None:
             self.metrics.rollbacks.labels(model).inc()
-        runner = self.target if model == "target" else self.remotes[model]
-        end(self.spans.open(request_id, f"rollback {model}", {"specmesh.level": model}),
-            epoch=self.epochs.get(request_id, 0), length=runner.length(request_id))
+        span = self.spans.span(request_id)  # an event on the step's span: cheaper than a span of its own
+        if span.is_recording():
+            runner = self.target if model == "target" else self.remotes[model]
+            span.add_event(f"rollback {model}", {"specmesh.level": model, "specmesh.epoch": self.epochs.get(request_id, 0),
+                                                 "specmesh.length": runner.length(request_id)})
 
     def _available(self, names: tuple[str, ...]) -> tuple[str, ...]:
         now = time.monotonic()

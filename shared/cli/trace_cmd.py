@@ -71,6 +71,11 @@ def render(spans: list[dict], attributes: bool = False) -> str:
         status = f"  ERROR: {s.get('error') or ''}" if s.get("status") == "ERROR" else ""
         lines.append(f"{(s['start_ns'] - t0) / 1e6:9.2f} {(s['end_ns'] - s['start_ns']) / 1e6:8.2f}  "
                      f"{s['service']:<9} {'  ' * depth}{s['name']}  {extra}{status}".rstrip())
+        for event in s.get("events", []):  # rollbacks are events of the step's span
+            detail = " ".join(f"{k.split('.', 1)[-1]}={_short(v)}" for k, v in event.get("attributes", {}).items()
+                              if k != "specmesh.level")
+            lines.append(f"{(event['ns'] - t0) / 1e6:9.2f} {'':>8}  {s['service']:<9} {'  ' * (depth + 1)}"
+                         f"· {event['name']}  {detail}".rstrip())
     return "\n".join(lines)
 
 
