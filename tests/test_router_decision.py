@@ -215,9 +215,15 @@ def test_calibration_scales_the_prediction():
     est = synthetic(PROFILE, ALPHAS)
     raw = predict(("drafter-code", "target"), (3,), "code-short", est, calibrated=False)
     for _ in range(50):
-        est.observe_calibration("code-short", ("drafter-code", "target"), raw.model_ms * 2, raw.model_ms)
+        est.observe_calibration(("drafter-code", "target"), 1.0, raw.model_ms * 2, raw.model_ms)
     cal = predict(("drafter-code", "target"), (3,), "code-short", est)
     assert cal.calibration == pytest.approx(2.0, rel=0.05) and cal.ms_per_token == pytest.approx(2 * raw.model_ms, rel=0.05)
+    # a chain not measured at this load borrows the measured chains' ratio; another load is separate
+    assert predict(("verifier", "target"), (2,), "code-short", est).calibration == pytest.approx(2.0, rel=0.05)
+    for _ in range(50):
+        est.observe_calibration(("drafter-code", "target"), 16.0, raw.model_ms * 3, raw.model_ms)
+    assert est.calibration_ratio(("drafter-code", "target"), 16.0) == pytest.approx(3.0, rel=0.05)
+    assert est.calibration_ratio(("drafter-code", "target"), 1.0) == pytest.approx(2.0, rel=0.05)
 
 
 def test_prediction_levels_explain_their_inputs():

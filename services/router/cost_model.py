@@ -11,7 +11,7 @@ model's step time at that many tokens (grows with load; the target alone writes 
 remote level costs one NATS round trip per call (a middle level's score, the bottom
 proposer's call of k drafts); a bottom proposer that drafts on a fraction p of rounds (an
 n-gram finds no match) yields `E' = 1 + p (E(a, k) - 1)` and costs `p k tau_1`. The
-prediction is then scaled by the (class, chain) calibration from realised TPOT.
+prediction is then scaled by the (chain, load) calibration from realised TPOT.
 """
 
 from __future__ import annotations
@@ -89,5 +89,5 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
                           "expected_tokens": round(expected_tokens(alpha, ks[i]), 4)})
         levels.append(entry)
     model_ms = tau(steps, alphas, list(ks), rates)
-    factor = estimates.calibration_for(request_class, chain).ratio if calibrated else 1.0
+    factor = estimates.calibration_ratio(chain, batch) if calibrated else 1.0
     return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, levels)

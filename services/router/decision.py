@@ -116,7 +116,7 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                     specialist=specialist(request_class, estimates, available=available))
     if explore_rate > 0 and rng is not None and len(ranking) > 1 and rng.random() < explore_rate:
         others = [p for p in ranking if p.chain != winner.chain]
-        seen = {p.chain: estimates.calibration_for(request_class, p.chain).observations for p in others}
+        seen = {p.chain: estimates.calibration_for(p.chain, batch).observations for p in others}
         fewest = min(seen.values())
         pick = rng.choice([p for p in others if seen[p.chain] == fewest])
         choice.winner, choice.reason, choice.explored = pick, "explore", True

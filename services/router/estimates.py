@@ -13,8 +13,9 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
   weighted least squares `ms = a + b * tokens` over the recent samples (SpecServe's
   `T_verify(B * (k + 1))`), a size-based prior until samples arrive;
 - the current load: requests live on each target worker;
-- calibration: realised TPOT over the cost model's prediction per (class, chain), which
-  absorbs what the formula leaves out (driver overhead per round, commits).
+- calibration: realised TPOT over the cost model's prediction per (chain, load bucket),
+  which absorbs what the formula leaves out (driver overhead per round, commits); a chain
+  not yet measured at this load borrows the mean ratio of the chains that were.
 """
 
 from __future__ import annotations
@@ -162,9 +163,14 @@ def prior_step_ms(params: int | None) -> float:
     return 0.6 + params * 4 / 6e6
 
 
+def load_bucket(batch: float) -> int:
+    """Load buckets for calibration: batch 1, 2, 3-5, 6-11, 12 and more."""
+    return 0 if batch < 1.5 else 1 if batch < 2.5 else 2 if batch < 5.5 else 3 if batch < 11.5 else 4
+
+
 @dataclass
 class Calibration:
-    """Realised TPOT over predicted TPOT for one (class, chain), decayed; 1 until measured."""
+    """Realised TPOT over predicted TPOT for one (chain, load bucket), decayed."""
 
     ratio_sum: float = 0.0
     weight: float = 0.0
@@ -180,9 +186,8 @@ class Calibration:
         self.tpot_ms = realised_ms if self.tpot_ms is None else 0.8 * self.tpot_ms + 0.2 * realised_ms
         self.observations += 1
 
-    @property
-    def ratio(self) -> float:
-        return (self.ratio_sum + 1.0) / (self.weight + 1.0)  # one pseudo-observation at 1
+    def ratio(self, prior: float = 1.0) -> float:
+        return (self.ratio_sum + prior) / (self.weight + 1.0)  # one pseudo-observation at the prior
 
 
 class Estimates:
@@ -198,7 +203,7 @@ class Estimates:
         self.acceptance: dict[tuple[str, str, str], Acceptance] = {}
         self.draft_rates: dict[tuple[str, str], DraftRate] = {}
         self.steps: dict[str, StepTime] = {}
-        self.calibration: dict[tuple[str, tuple[str, ...]], Calibration] = {}
+        self.calibration: dict[tuple[tuple[str, ...], int], Calibration] = {}
         self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
         self.outcomes = 0
         self.profiles = 0
@@ -228,11 +233,22 @@ class Estimates:
     def step_ms(self, model: str, tokens: float) -> float:
         return self.step(model).ms(tokens)
 
-    def calibration_for(self, request_class: str, chain: tuple[str, ...]) -> Calibration:
-        key = (request_class, tuple(canonical(c) for c in chain))
+    def calibration_for(self, chain: tuple[str, ...], batch: float) -> Calibration:
+        key = (tuple(canonical(c) for c in chain), load_bucket(batch))
         if key not in self.calibration:
             self.calibration[key] = Calibration()
         return self.calibration[key]
+
+    def calibration_ratio(self, chain: tuple[str, ...], batch: float) -> float:
+        """This chain's realised/predicted at this load; its prior is the mean over measured chains here."""
+        bucket = load_bucket(batch)
+        here = [c for (ch, b), c in self.calibration.items() if b == bucket and c.weight > 0]
+        if here:
+            prior = sum(c.ratio_sum for c in here) / sum(c.weight for c in here)
+        else:
+            mine = [c for (ch, b), c in self.calibration.items() if ch == tuple(chain) and c.weight > 0]
+            prior = sum(c.ratio_sum for c in mine) / sum(c.weight for c in mine) if mine else 1.0
+        return self.calibration_for(chain, batch).ratio(prior)
 
     def batch(self, now: float | None = None) -> float:
         """Mean requests live per busy target worker (1 when idle)."""
@@ -285,9 +301,8 @@ class Estimates:
         for step in profile.steps:
             self.observe_step(step)
 
-    def observe_calibration(self, request_class: str, chain: tuple[str, ...], realised_ms: float,
-                            predicted_ms: float) -> None:
-        self.calibration_for(request_class, chain).observe(realised_ms, predicted_ms)
+    def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float) -> None:
+        self.calibration_for(chain, batch).observe(realised_ms, predicted_ms)
 
     # -- reporting -----------------------------------------------------------------------
     def summary(self) -> dict:
@@ -301,4 +316,7 @@ class Estimates:
             "acceptance": {f"{p}->{v}@{c}": {"alpha": round(a.alpha, 4), "observations": a.observations,
                                               "drafted": a.drafted_total, "per_position": a.per_position()}
                            for (p, v, c), a in sorted(self.acceptance.items()) if a.observations},
+            "calibration": {f"{','.join(ch)}@bucket{b}": {"ratio": round(c.ratio(), 4), "observations": c.observations,
+                                                         "tpot_ms": None if c.tpot_ms is None else round(c.tpot_ms, 3)}
+                            for (ch, b), c in sorted(self.calibration.items()) if c.observations},
         }

@@ -68,9 +68,10 @@ class Router:
     def on_outcome(self, outcome: Outcome) -> None:
         self.estimates.observe_outcome(outcome)
         chain = tuple(canonical(c) for c in outcome.chain)
-        raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, calibrated=False).model_ms
+        batch = self.estimates.batch()
+        raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
         if outcome.tokens >= 2 and outcome.tpot_ms > 0:
-            self.estimates.observe_calibration(outcome.request_class, chain, outcome.tpot_ms, raw)
+            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw)
         if self.store is None:
             return
         for level in outcome.levels:
@@ -93,7 +94,7 @@ class Router:
             "tokens_per_s": outcome.tokens / (outcome.duration_ms / 1e3) if outcome.duration_ms > 0 else None,
             "ttft_ms": outcome.ttft_ms, "tpot_ms": outcome.tpot_ms,
             "slo_met": (outcome.tpot_ms <= slo) if slo else None, "reason": "outcome",
-            "version": self.version or None, "duration_ms": outcome.duration_ms,
+            "version": self.version or None, "duration_ms": outcome.duration_ms, "batch_mean": batch,
         })
 
     def on_profile(self, profile: StepProfile) -> None:
@@ -128,7 +129,7 @@ class Router:
         for row in history.get("decisions", []):
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
                     and (row.get("tokens") or 0) >= 2:
-                self.estimates.observe_calibration(row["request_class"], tuple(row["chain"].split(",")),
+                self.estimates.observe_calibration(tuple(row["chain"].split(",")), row.get("batch_mean") or 1.0,
                                                    row["tpot_ms"], row["predicted_ms_per_token"])
                 n += 1
         return n

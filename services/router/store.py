@@ -27,15 +27,19 @@ STAMP = {"model_profiles": "recorded_at", "pair_stats": "recorded_at", "decision
 
 
 def _unreachable(exc: Exception) -> bool:
-    """Whether `exc` means PostgreSQL cannot be reached (retry later) rather than a refused row."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    """Whether `exc` means "retry later" (PostgreSQL down, restarting, a dropped connection)
+    rather than "this row is refused" (a bad value, a constraint): only the latter drops rows."""
+    from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError, StatementError
 
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError, OperationalError, InterfaceError)):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    name = type(getattr(exc, "orig", None) or exc).__name__
-    return "Connection" in name or "CannotConnect" in name or "Shutdown" in name
+    if isinstance(exc, (DataError, IntegrityError, ProgrammingError)):
+        return False
+    if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
+        return False  # refused before reaching the database (e.g. a value that cannot be bound)
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    if isinstance(state, str) and state[:2] in ("22", "23", "42"):
+        return False  # SQLSTATE data exception, integrity violation, syntax or undefined object
+    return True
 
 
 class HistoryStore:
@@ -130,6 +134,7 @@ class HistoryStore:
                         if refused is None:
                             return done
                         self.rejected += refused
+                        self.db_up = True
                         self._forget(batch[-1][0])
                         self.written += written
                         done += written

@@ -64,11 +64,11 @@ def format_explanation(data: dict, show_all: bool = False) -> str:
         win = choice["winner"]
         lines += ["", f"[{cls}] -> {win['chain']} k={win['k']}  {win['ms_per_token']:.3f} ms/token  ({choice['reason']})",
                   f"  why: {choice['why']}", f"  specialist drafter: {choice.get('specialist')}",
-                  f"  {'chain':<34}{'k':<12}{'ms/token':>9}{'model':>8}{'calib':>7}  inputs (t ms per forward, a acceptance)"]
+                  f"  {'chain':<36}{'k':<12}{'ms/token':>9}{'model':>8}{'calib':>7}  inputs (t ms per forward, a acceptance)"]
         rows = choice["candidates"] if show_all else choice["candidates"][:8]
         for c in rows:
             mark = "*" if c["chain"] == win["chain"] and c["k"] == win["k"] else " "
-            lines.append(f" {mark}{c['chain']:<34}{str(c['k']):<12}{c['ms_per_token']:>9.3f}{c['model_ms']:>8.3f}"
+            lines.append(f" {mark}{c['chain']:<36}{str(c['k']):<12}{c['ms_per_token']:>9.3f}{c['model_ms']:>8.3f}"
                          f"{c['calibration']:>7.2f}  {_levels(c)}")
         if not show_all and len(choice["candidates"]) > len(rows):
             lines.append(f"  ... {len(choice['candidates']) - len(rows)} more chains (--all)")

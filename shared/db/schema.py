@@ -79,3 +79,4 @@ class Decision(Base):
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)  # load when the outcome arrived
