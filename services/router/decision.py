@@ -10,8 +10,9 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    B (k + 1) tokens grows and the target alone wins);
 3. CoSine's specialist: among the drafters, the one with the best measured acceptance on
    the class is the one whose chains predict cheapest (the ranking says which);
-4. exploration: with probability `explore_rate` per class and interval, a random other
-   candidate (the least observed chain first) is assigned instead, reason `explore`.
+4. exploration: with probability `explore_rate` per class and interval, another candidate
+   predicted within 2x of the winner (the least observed chain at this load first) is
+   assigned instead for that interval, reason `explore`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from services.router.cost_model import Prediction, predict
 from services.router.estimates import canonical
 
 TARGET_ALONE = ("target",)
+EXPLORE_WITHIN = 2.0  # explore only chains predicted within this factor of the winner
 
 
 def served_chains() -> list[tuple[str, ...]]:
@@ -114,8 +116,10 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         why += slo_note or f"; meets the {slo_tpot_ms:g} ms TPOT objective"
     choice = Choice(request_class, winner, reason, why, best=winner, ranking=ranking,
                     specialist=specialist(request_class, estimates, available=available))
+    others = []
     if explore_rate > 0 and rng is not None and len(ranking) > 1 and rng.random() < explore_rate:
-        others = [p for p in ranking if p.chain != winner.chain]
+        others = [p for p in ranking if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token]
+    if others:
         seen = {p.chain: estimates.calibration_for(p.chain, batch).observations for p in others}
         fewest = min(seen.values())
         pick = rng.choice([p for p in others if seen[p.chain] == fewest])
