@@ -64,7 +64,7 @@ class StateService(ServiceProcess):
         state = await self.load(rid)
         if state is None:
             if commit.position != 0:
-                return RequestState(rid, found=False, error=f"unknown request; first commit must be at position 0")
+                return RequestState(rid, found=False, error="unknown request; first commit must be at position 0")
             state = RequestState(rid, commit.epoch, list(commit.prompt), [])
         if commit.epoch < state.epoch:
             return RequestState(rid, state.epoch, committed=[], error=f"stale epoch {commit.epoch} < {state.epoch}")

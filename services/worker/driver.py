@@ -18,27 +18,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.engine.build import parse_chain
+from shared.engine.build import canonical, parse_chain
 from shared.engine.chain import Chain
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
-from shared.engine.stats import LevelStats
-from shared.messages import (
-    SUBJECT_COMMIT, SUBJECT_OUTCOME, SUBJECT_PROFILE, SUBJECT_TOKENS, Commit, GenerateJob, LevelOutcome, ModelStep,
-    Outcome, RequestState, StepProfile, TokenBatch, decode, encode, valid_request_id,
-)
+from shared.messages import Commit, GenerateJob, TokenBatch, valid_request_id
+from services.worker import feedback, observe
+from services.worker.committer import Committer
 from services.worker.remote import LevelUnavailable, RemoteRunner
-from shared.tracing import RequestSpans, SpanKind, end, inject, tracer
+from shared.tracing import RequestSpans, end, tracer
 
 log = logging.getLogger("specmesh.driver")
 
 TERM = 1 << 20  # epoch = term * TERM + rollbacks within the term; a resumed request starts a new term
 DOWN_FOR_S = 5.0
-
-
-def canonical(name: str) -> str:
-    return "drafter-code" if name == "drafter" else name
 
 
 @dataclass
@@ -75,7 +69,7 @@ class Driver:
         self.arrivals: dict[str, tuple] = {}  # request id -> (trace context, arrival ns), from submit
         self.metrics = metrics  # shared.metrics.DriverMetrics or None
         self.committer = Committer(nc, worker, loop, tracer(tracer_provider))
-        self._observe_target()
+        observe.observe_target(self)
         self._last_profile = time.perf_counter()
         self._profiled: dict[str, tuple[int, float, int]] = {}
         self._batch_sum = self._batch_steps = 0  # requests per chain step, over the profile interval
@@ -167,22 +161,22 @@ class Driver:
                     continue
                 self._batch_sum += len(chain.requests)
                 self._batch_steps += 1
-                steps = self._open_steps(key, chain)
+                steps = observe.open_steps(self, key, chain)
                 try:
                     finished = chain.step()
                 except LevelUnavailable as exc:
-                    self._close_steps(steps, str(exc))
+                    observe.close_steps(self, steps, str(exc))
                     self._level_lost(key, exc)
                     continue
                 except Exception as exc:  # a bug must fail the requests, never hang them
-                    self._close_steps(steps, f"internal error: {exc}")
+                    observe.close_steps(self, steps, f"internal error: {exc}")
                     log.exception("step of chain %s failed", ",".join(key))
                     for rid in list(chain.requests):
                         self._fail(rid, f"internal error: {exc}")
                     continue
                 self._publish(key, finished)
-                self._close_steps(steps)
-            self._profile()
+                observe.close_steps(self, steps)
+            feedback.profile(self)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -216,7 +210,7 @@ class Driver:
             self._reject(msg, str(exc))
             return
         job = Job(msg, key, done=list(msg.committed))
-        self._trace_admission(msg)
+        observe.trace_admission(self, msg)
         # A resumed request starts a new term, so a presumed-dead driver's commits are fenced off.
         self.epochs[msg.request_id] = (msg.epoch // TERM + 1) * TERM if msg.committed or msg.epoch else 0
         self.jobs[msg.request_id] = job
@@ -270,7 +264,7 @@ class Driver:
             # The failed step emitted nothing: the request's output so far is all committed.
             job.done += req.output[: job.sent]
             job.sent = 0
-            job.levels = self._merged(job, req)
+            job.levels = feedback.merged(job, req)
             chain.release(rid)
             self._add(job)
 
@@ -293,12 +287,12 @@ class Driver:
         reason = None
         if req.done:
             reason = "length" if position + len(new) >= job.msg.max_tokens else "stop"
-        merged = self._merged(job, req)
+        merged = feedback.merged(job, req)
         stats = {"chain": list(job.chain_key), "k": list(req.k),
                  "levels": [{"name": st.name, "drafted": st.drafted, "accepted": st.accepted,
                              "accepted_per_pos": list(st.accepted_per_pos)}
                             for st in merged.values()]}
-        self._count(job, merged, len(new))
+        observe.count(self, job, merged, len(new))
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),
                                      prompt=job.msg.prompt if position == 0 else [],
                                      finished=req.done, worker=self.worker, finish_reason=reason, stats=stats),
@@ -306,170 +300,8 @@ class Driver:
         if job.first_token is None and new:
             job.first_token = time.perf_counter()
         if req.done:
-            self._outcome(job, req, stats, reason)
+            feedback.outcome(self, job, req, stats, reason)
             self._finish(rid)
-
-    def _outcome(self, job: Job, req, stats: dict, reason: str | None) -> None:
-        """Tell the router how the finished request went."""
-        now = time.perf_counter()
-        tokens = len(job.done) + job.sent
-        ttft = ((job.first_token or now) - job.started) * 1e3
-        duration = (now - job.started) * 1e3
-        key = job.chain_key
-        above = {name: key[i + 1] for i, name in enumerate(key[:-1])}
-        levels = [LevelOutcome(canonical(lv["name"]), canonical(above.get(lv["name"], "target")), lv["drafted"], lv["accepted"],
-                               list(st.drafted_per_pos), lv["accepted_per_pos"])
-                  for lv, st in zip(stats["levels"], self._merged(job, req).values())]
-        outcome = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
-                          len(job.msg.prompt), round(ttft, 3), round((duration - ttft) / max(tokens - 1, 1), 3),
-                          round(duration, 3), levels, reason or "", self.worker)
-        self._send(SUBJECT_OUTCOME, outcome, self.spans.roots.get(job.msg.request_id))
-
-    def _send(self, subject: str, message, trace=None) -> None:
-        data = encode(message)
-        headers = inject(trace) if trace is not None else None
-
-        async def publish() -> None:
-            try:
-                await self.nc.publish(subject, data, headers=headers)
-            except Exception as exc:  # feedback is best effort: the router also learns from the next one
-                log.debug("feedback to %s not sent: %s", subject, exc)
-
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(publish()))
-
-    def _profile(self) -> None:
-        """Every second: each model's forwards, seconds and tokens since the last report."""
-        now = time.perf_counter()
-        interval = now - self._last_profile
-        if interval < 1.0:
-            return
-        self._last_profile = now
-        runners = {"target": self.target} | {name: r for name, r in self.remotes.items()}
-        batch = self._batch_sum / self._batch_steps if self._batch_steps else 0.0
-        self._batch_sum = self._batch_steps = 0
-        steps = []
-        for name, runner in runners.items():
-            totals = (runner.forwards, runner.forward_s, runner.forward_tokens)
-            before = self._profiled.get(name, (0, 0.0, 0))
-            self._profiled[name] = totals
-            forwards = totals[0] - before[0]
-            if forwards > 0:
-                steps.append(ModelStep(name, str(getattr(runner, "device", "cpu")), forwards,
-                                       round(totals[1] - before[1], 6), totals[2] - before[2], round(batch, 3)))
-        if steps:
-            self._send(SUBJECT_PROFILE, StepProfile(self.worker, round(interval, 3), len(self.jobs), len(self.waiting), steps))
-
-    @staticmethod
-    def _merged(job: Job, req) -> dict:
-        """The request's per-level stats so far, across every chain it ran on."""
-        out = {name: LevelStats(name) for name in job.levels}
-        for part in (job.levels, req.stats):
-            for name, st in part.items():
-                acc = out.setdefault(name, LevelStats(name))
-                acc.drafted += st.drafted
-                acc.accepted += st.accepted
-                for attr in ("accepted_per_pos", "drafted_per_pos"):
-                    mine, theirs = getattr(acc, attr), getattr(st, attr)
-                    mine.extend([0] * (len(theirs) - len(mine)))
-                    for j, x in enumerate(theirs):
-                        mine[j] += x
-        return out
-
-    # -- observability: spans of traced requests, metrics ---------------------------------
-    def _observe_target(self) -> None:
-        """Spans around the local target's prefill and score, and its rollbacks counted.
-
-        The chains call the target runner directly; its methods are wrapped on this instance
-        only (nothing changes in what they do).
-        """
-        if not self.spans.enabled and self.metrics is None:
-            return
-        target = self.target
-        if self.metrics is not None:
-            self.metrics.waiting.set_function(lambda: len(self.waiting))
-            self.metrics.live.set_function(lambda: len(self.jobs))
-            self.metrics.kv.watch("target", target)
-        prefill, score, rollback = target.prefill, target.score, target.rollback
-
-        def traced_prefill(request_id, tokens, *args, **kwargs):
-            span = self.spans.open(request_id, "prefill target", {"specmesh.level": "target", "specmesh.tokens": len(tokens)})
-            try:
-                return prefill(request_id, tokens, *args, **kwargs)
-            finally:
-                end(span)
-
-        def traced_score(request_ids, chunks):
-            spans = [self.spans.open(rid, "score target", {"specmesh.level": "target", "specmesh.tokens": len(c),
-                                                           "specmesh.position": target.length(rid),
-                                                           "specmesh.batch_size": len(request_ids)})
-                     for rid, c in zip(request_ids, chunks)] if self.spans.roots else []
-            try:
-                return score(request_ids, chunks)
-            finally:
-                for span in spans:
-                    end(span)
-
-        def counted_rollback(request_id, length):
-            before = target.length(request_id)
-            rollback(request_id, length)
-            if length < before:
-                self._rolled_back("target", request_id)
-
-        target.prefill, target.score, target.rollback = traced_prefill, traced_score, counted_rollback
-
-    def _trace_admission(self, msg: GenerateJob) -> None:
-        """Start tracing a traced request: a `queue` span from its arrival to its admission."""
-        arrival = self.arrivals.pop(msg.request_id, None)
-        if arrival is None or not self.spans.start(msg.request_id, arrival[0]):
-            return
-        span = self.spans.open(msg.request_id, "queue", {"specmesh.request_id": msg.request_id,
-                                                         "specmesh.waiting": len(self.waiting)},
-                               kind=SpanKind.CONSUMER, start_time=arrival[1])
-        end(span, worker=self.worker, live=len(self.jobs))
-
-    def _open_steps(self, key: tuple[str, ...], chain: Chain) -> dict:
-        """Before a chain step: the batch counted, and a `step` span per traced request."""
-        live = [rid for rid, r in chain.requests.items() if not r.done]
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(live))
-            self.metrics.steps.inc()
-        steps = {}
-        for rid in live:
-            job = self.jobs.get(rid)
-            if job is None:
-                continue
-            job.steps += 1
-            if not self.spans.traced(rid):
-                continue
-            span = self.spans.open(rid, "step", {"specmesh.chain": ",".join(key), "specmesh.step": job.steps,
-                                                 "specmesh.batch_size": len(live),
-                                                 "specmesh.epoch": self.epochs.get(rid, 0)})
-            steps[rid] = (span, self.spans.enter(rid, span))
-        return steps
-
-    def _close_steps(self, steps: dict, error: str | None = None) -> None:
-        for rid, (span, previous) in steps.items():
-            self.spans.leave(rid, previous)
-            end(span, error, epoch_end=self.epochs.get(rid))
-
-    def _count(self, job: Job, merged: dict, emitted: int) -> None:
-        """Add the request's new speculation stats to the counters and to its open span."""
-        drafted, accepted, levels = [], [], []
-        for name, st in merged.items():
-            level = canonical(name)
-            before = job.counted.get(name, (0, 0, 0, []))
-            drafts = st.drafted_per_pos[0] if st.drafted_per_pos else 0
-            per_pos = [n - (before[3][j] if j < len(before[3]) else 0) for j, n in enumerate(st.accepted_per_pos)]
-            if self.metrics is not None:
-                self.metrics.add(level, drafts - before[0], st.drafted - before[1], st.accepted - before[2], per_pos)
-            drafted.append(st.drafted - before[1])
-            accepted.append(st.accepted - before[2])
-            levels.append(level)
-            job.counted[name] = (drafts, st.drafted, st.accepted, list(st.accepted_per_pos))
-        span = self.spans.span(job.msg.request_id)
-        if span.is_recording():
-            span.set_attributes({"specmesh.emitted": emitted, "specmesh.levels": levels,
-                                 "specmesh.drafted": drafted, "specmesh.accepted": accepted})
 
     def _finish(self, rid: str) -> None:
         self.spans.forget(rid)
@@ -494,71 +326,3 @@ class Driver:
     def _reject(self, msg: GenerateJob, error: str) -> None:
         self.committer.error(TokenBatch(msg.request_id, msg.epoch, len(msg.committed), [], True, "error", error,
                                         worker=self.worker))
-
-
-class Committer:
-    """Sends each request's commits to the state service in order, retrying until it answers."""
-
-    def __init__(self, nc, worker: str, loop: asyncio.AbstractEventLoop, tracer_=None):
-        self.nc = nc
-        self.worker = worker
-        self.loop = loop
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.tracer = tracer_ or tracer(None)
-
-    def commit(self, commit: Commit, trace=None) -> None:
-        """Queue `commit`; `trace`: the context its `commit` span continues (None: no span)."""
-        self.loop.call_soon_threadsafe(self._enqueue, commit, trace)
-
-    def error(self, batch: TokenBatch) -> None:
-        self.loop.call_soon_threadsafe(
-            lambda: asyncio.ensure_future(self.nc.publish(f"{SUBJECT_TOKENS}.{batch.request_id}", encode(batch))))
-
-    def _enqueue(self, commit: Commit, trace=None) -> None:
-        q = self.queues.get(commit.request_id)
-        if q is None:
-            q = self.queues[commit.request_id] = asyncio.Queue()
-            asyncio.ensure_future(self._sender(commit.request_id, q))
-        q.put_nowait((commit, trace))
-
-    async def _sender(self, rid: str, q: asyncio.Queue) -> None:
-        while True:
-            commit, trace = await q.get()
-            span = self._span(commit, trace)
-            headers = inject(self.trace_context(span)) if span is not None else None
-            delay = 0.05
-            deadline = time.monotonic() + 120
-            error = None
-            while True:
-                try:
-                    msg = await self.nc.request(SUBJECT_COMMIT, encode(commit), timeout=2.0, headers=headers)
-                    state = decode(msg.data, RequestState)
-                    if state.error:
-                        log.warning("commit of %s refused: %s", rid, state.error)
-                        error = state.error
-                    break
-                except Exception as exc:  # state down or restarting: keep the commit, try again
-                    if time.monotonic() > deadline:
-                        log.error("commit of %s lost after 120s: %s", rid, exc)
-                        error = f"lost after 120s: {exc}"
-                        break
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-            end(span, error)
-            if commit.finished:
-                self.queues.pop(rid, None)
-                return
-
-    def _span(self, commit: Commit, trace):
-        if trace is None:
-            return None
-        return self.tracer.start_span("commit", context=trace, kind=SpanKind.CLIENT, attributes={
-            "specmesh.request_id": commit.request_id, "specmesh.epoch": commit.epoch,
-            "specmesh.position": commit.position, "specmesh.tokens": len(commit.tokens),
-            "specmesh.finished": commit.finished})
-
-    @staticmethod
-    def trace_context(span):
-        from opentelemetry.trace import set_span_in_context
-
-        return set_span_in_context(span)

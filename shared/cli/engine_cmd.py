@@ -129,8 +129,6 @@ def bench_engine(
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Measure transformers assisted generation on the drafter/target pair."),
 ) -> None:
     """Greedy: target alone, each chain, and transformers assisted generation (batch 1)."""
-    import torch
-
     from shared.engine.stats import theoretical_speedup
 
     n_threads = _threads(threads)

@@ -17,6 +17,11 @@ from shared.engine.runner import Runner, load_runner
 CHAIN_NAMES = ("ngram", "target", "verifier", "drafter", "drafter-code", "drafter-prose")
 
 
+def canonical(name: str) -> str:
+    """The family member a chain name stands for (`drafter` is `drafter-code`)."""
+    return "drafter-code" if name == "drafter" else name
+
+
 def parse_chain(spec: str | Sequence[str]) -> list[str]:
     """Validated level names, bottom first, from `"a,b,c"` or a list."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [n.strip() for n in spec]
@@ -30,8 +35,8 @@ def parse_chain(spec: str | Sequence[str]) -> list[str]:
         raise ValueError("'ngram' can only be the first (bottom) level of a chain")
     if names[-1] == "ngram":
         raise ValueError("the last level of a chain must be a model (usually 'target')")
-    canonical = ["drafter-code" if n == "drafter" else n for n in names]
-    if len(set(canonical)) != len(canonical):
+    members = [canonical(n) for n in names]
+    if len(set(members)) != len(members):
         raise ValueError(f"a model appears twice in chain {','.join(names)}")
     return names
 
@@ -49,7 +54,7 @@ class RunnerPool:
         return Path(self.family.path(name))
 
     def get(self, name: str) -> Runner:
-        name = "drafter-code" if name == "drafter" else name
+        name = canonical(name)
         if name not in self._runners:
             self._runners[name] = load_runner(self.path(name), self.kind, self.device, self.dtype, self.max_batch, self.max_len)
         return self._runners[name]

@@ -1,0 +1,80 @@
+"""Commits of verified tokens to the state service: in order per request, retried until answered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from shared.messages import SUBJECT_COMMIT, SUBJECT_TOKENS, Commit, RequestState, TokenBatch, decode, encode
+from shared.tracing import SpanKind, end, inject, tracer
+
+log = logging.getLogger("specmesh.driver")
+
+
+class Committer:
+    """Sends each request's commits to the state service in order, retrying until it answers."""
+
+    def __init__(self, nc, worker: str, loop: asyncio.AbstractEventLoop, tracer_=None):
+        self.nc = nc
+        self.worker = worker
+        self.loop = loop
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.tracer = tracer_ or tracer(None)
+
+    def commit(self, commit: Commit, trace=None) -> None:
+        """Queue `commit`; `trace`: the context its `commit` span continues (None: no span)."""
+        self.loop.call_soon_threadsafe(self._enqueue, commit, trace)
+
+    def error(self, batch: TokenBatch) -> None:
+        self.loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(self.nc.publish(f"{SUBJECT_TOKENS}.{batch.request_id}", encode(batch))))
+
+    def _enqueue(self, commit: Commit, trace=None) -> None:
+        q = self.queues.get(commit.request_id)
+        if q is None:
+            q = self.queues[commit.request_id] = asyncio.Queue()
+            asyncio.ensure_future(self._sender(commit.request_id, q))
+        q.put_nowait((commit, trace))
+
+    async def _sender(self, rid: str, q: asyncio.Queue) -> None:
+        while True:
+            commit, trace = await q.get()
+            span = self._span(commit, trace)
+            headers = inject(self.trace_context(span)) if span is not None else None
+            delay = 0.05
+            deadline = time.monotonic() + 120
+            error = None
+            while True:
+                try:
+                    msg = await self.nc.request(SUBJECT_COMMIT, encode(commit), timeout=2.0, headers=headers)
+                    state = decode(msg.data, RequestState)
+                    if state.error:
+                        log.warning("commit of %s refused: %s", rid, state.error)
+                        error = state.error
+                    break
+                except Exception as exc:  # state down or restarting: keep the commit, try again
+                    if time.monotonic() > deadline:
+                        log.error("commit of %s lost after 120s: %s", rid, exc)
+                        error = f"lost after 120s: {exc}"
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            end(span, error)
+            if commit.finished:
+                self.queues.pop(rid, None)
+                return
+
+    def _span(self, commit: Commit, trace):
+        if trace is None:
+            return None
+        return self.tracer.start_span("commit", context=trace, kind=SpanKind.CLIENT, attributes={
+            "specmesh.request_id": commit.request_id, "specmesh.epoch": commit.epoch,
+            "specmesh.position": commit.position, "specmesh.tokens": len(commit.tokens),
+            "specmesh.finished": commit.finished})
+
+    @staticmethod
+    def trace_context(span):
+        from opentelemetry.trace import set_span_in_context
+
+        return set_span_in_context(span)

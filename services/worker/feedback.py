@@ -1,0 +1,90 @@
+"""What the target's driver tells the router: each finished request's outcome, step profiles.
+
+Best effort, off the token path: a lost message costs the router one sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from shared.engine.build import canonical
+from shared.engine.stats import LevelStats
+from shared.messages import SUBJECT_OUTCOME, SUBJECT_PROFILE, LevelOutcome, ModelStep, Outcome, StepProfile, encode
+from shared.tracing import inject
+
+if TYPE_CHECKING:
+    from services.worker.driver import Job
+
+log = logging.getLogger("specmesh.driver")
+
+
+def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
+    """Tell the router how the finished request went."""
+    now = time.perf_counter()
+    tokens = len(job.done) + job.sent
+    ttft = ((job.first_token or now) - job.started) * 1e3
+    duration = (now - job.started) * 1e3
+    key = job.chain_key
+    above = {name: key[i + 1] for i, name in enumerate(key[:-1])}
+    levels = [LevelOutcome(canonical(lv["name"]), canonical(above.get(lv["name"], "target")), lv["drafted"], lv["accepted"],
+                           list(st.drafted_per_pos), lv["accepted_per_pos"])
+              for lv, st in zip(stats["levels"], merged(job, req).values())]
+    outcome = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
+                      len(job.msg.prompt), round(ttft, 3), round((duration - ttft) / max(tokens - 1, 1), 3),
+                      round(duration, 3), levels, reason or "", driver.worker)
+    send(driver, SUBJECT_OUTCOME, outcome, driver.spans.roots.get(job.msg.request_id))
+
+
+def send(driver, subject: str, message, trace=None) -> None:
+    data = encode(message)
+    headers = inject(trace) if trace is not None else None
+
+    async def publish() -> None:
+        try:
+            await driver.nc.publish(subject, data, headers=headers)
+        except Exception as exc:  # feedback is best effort: the router also learns from the next one
+            log.debug("feedback to %s not sent: %s", subject, exc)
+
+    driver.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(publish()))
+
+
+def profile(driver) -> None:
+    """Every second: each model's forwards, seconds and tokens since the last report."""
+    now = time.perf_counter()
+    interval = now - driver._last_profile
+    if interval < 1.0:
+        return
+    driver._last_profile = now
+    runners = {"target": driver.target} | {name: r for name, r in driver.remotes.items()}
+    batch = driver._batch_sum / driver._batch_steps if driver._batch_steps else 0.0
+    driver._batch_sum = driver._batch_steps = 0
+    steps = []
+    for name, runner in runners.items():
+        totals = (runner.forwards, runner.forward_s, runner.forward_tokens)
+        before = driver._profiled.get(name, (0, 0.0, 0))
+        driver._profiled[name] = totals
+        forwards = totals[0] - before[0]
+        if forwards > 0:
+            steps.append(ModelStep(name, str(getattr(runner, "device", "cpu")), forwards,
+                                   round(totals[1] - before[1], 6), totals[2] - before[2], round(batch, 3)))
+    if steps:
+        send(driver, SUBJECT_PROFILE, StepProfile(driver.worker, round(interval, 3), len(driver.jobs), len(driver.waiting), steps))
+
+
+def merged(job: Job, req) -> dict:
+    """The request's per-level stats so far, across every chain it ran on."""
+    out = {name: LevelStats(name) for name in job.levels}
+    for part in (job.levels, req.stats):
+        for name, st in part.items():
+            acc = out.setdefault(name, LevelStats(name))
+            acc.drafted += st.drafted
+            acc.accepted += st.accepted
+            for attr in ("accepted_per_pos", "drafted_per_pos"):
+                mine, theirs = getattr(acc, attr), getattr(st, attr)
+                mine.extend([0] * (len(theirs) - len(mine)))
+                for j, x in enumerate(theirs):
+                    mine[j] += x
+    return out
