@@ -28,7 +28,6 @@ COLUMNS = {
         sa.Column("reason", sa.String(32), nullable=True),
         sa.Column("version", sa.BigInteger(), nullable=True),
         sa.Column("duration_ms", sa.Float(), nullable=True),
-        sa.Column("batch_mean", sa.Float(), nullable=True),
     ],
 }
 

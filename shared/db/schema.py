@@ -1,7 +1,7 @@
 """Tables the router keeps: model profiles, pair statistics, decisions and their outcomes.
 
 Alembic migrations under `migrations/` create exactly these tables (0001: the tables,
-0002: the columns the router needs to resume its estimates); `tests/test_router_store.py`
+0002-0003: the columns the router needs to resume its estimates); `tests/test_router_store.py`
 checks that the two agree.
 """
 
@@ -79,4 +79,4 @@ class Decision(Base):
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
-    batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)  # load when the outcome arrived
+    batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0003: load when the outcome arrived
