@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 
 from services.router.cost_model import Prediction, predict
-from services.router.estimates import canonical
+from shared.engine.build import canonical
 
 TARGET_ALONE = ("target",)
 EXPLORE_WITHIN = 2.0  # explore only chains predicted within this factor of the winner

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.engine.build import canonical
 from shared.messages import LevelOutcome, ModelStep, Outcome, StepProfile
 
 NEUTRAL_ALPHA = 0.5
@@ -32,11 +33,6 @@ PRIOR_TRIALS = 20.0  # the prior weighs like this many draft positions
 NGRAM_DRAFT_RATE = 0.5
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
-
-
-def canonical(name: str) -> str:
-    """The model behind a chain level's name (`drafter` is `drafter-code`)."""
-    return "drafter-code" if name == "drafter" else name
 
 
 def conditional_counts(level: LevelOutcome) -> tuple[float, float]:

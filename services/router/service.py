@@ -21,7 +21,8 @@ import time
 
 from services.router.cost_model import predict
 from services.router.decision import Choice, decide, served_chains
-from services.router.estimates import Estimates, canonical
+from services.router.estimates import Estimates
+from shared.engine.build import canonical
 from services.router.store import HistoryStore
 from shared.messages import (
     SUBJECT_ASSIGNMENTS, SUBJECT_EXPLAIN, SUBJECT_OUTCOME, SUBJECT_PROFILE, Assignment, Assignments, BadMessage,
@@ -29,6 +30,7 @@ from shared.messages import (
 )
 from shared.request_class import CLASSES
 from shared.service import ServiceProcess
+from shared.tracing import SpanKind, continued, tracer
 
 log = logging.getLogger("specmesh.router")
 DEFAULT_CLASS = "default"
@@ -218,9 +220,15 @@ class RouterService(ServiceProcess):
 
     async def _on_outcome(self, msg) -> None:
         try:
-            self.router.on_outcome(decode(msg.data, Outcome))
+            outcome = decode(msg.data, Outcome)
         except BadMessage as exc:
             log.warning("bad outcome: %s", exc)
+            return
+        # The driver sends the request's trace context: the feedback joins the request's trace.
+        with continued(tracer(self.tracer_provider), "router.feedback", msg.headers, kind=SpanKind.CONSUMER,
+                       attributes={"specmesh.request_id": outcome.request_id,
+                                   "specmesh.chain": ",".join(outcome.chain)}):
+            self.router.on_outcome(outcome)
 
     async def _on_profile(self, msg) -> None:
         try:
