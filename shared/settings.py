@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPECMESH_", env_nested_delimiter="__", extra="ignore")
 
     run_dir: Path = Field(Path(".run"), description="Pid files, logs, server data and `.run/env`.")
+    replicas: dict[str, int] = Field(default_factory=dict, description="Processes per service under `make up`, e.g. `SPECMESH_REPLICAS__TARGET=2` (default 1 each).")
     log_level: str = Field("INFO", description="Python logging level.")
     nats: NatsSettings = NatsSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -147,6 +148,16 @@ class Settings(BaseSettings):
     tracing: TracingSettings = TracingSettings()
     metrics: MetricsSettings = MetricsSettings()
     router: RouterSettings = RouterSettings()
+
+    @field_validator("replicas")
+    @classmethod
+    def _known_services(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"replicas of unknown service(s) {unknown}; services: {', '.join(SERVICES)}")
+        if any(n < 1 for n in value.values()):
+            raise ValueError("replicas must be >= 1")
+        return value
 
     @field_validator("run_dir")
     @classmethod

@@ -21,8 +21,9 @@ def settings_table() -> list[tuple[str, str, str]]:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name.upper()}__")
                 continue
-            default = field.default
-            rows.append((f"{prefix}{name.upper()}", "" if default is None else str(default), field.description or ""))
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default is None or default == {} else str(default)
+            rows.append((f"{prefix}{name.upper()}", shown, field.description or ""))
 
     walk(Settings, "SPECMESH_")
     return rows

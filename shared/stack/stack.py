@@ -41,6 +41,14 @@ class Stack:
         self.postgres = PostgresServer(settings)
 
     # -- services ------------------------------------------------------------------------
+    def instances(self) -> list[tuple[str, str]]:
+        """(instance, service) for every process to run: `target`, `target-2`, ... per replica."""
+        out = []
+        for service in SERVICES:
+            n = self.settings.replicas.get(service, 1)
+            out += [(service if i == 1 else f"{service}-{i}", service) for i in range(1, n + 1)]
+        return out
+
     def service_command(self, name: str) -> list[str]:
         return [sys.executable, "-m", "shared.cli.main", "serve", name]
 
@@ -50,12 +58,13 @@ class Stack:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def ensure_service(self, name: str) -> bool:
-        """Start `name` unless its recorded process is alive; True if it had to start it."""
-        pidfile = PidFile(self.run_dir, name)
+    def ensure_service(self, instance: str, service: str | None = None) -> bool:
+        """Start `instance` (of `service`) unless its recorded process is alive; True if it had to."""
+        pidfile = PidFile(self.run_dir, instance)
         if pidfile.live():
             return False
-        record = spawn(name, self.service_command(name), self.run_dir / "logs" / f"{name}.log", env=self.service_env())
+        command = self.service_command(service or instance)
+        record = spawn(instance, command, self.run_dir / "logs" / f"{instance}.log", env=self.service_env())
         pidfile.write(record)
         return True
 
@@ -110,9 +119,9 @@ class Stack:
         upgrade(self.settings)
         say(f"models: profile {self.settings.models.profile} (trained on first use)")
         resolve_family(self.settings)
-        for name in SERVICES:
-            if self.ensure_service(name):
-                say(f"{name}: starting")
+        for instance, service in self.instances():
+            if self.ensure_service(instance, service):
+                say(f"{instance}: starting")
         up = asyncio.run(self._pings(list(SERVICES), timeout_s))
         missing = [name for name, ok in up.items() if not ok]
         if missing:
@@ -139,7 +148,7 @@ class Stack:
             now = time.monotonic()
             steps = [(server.name, lambda s=server: None if s.pidfile.live() else bool(s.ensure()))
                      for server in (self.nats, self.postgres)]
-            steps += [(name, lambda n=name: self.ensure_service(n)) for name in SERVICES]
+            steps += [(inst, lambda i=inst, s=svc: self.ensure_service(i, s)) for inst, svc in self.instances()]
             for name, ensure in steps:
                 if now < next_try.get(name, 0.0):
                     continue
@@ -165,7 +174,9 @@ class Stack:
             shutil.rmtree(path, ignore_errors=True)
 
     def down(self, say=print) -> None:
-        for name in (SUPERVISOR, *reversed(SERVICES)):
+        servers = {self.nats.name, self.postgres.name}
+        recorded = sorted(p.stem for p in (self.run_dir / "pids").glob("*.json") if p.stem not in servers | {SUPERVISOR})
+        for name in (SUPERVISOR, *recorded):  # every process a pid file records, replicas of past configs too
             pidfile = PidFile(self.run_dir, name)
             record = pidfile.live()
             if record:
@@ -185,10 +196,10 @@ class Stack:
             record = server.pidfile.live()
             rows.append(Row(server.name, record.pid if record else None,
                             "up" if record and server.healthy() else ("starting" if record else "down")))
-        for name in SERVICES:
-            record = PidFile(self.run_dir, name).live()
-            state = "up" if pings.get(name) else ("no ping" if record else "down")
-            rows.append(Row(name, record.pid if record else None, state))
+        for instance, service in self.instances():
+            record = PidFile(self.run_dir, instance).live()
+            state = "up" if record and pings.get(service) else ("no ping" if record else "down")
+            rows.append(Row(instance, record.pid if record else None, state))
         record = PidFile(self.run_dir, SUPERVISOR).live()
         rows.append(Row(SUPERVISOR, record.pid if record else None, "up" if record else "down"))
         return rows
