@@ -132,3 +132,75 @@ def test_postgres_stopped_and_started(stack, prompts, reference):
     results = run_with_fault(settings, prompts, stop_and_start)
     assert [t for t, _ in results] == reference
     assert wait_until(lambda: healthy(settings), 120, 0.5)
+
+
+@pytest.fixture(scope="module")
+def two_targets(tmp_path_factory):
+    """A second stack whose target runs as two replicas."""
+    from shared.settings import Settings
+    from tests.stack_fixtures import specmesh, stack_env
+
+    env = stack_env(tmp_path_factory.mktemp("two-targets") / ".run") | {"SPECMESH_REPLICAS__TARGET": "2"}
+    try:
+        specmesh(env, "up", timeout=900)
+        saved = {k: os.environ.get(k) for k in env if k.startswith("SPECMESH_")}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("SPECMESH_")})
+        try:
+            yield Settings()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    finally:
+        specmesh(env, "down", "--purge", check=False)
+
+
+def test_kill_9_of_one_of_two_targets(two_targets, prompts, reference):
+    """Requests on the killed replica resume on the other from their committed tokens."""
+    settings = two_targets
+    results = run_with_fault(settings, prompts, lambda: kill(settings, "target-2"))
+    check(results, reference)
+    assert wait_until(lambda: healthy(settings), 120, 0.5)
+
+
+def test_abandoned_requests_free_their_kv(stack, prompts):
+    """Clients that hang up mid-stream leave no KV behind at any level (read from /metrics)."""
+    from shared.service import connect, ping
+
+    _, settings = stack
+
+    async def metrics_urls() -> dict[str, str]:
+        nc = await connect(settings, "test-kv")
+        try:
+            return {name: (await ping(nc, name, 2.0))["metadata"]["metrics"] for name in ("drafter", "verifier", "target")}
+        finally:
+            await nc.close()
+
+    def kv_bytes(urls) -> dict[str, float]:
+        out = {}
+        for name, url in urls.items():
+            for line in httpx.get(url, timeout=5).text.splitlines():
+                if line.startswith("specmesh_kv_cache_bytes_in_use{"):
+                    out[line.split('model="')[1].split('"')[0] + "@" + name] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    held: dict[str, float] = {}
+
+    async def abandon():
+        async with httpx.AsyncClient(base_url=settings.gateway.http_url, timeout=60) as client:
+            async def one(p, measure: bool):
+                body = {"model": "specmesh", "prompt": p, "max_tokens": 200, "temperature": 0, "stream": True,
+                        "speculation": {"chain": CHAIN, "k": 3}}
+                async with client.stream("POST", "/v1/completions", json=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data: {"):
+                            if measure:  # while this request is live, its KV is counted
+                                held.update(await asyncio.get_running_loop().run_in_executor(None, kv_bytes, urls))
+                            return  # hang up after the first chunk
+
+            await asyncio.gather(*(one(p, i == 0) for i, p in enumerate(prompts)))
+
+    urls = asyncio.run(metrics_urls())
+    asyncio.run(abandon())
+    assert any(v > 0 for v in held.values()), held
+    assert wait_until(lambda: all(v == 0 for v in kv_bytes(urls).values()), 30, 0.5), kv_bytes(urls)
+    assert kv_bytes(urls), "no KV gauges found"
