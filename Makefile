@@ -21,8 +21,8 @@ setup: $(BIN)/python ## Create .venv and install SpecMesh with dev extras and th
 	$(BIN)/pip install -q -e '.[dev]'
 	@$(SPECMESH) --help >/dev/null && echo "setup done: $(SPECMESH)"
 
-up: ## Start NATS, PostgreSQL and every service on loopback; returns once healthy
-	$(SPECMESH) up
+up: ## Start NATS, PostgreSQL and every service on loopback; returns once healthy (dev mode: no API keys)
+	SPECMESH_GATEWAY__DEV_MODE=$${SPECMESH_GATEWAY__DEV_MODE:-true} $(SPECMESH) up
 
 down: ## Stop exactly what `make up` started
 	$(SPECMESH) down

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROLES = ("drafter", "verifier", "target")
@@ -36,14 +36,14 @@ class DatabaseSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address PostgreSQL listens on.")
     port: int = Field(15432, ge=1, le=65535, description="PostgreSQL port (not 5432).")
     user: str = Field("specmesh", description="Database role the services use.")
-    password: str = Field("specmesh", description="Password of that role.")
+    password: SecretStr = Field(SecretStr("specmesh"), description="Password of that role (never printed).")
     name: str = Field("specmesh", description="Database name.")
     os_user: str = Field("nobody", description="Unprivileged OS user that runs the server when started as root.")
     url: str | None = Field(None, description="SQLAlchemy URL to use instead of the local server.")
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.url or f"postgresql+asyncpg://{self.user}:{self.password}@{self.host}:{self.port}/{self.name}"
+        return self.url or f"postgresql+asyncpg://{self.user}:{self.password.get_secret_value()}@{self.host}:{self.port}/{self.name}"
 
 
 class GatewaySettings(BaseModel):
@@ -53,6 +53,8 @@ class GatewaySettings(BaseModel):
     port: int = Field(18000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     grpc_port: int = Field(18001, ge=1, le=65535, description="gRPC port.")
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a single generation may take.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description='Accepted API keys, a JSON list (`["sk-..."]`); clients send `Authorization: Bearer <key>`.')
+    dev_mode: bool = Field(False, description="Accept requests without an API key (development only; `make up` turns it on and says so).")
 
     @property
     def http_url(self) -> str:

@@ -91,8 +91,9 @@ class FakeBackend:
 
 
 def make_settings(**gateway) -> Settings:
+    """Gateway settings for tests: dev mode (no API keys) unless the test says otherwise."""
     s = Settings()
-    return s.model_copy(update={"gateway": s.gateway.model_copy(update=gateway)})
+    return s.model_copy(update={"gateway": s.gateway.model_copy(update={"dev_mode": True} | gateway)})
 
 
 @pytest.fixture

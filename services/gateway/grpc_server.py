@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from services.gateway.auth import ApiKeys, GrpcAuth
 from services.gateway.generation import (
     REQUEST_ID, ApiError, Generation, GenerationRequest, Outcome, SpeculationRequest, invalid, plan,
 )
@@ -149,7 +150,7 @@ async def start_grpc(settings: Settings, backend, tracer_provider=None) -> grpc.
     The bound port is `server.port` (useful when `grpc_port` was 0, as in tests). With a
     `tracer_provider`, every call is a server span (OpenTelemetry's gRPC instrumentation).
     """
-    interceptors = []
+    interceptors = [GrpcAuth(ApiKeys(settings))]
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.auth import ApiKeys, http_middleware
 from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, plan, render_chat, unavailable
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelList,
@@ -51,6 +52,7 @@ def create_app(settings: Settings, service) -> FastAPI:
     app = FastAPI(title="SpecMesh", version="0.1.0",
                   description="OpenAI-compatible API over multi-level speculative decoding.")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.middleware("http")(http_middleware(ApiKeys(settings)))
     _install_error_handlers(app)
     started = int(time.time())
 

@@ -192,7 +192,7 @@ class PostgresServer:
     def _ensure_database(self) -> None:
         cfg = self.settings.database
         user = cfg.user.replace('"', "")
-        password = cfg.password.replace("'", "''")
+        password = cfg.password.get_secret_value().replace("'", "''")
         if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{user}'"):
             self.psql(f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'")
         if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{cfg.name}'"):

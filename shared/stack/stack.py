@@ -131,6 +131,10 @@ class Stack:
             raise RuntimeError(f"gateway not healthy at {self.settings.gateway.http_url}/health; see logs")
         self.ensure_supervisor()
         env = self.write_env()
+        if self.settings.gateway.dev_mode:
+            say("dev mode: the gateway accepts requests without an API key (SPECMESH_GATEWAY__DEV_MODE=true)")
+        elif not self.settings.gateway.api_keys:
+            say("warning: no API keys configured (SPECMESH_GATEWAY__API_KEYS): every API request will be refused")
         say(f"SpecMesh is up: {self.settings.gateway.http_url}  (URLs in {env})")
 
     def ensure_supervisor(self) -> None:
