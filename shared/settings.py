@@ -91,6 +91,7 @@ class SpeculationSettings(BaseModel):
     k: int = Field(4, ge=0, le=16, description="Default tokens proposed per verification at each level.")
     confidence_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Stop drafting below this confidence.")
     lenient: float = Field(1.0, ge=1.0, description="Middle-level leniency (1 = exact).")
+    lookahead: bool = Field(False, description="Remote proposers draft the next round while the level above verifies (pays when each level has its own device).")
 
 
 class RouterSettings(BaseModel):

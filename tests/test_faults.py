@@ -136,11 +136,13 @@ def test_postgres_stopped_and_started(stack, prompts, reference):
 
 @pytest.fixture(scope="module")
 def two_targets(tmp_path_factory):
-    """A second stack whose target runs as two replicas."""
+    """A second stack whose target runs as two replicas, with drafting ahead on."""
     from shared.settings import Settings
     from tests.stack_fixtures import specmesh, stack_env
 
-    env = stack_env(tmp_path_factory.mktemp("two-targets") / ".run") | {"SPECMESH_REPLICAS__TARGET": "2"}
+    # Drafting ahead is on here, so its path meets concurrency and a failover too.
+    env = stack_env(tmp_path_factory.mktemp("two-targets") / ".run") | {"SPECMESH_REPLICAS__TARGET": "2",
+                                                                        "SPECMESH_SPECULATION__LOOKAHEAD": "true"}
     try:
         specmesh(env, "up", timeout=900)
         saved = {k: os.environ.get(k) for k in env if k.startswith("SPECMESH_")}
@@ -204,3 +206,16 @@ def test_abandoned_requests_free_their_kv(stack, prompts):
     assert any(v > 0 for v in held.values()), held
     assert wait_until(lambda: all(v == 0 for v in kv_bytes(urls).values()), 30, 0.5), kv_bytes(urls)
     assert kv_bytes(urls), "no KV gauges found"
+
+
+def test_drafting_ahead_gives_identical_output(two_targets, prompts, reference):
+    """With look-ahead on, every chain still reproduces target-only decoding."""
+    async def go(chain):
+        async with httpx.AsyncClient(base_url=two_targets.gateway.http_url, timeout=180) as client:
+            bodies = [{"model": "specmesh", "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,
+                       "return_token_ids": True, "speculation": {"chain": chain, "k": 3}} for p in prompts]
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+            return [r.json()["choices"][0]["token_ids"] for r in replies]
+
+    for chain in ("drafter,target", "drafter,verifier,target", "ngram,drafter,target"):
+        assert asyncio.run(go(chain)) == reference, chain

@@ -104,7 +104,7 @@ class Driver:
             self.remotes[model] = RemoteRunner(
                 model, self.nc, self.loop, self.target.vocab_size, self.epochs, self.target.eos_token_id,
                 max_len=self.settings.engine.max_len, on_rollback=lambda rid, m=model: self._rolled_back(m, rid),
-                spans=self.spans,
+                spans=self.spans, lookahead=self.settings.speculation.lookahead,
             )
         return self.remotes[model]
 

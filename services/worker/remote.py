@@ -37,7 +37,7 @@ class LevelUnavailable(RuntimeError):
 class RemoteRunner(Runner):
     def __init__(self, model: str, nc, loop: asyncio.AbstractEventLoop, vocab_size: int,
                  epochs: dict[str, int], eos_token_id: int | None = None, max_len: int = 512, timeout_s: float = 10.0,
-                 on_rollback: Callable[[str], None] | None = None, spans=None):
+                 on_rollback: Callable[[str], None] | None = None, spans=None, lookahead: bool = False):
         self.device = torch.device("cpu")
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
@@ -53,6 +53,9 @@ class RemoteRunner(Runner):
         self.wire: dict[str, Sampling] = {}
         self.replica: str | None = None  # sticky replica: its KV holds our requests
         self.spans = spans  # shared.tracing.RequestSpans of the driver, or None
+        self.lookahead = lookahead  # draft the next round while the level above verifies
+        self.ahead: dict[str, tuple] = {}  # request id -> (item, future reply, index in it)
+        self.ahead_used = 0
 
     # -- transport -----------------------------------------------------------------------
     def _request(self, subject: str, call: LevelCall) -> LevelReply:
@@ -148,16 +151,69 @@ class RemoteRunner(Runner):
         n = len(request_ids)
         ks = [k] * n if isinstance(k, int) else list(k)
         ths = [confidence_threshold] * n if isinstance(confidence_threshold, (int, float)) else list(confidence_threshold)
-        items = [self._item(r, f, kk, t) for r, f, kk, t in zip(request_ids, feeds, ks, ths)]
         want = self._want_probs(request_ids)
-        reply = self._call("propose", items, want)
-        drafts = []
-        for rid, feed, res in zip(request_ids, feeds, reply.results):
-            self.mirror[rid] = (self.mirror[rid] + list(feed) + res.tokens)[: res.length]
-            probs = unpack_probs(res.probs, res.rows, self.vocab_size) if want else self._onehot(res.tokens)
-            drafts.append(Draft(res.tokens, probs, res.confidence))
-        self._account(reply, sum(len(f) for f in feeds) + sum(len(d.tokens) for d in drafts))
-        return drafts
+        drafts: dict[str, Draft] = {}
+        for rid, feed, kk, th in zip(request_ids, feeds, ks, ths):
+            ahead = self._take_ahead(rid, feed, kk, th, want)
+            if ahead is not None:
+                drafts[rid] = ahead
+        todo = [(r, f, kk, t) for r, f, kk, t in zip(request_ids, feeds, ks, ths) if r not in drafts]
+        if todo:
+            reply = self._call("propose", [self._item(r, f, kk, t) for r, f, kk, t in todo], want)
+            for (rid, feed, _, _), res in zip(todo, reply.results):
+                self.mirror[rid] = (self.mirror[rid] + list(feed) + res.tokens)[: res.length]
+                probs = unpack_probs(res.probs, res.rows, self.vocab_size) if want else self._onehot(res.tokens)
+                drafts[rid] = Draft(res.tokens, probs, res.confidence)
+            self._account(reply, sum(len(t[1]) for t in todo) + sum(len(drafts[t[0]].tokens) for t in todo))
+        out = [drafts[rid] for rid in request_ids]
+        if self.lookahead:
+            self._draft_ahead(request_ids, out, ks, ths, want)
+        return out
+
+    # -- drafting ahead while the level above verifies -----------------------------------
+    def _draft_ahead(self, request_ids, drafts: list[Draft], ks, ths, want: bool) -> None:
+        """Ask the replica for the next k + 1 tokens as if every draft were accepted; don't wait.
+
+        The level above then verifies while this replica drafts. If it accepts all k drafts
+        and its bonus token is the first of these, the next `propose` is already answered
+        (the other k tokens); otherwise they are dropped: the next call's position moves the
+        replica's cache back, and nothing drafted ahead is ever used under a stale context.
+        """
+        if self.replica is None:
+            return
+        items = [LevelItem(rid, self.epochs.get(rid, 0), len(self.mirror[rid]), [d.tokens[-1]], kk + 1, th)
+                 for rid, d, kk, th in zip(request_ids, drafts, ks, ths) if kk > 0 and len(d.tokens) == kk]
+        if not items:
+            return
+        call = encode(LevelCall("propose", items, want))
+        subject = f"{SUBJECT_LEVEL}.{self.model}.{self.replica}"
+        future = asyncio.run_coroutine_threadsafe(self.nc.request(subject, call, timeout=self.timeout_s), self.loop)
+        for index, item in enumerate(items):
+            self.ahead[item.request_id] = (item, future, index)
+
+    def _take_ahead(self, rid: str, feed, k: int, threshold: float, want: bool) -> Draft | None:
+        """The drafts already drafted ahead for this call, if they continue exactly this context."""
+        entry = self.ahead.pop(rid, None)
+        if entry is None:
+            return None
+        item, future, index = entry
+        if (item.position != len(self.mirror[rid]) or len(feed) != 2 or feed[0] != item.tokens[0]
+                or k > item.k - 1 or threshold != item.confidence_threshold):
+            return None
+        try:
+            reply = decode(future.result(self.timeout_s + 1).data, LevelReply)
+        except Exception:  # a lost or failed look-ahead costs only the regular call
+            return None
+        res = reply.results[index] if index < len(reply.results) else None
+        if reply.error or res is None or res.error or len(res.tokens) < 2 or res.tokens[0] != feed[1]:
+            return None
+        use = res.tokens[1 : 1 + k]
+        # The replica holds the feed and the drafts but the last (at least): a prefix is what we claim.
+        self.mirror[rid] = self.mirror[rid] + list(feed) + use[:-1]
+        probs = unpack_probs(res.probs, res.rows, self.vocab_size)[1 : 1 + k] if want else self._onehot(use)
+        self._account(reply, len(feed) + len(use))
+        self.ahead_used += 1
+        return Draft(use, probs, res.confidence[1 : 1 + k])
 
     def score(self, request_ids, chunks) -> list[torch.Tensor]:
         items = [self._item(r, c) for r, c in zip(request_ids, chunks)]
@@ -182,6 +238,7 @@ class RemoteRunner(Runner):
 
     def release(self, request_id: str) -> None:
         """Forget the request here and tell the replica (fire and forget)."""
+        self.ahead.pop(request_id, None)
         self._sampling.pop(request_id, None)
         self.wire.pop(request_id, None)
         if self.mirror.pop(request_id, None) is None or self.replica is None:
