@@ -38,15 +38,17 @@ async def connect(settings: Settings, name: str) -> Client:
     )
 
 
-async def ping(nc: Client, name: str, timeout_s: float = 1.0) -> dict | None:
-    """One instance's `micro` ping reply for service `name`, or None if none answered."""
+async def ping(nc: Client | None, name: str, timeout_s: float = 1.0) -> dict | None:
+    """One instance's `micro` ping reply for service `name`; None if none answered (or no NATS)."""
     import json
 
+    if nc is None:
+        return None
     try:
         msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=timeout_s)
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        return json.loads(msg.data)
+    except (nats.errors.Error, ValueError):  # timeout, no responders, disconnected, garbage
         return None
-    return json.loads(msg.data)
 
 
 class ServiceProcess:
