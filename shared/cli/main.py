@@ -10,6 +10,7 @@ import typer
 
 from shared.cli import trace_cmd
 from shared.cli import adaptive_bench, config_cmd, engine_cmd, models_cmd, router_cmd, serve_bench, stack_cmd
+from shared.cli import load_bench, soak_bench
 
 app = typer.Typer(
     name="specmesh",
@@ -23,6 +24,8 @@ trace_cmd.register(app)
 config_cmd.register(app)
 serve_bench.register(engine_cmd.bench_app)
 adaptive_bench.register(engine_cmd.bench_app)
+load_bench.register(engine_cmd.bench_app)
+soak_bench.register(engine_cmd.bench_app)
 router_cmd.register(app)
 engine_cmd.register(app)
 app.add_typer(models_cmd.app, name="models", help="Train, list and evaluate the model family.")

@@ -15,6 +15,8 @@ import time
 
 import typer
 
+from shared.cli.client import api_key_header
+
 DEFAULT_CHAINS = "target;drafter,target;drafter,verifier,target"
 
 
@@ -71,7 +73,8 @@ def register(bench_app: typer.Typer) -> None:
 
         result = {"family": family.profile, "threads_per_process": settings.engine.threads, "prompts": len(ps),
                   "max_tokens": max_tokens, "k": k, "gateway": settings.gateway.http_url, "chains": {}}
-        with httpx.Client(base_url=settings.gateway.http_url, timeout=settings.gateway.request_timeout_s) as client:
+        with httpx.Client(base_url=settings.gateway.http_url, timeout=settings.gateway.request_timeout_s,
+                          headers=api_key_header()) as client:
             try:
                 client.get("/health").raise_for_status()
             except httpx.HTTPError as exc:
