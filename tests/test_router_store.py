@@ -146,10 +146,17 @@ async def test_restarted_router_resumes_from_history(pg):
     from services.router.store import HistoryStore
     from shared.db.migrate import upgrade
 
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     server, settings = pg
     await asyncio.to_thread(upgrade, settings)
     server.psql("TRUNCATE pair_stats, model_profiles, decisions", "specmesh")
-    store = HistoryStore(settings.database.sqlalchemy_url)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    store = HistoryStore(settings.database.sqlalchemy_url, tracer_=provider.get_tracer("test"))
     await store.start()
     first = Router(settings, store, seed=0)
     rng = random.Random(4)
@@ -162,6 +169,10 @@ async def test_restarted_router_resumes_from_history(pg):
     replayed = fresh.resume(await store.load_recent(settings.router.history_rows))
     await store.close()
     assert replayed >= 60 + 120
+    # Every database round trip is a client span with the semantic-convention attributes.
+    operations = {span.attributes["db.operation.name"] for span in spans.get_finished_spans()}
+    assert operations == {"INSERT", "SELECT"}
+    assert all(span.attributes["db.system.name"] == "postgresql" for span in spans.get_finished_spans())
     for attr in ("alpha",):
         old = getattr(first.estimates.pair("drafter-code", "target", "prose-long"), attr)
         new = getattr(fresh.estimates.pair("drafter-code", "target", "prose-long"), attr)

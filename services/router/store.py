@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from sqlalchemy import insert, select
 
 from shared.db.schema import Decision, ModelProfile, PairStat
+from shared.tracing import SpanKind, tracer
 
 log = logging.getLogger("specmesh.router.store")
 
@@ -45,8 +46,10 @@ def _unreachable(exc: Exception) -> bool:
 class HistoryStore:
     """Buffered writer and reader of the router's tables."""
 
-    def __init__(self, url: str, flush_interval_s: float = 1.0, batch_rows: int = 1000, buffer_rows: int = 100000):
+    def __init__(self, url: str, flush_interval_s: float = 1.0, batch_rows: int = 1000, buffer_rows: int = 100000,
+                 tracer_=None):
         self.url = url
+        self.tracer = tracer_ or tracer(None)  # a client span per database round trip
         self.flush_interval_s = flush_interval_s
         self.batch_rows = batch_rows
         self.buffer_rows = buffer_rows
@@ -162,10 +165,13 @@ class HistoryStore:
         by_table: dict[str, list[dict]] = {}
         for _, table, row in batch:
             by_table.setdefault(table, []).append(row)
-        async with self.engine.begin() as conn:
-            for table, rows in by_table.items():
-                keys = set().union(*rows)
-                await conn.execute(insert(TABLES[table].__table__), [{k: r.get(k) for k in keys} for r in rows])
+        attributes = {"db.system.name": "postgresql", "db.operation.name": "INSERT",
+                      "db.collection.name": ",".join(sorted(by_table)), "specmesh.rows": len(batch)}
+        with self.tracer.start_as_current_span("INSERT router history", kind=SpanKind.CLIENT, attributes=attributes):
+            async with self.engine.begin() as conn:
+                for table, rows in by_table.items():
+                    keys = set().union(*rows)
+                    await conn.execute(insert(TABLES[table].__table__), [{k: r.get(k) for k in keys} for r in rows])
 
     async def _write_each(self, batch: list[tuple[int, str, dict]]) -> tuple[int, int | None]:
         """(written, refused) writing one row per transaction; refused None if PostgreSQL went away."""
@@ -185,9 +191,12 @@ class HistoryStore:
     async def load_recent(self, rows: int) -> dict[str, list[dict]]:
         """The newest `rows` rows of each table, oldest first (raises if PostgreSQL is unreachable)."""
         out: dict[str, list[dict]] = {}
-        async with self.engine.connect() as conn:
-            for name, model in TABLES.items():
-                table = model.__table__
-                result = await conn.execute(select(table).order_by(table.c.id.desc()).limit(rows))
-                out[name] = [dict(r._mapping) for r in reversed(result.all())]
+        attributes = {"db.system.name": "postgresql", "db.operation.name": "SELECT",
+                      "db.collection.name": ",".join(TABLES), "specmesh.rows": rows}
+        with self.tracer.start_as_current_span("SELECT router history", kind=SpanKind.CLIENT, attributes=attributes):
+            async with self.engine.connect() as conn:
+                for name, model in TABLES.items():
+                    table = model.__table__
+                    result = await conn.execute(select(table).order_by(table.c.id.desc()).limit(rows))
+                    out[name] = [dict(r._mapping) for r in reversed(result.all())]
         return out
