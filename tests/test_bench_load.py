@@ -7,6 +7,7 @@ records, SSE parsing over a mock transport, the report writer. No timing asserti
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import statistics
@@ -20,7 +21,9 @@ from hypothesis import strategies as st
 from shared.bench.arrivals import Arrivals, phased_times
 from shared.bench.load import LoadConfig, Mode, check_loopback, run_schedule, send
 from shared.bench.report import link_readme, results, targets, write_report
-from shared.bench.stats import RequestRecord, Slo, acceptance, cell_stats, goodput, percentile, slo_attainment, summary
+from shared.bench.stats import (
+    RequestRecord, Slo, acceptance, cell_stats, chain_label, goodput, percentile, slo_attainment, summary,
+)
 
 # --- arrival processes -------------------------------------------------------------------
 
@@ -155,6 +158,7 @@ def test_cell_stats_pool_itl_and_count_failures():
     assert s["throughput_rps"] == 1.0 and s["output_tokens_per_s"] == 31.0
     assert s["itl_ms"]["n"] == 3 and s["itl_ms"]["p50"] == pytest.approx(20.0)
     assert s["chains"] == {"target": 2} and s["errors"] == ["HTTP 500: boom"]
+    assert chain_label(["drafter", "target"], [4]) == "drafter,target k=4" and chain_label([], []) == "?"
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -263,16 +267,23 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     doc = results(synthetic_run(cfg), cfg, {"date": "2026-01-01", "family": "tiny", "threads_per_process": 1})
     written = write_report(doc, tmp_path / "2026-01-01")
     names = {p.name for p in written}
-    assert names == {"results.json", "summary.md", "latency_vs_rate.png", "slo_vs_rate.png", "chains_over_time.png"}
+    assert names == {"results.json", "records.jsonl.gz", "summary.md", "latency_vs_rate.png", "slo_vs_rate.png",
+                     "chains_over_time.png"}
     for png in (p for p in written if p.suffix == ".png"):
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = json.loads((tmp_path / "2026-01-01" / "results.json").read_text())
     assert len(again["cells"]) == 2 * 2 * 3 and again["phased"]["phases"][1]["rate"] == 6.0
-    assert all("slo_met" in r for r in again["records"])
+    assert "records" not in again and len(again["phased"]["records"]) == len(cfg.phased_schedule())
+    with gzip.open(tmp_path / "2026-01-01" / "records.jsonl.gz", "rt") as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == sum(c["stats"]["requests"] for c in again["cells"])
+    assert all("slo_met" in r and "itl_s" not in r for r in records)
+    # The folder can be rebuilt from results.json alone.
+    assert (tmp_path / "again" / "chains_over_time.png") in write_report(again, tmp_path / "again")
     md = (tmp_path / "2026-01-01" / "summary.md").read_text()
     assert "| rate/s | mode | sent |" in md and "## poisson arrivals" in md and "## gamma arrivals" in md
     assert "## Targets (issue 8)" in md and "## Phased run" in md and "![chains_over_time](chains_over_time.png)" in md
-    assert md.count("| 4 | adaptive |") == 2
+    assert md.count("| 4 | adaptive |") == 2 and "drafter,target x" in md
 
 
 def test_targets_compare_adaptive_with_static_modes():

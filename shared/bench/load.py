@@ -58,7 +58,7 @@ class LoadConfig:
     """One `bench load` run. Times in seconds, SLOs in milliseconds."""
 
     url: str
-    rates: list[float] = field(default_factory=lambda: [2.0, 8.0, 16.0, 24.0])
+    rates: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     modes: list[str] = field(default_factory=lambda: [OFF, "drafter,target", "drafter,verifier,target", ADAPTIVE])
     processes: list[str] = field(default_factory=lambda: ["poisson", "gamma"])
     burstiness: float = 0.5            # gamma shape: CV = 1/sqrt(0.5) = 1.41
@@ -72,7 +72,7 @@ class LoadConfig:
     slo_ttft_ms: float = 300.0
     slo_tpot_ms: float = 25.0
     seed: int = 0
-    phased_rates: list[float] = field(default_factory=lambda: [2.0, 24.0, 2.0])
+    phased_rates: list[float] = field(default_factory=lambda: [1.0, 8.0, 1.0])
     phase_s: float = 15.0              # per phase; 0 = no phased run
     phased_mode: str = ADAPTIVE
 
@@ -245,12 +245,13 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
         if progress is not None:
             progress.update(1)
 
+    phased = Mode.parse(cfg.phased_mode, cfg.k)
+    by_name = {m.name: m for m in modes + [phased]}
     out: dict = {"cells": [], "phased": None}
     async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout, trust_env=False) as client:
-        await warm_up(client, modes if cfg.phased_mode in cfg.modes else modes + [Mode.parse(cfg.phased_mode, cfg.k)],
-                      prompts[0][1])
+        await warm_up(client, list(by_name.values()), prompts[0][1])
         for process, rate, name in cfg.cells():
-            mode = next(m for m in modes if m.name == Mode.parse(name, cfg.k).name)
+            mode = by_name[Mode.parse(name, cfg.k).name]
             if progress is not None:
                 progress.set_postfix_str(f"{process} {rate:g}/s {mode.name}", refresh=False)
             records, wall = await run_schedule(client, cfg.schedule(process, rate), mode, prompts, cfg,
@@ -258,7 +259,7 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
             out["cells"].append({"process": process, "rate": rate, "mode": mode.name, "wall_s": wall,
                                  "records": records})
         if cfg.phase_s > 0 and cfg.phased_rates:
-            mode = Mode.parse(cfg.phased_mode, cfg.k)
+            mode = phased
             if progress is not None:
                 progress.set_postfix_str(f"phased {'->'.join(f'{r:g}' for r in cfg.phased_rates)}/s {mode.name}",
                                          refresh=False)

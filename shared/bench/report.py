@@ -1,5 +1,5 @@
-"""The results folder of a load run: `bench/results/<date>/` with `results.json`, `summary.md`
-and three PNG plots (latency vs rate per mode, SLO attainment and goodput vs rate, chain
+"""The results folder of a load run: `bench/results/<date>/` with `results.json` (statistics
+and the phased run's requests), `records.jsonl.gz` (every request), `summary.md` and three PNG plots (latency vs rate per mode, SLO attainment and goodput vs rate, chain
 choices over time in the phased run).
 
     specmesh bench report                      # runs `bench load`, then writes the folder
@@ -12,6 +12,7 @@ rebuilt from any saved JSON.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from shared.bench.load import ADAPTIVE, OFF
-from shared.bench.stats import RequestRecord, Slo, cell_stats, chain_counts
+from shared.bench.stats import RequestRecord, Slo, cell_stats, chain_counts, chain_label
 
 RESULTS_ROOT = Path("bench/results")
 README_MARKER = "Latest load benchmark:"
@@ -36,7 +37,8 @@ def _round(value, digits: int = 5):
 
 
 def results(raw: dict, cfg, meta: dict) -> dict:
-    """The JSON document of a run: meta, config, per-cell stats, the phased run, every record."""
+    """The JSON document of a run: meta, config, per-cell stats, the phased run with its
+    requests, and every cell's requests under `records`."""
     slo = cfg.slo
     doc: dict = {"meta": meta, "config": asdict(cfg), "slo": {"ttft_ms": cfg.slo_ttft_ms, "tpot_ms": cfg.slo_tpot_ms},
                  "cells": [], "phased": None, "records": []}
@@ -50,8 +52,8 @@ def results(raw: dict, cfg, meta: dict) -> dict:
         for i, rate in enumerate(phased["rates"]):
             recs = [r for r in phased["records"] if r.phase == i]
             phases.append({"phase": i, "rate": rate, "stats": cell_stats(recs, slo, phased["phase_s"])})
-        doc["phased"] = {k: phased[k] for k in ("mode", "rates", "phase_s", "wall_s")} | {"phases": phases}
-        doc["records"] += [_record(r, slo, "phased") for r in phased["records"]]
+        doc["phased"] = {k: phased[k] for k in ("mode", "rates", "phase_s", "wall_s")} | {
+            "phases": phases, "records": [_record(r, slo, "phased") for r in phased["records"]]}
     return _round(doc)
 
 
@@ -158,11 +160,11 @@ def markdown(doc: dict, images: list[str]) -> str:
     if phased:
         lines += [f"## Phased run ({phased['mode']}, Poisson, "
                   f"{' -> '.join(f'{r:g}' for r in phased['rates'])} req/s, {phased['phase_s']:g} s each)", "",
-                  "| phase | rate/s | sent | SLO | TTFT ms p50/p90/p99 | TPOT ms p50/p90/p99 | chains |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| phase | rate/s | sent | failed | SLO | TTFT ms p50/p90/p99 | TPOT ms p50/p90/p99 | chains |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in phased["phases"]:
             s = p["stats"]
-            lines.append(f"| {p['phase']} | {p['rate']:g} | {s['requests']} | {_pct(s['slo_attainment'])} | "
+            lines.append(f"| {p['phase']} | {p['rate']:g} | {s['requests']} | {s['failed']} | {_pct(s['slo_attainment'])} | "
                          f"{_q(s['ttft_ms'])} | {_q(s['tpot_ms'])} | {_chains(s['chains'])} |")
         lines.append("")
     if images:
@@ -237,11 +239,11 @@ def plot_chains(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     phased = doc["phased"]
-    recs = [r for r in doc["records"] if r["cell"] == "phased"]
+    recs = phased["records"]
     names = sorted(chain_counts(RequestRecord.from_dict(r) for r in recs if r["chain"]))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     for i, name in enumerate(names):
-        pts = [(r["scheduled_s"], i) for r in recs if ",".join(r["chain"]) == name]
+        pts = [(r["scheduled_s"], i) for r in recs if chain_label(r["chain"], r["k"]) == name]
         top.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=f"C{i}", label=name)
     top.set_yticks(range(len(names)), names)
     top.set_title(f"chain per request ({phased['mode']}), phased run")
@@ -268,10 +270,15 @@ def plot_chains(doc: dict, path: Path) -> None:
 
 
 def to_json(doc: dict) -> str:
-    """The document indented, except its records: one line each (thousands of them)."""
-    head = json.dumps({k: v for k, v in doc.items() if k != "records"}, indent=1)
-    records = ",\n".join(json.dumps(r, separators=(",", ":")) for r in doc.get("records", []))
-    return head[:-2] + f',\n "records": [\n{records}\n ]\n}}\n'
+    """The document without the cells' records, indented; the phased run's records one per line."""
+    body = {k: v for k, v in doc.items() if k != "records"}
+    phased = body.get("phased")
+    if not phased or not phased.get("records"):
+        return json.dumps(body, indent=1) + "\n"
+    body["phased"] = {k: v for k, v in phased.items() if k != "records"}
+    head = json.dumps(body, indent=1)
+    records = ",\n".join(json.dumps(r, separators=(",", ":")) for r in phased["records"])
+    return head[:-5] + f',\n  "records": [\n{records}\n  ]\n }}\n}}\n'
 
 
 def write_report(doc: dict, folder: Path) -> list[Path]:
@@ -282,6 +289,10 @@ def write_report(doc: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "results.json"]
     written[0].write_text(to_json(doc))
+    if doc.get("records"):
+        with gzip.open(folder / "records.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in doc["records"])
+        written.append(folder / "records.jsonl.gz")
     images = []
     if doc["cells"]:
         plot_latency(doc, folder / "latency_vs_rate.png")

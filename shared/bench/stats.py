@@ -124,11 +124,18 @@ def acceptance(records: Iterable[RequestRecord]) -> dict[str, dict]:
     return totals
 
 
+def chain_label(chain: Sequence[str], k: Sequence[int]) -> str:
+    """`drafter,target k=4` (k per proposing level); `?` when the chain was not reported."""
+    if not chain:
+        return "?"
+    return ",".join(chain) + (f" k={'/'.join(map(str, k))}" if k else "")
+
+
 def chain_counts(records: Iterable[RequestRecord]) -> dict[str, int]:
-    """How many requests ran on each chain (`"drafter,target"`; `"?"` when not reported)."""
+    """How many requests ran on each chain and k (`"drafter,target k=4"`)."""
     counts: dict[str, int] = {}
     for r in records:
-        name = ",".join(r.chain) if r.chain else "?"
+        name = chain_label(r.chain, r.k)
         counts[name] = counts.get(name, 0) + 1
     return counts
 
