@@ -53,6 +53,25 @@ def specmesh(env: dict[str, str], *args: str, timeout: float = 600, check: bool 
     return result
 
 
+def token_prompts(family, per_domain: int, seed: int, prompt_chars: int = 120, keep: int = 48) -> list[list[int]]:
+    """Token-id prompts from held-out code, then prose: the last `keep` tokens of each."""
+    from transformers import AutoTokenizer
+
+    from shared.models.corpus import heldout_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(family.path("target")))
+    texts = heldout_prompts("code", per_domain, prompt_chars, seed=seed) + heldout_prompts("prose", per_domain, prompt_chars, seed=seed)
+    return [tok.encode(t)[-keep:] for t in texts]
+
+
+def target_only(family, prompts: list[list[int]], max_tokens: int, batch: int = 8) -> list[list[int]]:
+    """Target-only greedy decoding in this process: what every chain must reproduce."""
+    from shared.engine.build import RunnerPool
+
+    chain = RunnerPool(family).chain("target")
+    return [out for i in range(0, len(prompts), batch) for out in chain.generate(prompts[i:i + batch], max_tokens=max_tokens)]
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """`specmesh up` on private ports; yields (env, Settings); `specmesh down` afterwards."""

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from shared.stack.procs import PidFile, wait_until
+from tests.stack_fixtures import target_only, token_prompts
 
 pytestmark = pytest.mark.stack
 
@@ -25,21 +26,12 @@ CHAIN = "drafter,verifier,target"
 
 @pytest.fixture(scope="module")
 def prompts(tiny_family):
-    from transformers import AutoTokenizer
-
-    from shared.models.corpus import heldout_prompts
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_family.path("target")))
-    texts = heldout_prompts("code", 8, 120, seed=11) + heldout_prompts("prose", 8, 120, seed=11)
-    return [tok.encode(t)[-48:] for t in texts]
+    return token_prompts(tiny_family, 8, seed=11)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_family, prompts):
-    from shared.engine.build import RunnerPool
-
-    chain = RunnerPool(tiny_family).chain("target")
-    return [out for i in range(0, len(prompts), 8) for out in chain.generate(prompts[i:i + 8], max_tokens=MAX_TOKENS)]
+    return target_only(tiny_family, prompts, MAX_TOKENS)
 
 
 async def stream_one(client: httpx.AsyncClient, prompt: list[int], started: asyncio.Event) -> tuple[list[int] | None, str | None]:

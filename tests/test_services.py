@@ -10,13 +10,13 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import httpx
 import pytest
 
 from shared.messages import SUBJECT_LEVEL, LevelCall, LevelItem, LevelReply, decode, encode
 from shared.stack.procs import PidFile, wait_until
+from tests.stack_fixtures import target_only, token_prompts
 
 pytestmark = pytest.mark.stack
 
@@ -28,22 +28,12 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def prompts(tiny_family):
     """30 token-id prompts from held-out code and prose."""
-    from transformers import AutoTokenizer
-
-    from shared.models.corpus import heldout_prompts
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_family.path("target")))
-    texts = heldout_prompts("code", 15, 120, seed=3) + heldout_prompts("prose", 15, 120, seed=3)
-    return [tok.encode(t)[-48:] for t in texts]
+    return token_prompts(tiny_family, 15, seed=3)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_family, prompts):
-    """Target-only greedy decoding in this process: what every chain must reproduce."""
-    from shared.engine.build import RunnerPool
-
-    chain = RunnerPool(tiny_family).chain("target")
-    return [out for i in range(0, len(prompts), 10) for out in chain.generate(prompts[i:i + 10], max_tokens=MAX_TOKENS)]
+    return target_only(tiny_family, prompts, MAX_TOKENS)
 
 
 def body(prompt, chain: str | None, **extra) -> dict:
