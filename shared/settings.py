@@ -35,15 +35,24 @@ class DatabaseSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address PostgreSQL listens on.")
     port: int = Field(15432, ge=1, le=65535, description="PostgreSQL port (not 5432).")
-    user: str = Field("specmesh", description="Database role the services use.")
+    user: str = Field("specmesh", description="Role that owns the database and runs migrations.")
     password: SecretStr = Field(SecretStr("specmesh"), description="Password of that role (never printed).")
+    app_user: str = Field("specmesh_app", description="Least-privilege role the router writes with (SELECT and INSERT only).")
+    app_password: SecretStr = Field(SecretStr("specmesh_app"), description="Password of that role (never printed).")
     name: str = Field("specmesh", description="Database name.")
     os_user: str = Field("nobody", description="Unprivileged OS user that runs the server when started as root.")
     url: str | None = Field(None, description="SQLAlchemy URL to use instead of the local server.")
 
     @property
     def sqlalchemy_url(self) -> str:
+        """The owner's URL: migrations."""
         return self.url or f"postgresql+asyncpg://{self.user}:{self.password.get_secret_value()}@{self.host}:{self.port}/{self.name}"
+
+    @property
+    def app_url(self) -> str:
+        """The least-privilege role's URL: what the services use (`url`, when set, serves both)."""
+        return self.url or (f"postgresql+asyncpg://{self.app_user}:{self.app_password.get_secret_value()}"
+                            f"@{self.host}:{self.port}/{self.name}")
 
 
 class GatewaySettings(BaseModel):

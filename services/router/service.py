@@ -190,7 +190,7 @@ class RouterService(ServiceProcess):
 
     async def setup(self) -> None:
         cfg = self.settings.router
-        self.store = HistoryStore(self.settings.database.sqlalchemy_url, cfg.flush_interval_s,
+        self.store = HistoryStore(self.settings.database.app_url, cfg.flush_interval_s,
                                   buffer_rows=cfg.buffer_rows, tracer_=tracer(self.tracer_provider))
         loop = asyncio.get_running_loop()
         params = await loop.run_in_executor(None, family_params, self.settings)

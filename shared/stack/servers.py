@@ -198,6 +198,21 @@ class PostgresServer:
         if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{cfg.name}'"):
             self.psql(f"CREATE DATABASE \"{cfg.name}\" OWNER \"{user}\"")
 
+    def grant_app_role(self) -> None:
+        """The services' role: SELECT and INSERT on the tables (now and after later migrations), nothing else."""
+        cfg = self.settings.database
+        app, owner = cfg.app_user.replace('"', ""), cfg.user.replace('"', "")
+        password = cfg.app_password.get_secret_value().replace("'", "''")
+        if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{app}'"):
+            self.psql(f"CREATE ROLE \"{app}\" LOGIN PASSWORD '{password}'")
+        for sql in (f'GRANT CONNECT ON DATABASE "{cfg.name}" TO "{app}"',
+                    f'GRANT USAGE ON SCHEMA public TO "{app}"',
+                    f'GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO "{app}"',
+                    f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{app}"',
+                    f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA public GRANT SELECT, INSERT ON TABLES TO "{app}"',
+                    f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA public GRANT USAGE ON SEQUENCES TO "{app}"'):
+            self.psql(sql, cfg.name)
+
     def ensure(self, timeout_s: float = 60.0) -> ProcessRecord:
         record = self.pidfile.live()
         if record is None:

@@ -117,6 +117,7 @@ class Stack:
         self.postgres.ensure()
         say("migrations: alembic upgrade head")
         upgrade(self.settings)
+        self.postgres.grant_app_role()
         say(f"models: profile {self.settings.models.profile} (trained on first use)")
         resolve_family(self.settings)
         for instance, service in self.instances():
