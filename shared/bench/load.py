@@ -248,7 +248,10 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
     phased = Mode.parse(cfg.phased_mode, cfg.k)
     by_name = {m.name: m for m in modes + [phased]}
     out: dict = {"cells": [], "phased": None}
-    async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout, trust_env=False) as client:
+    from shared.cli.client import api_key_header  # SPECMESH_API_KEY, when the gateway wants one
+
+    async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout, trust_env=False,
+                                 headers=api_key_header()) as client:
         await warm_up(client, list(by_name.values()), prompts[0][1])
         for process, rate, name in cfg.cells():
             mode = by_name[Mode.parse(name, cfg.k).name]
