@@ -19,6 +19,7 @@ from nats.micro import add_service
 from nats.micro.service import Service
 
 from shared.metrics import CollectorRegistry, serve_metrics
+from shared.nats_auth import credentials
 from shared.settings import Settings
 from shared.tracing import setup_tracing
 
@@ -26,15 +27,19 @@ VERSION = "0.1.0"
 log = logging.getLogger("specmesh.service")
 
 
-async def connect(settings: Settings, name: str) -> Client:
-    """A NATS connection that keeps reconnecting for as long as the process lives."""
+async def connect(settings: Settings, name: str, user: str | None = None) -> Client:
+    """A NATS connection that keeps reconnecting for as long as the process lives.
+
+    `name` labels the connection; `user` is the NATS user it authenticates as (a service's
+    own, see `shared.nats_auth`; default: the CLI's, `SPECMESH_NATS__USER`).
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error in %s: %s", name, exc)
 
     return await nats.connect(
         settings.nats.client_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        error_cb=on_error, connect_timeout=5,
+        error_cb=on_error, connect_timeout=5, **credentials(settings, user),
     )
 
 
@@ -88,7 +93,7 @@ class ServiceProcess:
             port = serve_metrics(self.registry, metrics.host, port)
             self.metrics_url = f"http://{metrics.host}:{port}/metrics"
             log.info("%s metrics on %s", self.name, self.metrics_url)
-        self.nc = await connect(self.settings, self.name)
+        self.nc = await connect(self.settings, self.name, user=self.name)
         metadata = self.metadata() | ({"metrics": self.metrics_url} if self.metrics_url else {})
         self.micro = await add_service(
             self.nc, name=self.name, version=VERSION, description=self.description, metadata=metadata,

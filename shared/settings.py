@@ -24,6 +24,9 @@ class NatsSettings(BaseModel):
     port: int = Field(14222, ge=1, le=65535, description="NATS client port (not 4222, so an existing server is never touched).")
     monitor_port: int = Field(18222, ge=1, le=65535, description="NATS HTTP monitoring port.")
     url: str | None = Field(None, description="Connect to this URL instead of host:port (e.g. an external cluster).")
+    auth: bool = Field(True, description="One NATS user per service, allowed only its own subjects (a drafter cannot publish commits); off for a server with its own users (credentials then go in `url`).")
+    secret: SecretStr | None = Field(None, description="Secret the NATS users' passwords derive from; unset: generated into `<run_dir>/nats/secret` (mode 0600) when NATS first starts.")
+    user: str = Field("admin", description="NATS user of the CLI, benchmarks and tests (services connect as themselves).")
 
     @property
     def client_url(self) -> str:

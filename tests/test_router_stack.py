@@ -18,11 +18,11 @@ pytestmark = pytest.mark.stack
 async def _watch(settings, requests: list[str], seconds: float = 2.5) -> tuple[list, list]:
     """Every assignment table published while `requests` (prompts, no chain) go through the gateway."""
     import httpx
-    import nats
 
     from shared.messages import SUBJECT_ASSIGNMENTS, Assignments, decode
+    from shared.service import connect
 
-    nc = await nats.connect(settings.nats.client_url)
+    nc = await connect(settings, "test-router-watch")
     seen = []
 
     async def on_table(msg) -> None:

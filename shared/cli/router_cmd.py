@@ -24,9 +24,11 @@ async def ask_router(settings, request_class: str = "", timeout_s: float = 3.0):
     import nats.errors
 
     from shared.messages import SUBJECT_EXPLAIN, ExplainQuery, Explanation, decode, encode
+    from shared.nats_auth import credentials
 
     try:
-        nc = await nats.connect(settings.nats.client_url, connect_timeout=3, max_reconnect_attempts=0)
+        nc = await nats.connect(settings.nats.client_url, connect_timeout=3, max_reconnect_attempts=0,
+                                **credentials(settings))
     except Exception as exc:
         raise RuntimeError(f"cannot reach NATS at {settings.nats.client_url} ({exc}); run `make up`") from None
     try:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -98,6 +99,22 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"{name}: no answer", err=True, fg="red")
             raise typer.Exit(1)
         typer.echo(json.dumps(reply))
+
+    @app.command("nats-config")
+    def nats_config(
+        out: Annotated[Path, typer.Option("--out", help="Where to write it (mode 0600).")] = Path("nats.conf"),
+    ) -> None:
+        """Write a NATS server configuration with one user per service (for a NATS started elsewhere, e.g. compose)."""
+        from shared.nats_auth import server_config
+
+        settings = get_settings()
+        if settings.nats.secret is None:
+            typer.secho("set SPECMESH_NATS__SECRET: the services derive their NATS passwords from it", err=True, fg="red")
+            raise typer.Exit(2)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("max_payload: 8MB\n" + server_config(settings))
+        out.chmod(0o600)
+        typer.echo(f"wrote {out}")
 
     @app.command(hidden=True)
     def supervise() -> None:

@@ -13,6 +13,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from shared import nats_auth
 from shared.settings import Settings
 from shared.stack import binaries
 from shared.stack.procs import PidFile, ProcessRecord, port_open, spawn, terminate, wait_until
@@ -38,7 +39,11 @@ class NatsServer:
         conf = self.run_dir / "nats" / "nats.conf"
         conf.parent.mkdir(parents=True, exist_ok=True)
         # Unseeded sampling ships full distributions between levels: allow 8 MB messages.
-        conf.write_text("max_payload: 8MB\n")
+        text = "max_payload: 8MB\n"
+        if cfg.auth:
+            text += nats_auth.server_config(self.settings)
+        conf.write_text(text)
+        conf.chmod(0o600)  # the users' passwords
         return [
             str(binaries.nats_server()), "-c", str(conf), "-a", cfg.host, "-p", str(cfg.port),
             "-m", str(cfg.monitor_port), "-js", "-sd", str(self.run_dir / "nats"), "-n", "specmesh",
