@@ -13,6 +13,7 @@ import torch
 from shared.engine.build import RunnerPool, parse_chain
 from shared.engine.chain import Chain
 from shared.engine.sampling import SamplingParams
+from tests.device import DEVICE
 
 CHAINS = [
     "target",
@@ -40,7 +41,7 @@ def engine_family(request):
 @pytest.fixture(scope="module")
 def pool(engine_family):
     torch.set_num_threads(1)
-    return RunnerPool(engine_family, max_batch=16, max_len=256)
+    return RunnerPool(engine_family, device=DEVICE, max_batch=16, max_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +263,7 @@ def test_cli_bench_engine_with_transformers_assisted(engine_family, monkeypatch)
 
 def test_transformers_runner_chain_is_token_exact(engine_family, prompts):
     """The fallback runner drives the same chain code: exact against its own target alone."""
-    hf = RunnerPool(engine_family, runner="hf", max_batch=8, max_len=256)
+    hf = RunnerPool(engine_family, runner="hf", device=DEVICE, max_batch=8, max_len=256)
     ref = [target_alone(hf.get("target"), p, 12) for p in prompts[:4]]
     chain = hf.chain("ngram,drafter,verifier,target", k=3)
     assert run_batches(chain, prompts[:4], 2, 12) == ref
@@ -270,7 +271,7 @@ def test_transformers_runner_chain_is_token_exact(engine_family, prompts):
 
 def test_bfloat16_chains_are_token_exact_at_batch_1(engine_family, prompts):
     """Reduced precision: verify chunks reproduce the decode steps bit for bit at batch 1."""
-    bf16 = RunnerPool(engine_family, dtype="bfloat16", max_batch=4, max_len=256)
+    bf16 = RunnerPool(engine_family, device=DEVICE, dtype="bfloat16", max_batch=4, max_len=256)
     ref = [target_alone(bf16.get("target"), p, MAX_TOKENS) for p in prompts[::5]]
     for spec in ("drafter,target", "ngram,drafter,verifier,target"):
         assert run_batches(bf16.chain(spec, k=4), prompts[::5], 1, MAX_TOKENS) == ref, spec

@@ -11,6 +11,7 @@ from shared.engine.kv_cache import CacheFullError, KVCache
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import HFRunner, LeanRunner, load_hf_model
 from shared.engine.sampling import SamplingParams
+from tests.device import ATOL, DEVICE
 
 VOCAB = 257
 
@@ -45,12 +46,12 @@ def checkpoint(request, tmp_path_factory):
 
 def _hf_logits(model, tokens):
     with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0]
+        return model(torch.tensor([tokens], device=model.device)).logits[0].cpu()
 
 
 def test_lean_logits_match_transformers_with_ragged_batch(checkpoint):
     model = load_hf_model(checkpoint)
-    lean = LeanRunner(model, max_batch=4, max_len=128)
+    lean = LeanRunner(model, DEVICE, max_batch=4, max_len=128)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 5, 21)]
     chunks = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (4, 1, 6)]
@@ -61,31 +62,31 @@ def test_lean_logits_match_transformers_with_ragged_batch(checkpoint):
         got = lean._logits(ids, chunks, last_only=False)  # [3, 6, V], one ragged forward
     for b, (p, c) in enumerate(zip(prompts, chunks)):
         ref = _hf_logits(model, p + c)[len(p) :]
-        assert torch.allclose(got[b, : len(c)], ref, atol=1e-4, rtol=1e-4), (b, (got[b, : len(c)] - ref).abs().max())
+        assert torch.allclose(got[b, : len(c)].cpu(), ref, atol=ATOL, rtol=ATOL), (b, (got[b, : len(c)].cpu() - ref).abs().max())
     # a decode step over the slots in another order (gathered, not a view) agrees too
     with torch.inference_mode():
         step = lean._logits(ids[::-1], [[9], [8], [7]], last_only=True).flip(0)
     for b, (p, c) in enumerate(zip(prompts, chunks)):
         ref = _hf_logits(model, p + c + [7 + b])[-1]
-        assert torch.allclose(step[b], ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(step[b].cpu(), ref, atol=ATOL, rtol=ATOL)
 
 
 def test_hf_runner_matches_lean_runner(checkpoint):
     model = load_hf_model(checkpoint)
-    lean, hf = LeanRunner(model, max_len=64), HFRunner(load_hf_model(checkpoint), max_len=64)
+    lean, hf = LeanRunner(model, DEVICE, max_len=64), HFRunner(load_hf_model(checkpoint), DEVICE, max_len=64)
     tokens = list(range(3, 30))
-    assert torch.allclose(lean.prefill("a", tokens), hf.prefill("a", tokens), atol=1e-5)
+    assert torch.allclose(lean.prefill("a", tokens), hf.prefill("a", tokens), atol=ATOL / 10)
     a, b = lean.score(["a"], [[1, 2, 3]])[0], hf.score(["a"], [[1, 2, 3]])[0]
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, b, atol=ATOL / 10)
     lean.rollback("a", 20), hf.rollback("a", 20)
     assert lean.length("a") == hf.length("a") == 20
-    assert torch.allclose(lean.score(["a"], [[5]])[0], hf.score(["a"], [[5]])[0], atol=1e-5)
+    assert torch.allclose(lean.score(["a"], [[5]])[0], hf.score(["a"], [[5]])[0], atol=ATOL / 10)
 
 
 @pytest.mark.parametrize("kind", ["lean", "hf"])
 def test_rollback_equals_fresh_prefill(checkpoint, kind):
     model = load_hf_model(checkpoint)
-    runner = LeanRunner(model, max_len=96) if kind == "lean" else HFRunner(model, max_len=96)
+    runner = LeanRunner(model, DEVICE, max_len=96) if kind == "lean" else HFRunner(model, DEVICE, max_len=96)
     prompt = list(range(10, 40))
     runner.prefill("x", prompt)
     runner.score(["x"], [[1, 2, 3, 4, 5]])  # speculative tokens written...
@@ -94,14 +95,14 @@ def test_rollback_equals_fresh_prefill(checkpoint, kind):
     after = runner.score(["x"], [prompt[-3:] + [9, 9]])[0]
     runner.prefill("fresh", prompt + [9])
     fresh = runner.score(["fresh"], [[9]])[0]
-    assert torch.allclose(after[-1], fresh[-1], atol=1e-5)
+    assert torch.allclose(after[-1], fresh[-1], atol=ATOL / 10)
     with pytest.raises(ValueError):
         runner.rollback("x", runner.length("x") + 1)
 
 
 def test_propose_is_greedy_autoregressive_and_respects_k_and_threshold(checkpoint):
     model = load_hf_model(checkpoint)
-    runner = LeanRunner(model, max_len=96)
+    runner = LeanRunner(model, DEVICE, max_len=96)
     prompt = [5, 6, 7, 8]
     runner.prefill("p", prompt)
     drafts = runner.propose(["p"], [[9]], 5)[0]
@@ -121,7 +122,7 @@ def test_propose_is_greedy_autoregressive_and_respects_k_and_threshold(checkpoin
 
 def test_seeded_propose_is_position_keyed(checkpoint):
     model = load_hf_model(checkpoint)
-    runner = LeanRunner(model, max_len=96)
+    runner = LeanRunner(model, DEVICE, max_len=96)
     sp = SamplingParams(temperature=1.0, seed=17)
     runner.prefill("a", [1, 2, 3], sp)
     runner.prefill("b", [1, 2, 3], sp)

@@ -285,6 +285,12 @@ def load_runner(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if runner not in ("lean", "hf"):
         raise ValueError(f"runner must be 'lean' or 'hf', got {runner!r}")
+    if torch_dtype != torch.float32 and max_batch > 1:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s with batches of up to %d: ragged batches in reduced precision are not batch-invariant, so a "
+            "request's tokens can differ from the target alone; float32 is exact at any batch", torch_dtype, max_batch)
     model = load_hf_model(path, torch.float32)
     if runner == "lean":
         try:
