@@ -204,6 +204,8 @@ class LevelOutcome:
     accepted: int = 0
     drafted_per_pos: list[int] = field(default_factory=list)
     accepted_per_pos: list[int] = field(default_factory=list)
+    overlap: float = 0.0  # sampling: sum over draft positions of 1 - TV(verifier's p, proposer's q)
+    overlap_positions: int = 0
 
 
 @dataclass

@@ -188,6 +188,15 @@ def test_unseeded_sampling_follows_the_target_end_to_end(pool, prompts):
     stat = sum((c - e) ** 2 / e for c, e in big)
     assert stat < chi2_critical(len(big) - 1), (stat, len(big))
     assert chain.stats.levels[1].drafted > 0
+    for level in chain.stats.levels[:2]:  # every drafted position measured 1 - TV against the level above
+        assert level.overlap_positions == level.drafted > 0
+        assert 0 < level.expected_acceptance < 1
+
+
+def test_greedy_chains_report_no_tv_estimate(pool, prompts):
+    chain = pool.chain("drafter,target", k=3)
+    chain.generate(prompts[:2], 8, stop_at_eos=False)
+    assert chain.stats.levels[0].drafted > 0 and chain.stats.levels[0].expected_acceptance is None
 
 
 def test_eos_stops_like_the_target_alone(pool, prompts, reference):

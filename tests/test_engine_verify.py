@@ -293,3 +293,21 @@ def test_verify_dispatches_on_sampling_mode():
     seeded = SamplingParams(temperature=1.0, seed=4)
     noised = gumbel_argmax(p, gumbel_noise(4, [10, 11, 12], V)).tolist()
     assert verify(noised[:2], None, p, seeded, 10).tokens == noised
+
+
+def test_sampled_verdicts_measure_one_minus_tv_on_every_draft_position():
+    gen = torch.Generator().manual_seed(5)
+    p = torch.stack([random_dist(gen) for _ in range(4)])
+    q = torch.stack([random_dist(gen) for _ in range(3)])
+    drafts = [int(torch.argmax(row)) for row in q]
+    unseeded = verify(drafts, q, p, SamplingParams(temperature=1.0), 10, gen)
+    want = float(torch.minimum(p[:3], q).sum())  # sum over positions of 1 - TV(p_j, q_j)
+    assert unseeded.overlap == pytest.approx(want) and unseeded.overlap_positions == 3
+    assert 0 < want < 3
+    seeded = verify(drafts, q, p, SamplingParams(temperature=1.0, seed=3), 10)
+    assert seeded.overlap == pytest.approx(want) and seeded.overlap_positions == 3
+    same = verify(drafts, p[:3], p, SamplingParams(temperature=1.0), 10, gen)
+    assert same.overlap == pytest.approx(3.0)  # identical distributions: TV 0
+    greedy = verify(drafts, q, p, SamplingParams(), 10)
+    assert greedy.overlap == 0.0 and greedy.overlap_positions == 0  # greedy: no distributions to compare
+    assert verify([], None, p[:1], SamplingParams(temperature=1.0), 10, gen).overlap_positions == 0

@@ -240,3 +240,27 @@ def test_acceptance_prior_is_shrunk():
     assert acc.alpha == 0.5
     acc.observe(LevelOutcome("d", "t", 4, 4, [1, 1, 1, 1], [1, 1, 1, 1]), 1000)
     assert 0.5 < acc.alpha < 0.7  # four accepted positions move a 20-position prior only a little
+
+
+def test_tv_overlap_sharpens_a_pairs_acceptance():
+    """Sampled outcomes carry 1 - TV per drafted position; with few coin flips it dominates the estimate."""
+    rng = random.Random(5)
+    est = Estimates(half_life_tokens=5000)
+    for _ in range(3):  # 3 short requests: realised acceptance alone would stay near the 0.5 prior
+        lv = simulate_level(rng, "drafter-prose", "target", 0.85, 4, 2)
+        lv.overlap, lv.overlap_positions = 0.85 * lv.drafted * 20, lv.drafted * 20  # long sampled runs measured
+        est.observe_level(lv, "prose-short")
+    pair = est.pair("drafter-prose", "target", "prose-short")
+    assert pair.expected == pytest.approx(0.85)
+    assert est.alpha("drafter-prose", "target", "prose-short") == pytest.approx(0.85, abs=0.05)
+    greedy = Estimates(half_life_tokens=5000)
+    rng = random.Random(5)
+    for _ in range(3):
+        greedy.observe_level(simulate_level(rng, "drafter-prose", "target", 0.85, 4, 2), "prose-short")
+    assert greedy.pair("drafter-prose", "target", "prose-short").expected is None
+    assert abs(greedy.alpha("drafter-prose", "target", "prose-short") - 0.85) > 0.05
+    bogus = simulate_level(rng, "drafter-prose", "target", 0.85, 4, 2)
+    bogus.overlap, bogus.overlap_positions = 99.0, 1  # impossible (> positions): ignored
+    before = est.pair("drafter-prose", "target", "prose-short").overlap
+    est.observe_level(bogus, "prose-short")
+    assert est.pair("drafter-prose", "target", "prose-short").overlap <= before

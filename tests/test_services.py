@@ -83,6 +83,17 @@ def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):
     assert len({tuple(t) for t in runs["target"]}) > 1  # really sampled, not one fixed answer
 
 
+def test_unseeded_sampling_reports_expected_acceptance_per_level(stack, prompts):
+    """Sampled requests carry each level's measured 1 - TV to the client (and to the router)."""
+    _, settings = stack
+    bodies = [body(p, "drafter,verifier,target", temperature=1.0) for p in prompts[:4]]
+    results = asyncio.run(complete_all(settings.gateway.http_url, bodies))
+    levels = [lv for r in results for lv in r["speculation"]["levels"] if lv["drafted"]]
+    assert levels and all(0 < lv["expected_acceptance"] <= 1 for lv in levels), levels
+    greedy = asyncio.run(complete_all(settings.gateway.http_url, [body(prompts[0], "drafter,target")]))
+    assert all(lv["expected_acceptance"] is None for lv in greedy[0]["speculation"]["levels"])
+
+
 def test_openai_client_completions_and_chat(stack):
     from openai import OpenAI
 

@@ -359,6 +359,7 @@ def speculation_report(job: GenerateJob, stats: dict[str, Any]) -> dict:
             "accepted": accepted,
             "acceptance_rate": round(accepted / drafted, 6) if drafted else None,
             "accepted_per_position": [_count(x) for x in per_pos] if isinstance(per_pos, list) else [],
+            "expected_acceptance": _fraction(lv.get("expected_acceptance")),
         })
     chain = stats.get("chain") if isinstance(stats, dict) else None  # the chain may shrink mid-request
     k = stats.get("k") if isinstance(stats, dict) else None
@@ -367,6 +368,11 @@ def speculation_report(job: GenerateJob, stats: dict[str, Any]) -> dict:
         "k": [_count(x) for x in k] if isinstance(k, list) else list(job.k),
         "levels": levels,
     }
+
+
+def _fraction(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+    return round(float(value), 6) if ok else None
 
 
 def _count(value: Any) -> int:

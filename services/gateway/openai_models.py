@@ -149,6 +149,7 @@ class LevelReport(BaseModel):
     accepted: int = Field(description="Of those, accepted by the level above.")
     acceptance_rate: float | None = Field(description="accepted / drafted (null when nothing was drafted).")
     accepted_per_position: list[int] = Field(description="Accepted count at each draft position.")
+    expected_acceptance: float | None = Field(None, description="Sampling: mean 1 - TV(verifier, proposer) over the drafted positions (null under greedy decoding).")
 
 
 class SpeculationReport(BaseModel):

@@ -5,8 +5,10 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
 
 - acceptance alpha of a proposer -> verifier pair on a request class: the geometric
   maximum-likelihood estimate from per-position counts (accepted at position j over the
-  proposals that reached position j), with counts decayed by `half_life_tokens` (an EWMA
-  in drafted tokens) and shrunk towards a neutral prior;
+  proposals that reached position j), plus, on sampled positions, the expected acceptance
+  1 - TV(p, q) the verifier measured there (the same quantity without the coin flips'
+  noise), with counts decayed by `half_life_tokens` (an EWMA in drafted tokens) and shrunk
+  towards a neutral prior;
 - a bottom proposer's draft rate (proposals per verification: an n-gram drafter finds no
   match on some rounds), from outcomes whose verifier is the target;
 - step time of a model as a function of the tokens one forward writes (batch x chunk):
@@ -62,6 +64,8 @@ class Acceptance:
     reached_per_pos: list[float] = field(default_factory=list)
     observations: int = 0
     drafted_total: int = 0
+    overlap: float = 0.0  # decayed sum of 1 - TV over sampled draft positions
+    overlap_positions: float = 0.0
 
     def observe(self, level: LevelOutcome, half_life_tokens: float) -> None:
         accepted, trials = conditional_counts(level)
@@ -70,6 +74,12 @@ class Acceptance:
         decay = 0.5 ** (level.drafted / half_life_tokens)
         self.accepted = self.accepted * decay + accepted
         self.trials = self.trials * decay + trials
+        if level.overlap_positions > 0 and 0 <= level.overlap <= level.overlap_positions:
+            self.overlap = self.overlap * decay + level.overlap
+            self.overlap_positions = self.overlap_positions * decay + level.overlap_positions
+        else:
+            self.overlap *= decay
+            self.overlap_positions *= decay
         acc, dra = list(level.accepted_per_pos), list(level.drafted_per_pos)
         reached = [dra[0]] + [min(acc[j - 1], dra[j]) for j in range(1, len(dra))] if dra else []
         n = max(len(reached), len(self.reached_per_pos))
@@ -85,9 +95,15 @@ class Acceptance:
 
     @property
     def alpha(self) -> float:
-        """Per-token acceptance, shrunk towards the prior; in [0.01, 0.99]."""
-        value = (self.accepted + self.prior * PRIOR_TRIALS) / (self.trials + PRIOR_TRIALS)
+        """Per-token acceptance from realised and expected (1 - TV) acceptance, shrunk towards the prior; in [0.01, 0.99]."""
+        value = (self.accepted + self.overlap + self.prior * PRIOR_TRIALS) / (
+            self.trials + self.overlap_positions + PRIOR_TRIALS)
         return min(0.99, max(0.01, value))
+
+    @property
+    def expected(self) -> float | None:
+        """Mean 1 - TV over the sampled positions seen (None when every request was greedy)."""
+        return self.overlap / self.overlap_positions if self.overlap_positions > 1e-9 else None
 
     def per_position(self) -> list[float | None]:
         return [round(a / r, 4) if r > 0.5 else None for a, r in zip(self.accepted_per_pos, self.reached_per_pos)]
@@ -310,6 +326,7 @@ class Estimates:
                               "samples": len(s.samples), "prior_ms": round(s.prior_ms, 4)}
                           for m, s in sorted(self.steps.items())},
             "acceptance": {f"{p}->{v}@{c}": {"alpha": round(a.alpha, 4), "observations": a.observations,
+                                              "one_minus_tv": None if a.expected is None else round(a.expected, 4),
                                               "drafted": a.drafted_total, "per_position": a.per_position()}
                            for (p, v, c), a in sorted(self.acceptance.items()) if a.observations},
             "calibration": {f"{','.join(ch)}@bucket{b}": {"ratio": round(c.ratio(), 4), "observations": c.observations,

@@ -82,7 +82,8 @@ class Router:
                 "proposer": canonical(level.name), "verifier": canonical(level.verifier),
                 "request_class": outcome.request_class, "drafted": level.drafted, "accepted": level.accepted,
                 "accepted_per_position": list(level.accepted_per_pos),
-                "drafted_per_position": list(level.drafted_per_pos), "tv_distance": None,
+                "drafted_per_position": list(level.drafted_per_pos),
+                "tv_distance": round(1 - level.overlap / level.overlap_positions, 6) if level.overlap_positions else None,
                 "request_id": outcome.request_id[:64],
                 "rounds": Estimates.rounds(outcome, level) if bottom else None,
             })
@@ -124,8 +125,11 @@ class Router:
             self.estimates.observe_step(step)
             n += 1
         for row in history.get("pair_stats", []):
+            tv = row.get("tv_distance")  # measured on every drafted position of a sampled request
             level = LevelOutcome(row["proposer"], row["verifier"], row["drafted"], row["accepted"],
-                                 list(row["drafted_per_position"] or []), list(row["accepted_per_position"] or []))
+                                 list(row["drafted_per_position"] or []), list(row["accepted_per_position"] or []),
+                                 (1 - tv) * row["drafted"] if tv is not None else 0.0,
+                                 row["drafted"] if tv is not None else 0)
             self.estimates.observe_level(level, row["request_class"], row.get("rounds"))
             n += 1
         for row in history.get("decisions", []):

@@ -290,7 +290,8 @@ class Driver:
         merged = feedback.merged(job, req)
         stats = {"chain": list(job.chain_key), "k": list(req.k),
                  "levels": [{"name": st.name, "drafted": st.drafted, "accepted": st.accepted,
-                             "accepted_per_pos": list(st.accepted_per_pos)}
+                             "accepted_per_pos": list(st.accepted_per_pos),
+                             "expected_acceptance": st.expected_acceptance}
                             for st in merged.values()]}
         observe.count(self, job, merged, len(new))
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),

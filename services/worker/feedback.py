@@ -30,7 +30,7 @@ def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
     key = job.chain_key
     above = {name: key[i + 1] for i, name in enumerate(key[:-1])}
     levels = [LevelOutcome(canonical(lv["name"]), canonical(above.get(lv["name"], "target")), lv["drafted"], lv["accepted"],
-                           list(st.drafted_per_pos), lv["accepted_per_pos"])
+                           list(st.drafted_per_pos), lv["accepted_per_pos"], round(st.overlap, 4), st.overlap_positions)
               for lv, st in zip(stats["levels"], merged(job, req).values())]
     outcome = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
                       len(job.msg.prompt), round(ttft, 3), round((duration - ttft) / max(tokens - 1, 1), 3),
@@ -82,6 +82,8 @@ def merged(job: Job, req) -> dict:
             acc = out.setdefault(name, LevelStats(name))
             acc.drafted += st.drafted
             acc.accepted += st.accepted
+            acc.overlap += st.overlap
+            acc.overlap_positions += st.overlap_positions
             for attr in ("accepted_per_pos", "drafted_per_pos"):
                 mine, theirs = getattr(acc, attr), getattr(st, attr)
                 mine.extend([0] * (len(theirs) - len(mine)))

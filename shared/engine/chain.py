@@ -252,9 +252,9 @@ class Chain:
             v = verify(d.tokens, d.probs, p[p.shape[0] - k - 1 :], r.sampling, len(ctx[rid]), self.generator, leniency)
             verdicts[rid] = v
             if i > 0 and k:
-                self.levels[i - 1].stats.record(k, v.accepted)
+                self.levels[i - 1].stats.record(k, v.accepted, v.overlap, v.overlap_positions)
                 below = self.levels[i - 1].name
-                r.stats.setdefault(below, LevelStats(below)).record(k, v.accepted)
+                r.stats.setdefault(below, LevelStats(below)).record(k, v.accepted, v.overlap, v.overlap_positions)
         level.stats.rounds += len(reqs)
         level.stats.seconds += time.perf_counter() - s
         for rid in ids:

@@ -24,11 +24,15 @@ class LevelStats:
     forwards: int = 0  # model forward passes (propose steps + scores)
     seconds: float = 0.0  # time in this level's own operations
     step_seconds: float = 0.0  # forward time only (for the cost model)
+    overlap: float = 0.0  # sum of 1 - TV(p, q) over sampled draft positions
+    overlap_positions: int = 0
 
-    def record(self, drafted: int, accepted: int) -> None:
+    def record(self, drafted: int, accepted: int, overlap: float = 0.0, overlap_positions: int = 0) -> None:
         self.proposals += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.overlap += overlap
+        self.overlap_positions += overlap_positions
         while len(self.drafted_per_pos) < drafted:
             self.drafted_per_pos.append(0)
             self.accepted_per_pos.append(0)
@@ -43,6 +47,11 @@ class LevelStats:
         return self.accepted / self.drafted if self.drafted else None
 
     @property
+    def expected_acceptance(self) -> float | None:
+        """Mean 1 - TV(p, q) over the sampled draft positions (None under greedy decoding)."""
+        return self.overlap / self.overlap_positions if self.overlap_positions else None
+
+    @property
     def step_time(self) -> float | None:
         """Mean seconds per forward."""
         return self.step_seconds / self.forwards if self.forwards else None
@@ -54,6 +63,7 @@ class LevelStats:
             "accepted": self.accepted,
             "acceptance": self.acceptance,
             "acceptance_per_pos": [a / d if d else None for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)],
+            "expected_acceptance": None if self.expected_acceptance is None else round(self.expected_acceptance, 4),
             "proposals": self.proposals,
             "rounds": self.rounds,
             "forwards": self.forwards,

@@ -41,6 +41,8 @@ class Verdict:
     accepted: int  # how many drafts were accepted (0..k)
     probs: torch.Tensor  # [len(tokens), V]: the distribution each emitted token was drawn from
     drafted: int = 0  # how many drafts there were (k)
+    overlap: float = 0.0  # sum over the draft positions of 1 - TV(p, q) = sum_x min(p(x), q(x)) (sampling only)
+    overlap_positions: int = 0  # positions that sum covers
 
     @property
     def bonus(self) -> bool:
@@ -184,7 +186,14 @@ def verify(
     k = drafts.shape[0]
     if params.seeded:
         noise = gumbel_noise(params.seed, range(first_position, first_position + k + 1), target_probs.shape[-1])
-        return verify_gumbel(drafts, target_probs, noise, leniency)
-    uniforms = torch.rand(2 * k + 1, generator=generator)
-    q = draft_probs if draft_probs is not None else target_probs.new_zeros((0, target_probs.shape[-1]))
-    return verify_rejection(drafts, q, target_probs, uniforms[:k], uniforms[k:], leniency)
+        verdict = verify_gumbel(drafts, target_probs, noise, leniency)
+    else:
+        uniforms = torch.rand(2 * k + 1, generator=generator)
+        q = draft_probs if draft_probs is not None else target_probs.new_zeros((0, target_probs.shape[-1]))
+        verdict = verify_rejection(drafts, q, target_probs, uniforms[:k], uniforms[k:], leniency)
+    if k and draft_probs is not None and draft_probs.shape == (k, target_probs.shape[-1]):
+        # Expected acceptance of each drafted position, 1 - TV (BRIEF section 3): the router's
+        # second estimate of the pair, sharper than the accept/reject coin flips it summarises.
+        verdict.overlap = float(torch.minimum(target_probs[:k], draft_probs.to(target_probs.device)).sum())
+        verdict.overlap_positions = k
+    return verdict
