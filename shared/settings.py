@@ -82,6 +82,9 @@ class ModelSettings(BaseModel):
     verifier: Path | None = Field(None, description="HF checkpoint folder of the verifier.")
     drafter_code: Path | None = Field(None, description="HF checkpoint folder of the code drafter.")
     drafter_prose: Path | None = Field(None, description="HF checkpoint folder of the prose drafter.")
+    drafters: list[Literal["drafter-code", "drafter-prose"]] = Field(
+        ["drafter-code", "drafter-prose"], min_length=1,
+        description="Drafters `make up` serves, one drafter process each (times its replicas): the router picks the specialist per request class and can fuse the two.")
 
 
 class EngineSettings(BaseModel):

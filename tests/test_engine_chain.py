@@ -22,6 +22,8 @@ CHAINS = [
     "drafter,verifier,target",
     "ngram,drafter,target",
     "ngram,drafter,verifier,target",
+    "fused,target",
+    "fused,verifier,target",
 ]
 N_PROMPTS = 50  # half code, half prose
 MAX_TOKENS = 16
@@ -153,6 +155,7 @@ def test_seeded_sampling_is_reproducible_across_chains_and_batches(pool, prompts
         ("drafter,target", 4, {}),
         ("ngram,drafter,verifier,target", 12, {"leniency": 2.0}),
         ("verifier,target", 3, {"k": 2}),
+        ("fused,verifier,target", 5, {}),
     ]:
         chain = pool.chain(spec, **kwargs)
         assert run_batches(chain, subset, batch, MAX_TOKENS, sampling=SEEDED) == ref, spec
@@ -214,6 +217,10 @@ def test_chain_names_and_vocabulary_are_checked(pool, tmp_path):
     with pytest.raises(ValueError):
         parse_chain("drafter,drafter-code,target")
     assert parse_chain("ngram, drafter ,target") == ["ngram", "drafter", "target"]
+    assert parse_chain("fused,verifier,target") == ["fused", "verifier", "target"]
+    for bad in ("ngram,fused,target", "verifier,fused,target", "fused,drafter-prose,target", "fused"):
+        with pytest.raises(ValueError):
+            parse_chain(bad)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from shared.engine.runner import LeanRunner
@@ -223,6 +230,33 @@ def test_chain_names_and_vocabulary_are_checked(pool, tmp_path):
         Chain([("drafter", other), ("target", pool.get("target"))])
     with pytest.raises(ValueError, match="max_len"):
         pool.chain("drafter,target", k=4).add([5] * 240, 16)
+
+
+def test_fused_drafts_come_from_the_more_confident_drafter_at_each_position(pool, prompts):
+    """Replays a fused proposal with the two drafters alone: each token is the confident one's."""
+    from shared.engine.fused import FusedRunner
+
+    code, prose = pool.get("drafter-code"), pool.get("drafter-prose")
+    fused = FusedRunner(code, prose)
+    picks = [0, 0]
+    for n, prompt in enumerate(prompts[::5]):
+        fused.prefill(f"f{n}", prompt[:-1])
+        (draft,) = fused.propose([f"f{n}"], [[prompt[-1]]], 5)
+        assert fused.length(f"f{n}") == len(prompt) + 4 == code.length(f"f{n}") == prose.length(f"f{n}")
+        fused.release(f"f{n}")
+        seq = list(prompt)
+        for j, tok in enumerate(draft.tokens):
+            dists = [runner.prefill("replay", seq) for runner in (code, prose)]
+            for runner in (code, prose):
+                runner.release("replay")
+            tops = [float(d.max()) for d in dists]
+            pick = 0 if tops[0] >= tops[1] else 1
+            picks[pick] += 1
+            assert tok == int(dists[pick].argmax()), (n, j)
+            assert torch.allclose(draft.probs[j], dists[pick], atol=1e-5)
+            seq.append(tok)
+    assert all(picks), picks  # on mixed prompts both drafters lead somewhere
+    assert fused.chosen == picks
 
 
 def _cli(engine_family, monkeypatch, args):

@@ -153,7 +153,28 @@ def test_unavailable_models_are_not_candidates():
     est = synthetic(PROFILE, ALPHAS)
     choice = decide("prose-short", est, served_chains(), K_MAX, available={"drafter-code", "verifier"})
     assert all("drafter-prose" not in p.chain for p in choice.ranking)
+    assert all("fused" not in p.chain for p in choice.ranking)  # fused needs both drafters
     assert any(p.chain[0] == "ngram" for p in choice.ranking)
+
+
+def test_fused_level_costs_both_drafters_and_competes_on_its_own_acceptance():
+    def fed(fused_alpha: float, hop_ms: float) -> Estimates:
+        est = synthetic(PROFILE, ALPHAS, hop_ms=hop_ms)
+        rng = random.Random(2)
+        for _ in range(40):
+            est.observe_level(simulate_level(rng, "fused", "target", fused_alpha, 4, 200), "code-short")
+        return est
+
+    est = fed(0.9, 0.4)
+    pred = predict(("fused", "target"), (4,), "code-short", est, 1.0)
+    both = est.step_ms("drafter-code", 1) + est.step_ms("drafter-prose", 1) + 2 * 0.4  # one call per drafter per position
+    assert pred.levels[0]["step_ms"] == pytest.approx(both, abs=1e-3)
+    assert pred.levels[0]["alpha"] == pytest.approx(0.9, abs=0.02)
+    single = predict(("drafter-code", "target"), (4,), "code-short", est, 1.0)
+    assert single.ms_per_token < pred.ms_per_token  # 0.9 vs 0.75 acceptance does not pay for twice the steps and hops
+    close = fed(0.97, 0.0)
+    assert (predict(("fused", "target"), (4,), "code-short", close, 1.0).ms_per_token
+            < predict(("drafter-code", "target"), (4,), "code-short", close, 1.0).ms_per_token)  # in one process it can
 
 
 # -- estimates ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tests.stack_fixtures import target_only, token_prompts
 pytestmark = pytest.mark.stack
 
 CHAINS = ["target", "drafter,target", "verifier,target", "drafter,verifier,target",
-          "ngram,drafter,target", "ngram,drafter,verifier,target"]
+          "ngram,drafter,target", "ngram,drafter,verifier,target", "fused,verifier,target"]
 MAX_TOKENS = 24
 
 

@@ -85,9 +85,10 @@ class NatsBackend:
     def chains(self) -> list[list[str]]:
         out = []
         for bottom in ([], ["ngram"]):
-            for drafter in ([], ["drafter"], ["drafter-code"], ["drafter-prose"]):
+            for drafter in ([], ["drafter"], ["drafter-code"], ["drafter-prose"], ["fused"]):
                 for verifier in ([], ["verifier"]):
-                    out.append(bottom + drafter + verifier + ["target"])
+                    if not (bottom and drafter == ["fused"]):  # fused is a bottom level itself
+                        out.append(bottom + drafter + verifier + ["target"])
         return out
 
     async def _submit(self, job: GenerateJob) -> None:

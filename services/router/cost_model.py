@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.engine.build import FUSED_PARTS
+
 NGRAM_MS = 0.02  # prompt lookup in the driver: no model forward
 
 
@@ -73,6 +75,8 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
         tokens = batch * (1 + rate_below * below_k)  # one forward writes the batch's chunks
         if model == "ngram":
             t = NGRAM_MS
+        elif model == "fused":  # both drafters step at every position, one call each when remote
+            t = sum(estimates.step_ms(part, tokens) + (hop if remote(part) else 0.0) for part in FUSED_PARTS)
         else:
             t = estimates.step_ms(model, tokens)
             if remote(model):

@@ -18,7 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.engine.build import canonical, parse_chain
+from shared.engine.build import FUSED_PARTS, canonical, parse_chain
+from shared.engine.fused import FusedRunner
 from shared.engine.chain import Chain
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
@@ -125,7 +126,8 @@ class Driver:
 
     def _available(self, names: tuple[str, ...]) -> tuple[str, ...]:
         now = time.monotonic()
-        return tuple(n for n in names if n == "target" or n == "ngram" or self.down_until.get(canonical(n), 0) <= now)
+        return tuple(n for n in names if n == "target" or n == "ngram"
+                     or all(self.down_until.get(m, 0) <= now for m in (FUSED_PARTS if n == "fused" else [canonical(n)])))
 
     def _chain(self, key: tuple[str, ...]) -> Chain:
         if key not in self.chains:
@@ -135,6 +137,8 @@ class Driver:
                     levels.append((name, NgramProposer(self.target.vocab_size, device=self.target.device)))
                 elif name == "target":
                     levels.append((name, self.target))
+                elif name == "fused":
+                    levels.append((name, FusedRunner(*(self._remote(m) for m in FUSED_PARTS))))
                 else:
                     levels.append((name, self._remote(canonical(name))))
             spec = self.settings.speculation

@@ -1,7 +1,8 @@
 """Chains from names: `"ngram,drafter,verifier,target"` -> a `Chain` over the model family.
 
-Names: `ngram` (prompt lookup, bottom only), `target`, `verifier`, `drafter`
-(= `drafter-code`), `drafter-code`, `drafter-prose`. Models come from
+Names: `ngram` (prompt lookup, bottom only), `fused` (both drafters fused per position by
+confidence, bottom only), `target`, `verifier`, `drafter` (= `drafter-code`),
+`drafter-code`, `drafter-prose`. Models come from
 `shared.models.family`; a chain whose models do not share one vocabulary is refused.
 """
 
@@ -14,7 +15,9 @@ from shared.engine.chain import Chain
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner, load_runner
 
-CHAIN_NAMES = ("ngram", "target", "verifier", "drafter", "drafter-code", "drafter-prose")
+CHAIN_NAMES = ("ngram", "fused", "target", "verifier", "drafter", "drafter-code", "drafter-prose")
+BOTTOM_ONLY = ("ngram", "fused")
+FUSED_PARTS = ("drafter-code", "drafter-prose")
 
 
 def canonical(name: str) -> str:
@@ -31,11 +34,12 @@ def parse_chain(spec: str | Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in CHAIN_NAMES]
     if unknown:
         raise ValueError(f"unknown chain level(s) {', '.join(unknown)}; valid: {', '.join(CHAIN_NAMES)}")
-    if "ngram" in names[1:]:
-        raise ValueError("'ngram' can only be the first (bottom) level of a chain")
-    if names[-1] == "ngram":
+    for name in BOTTOM_ONLY:
+        if name in names[1:]:
+            raise ValueError(f"{name!r} can only be the first (bottom) level of a chain")
+    if len(names) == 1 and names[0] in BOTTOM_ONLY:
         raise ValueError("the last level of a chain must be a model (usually 'target')")
-    members = [canonical(n) for n in names]
+    members = [m for n in names for m in (FUSED_PARTS if n == "fused" else [canonical(n)])]
     if len(set(members)) != len(members):
         raise ValueError(f"a model appears twice in chain {','.join(names)}")
     return names
@@ -63,8 +67,10 @@ class RunnerPool:
         """A `Chain` over these runners (kwargs go to `Chain`: k, confidence_threshold, leniency...)."""
         from shared.models.family import check_same_vocabulary
 
+        from shared.engine.fused import FusedRunner
+
         names = parse_chain(spec)
-        models = [n for n in names if n != "ngram"]
+        models = [m for n in names if n != "ngram" for m in (FUSED_PARTS if n == "fused" else [n])]
         check_same_vocabulary([self.path(n) for n in models])
         runners = {n: self.get(n) for n in models}
         levels = []
@@ -72,6 +78,8 @@ class RunnerPool:
             if n == "ngram":
                 target = runners[names[-1]]
                 levels.append((n, NgramProposer(target.vocab_size, device=target.device)))
+            elif n == "fused":
+                levels.append((n, FusedRunner(*(runners[m] for m in FUSED_PARTS))))
             else:
                 levels.append((n, runners[n]))
         return Chain(levels, **kwargs)

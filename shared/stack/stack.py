@@ -42,12 +42,23 @@ class Stack:
 
     # -- services ------------------------------------------------------------------------
     def instances(self) -> list[tuple[str, str]]:
-        """(instance, service) for every process to run: `target`, `target-2`, ... per replica."""
+        """(instance, service) for every process to run: `target`, `target-2`, ... per replica;
+        a drafter per served drafter model: `drafter` (the first), `drafter-prose`, ..."""
+        return [(instance, service) for instance, service, _ in self._instances()]
+
+    def _instances(self) -> list[tuple[str, str, str | None]]:
         out = []
         for service in SERVICES:
             n = self.settings.replicas.get(service, 1)
-            out += [(service if i == 1 else f"{service}-{i}", service) for i in range(1, n + 1)]
+            models = list(dict.fromkeys(self.settings.models.drafters)) if service == "drafter" else [None]
+            for j, model in enumerate(models):
+                base = service if j == 0 else f"{service}-{model.removeprefix('drafter-')}"
+                out += [(base if i == 1 else f"{base}-{i}", service, model) for i in range(1, n + 1)]
         return out
+
+    def instance_model(self, instance: str) -> str | None:
+        """The family member `instance` hosts when the stack chooses it (drafters), else None."""
+        return next((model for name, _, model in self._instances() if name == instance), None)
 
     def service_command(self, name: str) -> list[str]:
         return [sys.executable, "-m", "shared.cli.main", "serve", name]
@@ -64,7 +75,11 @@ class Stack:
         if pidfile.live():
             return False
         command = self.service_command(service or instance)
-        record = spawn(instance, command, self.run_dir / "logs" / f"{instance}.log", env=self.service_env())
+        env = self.service_env()
+        model = self.instance_model(instance)
+        if model is not None:
+            env["SPECMESH_ENGINE__MODEL"] = model
+        record = spawn(instance, command, self.run_dir / "logs" / f"{instance}.log", env=env)
         pidfile.write(record)
         return True
 
