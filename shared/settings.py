@@ -156,6 +156,7 @@ class Settings(BaseSettings):
 
     run_dir: Path = Field(Path(".run"), description="Pid files, logs, server data and `.run/env`.")
     replicas: dict[str, int] = Field(default_factory=dict, description="Processes per service under `make up`, e.g. `SPECMESH_REPLICAS__TARGET=2` (default 1 each).")
+    cpus: dict[str, str] = Field(default_factory=dict, description="CPU cores each service's processes are pinned to, e.g. `SPECMESH_CPUS__TARGET=1`, `SPECMESH_CPUS__DRAFTER=0` (lists like `0-3,6`); unset: no pinning.")
     log_level: str = Field("INFO", description="Python logging level.")
     nats: NatsSettings = NatsSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -177,10 +178,31 @@ class Settings(BaseSettings):
             raise ValueError("replicas must be >= 1")
         return value
 
+    @field_validator("cpus")
+    @classmethod
+    def _known_cores(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"cpus for unknown service(s) {unknown}; services: {', '.join(SERVICES)}")
+        for service, spec in value.items():
+            parse_cpus(spec)  # raises with the reason
+        return value
+
     @field_validator("run_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """`"0-2,5"` -> {0, 1, 2, 5}; a ValueError that says what is wrong otherwise."""
+    cores: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ValueError(f"bad CPU list {spec!r}: expected cores like '0', '0-3' or '0,2-3'")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
 
 
 @lru_cache(maxsize=1)

@@ -39,3 +39,24 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [var for var, _, _ in settings_table() if f"`{var}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_cpu_pinning_lists_are_parsed_and_checked(monkeypatch):
+    from typer.testing import CliRunner
+
+    from shared.cli.main import app
+    from shared.settings import get_settings, parse_cpus
+
+    assert parse_cpus("0-2,5") == {0, 1, 2, 5} and parse_cpus("1") == {1}
+    for bad in ("", "a", "3-1", "0,,1", "-1"):
+        with pytest.raises(ValueError, match="bad CPU list"):
+            parse_cpus(bad)
+    with pytest.raises(ValueError, match="unknown service"):
+        Settings(cpus={"drafters": "0"})
+    monkeypatch.setenv("SPECMESH_CPUS__STATE", "4096")  # no machine here has core 4096
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["serve", "state"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2 and "names no core" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -78,6 +79,16 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                             format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+        if name in settings.cpus:
+            from shared.settings import parse_cpus
+
+            cores = parse_cpus(settings.cpus[name]) & os.sched_getaffinity(0)
+            if not cores:
+                typer.secho(f"error: SPECMESH_CPUS__{name.upper()}={settings.cpus[name]} names no core this machine "
+                            f"offers ({sorted(os.sched_getaffinity(0))})", err=True, fg="red")
+                raise typer.Exit(2)
+            os.sched_setaffinity(0, cores)
+            logging.getLogger("specmesh").info("%s pinned to cores %s", name, sorted(cores))
         from services import load_service
 
         asyncio.run(load_service(name)(settings).run())
