@@ -161,7 +161,11 @@ def test_speculation_report_reads_both_shapes_and_skips_junk():
     rep = speculation_report(job, {"levels": [{"name": "drafter", "drafted": 8, "accepted": 6,
                                                "accepted_per_pos": [2, 2, 1, 1]}, "junk"]})
     assert rep == {"chain": ["drafter", "target"], "k": [4], "levels": [
-        {"name": "drafter", "drafted": 8, "accepted": 6, "acceptance_rate": 0.75, "accepted_per_position": [2, 2, 1, 1]}]}
+        {"name": "drafter", "drafted": 8, "accepted": 6, "acceptance_rate": 0.75, "accepted_per_position": [2, 2, 1, 1],
+         "expected_acceptance": None}]}
+    rep = speculation_report(job, {"levels": [{"name": "drafter", "drafted": 8, "accepted": 6, "expected_acceptance": 0.61},
+                                              {"name": "verifier", "drafted": 8, "accepted": 6, "expected_acceptance": 7}]})
+    assert [lv["expected_acceptance"] for lv in rep["levels"]] == [0.61, None]  # outside [0, 1]: junk, dropped
     rep = speculation_report(job, {"drafter": {"drafted": 0, "accepted": "x"}, "chain": ["target"], "k": []})
     assert rep["chain"] == ["target"] and rep["levels"][0]["acceptance_rate"] is None
     assert speculation_report(job, {})["levels"] == []
