@@ -97,10 +97,15 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def metrics_url(env, service: str) -> str:
+def metrics_url(env, service: str, model: str | None = None) -> str:
+    """The metrics URL an instance of `service` announces (the one hosting `model`, if given)."""
     from tests.stack_fixtures import specmesh
 
-    return json.loads(specmesh(env, "ping", service).stdout)["metadata"]["metrics"]
+    for _ in range(50):  # every instance answers a ping; the first to answer wins it
+        meta = json.loads(specmesh(env, "ping", service).stdout)["metadata"]
+        if model is None or meta.get("model") == model:
+            return meta["metrics"]
+    raise AssertionError(f"no {service} instance hosting {model} answered")
 
 
 @pytest.mark.stack
@@ -108,7 +113,7 @@ def test_counters_agree_with_the_responses(stack):
     from services.worker.driver import canonical
 
     env, settings = stack
-    target, drafter = metrics_url(env, "target"), metrics_url(env, "drafter")
+    target, drafter = metrics_url(env, "target"), metrics_url(env, "drafter", model="drafter-code")
     gateway = f"{settings.gateway.http_url}/metrics"
     before, gw_before = scrape(target), scrape(gateway)
     bodies = [{"model": "specmesh", "prompt": p, "max_tokens": 16, "temperature": 0,
