@@ -74,6 +74,10 @@ class ServiceProcess:
     def metadata(self) -> dict[str, str]:
         return {}
 
+    async def prepare(self) -> None:
+        """Slow start-up work (loading a model); called before the service registers, so that
+        it answers no ping (and `make up` does not call it ready) until this is done."""
+
     async def setup(self) -> None:
         """Add endpoints and subscriptions; called once connected and registered."""
 
@@ -94,6 +98,7 @@ class ServiceProcess:
             self.metrics_url = f"http://{metrics.host}:{port}/metrics"
             log.info("%s metrics on %s", self.name, self.metrics_url)
         self.nc = await connect(self.settings, self.name, user=self.name)
+        await self.prepare()
         metadata = self.metadata() | ({"metrics": self.metrics_url} if self.metrics_url else {})
         self.micro = await add_service(
             self.nc, name=self.name, version=VERSION, description=self.description, metadata=metadata,

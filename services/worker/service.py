@@ -56,9 +56,12 @@ class WorkerService(ServiceProcess):
         torch.set_num_threads(engine.threads)
         return load_runner(self.model_path, engine.runner, engine.device, engine.dtype, engine.max_batch, engine.max_len)
 
+    async def prepare(self) -> None:
+        self.runner = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_runner)
+
     async def setup(self) -> None:
         loop = asyncio.get_running_loop()
-        runner = await loop.run_in_executor(self.executor, self.load_runner)
+        runner = self.runner
         if self.role == "target":
             await self._setup_driver(runner, loop)
         else:
