@@ -99,8 +99,8 @@ PROFILES: dict[str, Profile] = {
         },
     ),
     # Performance work: a ~16M target whose one-thread step costs >= 8x the ~0.5M drafter's
-    # (BRIEF section 6: 7.4M is only ~6x, 23M ~16x). Budget estimated at ~50 min on 2 idle
-    # cores from per-step timings; not yet trained end to end (see docs/models.md).
+    # (BRIEF section 6: 7.4M is only ~6x, 23M ~16x). Measured 2026-11-29: 10.5x with the lean
+    # runner; 65 min wall beside other work, ~47 min at the idle rates (docs/models.md).
     "bench": Profile(
         name="bench",
         vocab_size=4096,
