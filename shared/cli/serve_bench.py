@@ -3,9 +3,11 @@
     make up && specmesh bench serve --prompts 6 --max-tokens 32 --json
 
 For each chain, requests go one at a time (batch 1, greedy) through the gateway's
-streaming API; tokens/s and mean inter-token latency are measured at the client. The same
-chains then run in this process on the same models, so the cost of distribution is
-visible: `distribution_overhead = 1 - services tokens/s / engine tokens/s`.
+streaming API; tokens/s and mean inter-token latency are measured at the client. After
+each request the same prompt runs through the same chain in this process on the same
+models (services and engine alternate, so drift in the machine's speed weighs on both), so
+the cost of distribution is visible: `distribution_overhead = 1 - services tokens/s /
+engine tokens/s`.
 """
 
 from __future__ import annotations
@@ -82,29 +84,28 @@ def register(bench_app: typer.Typer) -> None:
                             err=True, fg="red")
                 raise typer.Exit(1) from exc
             for spec in specs:
+                # Services and engine alternate prompt by prompt, so that drift in the machine's
+                # speed (frequent on shared cores) weighs on both sides alike.
+                chain = pool.chain(spec, k=k)
                 _stream_one(client, ps[0][:16], spec, k, 4)  # warm up every level of the chain
-                outs, gaps, t0 = [], [], time.perf_counter()
+                chain.generate([ps[0][:16]], 4)
+                svc_outs, eng_outs, gaps, svc_s, eng_s = [], [], [], 0.0, 0.0
                 for p in ps:
+                    t0 = time.perf_counter()
                     toks, arrivals = _stream_one(client, p, spec, k, max_tokens)
-                    outs.append(toks)
+                    svc_s += time.perf_counter() - t0
+                    svc_outs.append(toks)
                     gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
-                secs = time.perf_counter() - t0
-                n = sum(len(o) for o in outs)
-                result["chains"][spec] = {"services": {"tokens_per_s": round(n / secs, 2),
-                                                       "ms_per_token": round(1e3 * secs / max(n, 1), 3),
-                                                       "mean_itl_ms": round(1e3 * sum(gaps) / max(len(gaps), 1), 3)},
-                                          "_outs": outs}
-        for spec in specs:
-            chain = pool.chain(spec, k=k)
-            chain.generate([ps[0][:16]], 4)
-            t0 = time.perf_counter()
-            outs = [chain.generate([p], max_tokens)[0] for p in ps]
-            secs = time.perf_counter() - t0
-            n = sum(len(o) for o in outs)
-            row = result["chains"][spec]
-            row["engine"] = {"tokens_per_s": round(n / secs, 2), "ms_per_token": round(1e3 * secs / max(n, 1), 3)}
-            row["distribution_overhead"] = round(1 - row["services"]["tokens_per_s"] / row["engine"]["tokens_per_s"], 3)
-            row["identical"] = row.pop("_outs") == outs
+                    t0 = time.perf_counter()
+                    eng_outs.append(chain.generate([p], max_tokens)[0])
+                    eng_s += time.perf_counter() - t0
+                n_svc, n_eng = sum(len(o) for o in svc_outs), sum(len(o) for o in eng_outs)
+                svc = {"tokens_per_s": round(n_svc / svc_s, 2), "ms_per_token": round(1e3 * svc_s / max(n_svc, 1), 3),
+                       "mean_itl_ms": round(1e3 * sum(gaps) / max(len(gaps), 1), 3)}
+                eng = {"tokens_per_s": round(n_eng / eng_s, 2), "ms_per_token": round(1e3 * eng_s / max(n_eng, 1), 3)}
+                result["chains"][spec] = {"services": svc, "engine": eng,
+                                          "distribution_overhead": round(1 - svc["tokens_per_s"] / eng["tokens_per_s"], 3),
+                                          "identical": svc_outs == eng_outs}
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
