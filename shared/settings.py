@@ -168,24 +168,17 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     router: RouterSettings = RouterSettings()
 
-    @field_validator("replicas")
+    @field_validator("replicas", "cpus")
     @classmethod
-    def _known_services(cls, value: dict[str, int]) -> dict[str, int]:
+    def _known_services(cls, value: dict, info) -> dict:
         unknown = sorted(set(value) - set(SERVICES))
         if unknown:
-            raise ValueError(f"replicas of unknown service(s) {unknown}; services: {', '.join(SERVICES)}")
-        if any(n < 1 for n in value.values()):
+            raise ValueError(f"{info.field_name} of unknown service(s) {unknown}; services: {', '.join(SERVICES)}")
+        if info.field_name == "replicas" and any(n < 1 for n in value.values()):
             raise ValueError("replicas must be >= 1")
-        return value
-
-    @field_validator("cpus")
-    @classmethod
-    def _known_cores(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(SERVICES))
-        if unknown:
-            raise ValueError(f"cpus for unknown service(s) {unknown}; services: {', '.join(SERVICES)}")
-        for service, spec in value.items():
-            parse_cpus(spec)  # raises with the reason
+        if info.field_name == "cpus":
+            for spec in value.values():
+                parse_cpus(spec)  # raises with the reason
         return value
 
     @field_validator("run_dir")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from shared.engine.runner import Draft, Runner
+from shared.engine.runner import Draft, Runner, per_request
 from shared.engine.sampling import GREEDY, SamplingParams
 
 
@@ -84,8 +84,7 @@ class FusedRunner(Runner):
     ) -> list[Draft]:
         """`Runner.propose`'s contract, one position at a time over both parts."""
         n = len(request_ids)
-        ks = [k] * n if isinstance(k, int) else list(k)
-        thresholds = [confidence_threshold] * n if isinstance(confidence_threshold, (int, float)) else list(confidence_threshold)
+        ks, thresholds = per_request(k, n), per_request(confidence_threshold, n)
         tokens: list[list[int]] = [[] for _ in range(n)]
         rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
         confs: list[list[float]] = [[] for _ in range(n)]
@@ -114,5 +113,4 @@ class FusedRunner(Runner):
                     chunks[i] = [d.tokens[0]]
                     still.append(i)
             active = still
-        empty = torch.empty(0, self.vocab_size, device=self.device)
-        return [Draft(tokens[i], torch.stack(rows[i]) if rows[i] else empty, confs[i]) for i in range(n)]
+        return self.drafts(tokens, rows, confs)

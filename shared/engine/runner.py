@@ -35,6 +35,11 @@ class Draft:
     confidence: list[float] = field(default_factory=list)  # probs[j, tokens[j]]
 
 
+def per_request(value, n: int) -> list:
+    """A per-request argument given once for all (`k=4`) or per request (`k=[4, 2]`)."""
+    return [value] * n if isinstance(value, (int, float)) else list(value)
+
+
 class Runner:
     """The operations shared by every runner; subclasses provide the cache and the forward."""
 
@@ -104,8 +109,7 @@ class Runner:
         from q, and rejection sampling against q would no longer be exact.
         """
         n = len(request_ids)
-        ks = [k] * n if isinstance(k, int) else list(k)
-        thresholds = [confidence_threshold] * n if isinstance(confidence_threshold, (int, float)) else list(confidence_threshold)
+        ks, thresholds = per_request(k, n), per_request(confidence_threshold, n)
         tokens: list[list[int]] = [[] for _ in range(n)]
         rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
         confs: list[list[float]] = [[] for _ in range(n)]
@@ -131,8 +135,12 @@ class Runner:
                     chunks[i] = [tok]
                     still.append(i)
             active = still
+        return self.drafts(tokens, rows, confs)
+
+    def drafts(self, tokens: list[list[int]], rows: list[list[torch.Tensor]], confs: list[list[float]]) -> list[Draft]:
+        """One `Draft` per request from its tokens, probability rows and confidences."""
         empty = torch.empty(0, self.vocab_size, device=self.device)
-        return [Draft(tokens[i], torch.stack(rows[i]) if rows[i] else empty, confs[i]) for i in range(n)]
+        return [Draft(t, torch.stack(r) if r else empty, c) for t, r, c in zip(tokens, rows, confs)]
 
     def _choose(self, ids: Sequence[str], probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """One token per row of probs [B, V]; each drawn at its request's next position."""
