@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 
 from services.router.cost_model import Prediction, predict
-from shared.engine.build import FUSED_PARTS, canonical
+from shared.engine.build import canonical, models_of
 
 TARGET_ALONE = ("target",)
 EXPLORE_WITHIN = 2.0  # explore only chains predicted within this factor of the winner
@@ -46,8 +46,7 @@ def candidates(chains: list[tuple[str, ...]], k_max: int, available: set[str] | 
     for chain in chains:
         if tuple(chain) == TARGET_ALONE:
             continue
-        models = [m for name in chain for m in (FUSED_PARTS if name == "fused" else [name])]
-        if available is not None and any(m not in available and m not in ("ngram", "target") for m in models):
+        if available is not None and any(m not in available and m != "target" for n in chain for m in models_of(n)):
             continue
         for ks in itertools.product(range(1, k_max + 1), repeat=len(chain) - 1):
             out.append((tuple(chain), ks))

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.engine.build import FUSED_PARTS, canonical, parse_chain
+from shared.engine.build import FUSED_PARTS, canonical, models_of, parse_chain
 from shared.engine.fused import FusedRunner
 from shared.engine.chain import Chain
 from shared.engine.ngram import NgramProposer
@@ -126,8 +126,7 @@ class Driver:
 
     def _available(self, names: tuple[str, ...]) -> tuple[str, ...]:
         now = time.monotonic()
-        return tuple(n for n in names if n == "target" or n == "ngram"
-                     or all(self.down_until.get(m, 0) <= now for m in (FUSED_PARTS if n == "fused" else [canonical(n)])))
+        return tuple(n for n in names if n == "target" or all(self.down_until.get(m, 0) <= now for m in models_of(n)))
 
     def _chain(self, key: tuple[str, ...]) -> Chain:
         if key not in self.chains:

@@ -116,14 +116,14 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", help="Where to write it (mode 0600).")] = Path("nats.conf"),
     ) -> None:
         """Write a NATS server configuration with one user per service (for a NATS started elsewhere, e.g. compose)."""
-        from shared.nats_auth import server_config
+        from shared.stack.servers import nats_config
 
         settings = get_settings()
         if settings.nats.secret is None:
             typer.secho("set SPECMESH_NATS__SECRET: the services derive their NATS passwords from it", err=True, fg="red")
             raise typer.Exit(2)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("max_payload: 8MB\n" + server_config(settings))
+        out.write_text(nats_config(settings))
         out.chmod(0o600)
         typer.echo(f"wrote {out}")
 

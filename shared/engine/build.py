@@ -25,6 +25,13 @@ def canonical(name: str) -> str:
     return "drafter-code" if name == "drafter" else name
 
 
+def models_of(name: str) -> tuple[str, ...]:
+    """The family members a chain level runs: none for `ngram`, both drafters for `fused`."""
+    if name == "ngram":
+        return ()
+    return FUSED_PARTS if name == "fused" else (canonical(name),)
+
+
 def parse_chain(spec: str | Sequence[str]) -> list[str]:
     """Validated level names, bottom first, from `"a,b,c"` or a list."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [n.strip() for n in spec]
@@ -39,7 +46,7 @@ def parse_chain(spec: str | Sequence[str]) -> list[str]:
             raise ValueError(f"{name!r} can only be the first (bottom) level of a chain")
     if len(names) == 1 and names[0] in BOTTOM_ONLY:
         raise ValueError("the last level of a chain must be a model (usually 'target')")
-    members = [m for n in names for m in (FUSED_PARTS if n == "fused" else [canonical(n)])]
+    members = [m for n in names for m in models_of(n)]
     if len(set(members)) != len(members):
         raise ValueError(f"a model appears twice in chain {','.join(names)}")
     return names
@@ -70,18 +77,17 @@ class RunnerPool:
         from shared.engine.fused import FusedRunner
 
         names = parse_chain(spec)
-        models = [m for n in names if n != "ngram" for m in (FUSED_PARTS if n == "fused" else [n])]
+        models = [m for n in names for m in models_of(n)]
         check_same_vocabulary([self.path(n) for n in models])
-        runners = {n: self.get(n) for n in models}
         levels = []
         for n in names:
             if n == "ngram":
-                target = runners[names[-1]]
+                target = self.get(names[-1])
                 levels.append((n, NgramProposer(target.vocab_size, device=target.device)))
             elif n == "fused":
-                levels.append((n, FusedRunner(*(runners[m] for m in FUSED_PARTS))))
+                levels.append((n, FusedRunner(*(self.get(m) for m in FUSED_PARTS))))
             else:
-                levels.append((n, runners[n]))
+                levels.append((n, self.get(n)))
         return Chain(levels, **kwargs)
 
     def tokenizer(self):

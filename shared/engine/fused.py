@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from shared.engine.runner import Draft, Runner, per_request
+from shared.engine.runner import Runner
 from shared.engine.sampling import GREEDY, SamplingParams
 
 
@@ -34,7 +34,7 @@ class FusedRunner(Runner):
         self.vocab_size = first.vocab_size
         self.max_len = min(first.max_len, second.max_len)
         self.generator = first.generator
-        self.chosen = [0, 0]  # positions each part proposed
+        self.chosen = [0, 0]  # positions at which each part was the more confident
 
     # Counters the chain reads for its stats: the two parts together.
     @property
@@ -75,42 +75,18 @@ class FusedRunner(Runner):
     def score(self, request_ids, chunks):
         raise NotImplementedError("a fused proposer is a bottom level: it proposes and never verifies")
 
-    def propose(
-        self,
-        request_ids: Sequence[str],
-        feeds: Sequence[Sequence[int]],
-        k: int | Sequence[int],
-        confidence_threshold: float | Sequence[float] = 0.0,
-    ) -> list[Draft]:
-        """`Runner.propose`'s contract, one position at a time over both parts."""
-        n = len(request_ids)
-        ks, thresholds = per_request(k, n), per_request(confidence_threshold, n)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        confs: list[list[float]] = [[] for _ in range(n)]
-        active = [i for i in range(n) if ks[i] > 0]
-        chunks = {i: list(feeds[i]) for i in active}
-        while active:
-            ids = [request_ids[i] for i in active]
-            both = [part.propose(ids, [chunks[i] for i in active], 1) for part in self.parts]
-            still = []
-            for row, i in enumerate(active):
-                drafts = [both[0][row], both[1][row]]
-                tops = [float(d.probs[0].max()) for d in drafts]
-                pick = 0 if tops[0] >= tops[1] else 1
-                d = drafts[pick]
-                params = self.parts[pick].sampling(request_ids[i])
-                sampled = not (params.greedy or params.seeded)
-                # As in `Runner.propose`: unseeded sampling stops on the top probability (known
-                # before the draw), greedy and seeded on the chosen token's own probability.
-                if (tops[pick] if sampled else d.confidence[0]) < thresholds[i]:
-                    continue  # both parts wrote the feed and nothing else, as `Runner.propose` does
-                self.chosen[pick] += 1
-                tokens[i].append(d.tokens[0])
-                rows[i].append(d.probs[0])
-                confs[i].append(d.confidence[0])
-                if len(tokens[i]) < ks[i]:
-                    chunks[i] = [d.tokens[0]]
-                    still.append(i)
-            active = still
-        return self.drafts(tokens, rows, confs)
+    def _draft_step(self, ids, chunks):
+        """Both parts draft one token on the same context; the more confident one's counts."""
+        both = [part.propose(ids, chunks, 1) for part in self.parts]
+        out = []
+        for rid, drafts in zip(ids, zip(*both)):
+            tops = [float(d.probs[0].max()) for d in drafts]
+            pick = 0 if tops[0] >= tops[1] else 1
+            d = drafts[pick]
+            params = self.parts[pick].sampling(rid)
+            # As in `Runner._draft_step`: unseeded sampling stops on the top probability
+            # (known before the draw), greedy and seeded on the chosen token's own.
+            score = tops[pick] if not (params.greedy or params.seeded) else d.confidence[0]
+            self.chosen[pick] += 1
+            out.append((d.tokens[0], d.probs[0], d.confidence[0], score))
+        return out

@@ -116,31 +116,33 @@ class Runner:
         active = [i for i in range(n) if ks[i] > 0]
         chunks = {i: list(feeds[i]) for i in active}
         while active:
-            ids = [request_ids[i] for i in active]
-            params = [self._sampling[r] for r in ids]
-            logits = self._forward(ids, [chunks[i] for i in active], last_only=True)  # [B, V]
-            probs = process_rows(logits, params)
-            picked = self._choose(ids, probs, params)
-            conf = probs.gather(-1, picked[:, None]).squeeze(-1).tolist()
-            sampled = [not (p.greedy or p.seeded) for p in params]
-            top = probs.max(-1).values.tolist() if any(sampled) else conf
+            steps = self._draft_step([request_ids[i] for i in active], [chunks[i] for i in active])
             still = []
-            for row, (i, tok) in enumerate(zip(active, picked.tolist())):
-                if (top[row] if sampled[row] else conf[row]) < thresholds[i]:
+            for i, (tok, row, conf, score) in zip(active, steps):
+                if score < thresholds[i]:
                     continue
                 tokens[i].append(tok)
-                rows[i].append(probs[row])
-                confs[i].append(conf[row])
+                rows[i].append(row)
+                confs[i].append(conf)
                 if len(tokens[i]) < ks[i]:
                     chunks[i] = [tok]
                     still.append(i)
             active = still
-        return self.drafts(tokens, rows, confs)
-
-    def drafts(self, tokens: list[list[int]], rows: list[list[torch.Tensor]], confs: list[list[float]]) -> list[Draft]:
-        """One `Draft` per request from its tokens, probability rows and confidences."""
         empty = torch.empty(0, self.vocab_size, device=self.device)
         return [Draft(t, torch.stack(r) if r else empty, c) for t, r, c in zip(tokens, rows, confs)]
+
+    def _draft_step(self, ids: Sequence[str], chunks: Sequence[Sequence[int]]) -> list[tuple[int, torch.Tensor, float, float]]:
+        """Write each chunk and draw the next token: (token, its distribution [V], its
+        probability, the score the confidence threshold applies to) per request."""
+        params = [self._sampling[r] for r in ids]
+        logits = self._forward(ids, chunks, last_only=True)  # [B, V]
+        probs = process_rows(logits, params)
+        picked = self._choose(ids, probs, params)
+        conf = probs.gather(-1, picked[:, None]).squeeze(-1).tolist()
+        sampled = [not (p.greedy or p.seeded) for p in params]
+        top = probs.max(-1).values.tolist() if any(sampled) else conf
+        return [(tok, probs[row], conf[row], top[row] if sampled[row] else conf[row])
+                for row, tok in enumerate(picked.tolist())]
 
     def _choose(self, ids: Sequence[str], probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """One token per row of probs [B, V]; each drawn at its request's next position."""

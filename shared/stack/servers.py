@@ -23,6 +23,12 @@ class ServerError(RuntimeError):
     """A server could not be started or did not become healthy."""
 
 
+def nats_config(settings: Settings) -> str:
+    """The NATS server's configuration: message size, and the users unless auth is off."""
+    # Unseeded sampling ships full distributions between levels: allow 8 MB messages.
+    return "max_payload: 8MB\n" + (nats_auth.server_config(settings) if settings.nats.auth else "")
+
+
 class NatsServer:
     """nats-server with JetStream, data under `<run_dir>/nats`."""
 
@@ -38,11 +44,7 @@ class NatsServer:
         cfg = self.settings.nats
         conf = self.run_dir / "nats" / "nats.conf"
         conf.parent.mkdir(parents=True, exist_ok=True)
-        # Unseeded sampling ships full distributions between levels: allow 8 MB messages.
-        text = "max_payload: 8MB\n"
-        if cfg.auth:
-            text += nats_auth.server_config(self.settings)
-        conf.write_text(text)
+        conf.write_text(nats_config(self.settings))
         conf.chmod(0o600)  # the users' passwords
         return [
             str(binaries.nats_server()), "-c", str(conf), "-a", cfg.host, "-p", str(cfg.port),
