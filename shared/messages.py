@@ -227,9 +227,13 @@ class Outcome:
     worker: str = ""
 
 
+DRIVER = "driver"  # ModelStep.model of the driver's own work per round (forwards = rounds, tokens = requests)
+HOP = "hop"  # ModelStep.model of level calls beyond the replica's forwards (forwards = calls, tokens = calls x batch)
+
+
 @dataclass
 class ModelStep:
-    """Forward passes of one model over a reporting interval."""
+    """Forward passes of one model over a reporting interval (or one of the pseudo-models above)."""
 
     model: str
     device: str

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.engine.build import RunnerPool, parse_chain
-from shared.engine.chain import Chain
+from shared.engine.chain import Chain, verify_rounds
 from shared.engine.sampling import SamplingParams
 from tests.device import DEVICE
 
@@ -104,6 +104,31 @@ def test_greedy_exact_with_lenient_middle_thresholds_and_mixed_k(pool, prompts, 
     while any(not r.done for r in reqs):
         chain.step()
     assert [r.output for r in reqs] == reference[:3]
+
+
+def test_chains_sharing_the_target_verify_in_one_forward_and_stay_exact(pool, prompts, reference):
+    """A server with requests on several chains runs one target forward per round for all."""
+    specs = ["target", "ngram,target", "drafter,target", "drafter,verifier,target"]
+    chains = [pool.chain(spec, k=3) for spec in specs]
+    target = pool.get("target")
+    reqs = {spec: [chain.add(p, MAX_TOKENS, stop_at_eos=False) for p in prompts[2 * i : 2 * i + 2]]
+            for i, (spec, chain) in enumerate(zip(specs, chains))}
+    forwards = target.forwards
+    rounds = 0
+    while any(not r.done for rs in reqs.values() for r in rs):
+        pending = [p for p in (chain.propose() for chain in chains) if p is not None]
+        verify_rounds(pending)
+        rounds += 1
+    assert target.forwards - forwards == rounds  # one target forward per round, not one per chain
+    for i, spec in enumerate(specs):
+        assert [r.output for r in reqs[spec]] == reference[2 * i : 2 * i + 2], spec
+    mine, other = pool.chain("target"), Chain([("verifier", pool.get("verifier"))])
+    for chain in (mine, other):
+        chain.add(prompts[0], 4, request_id="mixed", stop_at_eos=False)
+    with pytest.raises(ValueError, match="share one target"):
+        verify_rounds([mine.propose(), other.propose()])
+    for chain in (mine, other):
+        chain.release("mixed")
 
 
 def test_k_zero_is_the_target_alone(pool, prompts, reference):

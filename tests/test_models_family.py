@@ -136,6 +136,23 @@ def test_training_is_resumable_and_publishes_atomically(tmp_path, monkeypatch):
     assert (again.path("drafter-prose") / "config.json").is_file()
 
 
+    # A profile that differs only in what it distils reuses the tokenizer and the target.
+    import dataclasses
+
+    monkeypatch.setitem(PROFILES, "micro", dataclasses.replace(micro, distil_steps=3))
+    distilled.clear()
+    longer = ensure_family("micro", cache_dir=tmp_path, progress=False)
+    assert longer.root != again.root
+    assert distilled == [["drafter-code", "drafter-prose", "verifier"]]
+    assert (longer.path("target") / "model.safetensors").read_bytes() == (again.path("target") / "model.safetensors").read_bytes()
+    manifest = json.loads((longer.root / fam.MANIFEST).read_text())
+    assert fam.target_key(manifest["inputs"]) == fam.target_key(json.loads((again.root / fam.MANIFEST).read_text())["inputs"])
+    # A different target is trained, not copied.
+    monkeypatch.setitem(PROFILES, "micro", dataclasses.replace(micro, target_steps=4))
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        ensure_family("micro", cache_dir=tmp_path, progress=False)
+
+
 def test_unknown_profile_names_the_valid_ones():
     with pytest.raises(KeyError, match="tiny, small, bench"):
         ensure_family("huge", cache_dir=Path("/nonexistent"))

@@ -13,7 +13,7 @@ import pytest
 from services.router.cost_model import expected_tokens, predict, tau
 from services.router.decision import TARGET_ALONE, candidates, decide, served_chains
 from services.router.estimates import Acceptance, Estimates, StepTime, conditional_counts
-from shared.messages import LevelOutcome, ModelStep, Outcome, StepProfile
+from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepProfile
 
 K_MAX = 4
 
@@ -50,10 +50,13 @@ def synthetic(profile: dict[str, tuple[float, float]], alphas: dict[tuple[str, s
 
 
 def reference_cost(est: Estimates, chain, ks, cls: str, batch: float) -> float:
-    """tau_N from BRIEF section 3, every level remote except ngram/target, hop 0, draft rate 1."""
+    """tau_N from BRIEF section 3, every level remote except ngram/target, hop 0, draft rate 1;
+    each target round also pays the driver's work for the batch (PROFILE's `driver` line)."""
+    a, b = PROFILE["driver"]
     if not ks:
-        return est.step_ms("target", batch)
+        return est.step_ms("target", batch) + a + b * batch
     t = [est.step_ms(m, batch * (1 + (ks[i - 1] if i else 0))) for i, m in enumerate(chain)]
+    t[-1] += a + b * batch
     cost = t[0]
     for i in range(len(chain) - 1):
         a = est.alpha(chain[i], chain[i + 1], cls)
@@ -61,7 +64,8 @@ def reference_cost(est: Estimates, chain, ks, cls: str, batch: float) -> float:
     return cost
 
 
-PROFILE = {"target": (2.0, 0.05), "verifier": (0.8, 0.02), "drafter-code": (0.3, 0.005), "drafter-prose": (0.3, 0.005)}
+PROFILE = {"target": (2.0, 0.05), "verifier": (0.8, 0.02), "drafter-code": (0.3, 0.005), "drafter-prose": (0.3, 0.005),
+           "driver": (0.4, 0.1)}
 ALPHAS = {
     ("drafter-code", "target", "code-short"): 0.75, ("drafter-prose", "target", "code-short"): 0.35,
     ("drafter-code", "target", "prose-short"): 0.3, ("drafter-prose", "target", "prose-short"): 0.7,
@@ -127,7 +131,8 @@ def test_margin_prefers_target_alone_when_gain_is_small():
     chains = [("drafter-code", "target"), TARGET_ALONE]
     free = decide("code-short", est, chains, K_MAX, margin=0.0)
     assert free.winner.chain != TARGET_ALONE
-    gain = 1 - free.winner.ms_per_token / est.step_ms("target", 1)
+    alone = next(p for p in free.ranking if p.chain == TARGET_ALONE).ms_per_token
+    gain = 1 - free.winner.ms_per_token / alone
     assert decide("code-short", est, chains, K_MAX, margin=gain + 0.01).winner.chain == TARGET_ALONE
 
 
@@ -285,3 +290,29 @@ def test_tv_overlap_sharpens_a_pairs_acceptance():
     before = est.pair("drafter-prose", "target", "prose-short").overlap
     est.observe_level(bogus, "prose-short")
     assert est.pair("drafter-prose", "target", "prose-short").overlap <= before
+
+
+def test_driver_work_and_hops_are_learned_from_profiles_and_priced_per_round():
+    """The drivers report their own work per round and the calls' round trips; both enter the cost."""
+    est = synthetic({m: line for m, line in PROFILE.items() if m != DRIVER}, ALPHAS, hop_ms=0.4)
+    assert est.hop(1) == pytest.approx(0.4, rel=0.01)  # the setting is the prior
+    for batch in (1, 2, 4, 8, 16):
+        rounds, calls = 50, 40
+        est.observe_profile(StepProfile("t1", 1.0, batch, 0, [
+            ModelStep(DRIVER, "cpu", rounds, rounds * (1.0 + 0.5 * batch) / 1e3, rounds * batch, batch),
+            ModelStep(HOP, "nats", calls, calls * (2.0 + 0.25 * batch) / 1e3, calls * batch, batch),
+        ]))
+    assert est.driver_ms(8) == pytest.approx(1.0 + 0.5 * 8, rel=0.05)
+    assert est.hop(8) == pytest.approx(2.0 + 0.25 * 8, rel=0.05)
+    assert DRIVER not in est.summary()["acceptance"] and est.step("target").fit() == pytest.approx((2.0, 0.05))
+    est.load["t1"] = (1e18, 8, 0)
+    p = predict(("drafter-code", "target"), (1,), "code-short", est, calibrated=False)
+    assert p.levels[0]["hop_ms"] == pytest.approx(est.hop(8)) and p.levels[-1]["driver_ms"] == pytest.approx(est.driver_ms(8))
+    # Per round the driver's work is paid once: k = 1 pays it on fewer tokens than k = 4.
+    alpha = est.alpha("drafter-code", "target", "code-short")
+    t_d = est.step_ms("drafter-code", 8) + est.hop(8)
+    t_t = est.step_ms("target", 16) + est.driver_ms(8)
+    assert p.model_ms == pytest.approx((t_d + t_t) / expected_tokens(alpha, 1))
+    # A costly driver round moves the decision towards more tokens per round.
+    cheap = synthetic(PROFILE, ALPHAS, hop_ms=0.4, live=8)
+    assert decide("code-short", est, CHAINS, K_MAX).winner.k[0] >= decide("code-short", cheap, CHAINS, K_MAX).winner.k[0]

@@ -72,6 +72,17 @@ def test_every_chain_reproduces_target_only(stack, prompts, reference, chain):
             assert 0 <= lv["accepted"] <= lv["drafted"]
 
 
+def test_requests_on_different_chains_at_once_reproduce_target_only(stack, prompts, reference):
+    """One target worker serving every chain at the same time verifies them in one forward per round."""
+    _, settings = stack
+    chains = [CHAINS[i % len(CHAINS)] for i in range(len(prompts))]
+    results = asyncio.run(complete_all(settings.gateway.http_url, [body(p, c) for p, c in zip(prompts, chains)], 30))
+    got = [r["choices"][0]["token_ids"] for r in results]
+    mismatched = [(i, chains[i]) for i, (g, want) in enumerate(zip(got, reference)) if g != want]
+    assert not mismatched, f"differ from target-only: {mismatched}"
+    assert [r["speculation"]["chain"] for r in results] == [c.split(",") for c in chains]
+
+
 def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):
     _, settings = stack
     runs = {}

@@ -9,7 +9,9 @@ With what serving adds (SpecServe's goodput view): every step serves the batch B
 verification forward of level i+1 writes B (k_i + 1) tokens and its time t_{i+1} is the
 model's step time at that many tokens (grows with load; the target alone writes B); a
 remote level costs one NATS round trip per call (a middle level's score, the bottom
-proposer's call of k drafts); a bottom proposer that drafts on a fraction p of rounds (an
+proposer's call of k drafts), measured against the load; every round of the target also
+costs the driver's own work for the batch (commits, streaming, bookkeeping), so that a
+chain emitting few tokens per round pays it more often; a bottom proposer that drafts on a fraction p of rounds (an
 n-gram finds no match) yields `E' = 1 + p (E(a, k) - 1)` and costs `p k tau_1`. The
 prediction is then scaled by the (chain, load) calibration from realised TPOT.
 """
@@ -67,7 +69,7 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
     chain = tuple(chain)
     if len(chain) == 1 or not ks or all(k == 0 for k in ks):
         chain, ks = ("target",), ()
-    hop = estimates.hop_ms
+    hop = estimates.hop(batch)
     steps, alphas, rates, levels = [], [], [], []
     for i, model in enumerate(chain):
         below_k = ks[i - 1] if i > 0 else 0
@@ -82,8 +84,14 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
             if remote(model):
                 # bottom: one call per k drafts; above: one call per verification
                 t += hop / max(ks[0], 1) if i == 0 else hop
-        steps.append(t)
         entry = {"model": model, "step_ms": round(t, 4), "tokens_per_forward": round(tokens, 2)}
+        if model != "ngram" and remote(model) or model == "fused":
+            entry["hop_ms"] = round(hop, 4)
+        if i == len(chain) - 1:
+            entry["driver_ms"] = round(estimates.driver_ms(batch), 4)
+            t += estimates.driver_ms(batch)
+            entry["step_ms"] = round(t, 4)
+        steps.append(t)
         if i < len(chain) - 1:
             alpha = estimates.alpha(model, chain[i + 1], request_class)
             rate = estimates.draft_rate(model, request_class) if i == 0 else 1.0

@@ -14,6 +14,9 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
 - step time of a model as a function of the tokens one forward writes (batch x chunk):
   weighted least squares `ms = a + b * tokens` over the recent samples (SpecServe's
   `T_verify(B * (k + 1))`), a size-based prior until samples arrive;
+- the driver's own work per round (commits, streaming, bookkeeping) against the requests in
+  the round, and the NATS round trip of a level call against the load: both measured by the
+  drivers (pseudo-models `driver` and `hop` in the step profiles) and fitted like step times;
 - the current load: requests live on each target worker;
 - calibration: realised TPOT over the cost model's prediction per (chain, load bucket),
   which absorbs what the formula leaves out (driver overhead per round, commits); a chain
@@ -28,13 +31,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from shared.engine.build import canonical
-from shared.messages import LevelOutcome, ModelStep, Outcome, StepProfile
+from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepProfile
 
 NEUTRAL_ALPHA = 0.5
 PRIOR_TRIALS = 20.0  # the prior weighs like this many draft positions
 NGRAM_DRAFT_RATE = 0.5
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
+DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
 
 
 def conditional_counts(level: LevelOutcome) -> tuple[float, float]:
@@ -209,7 +213,7 @@ class Estimates:
                  params: dict[str, int] | None = None, alpha_priors: dict[tuple[str, str, str], float] | None = None):
         self.half_life_tokens = half_life_tokens
         self.profile_window = profile_window
-        self.hop_ms = hop_ms
+        self.hop_prior_ms = hop_ms
         self.params = dict(params or {})
         self.alpha_priors = dict(alpha_priors or {})
         self.acceptance: dict[tuple[str, str, str], Acceptance] = {}
@@ -239,8 +243,18 @@ class Estimates:
     def step(self, model: str) -> StepTime:
         model = canonical(model)
         if model not in self.steps:
-            self.steps[model] = StepTime(prior_step_ms(self.params.get(model)), deque(maxlen=self.profile_window))
+            priors = {DRIVER: DRIVER_PRIOR_MS, HOP: self.hop_prior_ms}
+            prior = priors[model] if model in priors else prior_step_ms(self.params.get(model))
+            self.steps[model] = StepTime(prior, deque(maxlen=self.profile_window))
         return self.steps[model]
+
+    def hop(self, batch: float) -> float:
+        """One level call's cost beyond the replica's forwards at this load (ms)."""
+        return self.step(HOP).ms(batch)
+
+    def driver_ms(self, batch: float) -> float:
+        """The driver's own work in one round of `batch` requests (ms)."""
+        return self.step(DRIVER).ms(batch)
 
     def step_ms(self, model: str, tokens: float) -> float:
         return self.step(model).ms(tokens)
@@ -299,7 +313,7 @@ class Estimates:
         tokens_per_call = step.tokens / step.forwards
         batch = max(1.0, batch if batch is not None else step.batch_size or 1.0)
         fwd_per_call = 1.0
-        if canonical(step.model) != "target":
+        if step.model not in (DRIVER, HOP) and canonical(step.model) != "target":
             # A propose call of k drafts writes feed + k tokens per request in k forwards;
             # a score call writes its chunk in one. Approximate with the propose reading:
             # calibration per chain corrects what this misses.

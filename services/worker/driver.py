@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from shared.engine.build import FUSED_PARTS, canonical, models_of, parse_chain
 from shared.engine.fused import FusedRunner
-from shared.engine.chain import Chain
+from shared.engine.chain import Chain, verify_rounds
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
@@ -73,7 +73,8 @@ class Driver:
         observe.observe_target(self)
         self._last_profile = time.perf_counter()
         self._profiled: dict[str, tuple[int, float, int]] = {}
-        self._batch_sum = self._batch_steps = 0  # requests per chain step, over the profile interval
+        self._batch_sum = self._batch_steps = 0  # requests per round, over the profile interval
+        self._overhead: list[float] = []  # per round since the last profile: seconds beyond forwards and calls
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="driver", daemon=True)
 
@@ -157,29 +158,61 @@ class Driver:
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.jobs and not self.waiting)
-            for key in list(self.chains):
-                chain = self.chains[key]
-                if not any(not r.done for r in chain.requests.values()):
-                    continue
-                self._batch_sum += len(chain.requests)
+            idle = not self.jobs and not self.waiting
+            if idle:
+                self._drain(block=True)
+            t0, model_s = time.perf_counter(), self._model_seconds()
+            if not idle:
+                self._drain(block=False)
+            stepped = self._step()
+            if stepped:  # what the round cost beyond forwards and level calls: the driver's own work
+                self._overhead.append(max(0.0, time.perf_counter() - t0 - (self._model_seconds() - model_s)))
+                self._batch_sum += stepped
                 self._batch_steps += 1
-                steps = observe.open_steps(self, key, chain)
-                try:
-                    finished = chain.step()
-                except LevelUnavailable as exc:
-                    observe.close_steps(self, steps, str(exc))
-                    self._level_lost(key, exc)
-                    continue
-                except Exception as exc:  # a bug must fail the requests, never hang them
-                    observe.close_steps(self, steps, f"internal error: {exc}")
-                    log.exception("step of chain %s failed", ",".join(key))
-                    for rid in list(chain.requests):
-                        self._fail(rid, f"internal error: {exc}")
-                    continue
-                self._publish(key, finished)
-                observe.close_steps(self, steps)
             feedback.profile(self)
+
+    def _model_seconds(self) -> float:
+        return self.target.forward_s + sum(r.call_s for r in self.remotes.values())
+
+    def _step(self) -> int:
+        """One round for every live request: each chain drafts, then one target forward verifies all.
+
+        Returns the number of requests stepped."""
+        rounds = []
+        for key in list(self.chains):
+            chain = self.chains[key]
+            if not any(not r.done for r in chain.requests.values()):
+                continue
+            steps = observe.open_steps(self, key, chain)
+            try:
+                pending = chain.propose()
+            except LevelUnavailable as exc:
+                observe.close_steps(self, steps, str(exc))
+                self._level_lost(key, exc)
+                continue
+            except Exception as exc:  # a bug must fail the requests, never hang them
+                self._step_failed(key, steps, exc)
+                continue
+            if pending is not None:
+                rounds.append((key, steps, pending))
+        if not rounds:
+            return 0
+        try:
+            finished = verify_rounds([pending for _, _, pending in rounds])
+        except Exception as exc:
+            for key, steps, _ in rounds:
+                self._step_failed(key, steps, exc)
+            return 0
+        for (key, steps, _), done in zip(rounds, finished):
+            self._publish(key, done)
+            observe.close_steps(self, steps)
+        return sum(len(pending.ids) for _, _, pending in rounds)
+
+    def _step_failed(self, key: tuple[str, ...], steps: dict, exc: Exception) -> None:
+        observe.close_steps(self, steps, f"internal error: {exc}")
+        log.exception("step of chain %s failed", ",".join(key), exc_info=exc)
+        for rid in list(self.chains[key].requests):
+            self._fail(rid, f"internal error: {exc}")
 
     def _drain(self, block: bool) -> None:
         try:

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from shared.engine.build import canonical
 from shared.engine.stats import LevelStats
-from shared.messages import SUBJECT_OUTCOME, SUBJECT_PROFILE, LevelOutcome, ModelStep, Outcome, StepProfile, encode
+from shared.messages import (
+    DRIVER, HOP, SUBJECT_OUTCOME, SUBJECT_PROFILE, LevelOutcome, ModelStep, Outcome, StepProfile, encode,
+)
 from shared.tracing import inject
 
 if TYPE_CHECKING:
@@ -70,6 +72,19 @@ def profile(driver) -> None:
         if forwards > 0:
             steps.append(ModelStep(name, str(getattr(runner, "device", "cpu")), forwards,
                                    round(totals[1] - before[1], 6), totals[2] - before[2], round(batch, 3)))
+    # Two pseudo-models the router's cost model needs: the driver's own work per round
+    # (tokens = requests in the round) and the NATS round trip of level calls (tokens = calls
+    # x the mean batch, so that the router can fit the round trip against the load).
+    rounds, driver._overhead = driver._overhead, []
+    if rounds:
+        steps.append(ModelStep(DRIVER, "cpu", len(rounds), round(sum(rounds), 6), round(batch * len(rounds)), round(batch, 3)))
+    calls = sum(r.calls for r in driver.remotes.values())
+    hop_s = sum(r.hop_s for r in driver.remotes.values())
+    before = driver._profiled.get(HOP, (0, 0.0, 0))
+    driver._profiled[HOP] = (calls, hop_s, calls)
+    if calls > before[0]:
+        steps.append(ModelStep(HOP, "nats", calls - before[0], round(hop_s - before[1], 6),
+                               round((calls - before[0]) * max(batch, 1.0)), round(batch, 3)))
     if steps:
         send(driver, SUBJECT_PROFILE, StepProfile(driver.worker, round(interval, 3), len(driver.jobs), len(driver.waiting), steps))
 

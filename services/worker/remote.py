@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable, Sequence
 
 import nats.errors
@@ -56,6 +57,9 @@ class RemoteRunner(Runner):
         self.lookahead = lookahead  # draft the next round while the level above verifies
         self.ahead: dict[str, tuple] = {}  # request id -> (item, future reply, index in it)
         self.ahead_used = 0
+        self.call_s = 0.0  # wall time the driver waited on calls (hops and the replica's forwards)
+        self.calls = 0  # answered calls, and their time beyond the replica's forwards
+        self.hop_s = 0.0
 
     # -- transport -----------------------------------------------------------------------
     def _request(self, subject: str, call: LevelCall) -> LevelReply:
@@ -63,17 +67,23 @@ class RemoteRunner(Runner):
             msg = await self.nc.request(subject, encode(call), timeout=self.timeout_s)
             return msg.data
 
+        t0 = time.perf_counter()
         try:
             data = asyncio.run_coroutine_threadsafe(go(), self.loop).result(self.timeout_s + 1)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError,
                 nats.errors.ConnectionClosedError) as exc:
             raise LevelUnavailable(self.model, type(exc).__name__) from None
+        finally:
+            self.call_s += time.perf_counter() - t0
         try:
             reply = decode(data, LevelReply)
         except BadMessage as exc:
             raise LevelUnavailable(self.model, f"bad reply: {exc}") from None
         if reply.error:
             raise LevelUnavailable(self.model, reply.error)
+        # What the call cost beyond the replica's forwards: NATS both ways, codecs, queueing.
+        self.calls += 1
+        self.hop_s += max(0.0, time.perf_counter() - t0 - reply.step_ms / 1e3)
         return reply
 
     def _call(self, op: str, items: list[LevelItem], want_probs: bool = False) -> LevelReply:

@@ -233,20 +233,33 @@ class Chain:
 
     def _round(self, i: int, reqs: list[Request], ctx: dict[str, list[int]]):
         """One verification at level i: drafts from below, one forward, verify, roll back."""
-        level = self.levels[i]
-        runner = level.runner
+        drafts = self._drafts(i, reqs, ctx)
+        s = time.perf_counter()
         ids = [r.request_id for r in reqs]
+        scored = self.levels[i].runner.score(ids, self._chunks(i, ids, ctx, drafts))
+        verdicts = self._judge(i, reqs, ctx, drafts, scored)
+        self.levels[i].stats.seconds += time.perf_counter() - s
+        return verdicts
+
+    def _drafts(self, i: int, reqs: list[Request], ctx: dict[str, list[int]]) -> dict[str, Draft]:
+        """What level i verifies next: up to k[i - 1] tokens per request from the level below."""
         if i > 0:
             n = {r.request_id: min(r.k[i - 1], r.max_tokens - len(r.output) - 1) for r in reqs}
-            drafts = self._produce(i - 1, reqs, ctx, n)
-        else:
-            drafts = {rid: Draft([], torch.empty(0, runner.vocab_size)) for rid in ids}
-        s = time.perf_counter()
-        chunks = [ctx[rid][runner.length(rid) :] + drafts[rid].tokens for rid in ids]
-        scored = runner.score(ids, chunks)
-        leniency = self.leniency if i < self.top else 1.0
+            return self._produce(i - 1, reqs, ctx, n)
+        vocab = self.levels[i].proposer.vocab_size
+        return {r.request_id: Draft([], torch.empty(0, vocab)) for r in reqs}
+
+    def _chunks(self, i: int, ids: list[str], ctx: dict[str, list[int]], drafts: dict[str, Draft]) -> list[list[int]]:
+        """Per request, what level i's forward writes: the context it has not seen, then the drafts."""
+        runner = self.levels[i].runner
+        return [ctx[rid][runner.length(rid) :] + drafts[rid].tokens for rid in ids]
+
+    def _judge(self, i: int, reqs: list[Request], ctx: dict[str, list[int]], drafts: dict[str, Draft], scored) -> dict:
+        """Verify level i's scores against the drafts, count, and roll every cache at or below i back."""
         verdicts = {}
-        for r, rid, p in zip(reqs, ids, scored):
+        leniency = self.leniency if i < self.top else 1.0
+        for r, p in zip(reqs, scored):
+            rid = r.request_id
             d = drafts[rid]
             k = len(d.tokens)
             v = verify(d.tokens, d.probs, p[p.shape[0] - k - 1 :], r.sampling, len(ctx[rid]), self.generator, leniency)
@@ -255,10 +268,9 @@ class Chain:
                 self.levels[i - 1].stats.record(k, v.accepted, v.overlap, v.overlap_positions)
                 below = self.levels[i - 1].name
                 r.stats.setdefault(below, LevelStats(below)).record(k, v.accepted, v.overlap, v.overlap_positions)
-        level.stats.rounds += len(reqs)
-        level.stats.seconds += time.perf_counter() - s
-        for rid in ids:
-            self._sync(i, rid, len(ctx[rid]) + verdicts[rid].accepted)
+        self.levels[i].stats.rounds += len(reqs)
+        for r in reqs:
+            self._sync(i, r.request_id, len(ctx[r.request_id]) + verdicts[r.request_id].accepted)
         return verdicts
 
     def _sync(self, i: int, request_id: str, valid: int) -> None:
@@ -273,17 +285,37 @@ class Chain:
     # -- driving -------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """One target verification over every live request; returns those that finished."""
+        pending = self.propose()
+        return verify_rounds([pending])[0] if pending is not None else []
+
+    def propose(self) -> PendingRound | None:
+        """The first half of `step`: every level below the target drafts for every live request.
+
+        The target's forward is left to `verify_rounds`, which can run it once for the rounds
+        of several chains that share the target (a server with requests on different chains).
+        """
         reqs = [r for r in self.requests.values() if not r.done]
         if not reqs:
-            return []
+            return None
         t0 = time.perf_counter()
-        verdicts = self._round(self.top, reqs, {r.request_id: r.tokens for r in reqs})
+        ctx = {r.request_id: r.tokens for r in reqs}
+        drafts = self._drafts(self.top, reqs, ctx)
+        self.stats.seconds += time.perf_counter() - t0
+        ids = [r.request_id for r in reqs]
+        return PendingRound(self, reqs, ctx, drafts, ids, self._chunks(self.top, ids, ctx, drafts))
+
+    def conclude(self, pending: PendingRound, scored, seconds: float = 0.0) -> list[Request]:
+        """The second half of `step`: verify the target's scores, emit, return the finished requests."""
+        t0 = time.perf_counter()
+        verdicts = self._judge(self.top, pending.reqs, pending.ctx, pending.drafts, scored)
         finished = []
-        for r in reqs:
+        for r in pending.reqs:
             self._emit(r, verdicts[r.request_id].tokens)
             if r.done:
                 finished.append(r)
-        self.stats.seconds += time.perf_counter() - t0
+        spent = seconds + time.perf_counter() - t0
+        self.levels[self.top].stats.seconds += spent
+        self.stats.seconds += spent
         return finished
 
     def generate(
@@ -318,3 +350,38 @@ class Chain:
                 level.stats.forwards = level.runner.forwards - forwards
                 level.stats.step_seconds = level.runner.forward_s - seconds
         return self.stats
+
+
+@dataclass
+class PendingRound:
+    """A chain's round waiting for the target: its live requests, contexts, drafts and target chunks."""
+
+    chain: Chain
+    reqs: list[Request]
+    ctx: dict[str, list[int]]
+    drafts: dict[str, Draft]
+    ids: list[str]
+    chunks: list[list[int]]
+
+
+def verify_rounds(rounds: Sequence[PendingRound]) -> list[list[Request]]:
+    """Finish several chains' rounds with one target forward; the finished requests of each.
+
+    Every chain must end in the same target runner. One batched forward instead of one per
+    chain keeps a server's batch whole when its requests run on different chains.
+    """
+    if not rounds:
+        return []
+    target = rounds[0].chain.levels[-1].runner
+    if any(r.chain.levels[-1].runner is not target for r in rounds):
+        raise ValueError("rounds verified together must share one target runner")
+    t0 = time.perf_counter()
+    scored = target.score([rid for r in rounds for rid in r.ids], [c for r in rounds for c in r.chunks])
+    seconds = time.perf_counter() - t0
+    total = sum(len(r.ids) for r in rounds)
+    out, at = [], 0
+    for r in rounds:
+        part = scored[at : at + len(r.ids)]
+        at += len(r.ids)
+        out.append(r.chain.conclude(r, part, seconds * len(r.ids) / total))
+    return out

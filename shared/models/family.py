@@ -86,6 +86,37 @@ def family_key(profile: Profile) -> tuple[str, dict]:
     return digest[:12], inputs
 
 
+TARGET_INPUTS = ("vocab_size", "seq_len", "batch", "target_steps", "target_lr", "max_positions", "seed")
+
+
+def target_key(inputs: dict) -> str:
+    """The hash of what decides the tokenizer and the target alone (a family's `inputs`).
+
+    Two families that differ only in what they distil (steps, student sizes) share it, so
+    the second reuses the first's tokenizer and target instead of training them again.
+    """
+    profile = inputs["profile"]
+    part = {k: v for k, v in inputs.items() if k != "profile"}
+    part["target_profile"] = {k: profile[k] for k in TARGET_INPUTS}
+    part["target_model"] = profile["models"]["target"]
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _target_donor(root: Path, inputs: dict) -> Path | None:
+    """A finished family beside `root` with the same target key (its target can be copied)."""
+    wanted = target_key(inputs)
+    for manifest in sorted(root.parent.glob(f"*/{MANIFEST}")):
+        other = manifest.parent
+        if other == root or not (other / "target" / MODEL_CARD).is_file():
+            continue
+        try:
+            if target_key(json.loads(manifest.read_text())["inputs"]) == wanted:
+                return other
+        except (KeyError, ValueError, TypeError):
+            continue
+    return None
+
+
 def default_cache_dir() -> Path:
     """`settings.models.cache_dir` (`SPECMESH_MODELS__CACHE_DIR`), `~/.cache/specmesh/models` by default."""
     from shared.settings import get_settings
@@ -174,6 +205,15 @@ def _train_family(spec: Profile, root: Path, key: str, inputs: dict, progress: b
     started = time.perf_counter()
     threads = set_threads()
     seconds: dict[str, float] = {}
+    donor = _target_donor(root, inputs) if not (root / "target" / MODEL_CARD).is_file() else None
+    if donor is not None:  # same tokenizer and target: copy them, distil only
+        for name in ("tokenizer", "target"):
+            tmp = root / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(donor / name, tmp)
+            _publish(tmp, root / name)
+        if progress:
+            print(f"reusing tokenizer and target from {donor} (same target key {target_key(inputs)})", file=sys.stderr)
     texts = {d: [doc.text for doc in corpus.documents(d, "train")] for d in corpus.DOMAINS}
 
     if not (root / "tokenizer" / "tokenizer.json").is_file():
