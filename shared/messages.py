@@ -225,6 +225,7 @@ class Outcome:
     levels: list[LevelOutcome] = field(default_factory=list)
     finish_reason: str = ""
     worker: str = ""
+    batch_mean: float = 0.0  # requests per target round over the request's life (0: not measured)
 
 
 DRIVER = "driver"  # ModelStep.model of the driver's own work per round (forwards = rounds, tokens = requests)

@@ -70,7 +70,8 @@ class Router:
     def on_outcome(self, outcome: Outcome) -> None:
         self.estimates.observe_outcome(outcome)
         chain = tuple(canonical(c) for c in outcome.chain)
-        batch = self.estimates.batch()
+        # The load the request ran under (its driver's mean round size), not the load now.
+        batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
         raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
         if outcome.tokens >= 2 and outcome.tpot_ms > 0:
             self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw)
@@ -144,6 +145,7 @@ class Router:
     def decide_all(self, explore: bool = True) -> dict[str, Choice]:
         cfg = self.cfg
         batch = self.estimates.batch()
+        explore = explore and batch <= cfg.explore_max_batch
         choices = {}
         for cls in (*CLASSES, DEFAULT_CLASS):
             choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,

@@ -46,6 +46,7 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     steps: int = 0  # chain steps so far (for spans)
+    batch_sum: int = 0  # over those steps: requests in each target round (the load it ran under)
     counted: dict = field(default_factory=dict)  # per level: stats already added to the metrics
 
 
@@ -203,10 +204,15 @@ class Driver:
             for key, steps, _ in rounds:
                 self._step_failed(key, steps, exc)
             return 0
+        stepped = sum(len(pending.ids) for _, _, pending in rounds)
+        for _, _, pending in rounds:
+            for rid in pending.ids:
+                if (job := self.jobs.get(rid)) is not None:
+                    job.batch_sum += stepped
         for (key, steps, _), done in zip(rounds, finished):
             self._publish(key, done)
             observe.close_steps(self, steps)
-        return sum(len(pending.ids) for _, _, pending in rounds)
+        return stepped
 
     def _step_failed(self, key: tuple[str, ...], steps: dict, exc: Exception) -> None:
         observe.close_steps(self, steps, f"internal error: {exc}")
