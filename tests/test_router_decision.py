@@ -59,9 +59,19 @@ def reference_cost(est: Estimates, chain, ks, cls: str, batch: float) -> float:
     t[-1] += a + b * batch
     cost = t[0]
     for i in range(len(chain) - 1):
-        a = est.alpha(chain[i], chain[i + 1], cls)
-        cost = (ks[i] * cost + t[i + 1]) / ((1 - a ** (ks[i] + 1)) / (1 - a))
+        cost = (ks[i] * cost + t[i + 1]) / reference_expected(est, chain[i], chain[i + 1], cls, ks[i])
     return cost
+
+
+def reference_expected(est: Estimates, proposer: str, verifier: str, cls: str, k: int) -> float:
+    """1 + sum_j prod_{i <= j} a_i, a_i = accepted at position i over proposals reaching it, shrunk to alpha."""
+    pair = est.pair(proposer, verifier, cls)
+    alpha, total, reach = pair.alpha, 1.0, 1.0
+    for j in range(k):
+        seen = j < len(pair.reached_per_pos)
+        reach *= ((pair.accepted_per_pos[j] if seen else 0) + 20 * alpha) / ((pair.reached_per_pos[j] if seen else 0) + 20)
+        total += reach
+    return total
 
 
 PROFILE = {"target": (2.0, 0.05), "verifier": (0.8, 0.02), "drafter-code": (0.3, 0.005), "drafter-prose": (0.3, 0.005),
@@ -261,6 +271,19 @@ def test_prediction_levels_explain_their_inputs():
     assert p.levels[1]["step_ms"] == pytest.approx(est.step_ms("verifier", 4) + 0.4, rel=1e-3)
 
 
+def test_expected_tokens_follow_the_acceptance_measured_at_each_position():
+    """A match that survives its first token tends to survive the next (n-gram): the pooled alpha
+    overrates position 0 and E(alpha, k) gets the shape wrong; position by position it does not."""
+    sticky = Acceptance()
+    for _ in range(50):  # position 0 accepted half the time, position 1 four in five, then all
+        sticky.observe(LevelOutcome("ngram", "target", 40, 0, [10, 10, 10, 10], [5, 4, 4, 4]), 1e9)
+    assert sticky.expected_tokens(0) == 1.0
+    assert sticky.expected_tokens(1) == pytest.approx(1.5, rel=0.02)
+    assert sticky.expected_tokens(1) < expected_tokens(sticky.alpha, 1) - 0.2
+    assert sticky.expected_tokens(4) == pytest.approx(1 + 0.5 + 0.4 + 0.4 + 0.4, rel=0.02)
+    assert Acceptance(prior=0.6).expected_tokens(3) == pytest.approx(expected_tokens(0.6, 3))  # no data: geometric
+
+
 def test_acceptance_prior_is_shrunk():
     acc = Acceptance(prior=0.5)
     assert acc.alpha == 0.5
@@ -309,10 +332,9 @@ def test_driver_work_and_hops_are_learned_from_profiles_and_priced_per_round():
     p = predict(("drafter-code", "target"), (1,), "code-short", est, calibrated=False)
     assert p.levels[0]["hop_ms"] == pytest.approx(est.hop(8)) and p.levels[-1]["driver_ms"] == pytest.approx(est.driver_ms(8))
     # Per round the driver's work is paid once: k = 1 pays it on fewer tokens than k = 4.
-    alpha = est.alpha("drafter-code", "target", "code-short")
     t_d = est.step_ms("drafter-code", 8) + est.hop(8)
     t_t = est.step_ms("target", 16) + est.driver_ms(8)
-    assert p.model_ms == pytest.approx((t_d + t_t) / expected_tokens(alpha, 1))
+    assert p.model_ms == pytest.approx((t_d + t_t) / reference_expected(est, "drafter-code", "target", "code-short", 1))
     # A costly driver round moves the decision towards more tokens per round.
     cheap = synthetic(PROFILE, ALPHAS, hop_ms=0.4, live=8)
     assert decide("code-short", est, CHAINS, K_MAX).winner.k[0] >= decide("code-short", cheap, CHAINS, K_MAX).winner.k[0]

@@ -1,6 +1,6 @@
 """The BRIEF's chain cost (section 3): predicted milliseconds per emitted token of a chain.
 
-    E(a, k)     = (1 - a^(k+1)) / (1 - a)
+    E(a, k)     = (1 - a^(k+1)) / (1 - a)   (i.i.d. acceptance; measured per position when known)
     tau_1       = t_1
     tau_{i+1}   = (k_i tau_i + t_{i+1}) / E(a_{i,i+1}, k_i)
     cost        = tau_N
@@ -34,12 +34,17 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def tau(step_ms: list[float], alphas: list[float], ks: list[int], draft_rates: list[float] | None = None) -> float:
-    """tau_N for levels bottom first: `step_ms` per level (hops included), acceptances and k per pair."""
+def tau(step_ms: list[float], alphas: list[float], ks: list[int], draft_rates: list[float] | None = None,
+        expected: list[float] | None = None) -> float:
+    """tau_N for levels bottom first: `step_ms` per level (hops included), acceptances and k per pair.
+
+    `expected` replaces E(alpha, k) per pair when given (tokens per verification measured
+    position by position)."""
     rates = draft_rates or [1.0] * len(alphas)
+    gains = expected or [expected_tokens(a, k) for a, k in zip(alphas, ks)]
     cost = step_ms[0]
-    for t_next, alpha, k, p in zip(step_ms[1:], alphas, ks, rates):
-        gain = 1.0 + p * (expected_tokens(alpha, k) - 1.0)
+    for t_next, e, k, p in zip(step_ms[1:], gains, ks, rates):
+        gain = 1.0 + p * (e - 1.0)
         cost = (p * k * cost + t_next) / gain
     return cost
 
@@ -70,7 +75,7 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
     if len(chain) == 1 or not ks or all(k == 0 for k in ks):
         chain, ks = ("target",), ()
     hop = estimates.hop(batch)
-    steps, alphas, rates, levels = [], [], [], []
+    steps, alphas, rates, gains, levels = [], [], [], [], []
     for i, model in enumerate(chain):
         below_k = ks[i - 1] if i > 0 else 0
         rate_below = rates[i - 1] if i > 0 else 1.0
@@ -95,11 +100,13 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
         if i < len(chain) - 1:
             alpha = estimates.alpha(model, chain[i + 1], request_class)
             rate = estimates.draft_rate(model, request_class) if i == 0 else 1.0
+            gain = estimates.expected_tokens(model, chain[i + 1], request_class, ks[i])
             alphas.append(alpha)
             rates.append(rate)
+            gains.append(gain)
             entry.update({"alpha": round(alpha, 4), "k": ks[i], "draft_rate": round(rate, 4),
-                          "expected_tokens": round(expected_tokens(alpha, ks[i]), 4)})
+                          "expected_tokens": round(gain, 4)})
         levels.append(entry)
-    model_ms = tau(steps, alphas, list(ks), rates)
+    model_ms = tau(steps, alphas, list(ks), rates, gains)
     factor = estimates.calibration_ratio(chain, batch) if calibrated else 1.0
     return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, levels)

@@ -12,7 +12,8 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    the class is the one whose chains predict cheapest (the ranking says which);
 4. exploration: with probability `explore_rate` per class and interval, another candidate
    predicted within 2x of the winner (the least observed chain at this load first) is
-   assigned instead for that interval, reason `explore`.
+   assigned instead for that interval, reason `explore` (the router passes a rate of 0
+   under load: `router.explore_max_batch`).
 """
 
 from __future__ import annotations

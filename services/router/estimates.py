@@ -3,7 +3,8 @@
 Fed by the drivers' feedback (`Outcome`, `StepProfile`) and, at start, by the history in
 PostgreSQL. Every estimate starts from a prior and is smoothed:
 
-- acceptance alpha of a proposer -> verifier pair on a request class: the geometric
+- acceptance alpha of a proposer -> verifier pair on a request class, and the tokens a
+  verification of k drafts emits from the conditional acceptance at each position: the geometric
   maximum-likelihood estimate from per-position counts (accepted at position j over the
   proposals that reached position j), plus, on sampled positions, the expected acceptance
   1 - TV(p, q) the verifier measured there (the same quantity without the coin flips'
@@ -103,6 +104,23 @@ class Acceptance:
         value = (self.accepted + self.overlap + self.prior * PRIOR_TRIALS) / (
             self.trials + self.overlap_positions + PRIOR_TRIALS)
         return min(0.99, max(0.01, value))
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens one verification of k drafts emits: 1 + sum over j < k of P(the first j + 1 accepted).
+
+        Uses the conditional acceptance measured at each position (accepted there over proposals
+        that reached it), shrunk towards `alpha`: an n-gram match that survives its first token
+        tends to survive the next (measured here: 0.48 at position 0, 0.66 at 1, 0.83 at 4), which
+        the geometric E(alpha, k) misses. Without per-position data it is E(alpha, k).
+        """
+        alpha = self.alpha
+        total, reach = 1.0, 1.0
+        for j in range(max(0, k)):
+            accepted = self.accepted_per_pos[j] if j < len(self.accepted_per_pos) else 0.0
+            reached = self.reached_per_pos[j] if j < len(self.reached_per_pos) else 0.0
+            reach *= min(0.99, (accepted + alpha * PRIOR_TRIALS) / (reached + PRIOR_TRIALS))
+            total += reach
+        return total
 
     @property
     def expected(self) -> float | None:
@@ -233,6 +251,9 @@ class Estimates:
 
     def alpha(self, proposer: str, verifier: str, request_class: str) -> float:
         return self.pair(proposer, verifier, request_class).alpha
+
+    def expected_tokens(self, proposer: str, verifier: str, request_class: str, k: int) -> float:
+        return self.pair(proposer, verifier, request_class).expected_tokens(k)
 
     def draft_rate(self, proposer: str, request_class: str) -> float:
         key = (canonical(proposer), request_class)
