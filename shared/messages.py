@@ -85,6 +85,7 @@ class GenerateJob:
     # Resume after a target failure: tokens already committed (the state service's record).
     committed: list[int] = field(default_factory=list)
     epoch: int = 0
+    slo_tpot_ms: float = 0.0  # the client's TPOT objective (0: none): recorded against the outcome
 
 
 @dataclass
@@ -226,6 +227,7 @@ class Outcome:
     finish_reason: str = ""
     worker: str = ""
     batch_mean: float = 0.0  # requests per target round over the request's life (0: not measured)
+    slo_tpot_ms: float = 0.0  # the request's own TPOT objective (0: none; the router's setting applies)
 
 
 DRIVER = "driver"  # ModelStep.model of the driver's own work per round (forwards = rounds, tokens = requests)
@@ -257,6 +259,15 @@ class StepProfile:
 
 
 @dataclass
+class Candidate:
+    """One chain with its best k and predicted ms per token (an assignment's alternatives)."""
+
+    chain: list[str]
+    k: list[int]
+    predicted_ms_per_token: float
+
+
+@dataclass
 class Assignment:
     """The chain and k the router assigns to one request class."""
 
@@ -265,6 +276,9 @@ class Assignment:
     k: list[int]
     predicted_ms_per_token: float | None = None
     reason: str = ""
+    # The cost ranking (best k per chain, cheapest first, a few): a request with its own TPOT
+    # objective takes the cheapest predicted to meet it when the assignment is not.
+    alternatives: list[Candidate] = field(default_factory=list)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from services.gateway.grpc_server import start_grpc
 from services.gateway.http_api import MAX_BODY_BYTES, create_app
 from services.gateway.proto import generate_pb2 as pb
 from services.gateway.proto import generate_pb2_grpc as pb_grpc
-from shared.messages import GenerateJob, TokenBatch
+from shared.messages import Assignment, Candidate, GenerateJob, TokenBatch
 from shared.settings import Settings
 
 MODEL = "specmesh-test"
@@ -162,7 +162,7 @@ def test_speculation_report_reads_both_shapes_and_skips_junk():
                                                "accepted_per_pos": [2, 2, 1, 1]}, "junk"]})
     assert rep == {"chain": ["drafter", "target"], "k": [4], "levels": [
         {"name": "drafter", "drafted": 8, "accepted": 6, "acceptance_rate": 0.75, "accepted_per_position": [2, 2, 1, 1],
-         "expected_acceptance": None}]}
+         "expected_acceptance": None}], "slo_tpot_ms": None, "slo_met": None}
     rep = speculation_report(job, {"levels": [{"name": "drafter", "drafted": 8, "accepted": 6, "expected_acceptance": 0.61},
                                               {"name": "verifier", "drafted": 8, "accepted": 6, "expected_acceptance": 7}]})
     assert [lv["expected_acceptance"] for lv in rep["levels"]] == [0.61, None]  # outside [0, 1]: junk, dropped
@@ -282,7 +282,7 @@ async def test_chat_completion(client, backend, tok):
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": text_of(tok, 8, backend)}
     assert backend.jobs[-1].chain == ["target"] and backend.jobs[-1].k == []
-    assert body["speculation"] == {"chain": ["target"], "k": [], "levels": []}
+    assert body["speculation"] == {"chain": ["target"], "k": [], "levels": [], "slo_tpot_ms": None, "slo_met": None}
 
 
 @pytest.mark.parametrize("spec, chain, k", [
@@ -299,6 +299,34 @@ async def test_speculation_extension(client, backend, spec, chain, k):
     assert (job.chain, job.k) == (chain, k)
     assert job.confidence_threshold == spec.get("confidence_threshold", 0.0)
     assert r.json()["speculation"]["chain"] == chain
+
+
+ALTERNATIVES = [Candidate(["drafter", "target"], [3], 6.0), Candidate(["target"], [], 9.0),
+                Candidate(["drafter", "verifier", "target"], [2, 2], 14.0)]
+
+
+@pytest.mark.parametrize("assigned, slo, chain, k, met", [
+    # an exploration: requests without an objective take it, requests with one do not
+    (Assignment("c", ["drafter", "verifier", "target"], [2, 2], 14.0, "explore", ALTERNATIVES), None,
+     ["drafter", "verifier", "target"], [2, 2], None),
+    (Assignment("c", ["drafter", "verifier", "target"], [2, 2], 14.0, "explore", ALTERNATIVES), 10.0,
+     ["drafter", "target"], [3], True),
+    # the cost choice predicted to meet the objective stands
+    (Assignment("c", ["drafter", "target"], [3], 6.0, "cost", ALTERNATIVES), 7.0, ["drafter", "target"], [3], True),
+    # no alternative is predicted to meet it: the cheapest
+    (Assignment("c", ["target"], [], 9.0, "explore", ALTERNATIVES), 2.0, ["drafter", "target"], [3], False),
+])
+async def test_a_request_with_its_own_slo_runs_on_the_cheapest_chain_predicted_to_meet_it(
+        client, backend, assigned, slo, chain, k, met):
+    backend.assignment = lambda request_class: assigned
+    backend.delay_s = 0.0 if met is not False else 0.05  # 50 ms between batches of 3: 10 ms per token > 2
+    spec = {"slo_tpot_ms": slo} if slo else {}
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 6, "speculation": spec})
+    assert r.status_code == 200, r.text
+    job = backend.jobs[-1]
+    assert (job.chain, job.k, job.slo_tpot_ms) == (chain, k, slo or 0.0)
+    report = r.json()["speculation"]
+    assert report["slo_tpot_ms"] == slo and report["slo_met"] is met
 
 
 async def test_models(client):
@@ -337,6 +365,10 @@ BAD = [
     ({"prompt": "x", "speculation": {"k": 99}}, 400, "speculation.k"),
     ({"prompt": "x", "speculation": {"confidence_threshold": 2}}, 400, "speculation.confidence_threshold"),
     ({"prompt": "x", "speculation": {"turbo": True}}, 400, "speculation.turbo"),
+    ({"prompt": "x", "speculation": {"slo_tpot_ms": 0}}, 400, "speculation.slo_tpot_ms"),
+    ({"prompt": "x", "speculation": {"slo_tpot_ms": -5}}, 400, "speculation.slo_tpot_ms"),
+    ({"prompt": "x", "speculation": {"slo_tpot_ms": 1e9}}, 400, "speculation.slo_tpot_ms"),
+    ({"prompt": "x", "speculation": {"slo_tpot_ms": "fast"}}, 400, "speculation.slo_tpot_ms"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 

@@ -338,3 +338,21 @@ def test_driver_work_and_hops_are_learned_from_profiles_and_priced_per_round():
     # A costly driver round moves the decision towards more tokens per round.
     cheap = synthetic(PROFILE, ALPHAS, hop_ms=0.4, live=8)
     assert decide("code-short", est, CHAINS, K_MAX).winner.k[0] >= decide("code-short", cheap, CHAINS, K_MAX).winner.k[0]
+
+
+def test_table_carries_alternatives_and_exploration_waits_for_low_load():
+    from services.router.service import ALTERNATIVES, Router
+    from shared.settings import RouterSettings, Settings
+
+    settings = Settings(router=RouterSettings(explore_rate=1.0, explore_max_batch=2.0))
+    router = Router(settings, store=None, params={}, seed=0)
+    router.estimates = synthetic(PROFILE, ALPHAS, live=8)
+    table = router.table()
+    for entry in table.assignments:  # under load: the cost winner, never a trial
+        assert entry.reason != "explore"
+        assert 1 < len(entry.alternatives) <= ALTERNATIVES
+        assert (entry.alternatives[0].chain, entry.alternatives[0].k) == (entry.chain, entry.k)
+        costs = [c.predicted_ms_per_token for c in entry.alternatives]
+        assert costs == sorted(costs)
+    router.estimates.load["t1"] = (1e18, 1, 0)
+    assert any(e.reason == "explore" for e in router.table().assignments)  # idle: trials run

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.backend import GenerationError
-from shared.messages import GenerateJob, Sampling
+from shared.messages import Assignment, GenerateJob, Sampling
 from shared.request_class import classify
 from shared.settings import Settings
 from shared.tracing import Status, StatusCode, tracer, use_span
@@ -26,6 +26,7 @@ log = logging.getLogger("specmesh.gateway")
 TEMPERATURE_MAX = 2.0
 MAX_STOP_STRINGS = 4
 MAX_K = 16  # the same bound as settings.speculation.k
+SLO_MAX_MS = 60_000.0  # a TPOT objective above a minute per token is a typo
 SEED_MAX = 2**63 - 1
 TARGET_ONLY = ["target"]
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
@@ -67,6 +68,7 @@ class SpeculationRequest:
     k: int | list[int] | None = None  # one value for every proposing level, or one per level
     enabled: bool | None = None  # False: target only
     confidence_threshold: float | None = None
+    slo_tpot_ms: float | None = None  # this request's TPOT objective: never explored on a chain predicted to miss it
 
 
 @dataclass
@@ -133,9 +135,12 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                                  "specmesh.chain": ",".join(assigned.chain) if assigned else "",
                                  "specmesh.k": list(assigned.k) if assigned else [],
                                  "specmesh.router.reason": getattr(assigned, "reason", "") or ""})
-    chain, k, threshold = resolve_speculation(req.speculation, backend.chains(), settings, assigned)
+    spec = req.speculation or SpeculationRequest()
+    slo = _ranged(spec.slo_tpot_ms, 0.0, "speculation.slo_tpot_ms", 0.0, SLO_MAX_MS,
+                  f"a number of milliseconds above 0 and at most {SLO_MAX_MS:g}", open_low=True)
+    chain, k, threshold = resolve_speculation(spec, backend.chains(), settings, for_slo(assigned, slo))
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-                      chain=chain, k=k, confidence_threshold=threshold, request_class=request_class)
+                      chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo)
     return job, _stops(req.stop)
 
 
@@ -203,6 +208,25 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     if any(not isinstance(s, str) or not s for s in stops):
         raise invalid("Stop strings must be non-empty strings.", "stop")
     return stops
+
+
+def for_slo(assigned, slo_tpot_ms: float):
+    """The router's assignment for a request with its own TPOT objective.
+
+    The assignment stands when it is the router's cost choice and predicted to meet the
+    objective. Otherwise (an exploration, or predicted slower) the cheapest of the table's
+    alternatives predicted to meet it is taken, reason `slo`; when none is, the cheapest
+    (`slo-unmet`): a request that states an objective is never the one a trial is run on.
+    """
+    if not slo_tpot_ms or assigned is None or not getattr(assigned, "alternatives", None):
+        return assigned
+    predicted = assigned.predicted_ms_per_token
+    if assigned.reason != "explore" and predicted is not None and predicted <= slo_tpot_ms:
+        return assigned
+    meets = [c for c in assigned.alternatives if c.predicted_ms_per_token <= slo_tpot_ms]
+    pick = meets[0] if meets else assigned.alternatives[0]
+    return Assignment(assigned.request_class, list(pick.chain), list(pick.k), pick.predicted_ms_per_token,
+                      "slo" if meets else "slo-unmet", list(assigned.alternatives))
 
 
 def resolve_speculation(spec: SpeculationRequest | None, chains: list[list[str]],
@@ -367,6 +391,8 @@ def speculation_report(job: GenerateJob, stats: dict[str, Any]) -> dict:
         "chain": [str(c) for c in chain] if isinstance(chain, list) else list(job.chain),
         "k": [_count(x) for x in k] if isinstance(k, list) else list(job.k),
         "levels": levels,
+        "slo_tpot_ms": job.slo_tpot_ms or None,
+        "slo_met": None,  # set once the timings are known
     }
 
 
@@ -525,6 +551,9 @@ class Generation:
             "inter_token_ms": round((last - first) * 1e3 / (n - 1), 3) if first and n > 1 else None,
             "tokens_per_s": round(n / (end - self.started), 3) if end > self.started else None,
         }
+        if self.job.slo_tpot_ms:
+            gap = out.timings["inter_token_ms"]
+            out.speculation["slo_met"] = gap is None or gap <= self.job.slo_tpot_ms
         self._observe(out)
 
     # -- observability ------------------------------------------------------------------

@@ -87,6 +87,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
                 k=list(spec.k) or None,
                 enabled=spec.enabled if spec.HasField("enabled") else None,
                 confidence_threshold=spec.confidence_threshold if spec.HasField("confidence_threshold") else None,
+                slo_tpot_ms=spec.slo_tpot_ms if spec.HasField("slo_tpot_ms") else None,
             )
         job, stops = plan(self.backend, self.settings, GenerationRequest(
             request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
@@ -138,7 +139,8 @@ def _summary(out: Outcome) -> dict:
     return {
         "finish_reason": FINISH[out.finish_reason],
         "usage": pb.Usage(**out.usage),
-        "speculation": pb.SpeculationStats(chain=spec.get("chain", []), k=spec.get("k", []), levels=levels),
+        "speculation": pb.SpeculationStats(chain=spec.get("chain", []), k=spec.get("k", []), levels=levels,
+                                           slo_tpot_ms=spec.get("slo_tpot_ms"), slo_met=spec.get("slo_met")),
         "timings": pb.Timings(**{name: t.get(name) or 0.0 for name in
                                  ("first_token_ms", "total_ms", "inter_token_ms", "tokens_per_s")}),
     }

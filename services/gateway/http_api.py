@@ -42,7 +42,7 @@ FIELD_HINTS = {
     "stop": "a string or a list of up to 4 non-empty strings",
     "messages": "a non-empty list of {role, content} messages",
     "messages.content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts (only text is supported)",
-    "speculation": "{chain: 'drafter,target' or a list, k: int or list, enabled: bool, confidence_threshold: 0..1}",
+    "speculation": "{chain: 'drafter,target' or a list, k: int or list, enabled: bool, confidence_threshold: 0..1, slo_tpot_ms: ms > 0}",
     "speculation.chain": "model names bottom level first, as 'drafter,target' or ['drafter', 'target']",
     "speculation.k": "an integer in [0, 16], or a list of them with one per proposing level",
 }

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from services.gateway.generation import MAX_K, MAX_STOP_STRINGS, TEMPERATURE_MAX, SpeculationRequest
+from services.gateway.generation import MAX_K, MAX_STOP_STRINGS, SLO_MAX_MS, TEMPERATURE_MAX, SpeculationRequest
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -27,10 +27,13 @@ class SpeculationOptions(BaseModel):
         None, description="Tokens each proposing level drafts per verification: one value, or one per level.")
     enabled: StrictBool | None = Field(None, description="false: no speculation (target only).")
     confidence_threshold: Probability | None = Field(None, description="Stop drafting below this confidence.")
+    slo_tpot_ms: Annotated[float, Field(gt=0, le=SLO_MAX_MS, allow_inf_nan=False)] | None = Field(
+        None, description="This request's TPOT objective in ms: it runs on the router's cheapest chain predicted "
+                          "to meet it, never on a trial; the report says whether it was met.")
 
     def to_request(self) -> SpeculationRequest:
         return SpeculationRequest(chain=self.chain, k=self.k, enabled=self.enabled,
-                                  confidence_threshold=self.confidence_threshold)
+                                  confidence_threshold=self.confidence_threshold, slo_tpot_ms=self.slo_tpot_ms)
 
 
 class StreamOptions(BaseModel):
@@ -156,6 +159,8 @@ class SpeculationReport(BaseModel):
     chain: list[str] = Field(description="Models of the chain, bottom level first.")
     k: list[int] = Field(description="Draft length per proposing level.")
     levels: list[LevelReport] = Field(description="One per proposing level, bottom first.")
+    slo_tpot_ms: float | None = Field(None, description="The request's TPOT objective (null when it gave none).")
+    slo_met: bool | None = Field(None, description="Whether the mean inter-token time met it (null without an objective).")
 
 
 class Timings(BaseModel):

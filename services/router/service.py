@@ -25,7 +25,7 @@ from services.router.estimates import Estimates
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
 from shared.messages import (
-    SUBJECT_ASSIGNMENTS, SUBJECT_EXPLAIN, SUBJECT_OUTCOME, SUBJECT_PROFILE, Assignment, Assignments, BadMessage,
+    SUBJECT_ASSIGNMENTS, SUBJECT_EXPLAIN, SUBJECT_OUTCOME, SUBJECT_PROFILE, Assignment, Assignments, BadMessage, Candidate,
     ExplainQuery, Explanation, LevelOutcome, ModelStep, Outcome, StepProfile, decode, encode,
 )
 from shared.request_class import CLASSES
@@ -34,6 +34,7 @@ from shared.tracing import SpanKind, continued, tracer
 
 log = logging.getLogger("specmesh.router")
 DEFAULT_CLASS = "default"
+ALTERNATIVES = 4  # candidates per class in the table, for requests with their own TPOT objective
 DISCOVER_EVERY_S = 5.0
 
 
@@ -89,7 +90,7 @@ class Router:
                 "rounds": Estimates.rounds(outcome, level) if bottom else None,
             })
         current = self.choices.get(outcome.request_class)
-        slo = self.cfg.slo_tpot_ms
+        slo = outcome.slo_tpot_ms or self.cfg.slo_tpot_ms
         self.store.add("decisions", {
             "request_id": outcome.request_id[:64], "request_class": outcome.request_class,
             "chain": ",".join(chain), "k": list(outcome.k), "predicted_ms_per_token": raw,
@@ -164,7 +165,9 @@ class Router:
         version = self.next_version()
 
         def entry(cls: str, c: Choice) -> Assignment:
-            return Assignment(cls, list(c.winner.chain), list(c.winner.k), round(c.winner.ms_per_token, 4), c.reason)
+            alternatives = [Candidate(list(p.chain), list(p.k), round(p.ms_per_token, 4)) for p in c.ranking[:ALTERNATIVES]]
+            return Assignment(cls, list(c.winner.chain), list(c.winner.k), round(c.winner.ms_per_token, 4), c.reason,
+                              alternatives)
 
         table = Assignments(version, [entry(cls, c) for cls, c in choices.items() if cls != DEFAULT_CLASS],
                             entry(DEFAULT_CLASS, choices[DEFAULT_CLASS]))

@@ -37,7 +37,7 @@ def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
     outcome = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
                       len(job.msg.prompt), round(ttft, 3), round((duration - ttft) / max(tokens - 1, 1), 3),
                       round(duration, 3), levels, reason or "", driver.worker,
-                      round(job.batch_sum / job.steps, 3) if job.steps else 0.0)
+                      round(job.batch_sum / job.steps, 3) if job.steps else 0.0, job.msg.slo_tpot_ms)
     send(driver, SUBJECT_OUTCOME, outcome, driver.spans.roots.get(job.msg.request_id))
 
 

@@ -49,16 +49,18 @@ class SamplingParameters(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SpeculationParameters(_message.Message):
-    __slots__ = ("chain", "k", "enabled", "confidence_threshold")
+    __slots__ = ("chain", "k", "enabled", "confidence_threshold", "slo_tpot_ms")
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SLO_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     chain: _containers.RepeatedScalarFieldContainer[str]
     k: _containers.RepeatedScalarFieldContainer[int]
     enabled: bool
     confidence_threshold: float
-    def __init__(self, chain: _Optional[_Iterable[str]] = ..., k: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ...) -> None: ...
+    slo_tpot_ms: float
+    def __init__(self, chain: _Optional[_Iterable[str]] = ..., k: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ..., slo_tpot_ms: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -85,14 +87,18 @@ class LevelStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("chain", "k", "levels")
+    __slots__ = ("chain", "k", "levels", "slo_tpot_ms", "slo_met")
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
+    SLO_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    SLO_MET_FIELD_NUMBER: _ClassVar[int]
     chain: _containers.RepeatedScalarFieldContainer[str]
     k: _containers.RepeatedScalarFieldContainer[int]
     levels: _containers.RepeatedCompositeFieldContainer[LevelStats]
-    def __init__(self, chain: _Optional[_Iterable[str]] = ..., k: _Optional[_Iterable[int]] = ..., levels: _Optional[_Iterable[_Union[LevelStats, _Mapping]]] = ...) -> None: ...
+    slo_tpot_ms: float
+    slo_met: bool
+    def __init__(self, chain: _Optional[_Iterable[str]] = ..., k: _Optional[_Iterable[int]] = ..., levels: _Optional[_Iterable[_Union[LevelStats, _Mapping]]] = ..., slo_tpot_ms: _Optional[float] = ..., slo_met: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("first_token_ms", "total_ms", "inter_token_ms", "tokens_per_s")
