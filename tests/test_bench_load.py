@@ -239,7 +239,8 @@ async def test_run_schedule_sends_each_arrival_with_the_mode():
         records, wall = await run_schedule(client, [(0.0, 0), (0.01, 0), (0.02, 1)], Mode.parse("drafter,target", 4),
                                            prompts, cfg, "phased", [1.0, 5.0], done.append)
     assert len(records) == len(seen) == len(done) == 3 and wall > 0
-    assert all(b["speculation"] == {"chain": "drafter,target", "k": 4} and b["max_tokens"] == 8 for b in seen)
+    assert all(b["speculation"] == {"chain": "drafter,target", "k": 4, "slo_tpot_ms": cfg.slo_tpot_ms}
+               and b["max_tokens"] == 8 for b in seen)
     assert [r.rate for r in records] == [1.0, 1.0, 5.0] and all(r.ok for r in records)
 
 

@@ -124,11 +124,13 @@ def prompt_mix(prompt_chars: int, per_domain: int, seed: int = 0) -> list[tuple[
     return [pair for c, p in zip(code, prose) for pair in (("code", c), ("prose", p))]
 
 
-def request_body(mode: Mode, prompt: str, max_tokens: int) -> dict:
+def request_body(mode: Mode, prompt: str, max_tokens: int, slo_tpot_ms: float = 0.0) -> dict:
+    """One streamed completion; the TPOT objective rides along (the router's table serves it)."""
     body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True, "stream_options": {"include_usage": True}}
-    if mode.speculation is not None:
-        body["speculation"] = mode.speculation
+    speculation = dict(mode.speculation or {}) | ({"slo_tpot_ms": slo_tpot_ms} if slo_tpot_ms else {})
+    if speculation:
+        body["speculation"] = speculation
     return body
 
 
@@ -214,7 +216,7 @@ async def run_schedule(client, schedule: list[tuple[float, int]], mode: Mode, pr
         record = RequestRecord(mode=mode.name, process=process, rate=r, scheduled_s=scheduled, domain=domain,
                                sent_s=loop.time() - t0, phase=phase)
         records.append(record)
-        tasks.append(asyncio.create_task(one(record, request_body(mode, text, cfg.max_tokens))))
+        tasks.append(asyncio.create_task(one(record, request_body(mode, text, cfg.max_tokens, cfg.slo_tpot_ms))))
     if tasks:
         window = schedule[-1][0] if schedule else 0.0
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, t0 + window + cfg.drain_s - loop.time()))
