@@ -100,8 +100,8 @@ PROFILES: dict[str, Profile] = {
     ),
     # Performance work: a ~16M target whose one-thread step costs >= 8x the ~0.5M drafter's
     # (BRIEF section 6: 7.4M is only ~6x, 23M ~16x). Measured 2026-11-29: 10.5x with the lean
-    # runner; 65 min wall beside other work, ~47 min at the idle rates (docs/models.md), with
-    # 500 distillation steps; 1500 add ~18 min (a cached target of the same key is reused).
+    # runner. Idle rates: 1.85 s per target step, 1.45 s per distillation step (three students
+    # at once): ~37 + ~22 min (docs/models.md); a cached target of the same key is reused.
     "bench": Profile(
         name="bench",
         vocab_size=4096,
@@ -110,8 +110,9 @@ PROFILES: dict[str, Profile] = {
         target_steps=1200,
         target_lr=2e-3,
         # 500 steps (0.5M tokens per domain) left the drafters at 0.53 agreement and the
-        # verifier at 0.68 (2026-11-29); the students were still learning (KL 0.49 / 0.21).
-        distil_steps=1500,
+        # verifier at 0.68 (2026-11-29, KL still falling); 1500 reached 0.69-0.70 / 0.79 but
+        # cost ~36 min at 1.45 s/step, over the 60-minute budget with the target's ~37.
+        distil_steps=900,
         distil_lr=3e-3,
         models={
             "target": ModelSpec(hidden=384, layers=8, heads=6, ffn=1024, domains=_BOTH),
