@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from shared.messages import SUBJECT_COMMIT, SUBJECT_TOKENS, Commit, RequestState, TokenBatch, decode, encode
 from shared.tracing import SpanKind, end, inject, tracer
@@ -21,6 +22,17 @@ class Committer:
         self.loop = loop
         self.queues: dict[str, asyncio.Queue] = {}
         self.tracer = tracer_ or tracer(None)
+        self.acked: dict[str, list] = {}  # request id -> [first ack, last ack, tokens] (perf_counter)
+        self.on_finished: dict[str, Callable] = {}  # request id -> called with `acked` (None: not all acked)
+
+    def when_finished(self, request_id: str, hook: Callable) -> None:
+        """Call `hook(acked)` on the event loop once the request's last commit is answered.
+
+        `acked` is `(first ack, last ack, tokens)` in `time.perf_counter` seconds: when the
+        state service had made the tokens durable and sent them on, which is what a client
+        waits for (None if a commit was refused or lost). Register before the last commit.
+        """
+        self.loop.call_soon_threadsafe(self.on_finished.__setitem__, request_id, hook)
 
     def commit(self, commit: Commit, trace=None) -> None:
         """Queue `commit`; `trace`: the context its `commit` span continues (None: no span)."""
@@ -61,8 +73,21 @@ class Committer:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
             end(span, error)
+            if error is not None:
+                self.acked[rid] = None  # a gap: these timings cannot be trusted
+            elif commit.tokens and (rid not in self.acked or self.acked[rid] is not None):
+                now = time.perf_counter()
+                acked = self.acked.setdefault(rid, [now, now, 0])
+                acked[1], acked[2] = now, acked[2] + len(commit.tokens)
             if commit.finished:
                 self.queues.pop(rid, None)
+                acked = self.acked.pop(rid, None)
+                hook = self.on_finished.pop(rid, None)
+                if hook is not None:
+                    try:
+                        hook(tuple(acked) if acked else None)
+                    except Exception:  # feedback must never stop commits
+                        log.exception("finish hook of %s failed", rid)
                 return
 
     def _span(self, commit: Commit, trace):

@@ -336,14 +336,15 @@ class Driver:
                              "expected_acceptance": st.expected_acceptance}
                             for st in merged.values()]}
         observe.count(self, job, merged, len(new))
+        if job.first_token is None and new:
+            job.first_token = time.perf_counter()
+        if req.done:  # before the last commit: the outcome waits for its answer
+            feedback.outcome(self, job, req, stats, reason)
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),
                                      prompt=job.msg.prompt if position == 0 else [],
                                      finished=req.done, worker=self.worker, finish_reason=reason, stats=stats),
                               self.spans.context(rid))
-        if job.first_token is None and new:
-            job.first_token = time.perf_counter()
         if req.done:
-            feedback.outcome(self, job, req, stats, reason)
             self._finish(rid)
 
     def _finish(self, rid: str) -> None:

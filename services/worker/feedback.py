@@ -24,21 +24,35 @@ log = logging.getLogger("specmesh.driver")
 
 
 def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
-    """Tell the router how the finished request went."""
-    now = time.perf_counter()
+    """Tell the router how the finished request went, once its last commit is answered.
+
+    Call before the request's last commit. Timings are taken from the state service's
+    answers to the commits (tokens durable and on their way to the client), not from the
+    driver's own emission, so that the per-token delivery a chain causes (one commit per
+    round: many for the target alone, few for a chain that emits several tokens a round)
+    counts as the client sees it; the driver's own clock is the fallback.
+    """
+    emitted = time.perf_counter()
     tokens = len(job.done) + job.sent
-    ttft = ((job.first_token or now) - job.started) * 1e3
-    duration = (now - job.started) * 1e3
+    first_token = job.first_token or emitted
     key = job.chain_key
     above = {name: key[i + 1] for i, name in enumerate(key[:-1])}
     levels = [LevelOutcome(canonical(lv["name"]), canonical(above.get(lv["name"], "target")), lv["drafted"], lv["accepted"],
                            list(st.drafted_per_pos), lv["accepted_per_pos"], round(st.overlap, 4), st.overlap_positions)
               for lv, st in zip(stats["levels"], merged(job, req).values())]
-    outcome = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
-                      len(job.msg.prompt), round(ttft, 3), round((duration - ttft) / max(tokens - 1, 1), 3),
-                      round(duration, 3), levels, reason or "", driver.worker,
-                      round(job.batch_sum / job.steps, 3) if job.steps else 0.0, job.msg.slo_tpot_ms)
-    send(driver, SUBJECT_OUTCOME, outcome, driver.spans.roots.get(job.msg.request_id))
+    batch_mean = round(job.batch_sum / job.steps, 3) if job.steps else 0.0
+    trace = driver.spans.roots.get(job.msg.request_id)
+
+    def finished(acked) -> None:
+        first, last, n = acked if acked and acked[2] > 0 else (first_token, emitted, tokens)
+        ttft, duration = (first - job.started) * 1e3, (last - job.started) * 1e3
+        tpot = (last - first) * 1e3 / max(n - 1, 1)
+        result = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
+                         len(job.msg.prompt), round(ttft, 3), round(tpot, 3), round(duration, 3), levels,
+                         reason or "", driver.worker, batch_mean, job.msg.slo_tpot_ms)
+        send(driver, SUBJECT_OUTCOME, result, trace)
+
+    driver.committer.when_finished(job.msg.request_id, finished)
 
 
 def send(driver, subject: str, message, trace=None) -> None:
