@@ -89,17 +89,21 @@ def test_router_publishes_and_the_gateway_follows(stack):
     # A request's own TPOT objective travels gateway -> target -> router and is judged there.
     import httpx
 
+    ids = {}
     for slo in (60_000, 0.001):
         resp = httpx.post(f"{settings.gateway.http_url}/v1/completions", timeout=60, json={
             "model": "specmesh", "prompt": prompt, "max_tokens": 12, "temperature": 0,
             "speculation": {"slo_tpot_ms": slo}})
         assert resp.status_code == 200, resp.text
         assert resp.json()["speculation"]["slo_tpot_ms"] == slo
+        ids[slo] = resp.json()["id"]
+    judged = " OR ".join(f"request_id = '{rid}'" for rid in ids.values())
     for _ in range(30):
-        if count("slo_met IS NOT NULL") >= 2:
+        if count(f"({judged}) AND slo_met IS NOT NULL") >= 2:
             break
         time.sleep(0.3)
-    assert count("slo_met") == 1 and count("NOT slo_met") == 1  # no router-wide objective: only these two
+    assert count(f"request_id = '{ids[60_000]}' AND slo_met") == 1
+    assert count(f"request_id = '{ids[0.001]}' AND NOT slo_met") == 1
 
 
 def _same(chain: list[str], assigned: set) -> bool:
