@@ -90,12 +90,12 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
                 # bottom: one call per k drafts; above: one call per verification
                 t += hop / max(ks[0], 1) if i == 0 else hop
         entry = {"model": model, "step_ms": round(t, 4), "tokens_per_forward": round(tokens, 2)}
-        if model != "ngram" and remote(model) or model == "fused":
+        if model == "fused" or remote(model):
             entry["hop_ms"] = round(hop, 4)
-        if i == len(chain) - 1:
-            entry["driver_ms"] = round(estimates.driver_ms(batch), 4)
-            t += estimates.driver_ms(batch)
-            entry["step_ms"] = round(t, 4)
+        if i == len(chain) - 1:  # the target's round also pays the driver's own work
+            driver = estimates.driver_ms(batch)
+            t += driver
+            entry.update({"driver_ms": round(driver, 4), "step_ms": round(t, 4)})
         steps.append(t)
         if i < len(chain) - 1:
             alpha = estimates.alpha(model, chain[i + 1], request_class)

@@ -20,7 +20,8 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
   drivers (pseudo-models `driver` and `hop` in the step profiles) and fitted like step times;
 - the current load: requests live on each target worker;
 - calibration: realised TPOT over the cost model's prediction per (chain, load bucket),
-  which absorbs what the formula leaves out (driver overhead per round, commits); a chain
+  which absorbs what the formula leaves out (state-service and gateway work per commit, the
+  remote-level approximation); a chain
   not yet measured at this load borrows the mean ratio of the chains that were.
 """
 
