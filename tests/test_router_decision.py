@@ -356,3 +356,17 @@ def test_table_carries_alternatives_and_exploration_waits_for_low_load():
         assert costs == sorted(costs)
     router.estimates.load["t1"] = (1e18, 1, 0)
     assert any(e.reason == "explore" for e in router.table().assignments)  # idle: trials run
+
+
+def test_an_outcome_is_calibrated_at_the_load_it_ran_under():
+    from services.router.estimates import load_bucket
+    from services.router.service import Router
+    from shared.settings import Settings
+
+    router = Router(Settings(), store=None, params={}, seed=0)
+    router.estimates = synthetic(PROFILE, ALPHAS, live=1)  # idle now
+    level = LevelOutcome("drafter-code", "target", 30, 20, [10, 10, 10], [8, 7, 5])
+    router.on_outcome(Outcome("r1", "code-short", ["drafter-code", "target"], [3], 32, 10, 20.0, 9.0, 300.0,
+                              [level], "length", "t1", batch_mean=9.0))
+    measured = {(chain, bucket) for (chain, bucket), c in router.estimates.calibration.items() if c.observations}
+    assert measured == {(("drafter-code", "target"), load_bucket(9.0))} and load_bucket(9.0) != load_bucket(1.0)
