@@ -344,7 +344,7 @@ def test_table_carries_alternatives_and_exploration_waits_for_low_load():
     from services.router.service import ALTERNATIVES, Router
     from shared.settings import RouterSettings, Settings
 
-    settings = Settings(router=RouterSettings(explore_rate=1.0, explore_max_batch=2.0))
+    settings = Settings(router=RouterSettings(explore_rate=1.0, explore_max_batch=2.0, shared_chain_batch=100.0))
     router = Router(settings, store=None, params={}, seed=0)
     router.estimates = synthetic(PROFILE, ALPHAS, live=8)
     table = router.table()
@@ -356,6 +356,51 @@ def test_table_carries_alternatives_and_exploration_waits_for_low_load():
         assert costs == sorted(costs)
     router.estimates.load["t1"] = (1e18, 1, 0)
     assert any(e.reason == "explore" for e in router.table().assignments)  # idle: trials run
+
+
+def test_under_load_every_class_rides_the_chain_cheapest_over_all_classes():
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    def router_at(live: int, shared_from: float) -> Router:
+        router = Router(Settings(router=RouterSettings(explore_rate=0.0, shared_chain_batch=shared_from)),
+                        store=None, params={}, seed=0)
+        router.chains = CHAINS
+        router.estimates = synthetic(PROFILE, ALPHAS, live=live)
+        return router
+
+    own = router_at(4, 100.0).decide_all()
+    assert len({c.winner.chain for c in own.values()}) > 1  # alone, code and prose take their specialists
+    choices = router_at(4, 1.5).decide_all()
+    chains = {c.winner.chain for c in choices.values()}
+    assert len(chains) == 1
+    (chain,) = chains
+    per_class = {cls: {p.chain: p for p in c.ranking} for cls, c in own.items()}
+    totals = {ch: sum(r[ch].ms_per_token for r in per_class.values()) for ch in per_class["code-short"]}
+    assert chain == min(totals, key=totals.get)
+    for cls, c in choices.items():
+        assert c.shared and c.reason in ("shared", "target-alone")
+        assert (c.winner.chain, c.winner.k) == (chain, per_class[cls][chain].k)  # each class keeps its best k
+    table = router_at(4, 1.5).table()
+    assert all([(a.chain, a.k) for a in e.alternatives] == [(e.chain, e.k)] for e in table.assignments)
+    assert {c.winner.chain for c in router_at(1, 1.5).decide_all().values()} == {c.winner.chain for c in own.values()}
+
+
+def test_calibration_per_k_is_shrunk_to_its_chains():
+    est = synthetic(PROFILE, ALPHAS)
+    chain = ("drafter-code", "target")
+    for _ in range(30):
+        est.observe_calibration(chain, 1.0, 30.0, 10.0, (1,))  # k = 1 realises 3x its prediction
+        est.observe_calibration(chain, 1.0, 10.0, 10.0, (4,))  # k = 4 exactly its prediction
+    chain_ratio = est.calibration_ratio(chain, 1.0)
+    assert 1.5 < chain_ratio < 2.5
+    # Decayed weight ~10 outcomes each, against the chain's ratio worth 2.
+    assert est.calibration_ratio(chain, 1.0, (1,)) == pytest.approx((10 * 3.0 + 2 * chain_ratio) / 12, rel=0.02)
+    assert est.calibration_ratio(chain, 1.0, (4,)) == pytest.approx((10 * 1.0 + 2 * chain_ratio) / 12, rel=0.02)
+    assert est.calibration_ratio(chain, 1.0, (2,)) == chain_ratio  # never measured: the chain's ratio
+    raw = predict(chain, (1,), "code-short", est, batch=1.0, calibrated=False).model_ms
+    assert predict(chain, (1,), "code-short", est, batch=1.0).ms_per_token == pytest.approx(
+        raw * est.calibration_ratio(chain, 1.0, (1,)))
 
 
 def test_an_outcome_is_calibrated_at_the_load_it_ran_under():

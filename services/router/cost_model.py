@@ -108,5 +108,5 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
                           "expected_tokens": round(gain, 4)})
         levels.append(entry)
     model_ms = tau(steps, alphas, list(ks), rates, gains)
-    factor = estimates.calibration_ratio(chain, batch) if calibrated else 1.0
+    factor = estimates.calibration_ratio(chain, batch, tuple(ks)) if calibrated else 1.0
     return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, levels)

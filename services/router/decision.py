@@ -13,7 +13,12 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
 4. exploration: with probability `explore_rate` per class and interval, another candidate
    predicted within 2x of the winner (the least observed chain at this load first) is
    assigned instead for that interval, reason `explore` (the router passes a rate of 0
-   under load: `router.explore_max_batch`).
+   under load: `router.explore_max_batch`);
+5. under load (`router.shared_chain_batch`), one chain for every class (`shared`): a target
+   round drafts every chain present, then verifies all requests in one forward, so a round
+   with two chains waits for both proposals and every request in it pays for the slower.
+   The chain with the lowest predicted cost summed over the classes wins (each class keeps
+   its own best k on it), against the target alone with the same margin.
 """
 
 from __future__ import annotations
@@ -60,16 +65,17 @@ class Choice:
 
     request_class: str
     winner: Prediction
-    reason: str  # "cost" | "target-alone" | "slo" | "slo-unmet" | "explore"
+    reason: str  # "cost" | "target-alone" | "slo" | "slo-unmet" | "explore" | "shared"
     why: str
     explored: bool = False
     best: Prediction | None = None  # the cost winner (differs from `winner` when exploring)
     ranking: list[Prediction] = field(default_factory=list)  # best k per chain, cheapest first
     specialist: str | None = None
+    shared: bool = False  # rule 5: the one chain every class rides under load
 
     def as_dict(self) -> dict:
         return {"request_class": self.request_class, "winner": self.winner.as_dict(), "reason": self.reason,
-                "why": self.why, "explored": self.explored, "specialist": self.specialist,
+                "why": self.why, "explored": self.explored, "specialist": self.specialist, "shared": self.shared,
                 "candidates": [p.as_dict() for p in self.ranking]}
 
 
@@ -128,3 +134,34 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         choice.why = (f"exploring {','.join(pick.chain)} ({seen[pick.chain]} outcomes so far) for one interval; "
                       f"the cost winner is {','.join(winner.chain)} k={list(winner.k)}: " + why)
     return choice
+
+
+def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02) -> dict[str, Choice]:
+    """Rule 5: every class on the one chain with the lowest predicted cost summed over the classes.
+
+    Each class keeps its best k on that chain; the target alone wins unless the chain beats
+    it by `margin` in the sum. Explorations and per-class SLO rankings are replaced.
+    """
+    per_class = {cls: {p.chain: p for p in c.ranking} for cls, c in choices.items()}
+    common = set.intersection(*(set(r) for r in per_class.values())) if per_class else set()
+    if not common:
+        return choices
+    totals = {chain: sum(r[chain].ms_per_token for r in per_class.values()) for chain in common}
+    best = min(sorted(totals), key=totals.get)  # sorted: ties go the same way every time
+    alone = totals.get(TARGET_ALONE)
+    if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin):
+        best = TARGET_ALONE
+    runner_up = min((c for c in totals if c != best), key=totals.get, default=None)
+    out = {}
+    for cls, c in choices.items():
+        winner = per_class[cls][best]
+        own = c.ranking[0]
+        why = (f"under load (batch {batch:.1f}) every class rides one chain, since a round waits for each chain's "
+               f"proposal: {','.join(best)} totals {totals[best]:.3f} ms/token over {len(choices)} classes")
+        if runner_up is not None:
+            why += f", next {','.join(runner_up)} at {totals[runner_up]:.3f}"
+        if own.chain != best:
+            why += f"; alone this class would take {','.join(own.chain)} k={list(own.k)} at {own.ms_per_token:.3f}"
+        out[cls] = Choice(cls, winner, "target-alone" if best == TARGET_ALONE else "shared", why, best=winner,
+                          ranking=c.ranking, specialist=c.specialist, shared=True)
+    return out

@@ -21,8 +21,10 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
 - the current load: requests live on each target worker;
 - calibration: realised TPOT over the cost model's prediction per (chain, load bucket),
   which absorbs what the formula leaves out (state-service and gateway work per commit, the
-  remote-level approximation); a chain
-  not yet measured at this load borrows the mean ratio of the chains that were.
+  remote-level approximation); a chain not yet measured at this load borrows the mean
+  ratio of the chains that were. The error depends on k too (a round's fixed costs are
+  spread over the tokens it emits), so each (chain, k, load bucket) measured keeps its
+  own ratio, shrunk towards its chain's (`K_PRIOR_WEIGHT` outcomes' worth).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepP
 NEUTRAL_ALPHA = 0.5
 PRIOR_TRIALS = 20.0  # the prior weighs like this many draft positions
 NGRAM_DRAFT_RATE = 0.5
+K_PRIOR_WEIGHT = 2.0  # a (chain, k) calibration starts from its chain's ratio, worth this many outcomes
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
 DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
@@ -203,6 +206,9 @@ def load_bucket(batch: float) -> int:
     return 0 if batch < 1.5 else 1 if batch < 2.5 else 2 if batch < 5.5 else 3 if batch < 11.5 else 4
 
 
+BUCKET_BATCH = (1.0, 2.0, 4.0, 8.0, 16.0)  # a batch in each load bucket
+
+
 @dataclass
 class Calibration:
     """Realised TPOT over predicted TPOT for one (chain, load bucket), decayed."""
@@ -239,6 +245,7 @@ class Estimates:
         self.draft_rates: dict[tuple[str, str], DraftRate] = {}
         self.steps: dict[str, StepTime] = {}
         self.calibration: dict[tuple[tuple[str, ...], int], Calibration] = {}
+        self.calibration_k: dict[tuple[tuple[str, ...], tuple[int, ...], int], Calibration] = {}
         self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
         self.outcomes = 0
         self.profiles = 0
@@ -287,8 +294,19 @@ class Estimates:
             self.calibration[key] = Calibration()
         return self.calibration[key]
 
-    def calibration_ratio(self, chain: tuple[str, ...], batch: float) -> float:
-        """This chain's realised/predicted at this load; its prior is the mean over measured chains here."""
+    def calibration_ratio(self, chain: tuple[str, ...], batch: float, ks: tuple[int, ...] | None = None) -> float:
+        """Realised/predicted for this chain (and these ks) at this load.
+
+        The chain's prior is the mean over the chains measured here; the ks' prior is the chain's."""
+        chain_ratio = self._chain_ratio(chain, batch)
+        if not ks:
+            return chain_ratio
+        mine = self.calibration_k.get((tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)))
+        if mine is None or mine.weight <= 0:
+            return chain_ratio
+        return (mine.ratio_sum + K_PRIOR_WEIGHT * chain_ratio) / (mine.weight + K_PRIOR_WEIGHT)
+
+    def _chain_ratio(self, chain: tuple[str, ...], batch: float) -> float:
         bucket = load_bucket(batch)
         here = [c for (ch, b), c in self.calibration.items() if b == bucket and c.weight > 0]
         if here:
@@ -349,8 +367,12 @@ class Estimates:
         for step in profile.steps:
             self.observe_step(step)
 
-    def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float) -> None:
+    def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float,
+                            ks: tuple[int, ...] | None = None) -> None:
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms)
+        if ks:
+            key = (tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch))
+            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms)
 
     # -- reporting -----------------------------------------------------------------------
     def summary(self) -> dict:
@@ -368,4 +390,7 @@ class Estimates:
             "calibration": {f"{','.join(ch)}@bucket{b}": {"ratio": round(c.ratio(), 4), "observations": c.observations,
                                                          "tpot_ms": None if c.tpot_ms is None else round(c.tpot_ms, 3)}
                             for (ch, b), c in sorted(self.calibration.items()) if c.observations},
+            "calibration_k": {f"{','.join(ch)}{list(ks)}@bucket{b}": {"ratio": round(self.calibration_ratio(ch, BUCKET_BATCH[b], ks), 4),
+                                                                     "observations": c.observations}
+                              for (ch, ks, b), c in sorted(self.calibration_k.items()) if c.observations},
         }

@@ -20,7 +20,7 @@ import random
 import time
 
 from services.router.cost_model import predict
-from services.router.decision import Choice, decide, served_chains
+from services.router.decision import Choice, decide, served_chains, shared
 from services.router.estimates import Estimates
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
@@ -75,7 +75,7 @@ class Router:
         batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
         raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
         if outcome.tokens >= 2 and outcome.tpot_ms > 0:
-            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw)
+            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k))
         if self.store is None:
             return
         for level in outcome.levels:
@@ -138,7 +138,7 @@ class Router:
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
                     and (row.get("tokens") or 0) >= 2:
                 self.estimates.observe_calibration(tuple(row["chain"].split(",")), row.get("batch_mean") or 1.0,
-                                                   row["tpot_ms"], row["predicted_ms_per_token"])
+                                                   row["tpot_ms"], row["predicted_ms_per_token"], tuple(row.get("k") or ()))
                 n += 1
         return n
 
@@ -152,6 +152,8 @@ class Router:
             choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
                                   self.available, cfg.explore_rate if explore and cls != DEFAULT_CLASS else 0.0,
                                   self.rng, batch)
+        if batch >= cfg.shared_chain_batch:
+            choices = shared(choices, batch, cfg.margin)
         self.choices = choices
         return choices
 
@@ -165,7 +167,10 @@ class Router:
         version = self.next_version()
 
         def entry(cls: str, c: Choice) -> Assignment:
-            alternatives = [Candidate(list(p.chain), list(p.k), round(p.ms_per_token, 4)) for p in c.ranking[:ALTERNATIVES]]
+            # Under load (`shared`) the one chain is the only alternative: a request with an
+            # objective that took another would slow every request in its rounds.
+            ranking = [c.winner] if c.shared else c.ranking[:ALTERNATIVES]
+            alternatives = [Candidate(list(p.chain), list(p.k), round(p.ms_per_token, 4)) for p in ranking]
             return Assignment(cls, list(c.winner.chain), list(c.winner.k), round(c.winner.ms_per_token, 4), c.reason,
                               alternatives)
 
