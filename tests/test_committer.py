@@ -51,3 +51,22 @@ async def test_finish_hook_gets_first_and_last_answer_and_the_tokens_answered():
 async def test_a_refused_commit_gives_the_hook_nothing_to_trust():
     got, _ = await _run(FakeState(refuse=(2,)))
     assert got == [None]
+
+
+async def test_a_request_forgotten_before_its_last_commit_leaves_nothing_behind():
+    loop = asyncio.get_running_loop()
+    state = FakeState(delay_s=0.02)
+    committer = Committer(state, "w", loop)
+    committer.when_finished("r", lambda acked: None)
+    committer.commit(Commit("r", 0, 0, [1, 2]))
+    committer.commit(Commit("r", 0, 2, [3]))
+    committer.forget("r")  # cancelled: no finished commit will come
+    committer.forget("never-seen")
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if len(state.seen) == 2 and not committer.queues:
+            break
+    assert state.seen == [0, 2]  # what was queued was still sent
+    assert committer.queues == {} and committer.acked == {} and committer.on_finished == {}
+    senders = [t for t in asyncio.all_tasks() if "_sender" in repr(t.get_coro())]
+    assert senders == []

@@ -102,3 +102,23 @@ def test_serve_unknown_service_is_refused(tmp_path):
     result = specmesh(env, "serve", "nosuch", check=False)
     assert result.returncode == 2
     assert "unknown service" in result.stderr
+
+
+def test_the_cluster_lives_in_one_place_whether_or_not_the_run_dir_exists_yet():
+    """`make clean` deletes the cluster `make up` made: the place must not depend on `.run` existing."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from shared.stack.servers import PostgresServer
+
+    parent = Path(tempfile.mkdtemp(prefix="specmesh-test-", dir="/tmp"))  # reachable by the server's user
+    try:
+        parent.chmod(0o755)
+        run_dir = parent / ".run"
+        before = PostgresServer(Settings(run_dir=run_dir)).home
+        run_dir.mkdir()
+        after = PostgresServer(Settings(run_dir=run_dir)).home
+        assert before == after
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)

@@ -38,6 +38,23 @@ class Committer:
         """Queue `commit`; `trace`: the context its `commit` span continues (None: no span)."""
         self.loop.call_soon_threadsafe(self._enqueue, commit, trace)
 
+    def forget(self, request_id: str) -> None:
+        """The request is gone from this worker (finished, cancelled, failed, moved).
+
+        Commits already queued are still sent; then its sender stops and what was kept for it
+        is dropped. A request cancelled before its last commit has no finished commit to end
+        its sender: without this, a task and its entries would stay for the worker's life.
+        """
+        self.loop.call_soon_threadsafe(self._forget, request_id)
+
+    def _forget(self, rid: str) -> None:
+        q = self.queues.get(rid)
+        if q is not None:
+            q.put_nowait(None)  # after what is queued: the sender ends there
+        else:
+            self.acked.pop(rid, None)
+            self.on_finished.pop(rid, None)
+
     def error(self, batch: TokenBatch) -> None:
         self.loop.call_soon_threadsafe(
             lambda: asyncio.ensure_future(self.nc.publish(f"{SUBJECT_TOKENS}.{batch.request_id}", encode(batch))))
@@ -51,7 +68,14 @@ class Committer:
 
     async def _sender(self, rid: str, q: asyncio.Queue) -> None:
         while True:
-            commit, trace = await q.get()
+            item = await q.get()
+            if item is None:  # forgotten with no finished commit
+                if self.queues.get(rid) is q:
+                    del self.queues[rid]
+                self.acked.pop(rid, None)
+                self.on_finished.pop(rid, None)
+                return
+            commit, trace = item
             span = self._span(commit, trace)
             headers = inject(self.trace_context(span)) if span is not None else None
             delay = 0.05
@@ -80,7 +104,8 @@ class Committer:
                 acked = self.acked.setdefault(rid, [now, now, 0])
                 acked[1], acked[2] = now, acked[2] + len(commit.tokens)
             if commit.finished:
-                self.queues.pop(rid, None)
+                if self.queues.get(rid) is q:
+                    del self.queues[rid]
                 acked = self.acked.pop(rid, None)
                 hook = self.on_finished.pop(rid, None)
                 if hook is not None:

@@ -359,6 +359,7 @@ class Driver:
         for remote in self.remotes.values():
             remote.release(rid)
         self.epochs.pop(rid, None)
+        self.committer.forget(rid)
 
     def _fail(self, rid: str, error: str) -> None:
         job = self.jobs.get(rid)

@@ -98,7 +98,12 @@ class PostgresServer:
         self.server_bin = self.bin  # what the unprivileged user runs (initdb, postgres)
         user = self._os_user()
         if user is not None:
-            if not self._reachable(self.run_dir):
+            # The run dir may not exist yet (before the first `make up`, after `make clean`): judge
+            # by what exists of it, so the cluster is in the same place every time.
+            existing = self.run_dir
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not self._reachable(existing):
                 # e.g. a run dir under a 0700 home or pytest's tmp: keep the cluster in /tmp instead.
                 self.home = Path("/tmp") / f"specmesh-pg-{key}-home"
                 self.data = self.home / "data"
