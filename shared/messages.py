@@ -277,7 +277,8 @@ class Assignment:
     predicted_ms_per_token: float | None = None
     reason: str = ""
     # The cost ranking (best k per chain, cheapest first, a few): a request with its own TPOT
-    # objective takes the cheapest predicted to meet it when the assignment is not.
+    # objective takes the cheapest predicted to meet it when the assignment is not. Under load
+    # (reason "shared": one chain for every class) it is that chain alone.
     alternatives: list[Candidate] = field(default_factory=list)
 
 

@@ -115,6 +115,8 @@ class RouterSettings(BaseModel):
     publish_interval_s: float = Field(1.0, gt=0, description="Seconds between two publications of the assignment table.")
     explore_rate: float = Field(0.05, ge=0.0, le=1.0, description="Chance per class and interval to assign a random candidate (reason `explore`).")
     explore_max_batch: float = Field(2.0, ge=1.0, description="Explore only while the mean batch per target is at most this: under load a costly chain on trial slows every request.")
+    explore_until: int = Field(10, ge=0, description="Explore a chain while it has fewer outcomes than this at the current load ...")
+    explore_stale_s: float = Field(600.0, gt=0, description="... or none for this many seconds.")
     shared_chain_batch: float = Field(1.5, ge=1.0, description="From this mean batch per target on, every class gets one chain (reason `shared`): a round waits for each chain's proposal, so mixing chains slows every request.")
     half_life_tokens: float = Field(2000.0, gt=0, description="Drafted tokens after which an acceptance observation weighs half (EWMA).")
     profile_window: int = Field(120, ge=4, description="Recent step-time samples per model the least-squares fit uses.")

@@ -164,6 +164,35 @@ def test_exploration_picks_another_chain_at_about_the_rate():
     assert not any(c.explored for c in (decide("code-short", est, CHAINS, K_MAX, explore_rate=0.0, rng=rng) for _ in range(50)))
 
 
+def test_a_chain_known_at_this_load_is_explored_again_only_once_stale():
+    est = synthetic(PROFILE, ALPHAS)
+    rng = random.Random(1)
+    for chain in CHAINS:  # every chain has its outcomes at batch 1
+        for _ in range(10):
+            est.observe_calibration(chain, 1.0, 5.0, 5.0)
+    picks = [decide("code-short", est, CHAINS, K_MAX, explore_rate=1.0, rng=rng, batch=1.0) for _ in range(50)]
+    assert not any(c.explored for c in picks)
+    assert any(c.explored for c in (decide("code-short", est, CHAINS, K_MAX, explore_rate=1.0, rng=rng, batch=1.0,
+                                           explore_stale_s=1e-9) for _ in range(5)))
+    assert any(c.explored for c in (decide("code-short", est, CHAINS, K_MAX, explore_rate=1.0, rng=rng, batch=1.0,
+                                           explore_until=11) for _ in range(5)))
+
+
+def test_under_load_only_what_ran_at_that_load_competes():
+    est = synthetic(PROFILE, ALPHAS, live=8)
+    free = decide("code-short", est, CHAINS, K_MAX, batch=8.0)
+    assert free.winner.chain != TARGET_ALONE
+    ran = ("verifier", "target")
+    assert free.winner.chain != ran
+    est.observe_calibration(ran, 8.0, 5.0, 5.0, (2,))
+    est.observe_calibration(free.winner.chain, 1.0, 5.0, 5.0, free.winner.k)  # another load: does not count
+    choice = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
+    assert {p.chain for p in choice.ranking} == {ran, TARGET_ALONE}
+    assert choice.winner.chain in (ran, TARGET_ALONE) and choice.ranking[0].k in ((2,), ())
+    nothing = synthetic(PROFILE, ALPHAS, live=8)  # nothing ran there yet: every candidate competes
+    assert decide("code-short", nothing, CHAINS, K_MAX, batch=8.0, measured_only=True).winner == free.winner
+
+
 def test_unavailable_models_are_not_candidates():
     est = synthetic(PROFILE, ALPHAS)
     choice = decide("prose-short", est, served_chains(), K_MAX, available={"drafter-code", "verifier"})

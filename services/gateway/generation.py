@@ -217,6 +217,8 @@ def for_slo(assigned, slo_tpot_ms: float):
     objective. Otherwise (an exploration, or predicted slower) the cheapest of the table's
     alternatives predicted to meet it is taken, reason `slo`; when none is, the cheapest
     (`slo-unmet`): a request that states an objective is never the one a trial is run on.
+    Under load (reason `shared`) the table lists the one chain every class rides as the only
+    alternative, so such a request stays on it rather than slow every round it joins.
     """
     if not slo_tpot_ms or assigned is None or not getattr(assigned, "alternatives", None):
         return assigned

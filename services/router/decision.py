@@ -12,13 +12,17 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    the class is the one whose chains predict cheapest (the ranking says which);
 4. exploration: with probability `explore_rate` per class and interval, another candidate
    predicted within 2x of the winner (the least observed chain at this load first) is
-   assigned instead for that interval, reason `explore` (the router passes a rate of 0
-   under load: `router.explore_max_batch`);
+   assigned instead for that interval, reason `explore`, if that chain has fewer than
+   `explore_until` outcomes at this load or none for `explore_stale_s` (a known chain is
+   not tried again and again); the router passes a rate of 0 under load
+   (`router.explore_max_batch`);
 5. under load (`router.shared_chain_batch`), one chain for every class (`shared`): a target
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
    The chain with the lowest predicted cost summed over the classes wins (each class keeps
-   its own best k on it), against the target alone with the same margin.
+   its own best k on it), against the target alone with the same margin; only (chain, k)
+   that ran at this load compete (`measured_only`): the calibration of a k never run there
+   is borrowed from its chain's other k, and the error depends on k.
 """
 
 from __future__ import annotations
@@ -90,10 +94,21 @@ def specialist(request_class: str, estimates, drafters=("drafter-code", "drafter
 
 def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: int = 6, margin: float = 0.02,
            slo_tpot_ms: float = 0.0, available: set[str] | None = None, explore_rate: float = 0.0,
-           rng: random.Random | None = None, batch: float | None = None) -> Choice:
-    """The assignment for `request_class` under the current estimates (pure, no I/O)."""
+           rng: random.Random | None = None, batch: float | None = None, measured_only: bool = False,
+           explore_until: int = 10, explore_stale_s: float = 600.0) -> Choice:
+    """The assignment for `request_class` under the current estimates (pure, no I/O).
+
+    `measured_only`: only candidates whose (chain, k) has realised outcomes at this load
+    (and the target alone), when there are any: under load a k never run there is a guess
+    every request would pay for. Exploration tries chains with fewer than `explore_until`
+    outcomes at this load, or none for `explore_stale_s`.
+    """
     batch = estimates.batch() if batch is None else batch
     preds = [predict(chain, ks, request_class, estimates, batch) for chain, ks in candidates(chains, k_max, available)]
+    if measured_only:
+        measured = [p for p in preds if p.chain == TARGET_ALONE or estimates.measured(p.chain, p.k, batch)]
+        if len(measured) > 1:
+            preds = measured
     best_per_chain: dict[tuple[str, ...], Prediction] = {}
     for p in preds:
         if p.chain not in best_per_chain or p.ms_per_token < best_per_chain[p.chain].ms_per_token:
@@ -125,7 +140,8 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                     specialist=specialist(request_class, estimates, available=available))
     others = []
     if explore_rate > 0 and rng is not None and len(ranking) > 1 and rng.random() < explore_rate:
-        others = [p for p in ranking if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token]
+        others = [p for p in ranking if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token
+                  and estimates.calibration_for(p.chain, batch).needs_outcomes(explore_until, explore_stale_s)]
     if others:
         seen = {p.chain: estimates.calibration_for(p.chain, batch).observations for p in others}
         fewest = min(seen.values())

@@ -217,6 +217,7 @@ class Calibration:
     weight: float = 0.0
     tpot_ms: float | None = None  # EWMA of realised TPOT
     observations: int = 0
+    updated: float | None = None  # time.monotonic() of the newest observation
 
     def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9) -> None:
         if predicted_ms <= 0 or realised_ms <= 0:
@@ -226,6 +227,11 @@ class Calibration:
         self.weight = self.weight * decay + 1.0
         self.tpot_ms = realised_ms if self.tpot_ms is None else 0.8 * self.tpot_ms + 0.2 * realised_ms
         self.observations += 1
+        self.updated = time.monotonic()
+
+    def needs_outcomes(self, until: int, stale_s: float) -> bool:
+        """Fewer than `until` observations, or none for `stale_s` seconds."""
+        return self.observations < until or self.updated is None or time.monotonic() - self.updated > stale_s
 
     def ratio(self, prior: float = 1.0) -> float:
         return (self.ratio_sum + prior) / (self.weight + 1.0)  # one pseudo-observation at the prior
@@ -305,6 +311,11 @@ class Estimates:
         if mine is None or mine.weight <= 0:
             return chain_ratio
         return (mine.ratio_sum + K_PRIOR_WEIGHT * chain_ratio) / (mine.weight + K_PRIOR_WEIGHT)
+
+    def measured(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> bool:
+        """Whether outcomes of this chain with these ks were realised at this load."""
+        mine = self.calibration_k.get((tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)))
+        return mine is not None and mine.observations > 0
 
     def _chain_ratio(self, chain: tuple[str, ...], batch: float) -> float:
         bucket = load_bucket(batch)

@@ -151,7 +151,8 @@ class Router:
         for cls in (*CLASSES, DEFAULT_CLASS):
             choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
                                   self.available, cfg.explore_rate if explore and cls != DEFAULT_CLASS else 0.0,
-                                  self.rng, batch)
+                                  self.rng, batch, measured_only=batch >= cfg.shared_chain_batch,
+                                  explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
         if batch >= cfg.shared_chain_batch:
             choices = shared(choices, batch, cfg.margin)
         self.choices = choices
