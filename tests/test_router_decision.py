@@ -189,6 +189,11 @@ def test_under_load_only_what_ran_at_that_load_competes():
     choice = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
     assert {p.chain for p in choice.ranking} == {ran, TARGET_ALONE}
     assert choice.winner.chain in (ran, TARGET_ALONE) and choice.ranking[0].k in ((2,), ())
+    by_chain = {p.chain: p for p in choice.ranking}
+    assert by_chain[ran].ms_per_token == 5.0  # at the TPOT it realised there, not the model's
+    est.observe_calibration(TARGET_ALONE, 8.0, 4.0, 9.0, ())
+    again = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
+    assert again.winner.chain == TARGET_ALONE and again.winner.ms_per_token == 4.0
     nothing = synthetic(PROFILE, ALPHAS, live=8)  # nothing ran there yet: every candidate competes
     assert decide("code-short", nothing, CHAINS, K_MAX, batch=8.0, measured_only=True).winner == free.winner
 

@@ -21,15 +21,16 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    with two chains waits for both proposals and every request in it pays for the slower.
    The chain with the lowest predicted cost summed over the classes wins (each class keeps
    its own best k on it), against the target alone with the same margin; only (chain, k)
-   that ran at this load compete (`measured_only`): the calibration of a k never run there
-   is borrowed from its chain's other k, and the error depends on k.
+   that ran at this load compete (`measured_only`), at the TPOT they realised there: the
+   calibration of a k never run there is borrowed from its chain's other k, and the error
+   depends on k.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.router.cost_model import Prediction, predict
 from shared.engine.build import canonical, models_of
@@ -99,14 +100,21 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     """The assignment for `request_class` under the current estimates (pure, no I/O).
 
     `measured_only`: only candidates whose (chain, k) has realised outcomes at this load
-    (and the target alone), when there are any: under load a k never run there is a guess
-    every request would pay for. Exploration tries chains with fewer than `explore_until`
+    (and the target alone), when there are any, each at its realised TPOT there: under load
+    a k never run there is a guess every request would pay for, and the model's error moves
+    with its step fits. Exploration tries chains with fewer than `explore_until`
     outcomes at this load, or none for `explore_stale_s`.
     """
     batch = estimates.batch() if batch is None else batch
     preds = [predict(chain, ks, request_class, estimates, batch) for chain, ks in candidates(chains, k_max, available)]
     if measured_only:
-        measured = [p for p in preds if p.chain == TARGET_ALONE or estimates.measured(p.chain, p.k, batch)]
+        measured = []
+        for p in preds:
+            realised = estimates.realised_tpot(p.chain, p.k, batch)
+            if realised is not None:  # what it cost at this load, not what the model says now
+                measured.append(replace(p, ms_per_token=realised, calibration=realised / max(p.model_ms, 1e-9)))
+            elif p.chain == TARGET_ALONE:
+                measured.append(p)
         if len(measured) > 1:
             preds = measured
     best_per_chain: dict[tuple[str, ...], Prediction] = {}

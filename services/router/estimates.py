@@ -312,10 +312,10 @@ class Estimates:
             return chain_ratio
         return (mine.ratio_sum + K_PRIOR_WEIGHT * chain_ratio) / (mine.weight + K_PRIOR_WEIGHT)
 
-    def measured(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> bool:
-        """Whether outcomes of this chain with these ks were realised at this load."""
+    def realised_tpot(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> float | None:
+        """Recent realised TPOT of this chain with these ks at this load (EWMA), None if never run there."""
         mine = self.calibration_k.get((tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)))
-        return mine is not None and mine.observations > 0
+        return mine.tpot_ms if mine is not None and mine.observations > 0 else None
 
     def _chain_ratio(self, chain: tuple[str, ...], batch: float) -> float:
         bucket = load_bucket(batch)
@@ -381,7 +381,7 @@ class Estimates:
     def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float,
                             ks: tuple[int, ...] | None = None) -> None:
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms)
-        if ks:
+        if ks is not None:  # () for the target alone
             key = (tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch))
             self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms)
 
