@@ -70,3 +70,17 @@ async def test_a_request_forgotten_before_its_last_commit_leaves_nothing_behind(
     assert committer.queues == {} and committer.acked == {} and committer.on_finished == {}
     senders = [t for t in asyncio.all_tasks() if "_sender" in repr(t.get_coro())]
     assert senders == []
+
+
+async def test_a_request_back_before_its_sender_ended_keeps_its_commits_in_order():
+    loop = asyncio.get_running_loop()
+    state = FakeState(delay_s=0.02)
+    committer = Committer(state, "w", loop)
+    committer.commit(Commit("r", 0, 0, [1, 2]))
+    committer.forget("r")
+    committer.commit(Commit("r", 1, 2, [3], finished=True))  # resumed here while the first was in flight
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if len(state.seen) == 2 and not committer.queues:
+            break
+    assert state.seen == [0, 2] and committer.queues == {}

@@ -39,7 +39,7 @@ class Committer:
         self.loop.call_soon_threadsafe(self._enqueue, commit, trace)
 
     def forget(self, request_id: str) -> None:
-        """The request is gone from this worker (finished, cancelled, failed, moved).
+        """The request is gone from this worker (finished, cancelled, failed).
 
         Commits already queued are still sent; then its sender stops and what was kept for it
         is dropped. A request cancelled before its last commit has no finished commit to end
@@ -70,6 +70,8 @@ class Committer:
         while True:
             item = await q.get()
             if item is None:  # forgotten with no finished commit
+                if not q.empty():  # the request came back meanwhile (a resume here): carry on, in order
+                    continue
                 if self.queues.get(rid) is q:
                     del self.queues[rid]
                 self.acked.pop(rid, None)
