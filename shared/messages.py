@@ -228,6 +228,9 @@ class Outcome:
     worker: str = ""
     batch_mean: float = 0.0  # requests per target round over the request's life (0: not measured)
     slo_tpot_ms: float = 0.0  # the request's own TPOT objective (0: none; the router's setting applies)
+    # Share of its target rounds that also verified other chains: such a round waits for every
+    # chain's proposal, so its TPOT is not this chain's own (0: none, or not measured).
+    mixed_share: float = 0.0
 
 
 DRIVER = "driver"  # ModelStep.model of the driver's own work per round (forwards = rounds, tokens = requests)

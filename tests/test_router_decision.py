@@ -449,3 +449,27 @@ def test_an_outcome_is_calibrated_at_the_load_it_ran_under():
                               [level], "length", "t1", batch_mean=9.0))
     measured = {(chain, bucket) for (chain, bucket), c in router.estimates.calibration.items() if c.observations}
     assert measured == {(("drafter-code", "target"), load_bucket(9.0))} and load_bucket(9.0) != load_bucket(1.0)
+
+
+def test_an_outcome_whose_rounds_carried_other_chains_is_not_calibrated():
+    from services.router.service import MIXED_MAX, Router
+    from shared.settings import Settings
+
+    router = Router(Settings(), store=None, params={}, seed=0)
+    router.estimates = synthetic(PROFILE, ALPHAS, live=1)
+    level = LevelOutcome("drafter-code", "target", 30, 20, [10, 10, 10], [8, 7, 5])
+
+    def outcome(rid: str, mixed: float) -> Outcome:
+        return Outcome(rid, "code-short", ["drafter-code", "target"], [3], 32, 10, 20.0, 9.0, 300.0, [level],
+                       "length", "t1", batch_mean=4.0, mixed_share=mixed)
+
+    router.on_outcome(outcome("r1", 0.9))  # its TPOT was the slowest chain's in each round
+    assert not any(c.observations for c in router.estimates.calibration.values())
+    assert router.estimates.pair("drafter-code", "target", "code-short").observations  # acceptance still counts
+    router.on_outcome(outcome("r2", MIXED_MAX))
+    assert sum(c.observations for c in router.estimates.calibration.values()) == 1
+    replayed = Router(Settings(), store=None, params={}, seed=0)
+    rows = [{"reason": "outcome", "chain": "drafter-code,target", "k": [3], "tokens": 32, "tpot_ms": 9.0,
+             "predicted_ms_per_token": 4.0, "batch_mean": 4.0, "mixed_share": m} for m in (0.9, 0.0, None)]
+    replayed.resume({"decisions": rows})
+    assert sum(c.observations for c in replayed.estimates.calibration.values()) == 2

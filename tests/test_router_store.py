@@ -48,7 +48,9 @@ def test_migrations_up_and_down(pg):
     upgrade(settings)
     for table in Base.metadata.sorted_tables:
         assert _columns(server, table.name) == {c.name for c in table.columns}, table.name
-    assert server.psql("SELECT version_num FROM alembic_version", "specmesh") == "0003"
+    assert server.psql("SELECT version_num FROM alembic_version", "specmesh") == "0004"
+    downgrade(settings, "0003")
+    assert "mixed_share" not in _columns(server, "decisions") and "batch_mean" in _columns(server, "decisions")
     downgrade(settings, "0002")
     assert "batch_mean" not in _columns(server, "decisions") and "reason" in _columns(server, "decisions")
     downgrade(settings, "0001")

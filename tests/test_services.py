@@ -76,11 +76,37 @@ def test_requests_on_different_chains_at_once_reproduce_target_only(stack, promp
     """One target worker serving every chain at the same time verifies them in one forward per round."""
     _, settings = stack
     chains = [CHAINS[i % len(CHAINS)] for i in range(len(prompts))]
-    results = asyncio.run(complete_all(settings.gateway.http_url, [body(p, c) for p, c in zip(prompts, chains)], 30))
+
+    async def run() -> tuple[list[dict], list]:
+        from shared.messages import SUBJECT_OUTCOME, Outcome, decode
+        from shared.service import connect
+
+        nc = await connect(settings, "test-outcomes")
+        outcomes = []
+        async def on_outcome(msg) -> None:
+            outcomes.append(decode(msg.data, Outcome))
+
+        sub = await nc.subscribe(SUBJECT_OUTCOME, cb=on_outcome)
+        try:
+            results = await complete_all(settings.gateway.http_url, [body(p, c) for p, c in zip(prompts, chains)], 30)
+            ids = {r["id"] for r in results}
+            for _ in range(100):  # outcomes follow the commits' answers
+                if len([o for o in outcomes if o.request_id in ids]) >= len(results):
+                    break
+                await asyncio.sleep(0.05)
+            return results, [o for o in outcomes if o.request_id in ids]
+        finally:
+            await sub.unsubscribe()
+            await nc.close()
+
+    results, outcomes = asyncio.run(run())
     got = [r["choices"][0]["token_ids"] for r in results]
     mismatched = [(i, chains[i]) for i, (g, want) in enumerate(zip(got, reference)) if g != want]
     assert not mismatched, f"differ from target-only: {mismatched}"
     assert [r["speculation"]["chain"] for r in results] == [c.split(",") for c in chains]
+    # The driver tells the router which requests shared their rounds with other chains.
+    assert len(outcomes) == len(results) and any(o.mixed_share > 0 for o in outcomes)
+    assert all(0 <= o.mixed_share <= 1 for o in outcomes)
 
 
 def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):

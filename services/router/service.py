@@ -36,6 +36,9 @@ log = logging.getLogger("specmesh.router")
 DEFAULT_CLASS = "default"
 ALTERNATIVES = 4  # candidates per class in the table, for requests with their own TPOT objective
 DISCOVER_EVERY_S = 5.0
+# An outcome whose rounds mostly verified other chains too is not calibrated: its TPOT was set
+# by the slowest chain's proposal in each round, not by its own chain.
+MIXED_MAX = 0.5
 
 
 def family_params(settings) -> dict[str, int]:
@@ -74,7 +77,7 @@ class Router:
         # The load the request ran under (its driver's mean round size), not the load now.
         batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
         raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
-        if outcome.tokens >= 2 and outcome.tpot_ms > 0:
+        if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
             self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k))
         if self.store is None:
             return
@@ -100,6 +103,7 @@ class Router:
             "ttft_ms": outcome.ttft_ms, "tpot_ms": outcome.tpot_ms,
             "slo_met": (outcome.tpot_ms <= slo) if slo else None, "reason": "outcome",
             "version": self.version or None, "duration_ms": outcome.duration_ms, "batch_mean": batch,
+            "mixed_share": outcome.mixed_share,
         })
 
     def on_profile(self, profile: StepProfile) -> None:
@@ -136,7 +140,7 @@ class Router:
             n += 1
         for row in history.get("decisions", []):
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
-                    and (row.get("tokens") or 0) >= 2:
+                    and (row.get("tokens") or 0) >= 2 and (row.get("mixed_share") or 0.0) <= MIXED_MAX:
                 self.estimates.observe_calibration(tuple(row["chain"].split(",")), row.get("batch_mean") or 1.0,
                                                    row["tpot_ms"], row["predicted_ms_per_token"], tuple(row.get("k") or ()))
                 n += 1

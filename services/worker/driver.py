@@ -47,6 +47,7 @@ class Job:
     first_token: float | None = None
     steps: int = 0  # chain steps so far (for spans)
     batch_sum: int = 0  # over those steps: requests in each target round (the load it ran under)
+    mixed: int = 0  # of those steps: rounds whose target forward verified other chains too
     counted: dict = field(default_factory=dict)  # per level: stats already added to the metrics
 
 
@@ -205,10 +206,12 @@ class Driver:
                 self._step_failed(key, steps, exc)
             return 0
         stepped = sum(len(pending.ids) for _, _, pending in rounds)
+        mixed = len(rounds) > 1
         for _, _, pending in rounds:
             for rid in pending.ids:
                 if (job := self.jobs.get(rid)) is not None:
                     job.batch_sum += stepped
+                    job.mixed += mixed
         for (key, steps, _), done in zip(rounds, finished):
             self._publish(key, done)
             observe.close_steps(self, steps)

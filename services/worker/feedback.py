@@ -41,6 +41,7 @@ def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
                            list(st.drafted_per_pos), lv["accepted_per_pos"], round(st.overlap, 4), st.overlap_positions)
               for lv, st in zip(stats["levels"], merged(job, req).values())]
     batch_mean = round(job.batch_sum / job.steps, 3) if job.steps else 0.0
+    mixed_share = round(job.mixed / job.steps, 3) if job.steps else 0.0
     trace = driver.spans.roots.get(job.msg.request_id)
 
     def finished(acked) -> None:
@@ -49,7 +50,7 @@ def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
         tpot = (last - first) * 1e3 / max(n - 1, 1)
         result = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
                          len(job.msg.prompt), round(ttft, 3), round(tpot, 3), round(duration, 3), levels,
-                         reason or "", driver.worker, batch_mean, job.msg.slo_tpot_ms)
+                         reason or "", driver.worker, batch_mean, job.msg.slo_tpot_ms, mixed_share)
         send(driver, SUBJECT_OUTCOME, result, trace)
 
     driver.committer.when_finished(job.msg.request_id, finished)

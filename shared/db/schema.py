@@ -1,7 +1,7 @@
 """Tables the router keeps: model profiles, pair statistics, decisions and their outcomes.
 
 Alembic migrations under `migrations/` create exactly these tables (0001: the tables,
-0002-0003: the columns the router needs to resume its estimates); `tests/test_router_store.py`
+0002-0004: the columns the router needs to resume its estimates); `tests/test_router_store.py`
 checks that the two agree.
 """
 
@@ -80,3 +80,4 @@ class Decision(Base):
     version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0003: load when the outcome arrived
+    mixed_share: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0004: rounds shared with other chains
