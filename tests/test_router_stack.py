@@ -66,6 +66,12 @@ def test_router_publishes_and_the_gateway_follows(stack):
     assert set(CLASSES) <= set(data["classes"])
     win = data["classes"][cls]
     assert win["candidates"] and win["why"] and win["winner"]["levels"]
+    # Discovery asks every few seconds ($SRV.INFO): a worker still starting answers a later round.
+    for _ in range(15):
+        if "drafter-code" in (data["load"]["available_models"] or []):
+            break
+        time.sleep(1.0)
+        data = json.loads(specmesh(env, "router", "explain", "--json").stdout)
     assert "drafter-code" in data["load"]["available_models"]
     human = specmesh(env, "router", "explain", "--class", cls).stdout
     assert f"[{cls}]" in human and "why:" in human

@@ -36,6 +36,7 @@ log = logging.getLogger("specmesh.router")
 DEFAULT_CLASS = "default"
 ALTERNATIVES = 4  # candidates per class in the table, for requests with their own TPOT objective
 DISCOVER_EVERY_S = 5.0
+DISCOVER_SOON_S = 0.5  # between tries while no worker has answered yet
 # An outcome whose rounds mostly verified other chains too is not calibrated: its TPOT was set
 # by the slowest chain's proposal in each round, not by its own chain.
 MIXED_MAX = 0.5
@@ -282,7 +283,8 @@ class RouterService(ServiceProcess):
                     self.router.available = found
             except Exception as exc:
                 log.debug("discovery failed: %s", exc)
-            await asyncio.sleep(DISCOVER_EVERY_S)
+            # Until a worker has answered (the router often starts first), ask again soon.
+            await asyncio.sleep(DISCOVER_EVERY_S if self.router.available is not None else DISCOVER_SOON_S)
 
     async def _discover(self, wait_s: float = 0.5) -> set[str]:
         inbox = self.nc.new_inbox()
