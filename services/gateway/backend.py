@@ -16,6 +16,10 @@ class GenerationError(RuntimeError):
     """A generation failed for a reason the client should see (message is user-facing)."""
 
 
+class NoTargetError(GenerationError):
+    """No target worker took the job just now (none subscribed, or none answered in time)."""
+
+
 class Backend(Protocol):
     model_name: str
     max_context: int  # longest prompt + max_tokens a request may ask for
@@ -100,9 +104,9 @@ class NatsBackend:
         try:
             msg = await self.nc.request(SUBJECT_GENERATE, encode(job), timeout=5.0, headers=inject() or None)
         except nats.errors.NoRespondersError:
-            raise GenerationError("no target worker is available; retry shortly") from None
+            raise NoTargetError("no target worker is available; retry shortly") from None
         except nats.errors.TimeoutError:
-            raise GenerationError("no target worker accepted the request in 5s; retry shortly") from None
+            raise NoTargetError("no target worker accepted the request in 5s; retry shortly") from None
         ack = decode(msg.data, RequestState)
         if ack.error:
             raise GenerationError(ack.error)
@@ -145,7 +149,12 @@ class NatsBackend:
                             received += extra
                             yield TokenBatch(job.request_id, epoch, len(received) - len(extra), extra)
                     job = GenerateJob(**{**job.__dict__, "committed": list(received), "epoch": epoch})
-                    await self._submit(job)
+                    try:
+                        await self._submit(job)
+                    except NoTargetError:
+                        # NATS restarting, or every target too: what is committed is kept and the
+                        # request is offered again after the next stall, until its deadline.
+                        pass
                     continue
                 batch = decode(msg.data, TokenBatch)
                 if batch.error:
