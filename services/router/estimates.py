@@ -307,15 +307,19 @@ class Estimates:
         chain_ratio = self._chain_ratio(chain, batch)
         if not ks:
             return chain_ratio
-        mine = self.calibration_k.get((tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)))
+        mine = self.calibration_k.get(self._k_key(chain, ks, batch))
         if mine is None or mine.weight <= 0:
             return chain_ratio
         return (mine.ratio_sum + K_PRIOR_WEIGHT * chain_ratio) / (mine.weight + K_PRIOR_WEIGHT)
 
     def realised_tpot(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> float | None:
         """Recent realised TPOT of this chain with these ks at this load (EWMA), None if never run there."""
-        mine = self.calibration_k.get((tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)))
+        mine = self.calibration_k.get(self._k_key(chain, ks, batch))
         return mine.tpot_ms if mine is not None and mine.observations > 0 else None
+
+    @staticmethod
+    def _k_key(chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> tuple:
+        return tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)
 
     def _chain_ratio(self, chain: tuple[str, ...], batch: float) -> float:
         bucket = load_bucket(batch)
@@ -382,8 +386,7 @@ class Estimates:
                             ks: tuple[int, ...] | None = None) -> None:
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms)
         if ks is not None:  # () for the target alone
-            key = (tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch))
-            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms)
+            self.calibration_k.setdefault(self._k_key(chain, ks, batch), Calibration()).observe(realised_ms, predicted_ms)
 
     # -- reporting -----------------------------------------------------------------------
     def summary(self) -> dict:
