@@ -301,20 +301,21 @@ async def test_speculation_extension(client, backend, spec, chain, k):
     assert r.json()["speculation"]["chain"] == chain
 
 
-ALTERNATIVES = [Candidate(["drafter", "target"], [3], 6.0), Candidate(["target"], [], 9.0),
-                Candidate(["drafter", "verifier", "target"], [2, 2], 14.0)]
+# predictions in hundreds of ms so that "met" holds however slow the machine running the test
+ALTERNATIVES = [Candidate(["drafter", "target"], [3], 600.0), Candidate(["target"], [], 900.0),
+                Candidate(["drafter", "verifier", "target"], [2, 2], 1400.0)]
 
 
 @pytest.mark.parametrize("assigned, slo, chain, k, met", [
     # an exploration: requests without an objective take it, requests with one do not
-    (Assignment("c", ["drafter", "verifier", "target"], [2, 2], 14.0, "explore", ALTERNATIVES), None,
+    (Assignment("c", ["drafter", "verifier", "target"], [2, 2], 1400.0, "explore", ALTERNATIVES), None,
      ["drafter", "verifier", "target"], [2, 2], None),
-    (Assignment("c", ["drafter", "verifier", "target"], [2, 2], 14.0, "explore", ALTERNATIVES), 10.0,
+    (Assignment("c", ["drafter", "verifier", "target"], [2, 2], 1400.0, "explore", ALTERNATIVES), 1000.0,
      ["drafter", "target"], [3], True),
     # the cost choice predicted to meet the objective stands
-    (Assignment("c", ["drafter", "target"], [3], 6.0, "cost", ALTERNATIVES), 7.0, ["drafter", "target"], [3], True),
+    (Assignment("c", ["drafter", "target"], [3], 600.0, "cost", ALTERNATIVES), 700.0, ["drafter", "target"], [3], True),
     # no alternative is predicted to meet it: the cheapest
-    (Assignment("c", ["target"], [], 9.0, "explore", ALTERNATIVES), 2.0, ["drafter", "target"], [3], False),
+    (Assignment("c", ["target"], [], 900.0, "explore", ALTERNATIVES), 2.0, ["drafter", "target"], [3], False),
 ])
 async def test_a_request_with_its_own_slo_runs_on_the_cheapest_chain_predicted_to_meet_it(
         client, backend, assigned, slo, chain, k, met):
