@@ -29,6 +29,7 @@ def pg(tmp_path_factory):
         yield server, settings
     finally:
         server.stop()
+        server.purge()
 
 
 def _columns(server, table: str) -> set[str]:

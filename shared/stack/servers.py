@@ -248,3 +248,10 @@ class PostgresServer:
         if record:
             terminate(record, timeout_s=20.0)
         self.pidfile.remove()
+
+    def purge(self) -> None:
+        """Delete the cluster and its socket folder: after `stop` only."""
+        import shutil
+
+        for path in (self.home, self.socket_dir):
+            shutil.rmtree(path, ignore_errors=True)

@@ -190,8 +190,8 @@ class Stack:
         """Delete the stack's data (PostgreSQL cluster, JetStream, logs): after `down` only."""
         import shutil
 
-        for path in (self.postgres.home, self.postgres.socket_dir, self.run_dir):
-            shutil.rmtree(path, ignore_errors=True)
+        self.postgres.purge()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def down(self, say=print) -> None:
         servers = {self.nats.name, self.postgres.name}
