@@ -2,40 +2,33 @@
 
     make up && specmesh bench adaptive --json
 
-One run against the running stack's gateway (loopback), greedy, the same prompts for every
+Against the running stack's gateway (loopback), greedy, the same prompts for every
 configuration: code and prose prompts of two lengths (held out, so short and long request
 classes), in two phases — low rate (`--low` requests in flight at once) and high rate
 (`--high` at once, closed loop). Configurations: every served static chain whose models
 are up (explicit `speculation.chain`), no speculation (`enabled: false`) and adaptive (no
-chain given: the gateway uses the router's assignment). Per configuration and phase, and
-overall: tokens/s (output tokens over the phase's wall time), TPOT p50/p99 and TTFT p50
-measured at the client from the stream, SLO attainment (share of requests whose TPOT is
-at most `--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase).
-Adaptive runs last in each phase, so the router has seen every chain's outcomes under that
-load. Bounded: `--requests` per phase and configuration, `--max-seconds` per run.
+chain given: the gateway uses the router's assignment). `--repeats` runs the whole
+sequence several times, interleaved (repeat 1: low phase every configuration, high phase
+every configuration; then repeat 2 ...), the static configurations in a rotated order each
+repeat and adaptive last in each phase, so the router has seen every chain's outcomes
+under that load. Per configuration and phase, and overall: tokens/s (output tokens over
+the phase's wall time; pooled and per repeat), TPOT p50/p99 and TTFT p50 measured at the
+client from the stream, SLO attainment (share of requests whose TPOT is at most
+`--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase), and the
+verdict on issue 6's targets (`shared/bench/adaptive.py`). Bounded: `--requests` per
+phase, configuration and repeat, `--max-seconds` per run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
-from collections import Counter
 from typing import Optional
 
 import typer
 
-ADAPTIVE = "adaptive"
-NO_SPECULATION = "target"
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[rank]
+from shared.bench.adaptive import ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, verdict
 
 
 def workload(n: int) -> list[str]:
@@ -101,29 +94,6 @@ async def _run(client, prompts: list[str], config: str, concurrency: int, max_to
     return {"results": results, "errors": errors, "seconds": time.perf_counter() - t0}
 
 
-def summarise(runs: list[dict], slo_ms: float | None) -> dict:
-    results = [r for run in runs for r in run["results"]]
-    seconds = sum(run["seconds"] for run in runs)
-    tpots = [r["tpot_ms"] for r in results if r["tpot_ms"] is not None]
-    ttfts = [r["ttft_ms"] for r in results if r["ttft_ms"] is not None]
-    tokens = sum(r["tokens"] for r in results)
-    out = {
-        "requests": len(results), "errors": sum(len(run["errors"]) for run in runs), "tokens": tokens,
-        "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
-        "tpot_p50_ms": _r(percentile(tpots, 50)), "tpot_p99_ms": _r(percentile(tpots, 99)),
-        "ttft_p50_ms": _r(percentile(ttfts, 50)),
-        "slo_attainment": round(sum(1 for t in tpots if t <= slo_ms) / len(tpots), 4) if tpots and slo_ms else None,
-    }
-    chains = Counter(r["chain"] for r in results if r["chain"])
-    if len(chains) > 1 or any(run.get("adaptive") for run in runs):
-        out["chains_used"] = dict(chains.most_common())
-    return out
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
 async def _available_chains(settings) -> list[str]:
     """Served chains whose models the router sees up (every served chain if it cannot say)."""
     from services.router.decision import served_chains
@@ -140,11 +110,21 @@ async def _available_chains(settings) -> list[str]:
     return [c for c in chains if set(c.split(",")) <= up]
 
 
+def order(statics: list[str], repeat: int) -> list[str]:
+    """The static configurations of one repeat: rotated by the repeat, so none is always first."""
+    if not statics:
+        return []
+    shift = repeat % len(statics)
+    return statics[shift:] + statics[:shift]
+
+
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("adaptive")
     def bench_adaptive(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-        requests: int = typer.Option(24, "--requests", min=4, help="Requests per configuration and phase."),
+        as_markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table and the targets."),
+        requests: int = typer.Option(16, "--requests", min=4, help="Requests per configuration, phase and repeat."),
+        repeats: int = typer.Option(3, "--repeats", min=1, help="Interleaved repeats of the whole sequence."),
         max_tokens: int = typer.Option(48, "--max-tokens", min=2),
         low: int = typer.Option(1, "--low", min=1, help="Requests in flight in the low-rate phase."),
         high: int = typer.Option(16, "--high", min=1, help="Requests in flight in the high-rate phase."),
@@ -172,56 +152,57 @@ def register(bench_app: typer.Typer) -> None:
                     (await client.get("/health")).raise_for_status()
                 except httpx.HTTPError as exc:
                     raise RuntimeError(f"no healthy gateway at {settings.gateway.http_url} ({exc}); run `make up`") from None
-                total = len(prompts) * len(configs) * len(phases) + len(statics) + 1
-                runs: dict[str, dict[str, dict]] = {}
+                total = (len(prompts) * len(configs) * len(phases)) * repeats + len(statics) + 1
+                runs: dict[str, dict[str, list[dict]]] = {c: {p: [] for p, _ in phases} for c in configs}
                 with tqdm(total=total, desc="bench adaptive", unit="req", mininterval=1.0, leave=False) as bar:
                     for config in statics + [NO_SPECULATION]:  # warm every level up
                         await _one(client, prompts[0], config, 4)
                         bar.update(1)
-                    for phase, concurrency in phases:
-                        for config in configs:
-                            bar.set_postfix_str(f"{phase} {config}", refresh=False)
-                            run = await _run(client, prompts, config, concurrency, max_tokens, max_seconds, bar)
-                            run["adaptive"] = config == ADAPTIVE
-                            runs.setdefault(config, {})[phase] = run
-            return {"configs": configs, "runs": runs}
+                    for repeat in range(repeats):
+                        for phase, concurrency in phases:
+                            for config in order(statics + [NO_SPECULATION], repeat) + [ADAPTIVE]:
+                                bar.set_postfix_str(f"{repeat + 1}/{repeats} {phase} {config}", refresh=False)
+                                runs[config][phase].append(
+                                    await _run(client, prompts, config, concurrency, max_tokens, max_seconds, bar))
+            return runs
 
         try:
-            data = asyncio.run(main())
+            runs = asyncio.run(main())
         except RuntimeError as exc:
             typer.secho(f"error: {exc}", err=True, fg="red")
             raise typer.Exit(1) from None
-        runs = data["runs"]
-        baseline = [r["tpot_ms"] for r in runs[NO_SPECULATION]["low"]["results"] if r["tpot_ms"] is not None]
-        slo = slo_tpot_ms or (2 * statistics.median(baseline) if baseline else None)
+        slo = slo_tpot_ms or default_slo(runs)
+        summaries = summarise_all(runs, slo)
         result = {"family": settings.models.profile, "threads_per_process": settings.engine.threads,
-                  "requests_per_phase": len(prompts), "max_tokens": max_tokens, "concurrency": {"low": low, "high": high},
-                  "slo_tpot_ms": _r(slo), "gateway": settings.gateway.http_url, "configs": {}}
-        for config in data["configs"]:
-            per = runs[config]
-            result["configs"][config] = {"low": summarise([per["low"]], slo), "high": summarise([per["high"]], slo),
-                                         "overall": summarise([per["low"], per["high"]], slo)}
-        statics = [c for c in data["configs"] if c != ADAPTIVE]
-        verdict = {}
-        for phase in ("low", "high", "overall"):
-            best = max(statics, key=lambda c: result["configs"][c][phase]["tokens_per_s"])
-            ada = result["configs"][ADAPTIVE][phase]["tokens_per_s"]
-            verdict[phase] = {"best_static": best, "best_static_tokens_per_s": result["configs"][best][phase]["tokens_per_s"],
-                              "adaptive_tokens_per_s": ada,
-                              "adaptive_vs_best_static": round(ada / max(result["configs"][best][phase]["tokens_per_s"], 1e-9), 3),
-                              "adaptive_vs_no_speculation": round(ada / max(result["configs"][NO_SPECULATION][phase]["tokens_per_s"], 1e-9), 3)}
-        result["verdict"] = verdict
+                  "requests_per_phase": len(prompts), "repeats": repeats, "max_tokens": max_tokens,
+                  "concurrency": {"low": low, "high": high},
+                  "slo_tpot_ms": None if slo is None else round(slo, 3), "gateway": settings.gateway.http_url,
+                  "configs": summaries, "verdict": verdict(summaries)}
         if as_json:
             typer.echo(json.dumps(result, indent=2))
-            return
-        typer.echo(f"family={result['family']} threads/process={result['threads_per_process']} requests/phase={len(prompts)} "
-                   f"max_tokens={max_tokens} in flight low={low} high={high} SLO TPOT<={result['slo_tpot_ms']} ms (greedy)")
-        typer.echo(f"{'config':<34}{'phase':<8}{'tok/s':>8}{'TPOT p50':>10}{'p99':>8}{'TTFT p50':>10}{'SLO':>6}  errors")
-        for config, phases in result["configs"].items():
-            for phase, s in phases.items():
-                typer.echo(f"{config:<34}{phase:<8}{s['tokens_per_s']:>8.1f}{s['tpot_p50_ms'] or 0:>10.2f}"
-                           f"{s['tpot_p99_ms'] or 0:>8.2f}{s['ttft_p50_ms'] or 0:>10.2f}{s['slo_attainment'] or 0:>6.2f}  {s['errors']}"
-                           + (f"  {s['chains_used']}" if s.get("chains_used") else ""))
-        for phase, v in verdict.items():
-            typer.echo(f"{phase}: adaptive {v['adaptive_tokens_per_s']:.1f} tok/s = {v['adaptive_vs_best_static']:.3f}x best static "
-                       f"({v['best_static']}), {v['adaptive_vs_no_speculation']:.3f}x no speculation")
+        elif as_markdown:
+            typer.echo(markdown(result), nl=False)
+        else:
+            _print_table(result)
+
+
+def _print_table(result: dict) -> None:
+    typer.echo(f"family={result['family']} threads/process={result['threads_per_process']} "
+               f"requests/phase={result['requests_per_phase']} repeats={result['repeats']} max_tokens={result['max_tokens']} "
+               f"in flight low={result['concurrency']['low']} high={result['concurrency']['high']} "
+               f"SLO TPOT<={result['slo_tpot_ms']} ms (greedy)")
+    typer.echo(f"{'config':<34}{'phase':<8}{'tok/s':>8}{'TPOT p50':>10}{'p99':>8}{'TTFT p50':>10}{'SLO':>6}  errors  tok/s by repeat")
+    for config, views in result["configs"].items():
+        for view, s in views.items():
+            typer.echo(f"{config:<34}{view:<8}{s['tokens_per_s']:>8.1f}{s['tpot_p50_ms'] or 0:>10.2f}"
+                       f"{s['tpot_p99_ms'] or 0:>8.2f}{s['ttft_p50_ms'] or 0:>10.2f}{s['slo_attainment'] or 0:>6.2f}  "
+                       f"{s['errors']:>6}  {s['tokens_per_s_by_repeat']}"
+                       + (f"  {s['chains_used']}" if s.get("chains_used") else ""))
+    for view in ("low", "high", "overall"):
+        v = result["verdict"][view]
+        typer.echo(f"{view}: adaptive {v['adaptive_tokens_per_s']:.1f} tok/s = {v['adaptive_vs_best_static']:.3f}x best static "
+                   f"({v['best_static']}; per repeat {v['adaptive_vs_best_static_by_repeat']}), "
+                   f"{v['adaptive_vs_no_speculation']:.3f}x no speculation")
+    for t in result["verdict"]["targets"]:
+        typer.echo(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']}"
+                   + ("" if t["every_repeat"] else " (not in every repeat)"))

@@ -1,0 +1,168 @@
+"""Statistics of `specmesh bench adaptive` and its verdict on issue 6's targets. Pure, no I/O.
+
+A *run* is one configuration in one phase of one repeat: `{"results": [...], "errors":
+[...], "seconds": wall}` where each result is what the client measured of one request
+(`tokens`, `ttft_ms`, `tpot_ms`, `chain`). Repeats are interleaved (every configuration
+runs once per repeat, in the same conditions as the others of that repeat), so
+configurations are compared **per repeat** (paired) as well as pooled: the spread of the
+per-repeat ratios says whether a margin is larger than run-to-run variation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+ADAPTIVE = "adaptive"
+NO_SPECULATION = "target"
+PHASES = ("low", "high")
+VIEWS = PHASES + ("overall",)
+NO_SPEC_FLOOR = 0.98  # issue 6: under load, adaptive >= 0.98x no speculation
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (`q` in 0..100) of `values`; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def tokens_per_s(runs: list[dict]) -> float:
+    """Output tokens over wall time, pooled over `runs`."""
+    seconds = sum(run["seconds"] for run in runs)
+    return sum(r["tokens"] for run in runs for r in run["results"]) / seconds if seconds > 0 else 0.0
+
+
+def summarise(runs: list[dict], slo_ms: float | None, chains_used: bool = False) -> dict:
+    """Pooled statistics of `runs`: tokens/s, TPOT p50/p99, TTFT p50, SLO attainment."""
+    results = [r for run in runs for r in run["results"]]
+    tpots = [r["tpot_ms"] for r in results if r["tpot_ms"] is not None]
+    ttfts = [r["ttft_ms"] for r in results if r["ttft_ms"] is not None]
+    out = {
+        "requests": len(results), "errors": sum(len(run["errors"]) for run in runs),
+        "tokens": sum(r["tokens"] for r in results), "seconds": _r(sum(run["seconds"] for run in runs)),
+        "tokens_per_s": round(tokens_per_s(runs), 2),
+        "tokens_per_s_by_repeat": [round(tokens_per_s([run]), 2) for run in runs],
+        "tpot_p50_ms": _r(percentile(tpots, 50)), "tpot_p99_ms": _r(percentile(tpots, 99)),
+        "ttft_p50_ms": _r(percentile(ttfts, 50)),
+        "slo_attainment": round(sum(1 for t in tpots if t <= slo_ms) / len(tpots), 4) if tpots and slo_ms else None,
+    }
+    chains = Counter(r["chain"] for r in results if r["chain"])
+    if chains_used or len(chains) > 1:
+        out["chains_used"] = dict(chains.most_common())
+    return out
+
+
+def default_slo(runs: dict[str, dict[str, list[dict]]]) -> float | None:
+    """Twice the no-speculation TPOT p50 of the low phase, over every repeat."""
+    tpots = [r["tpot_ms"] for run in runs.get(NO_SPECULATION, {}).get("low", []) for r in run["results"]
+             if r["tpot_ms"] is not None]
+    return 2 * statistics.median(tpots) if tpots else None
+
+
+def per_view(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """A configuration's runs by phase, plus `overall`: per repeat, its low and high run as one."""
+    out = {phase: runs.get(phase, []) for phase in PHASES}
+    out["overall"] = [_merge(pair) for pair in zip(*(out[phase] for phase in PHASES))]
+    return out
+
+
+def _merge(runs: tuple[dict, ...]) -> dict:
+    return {"results": [r for run in runs for r in run["results"]],
+            "errors": [e for run in runs for e in run["errors"]],
+            "seconds": sum(run["seconds"] for run in runs)}
+
+
+def summarise_all(runs: dict[str, dict[str, list[dict]]], slo_ms: float | None) -> dict[str, dict[str, dict]]:
+    """`{config: {low|high|overall: summary}}`."""
+    return {config: {view: summarise(vruns, slo_ms, chains_used=config == ADAPTIVE)
+                     for view, vruns in per_view(phases).items()}
+            for config, phases in runs.items()}
+
+
+def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
+    """Adaptive against the best static configuration (no speculation included) per view.
+
+    Pooled ratio (tokens/s over tokens/s), the per-repeat ratios against that same
+    configuration, and how many repeats adaptive won; then issue 6's three targets with
+    `met` judged on the pooled ratios and `every_repeat` on the paired ones.
+    """
+    statics = [c for c in summaries if c != ADAPTIVE]
+    out: dict = {}
+    for view in VIEWS:
+        best = max(statics, key=lambda c: summaries[c][view]["tokens_per_s"])
+        ada, ref = summaries[ADAPTIVE][view], summaries[best][view]
+        nospec = summaries[NO_SPECULATION][view]
+        paired = [round(a / b, 3) for a, b in zip(ada["tokens_per_s_by_repeat"], ref["tokens_per_s_by_repeat"]) if b > 0]
+        runner_up = max((c for c in statics if c != best), key=lambda c: summaries[c][view]["tokens_per_s"], default=None)
+        out[view] = {
+            "best_static": best, "best_static_tokens_per_s": ref["tokens_per_s"],
+            "runner_up_static": runner_up,
+            "adaptive_tokens_per_s": ada["tokens_per_s"],
+            "adaptive_vs_best_static": _ratio(ada["tokens_per_s"], ref["tokens_per_s"]),
+            "adaptive_vs_best_static_by_repeat": paired,
+            "repeats_won": sum(1 for p in paired if p > 1.0),
+            "adaptive_vs_no_speculation": _ratio(ada["tokens_per_s"], nospec["tokens_per_s"]),
+            "adaptive_vs_no_speculation_by_repeat": [
+                round(a / b, 3) for a, b in zip(ada["tokens_per_s_by_repeat"], nospec["tokens_per_s_by_repeat"]) if b > 0],
+        }
+    targets = []
+    for phase in PHASES:
+        v = out[phase]
+        targets.append(_target(f"{phase} phase: adaptive >= the best static chain ({v['best_static']})",
+                               v["adaptive_vs_best_static"], v["adaptive_vs_best_static_by_repeat"], 1.0, strict=False))
+    v = out["overall"]
+    targets.append(_target(f"whole mix: adaptive > every static chain (best: {v['best_static']})",
+                           v["adaptive_vs_best_static"], v["adaptive_vs_best_static_by_repeat"], 1.0, strict=True))
+    v = out["high"]
+    targets.append(_target("high phase: adaptive >= 0.98x no speculation", v["adaptive_vs_no_speculation"],
+                           v["adaptive_vs_no_speculation_by_repeat"], NO_SPEC_FLOOR, strict=False))
+    out["targets"] = targets
+    return out
+
+
+def _target(name: str, pooled: float, paired: list[float], floor: float, strict: bool) -> dict:
+    ok = (lambda x: x > floor) if strict else (lambda x: x >= floor)
+    spread = f" (per repeat {min(paired):.3f}-{max(paired):.3f})" if len(paired) > 1 else ""
+    return {"target": name, "measured": f"{pooled:.3f}x{spread}", "met": ok(pooled),
+            "every_repeat": bool(paired) and all(ok(p) for p in paired)}
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b > 0 else 0.0
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def markdown(result: dict) -> str:
+    """The result document as a Markdown section: setup, one table, the targets."""
+    conc = result["concurrency"]
+    lines = [
+        f"family {result['family']}, {result['threads_per_process']} torch thread(s) per process, "
+        f"{result['requests_per_phase']} requests per phase, configuration and repeat, {result['repeats']} interleaved "
+        f"repeat(s), {result['max_tokens']} tokens each (greedy), in flight: low {conc['low']}, high {conc['high']}; "
+        f"SLO TPOT <= {result['slo_tpot_ms']} ms",
+        "",
+        "| config | phase | tok/s | tok/s by repeat | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | SLO | chains used |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config, views in result["configs"].items():
+        for view, s in views.items():
+            chains = ", ".join(f"{c} x{n}" for c, n in (s.get("chains_used") or {}).items())
+            slo = "" if s["slo_attainment"] is None else f"{s['slo_attainment']:.0%}"
+            lines.append(f"| {config} | {view} | {s['tokens_per_s']:.1f} | "
+                         f"{' / '.join(f'{x:.0f}' for x in s['tokens_per_s_by_repeat'])} | {_f(s['tpot_p50_ms'])} | "
+                         f"{_f(s['tpot_p99_ms'])} | {_f(s['ttft_p50_ms'])} | {slo} | {chains} |")
+    lines += ["", "| target | measured | met (pooled) | in every repeat |", "|---|---|---|---|"]
+    for t in result["verdict"]["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} | "
+                     f"{'yes' if t['every_repeat'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"

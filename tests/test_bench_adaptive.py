@@ -1,0 +1,114 @@
+"""The statistics and verdict of `specmesh bench adaptive` on synthetic runs (no stack, no clock).
+
+Run: `.venv/bin/pytest -q tests/test_bench_adaptive.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from shared.bench.adaptive import (ADAPTIVE, NO_SPECULATION, default_slo, markdown, per_view, percentile,
+                                   summarise, summarise_all, verdict)
+from shared.cli.adaptive_bench import order
+
+
+def run(tokens: int, seconds: float, n: int = 4, tpot: float = 5.0, chain: str = "x", errors: int = 0) -> dict:
+    """`n` requests sharing `tokens` output tokens in `seconds` of wall time."""
+    results = [{"tokens": tokens // n + (tokens % n if i == 0 else 0), "ttft_ms": 20.0 + i, "tpot_ms": tpot + i,
+                "chain": chain} for i in range(n)]
+    return {"results": results, "errors": ["boom"] * errors, "seconds": seconds}
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0, 5.0], 50) == 3.0
+    assert percentile(list(map(float, range(101))), 99) == 99.0
+
+
+@given(st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1), st.floats(0, 100))
+def test_percentile_is_one_of_the_values_and_within_them(values, q):
+    p = percentile(values, q)
+    assert p in values and min(values) <= p <= max(values)
+
+
+def test_summary_pools_tokens_over_seconds_and_keeps_each_repeat():
+    s = summarise([run(400, 2.0), run(400, 4.0)], slo_ms=6.5)
+    assert s["tokens_per_s"] == pytest.approx(800 / 6.0, abs=0.01)
+    assert s["tokens_per_s_by_repeat"] == [200.0, 100.0]
+    assert s["requests"] == 8 and s["tokens"] == 800
+    assert s["slo_attainment"] == 0.5  # TPOTs 5, 6, 7, 8 twice: two of four <= 6.5
+    assert "chains_used" not in s
+    assert summarise([run(400, 2.0, chain="a"), run(400, 2.0, chain="b")], None)["chains_used"] == {"a": 4, "b": 4}
+
+
+def test_overall_merges_each_repeats_low_and_high_runs():
+    views = per_view({"low": [run(100, 1.0), run(100, 2.0)], "high": [run(300, 1.0), run(300, 2.0)]})
+    assert [v["seconds"] for v in views["overall"]] == [2.0, 4.0]
+    assert [len(v["results"]) for v in views["overall"]] == [8, 8]
+
+
+def test_default_slo_is_twice_the_low_phase_median_without_speculation():
+    runs = {NO_SPECULATION: {"low": [run(100, 1.0, tpot=4.0), run(100, 1.0, tpot=6.0)], "high": [run(100, 1.0, tpot=50.0)]}}
+    assert default_slo(runs) == pytest.approx(2 * 6.5)  # TPOTs 4..7 and 6..9: median 6.5
+    assert default_slo({}) is None
+
+
+def table(rates: dict[str, dict[str, list[float]]]) -> dict:
+    """Runs from tokens/s per configuration, phase and repeat (1 s each)."""
+    return {c: {p: [run(x, 1.0, chain="ngram,target" if c == ADAPTIVE else c) for x in xs]
+                for p, xs in phases.items()} for c, phases in rates.items()}
+
+
+def test_adaptive_that_wins_every_repeat_meets_every_target():
+    runs = table({"drafter,target": {"low": [100, 110, 90], "high": [300, 310, 290]},
+                  NO_SPECULATION: {"low": [80, 80, 80], "high": [320, 330, 300]},
+                  ADAPTIVE: {"low": [104, 112, 96], "high": [324, 332, 304]}})
+    v = verdict(summarise_all(runs, 10.0))
+    assert v["low"]["best_static"] == "drafter,target" and v["high"]["best_static"] == NO_SPECULATION
+    assert v["low"]["adaptive_vs_best_static_by_repeat"] == [1.04, 1.018, 1.067]
+    assert v["low"]["repeats_won"] == 3
+    assert [t["met"] for t in v["targets"]] == [True, True, True, True]
+    assert all(t["every_repeat"] for t in v["targets"])
+    assert "per repeat" in v["targets"][0]["measured"]
+
+
+def test_a_pooled_margin_that_one_repeat_contradicts_is_met_but_not_in_every_repeat():
+    runs = table({"ngram,target": {"low": [100, 100, 100], "high": [300, 300, 300]},
+                  NO_SPECULATION: {"low": [50, 50, 50], "high": [200, 200, 200]},
+                  ADAPTIVE: {"low": [120, 110, 95], "high": [300, 300, 300]}})
+    v = verdict(summarise_all(runs, 10.0))
+    low, high, overall, nospec = v["targets"]
+    assert low["met"] and not low["every_repeat"]
+    assert high["met"] and high["every_repeat"]          # a tie meets ">="
+    assert overall["met"] and not overall["every_repeat"]  # 1.012x pooled; repeat 3 lost
+    assert nospec["met"] and v["high"]["adaptive_vs_no_speculation"] == 1.5
+
+
+def test_a_tie_on_the_whole_mix_is_not_strictly_better():
+    same = {"low": [100, 100], "high": [300, 300]}
+    v = verdict(summarise_all(table({"ngram,target": same, NO_SPECULATION: {"low": [50, 50], "high": [310, 310]},
+                                     ADAPTIVE: same}), None))
+    assert v["overall"]["adaptive_vs_best_static"] == 1.0
+    assert not v["targets"][2]["met"]
+    assert not v["targets"][3]["met"]  # 300 / 310 < 0.98
+
+
+def test_markdown_has_a_row_per_configuration_and_view_and_every_target():
+    runs = table({"ngram,target": {"low": [100], "high": [300]}, NO_SPECULATION: {"low": [50], "high": [200]},
+                  ADAPTIVE: {"low": [101], "high": [301]}})
+    summaries = summarise_all(runs, 10.0)
+    result = {"family": "tiny", "threads_per_process": 1, "requests_per_phase": 4, "repeats": 1, "max_tokens": 48,
+              "concurrency": {"low": 1, "high": 16}, "slo_tpot_ms": 10.0, "configs": summaries,
+              "verdict": verdict(summaries)}
+    text = markdown(result)
+    assert sum(1 for line in text.splitlines() if line.startswith("| ngram,target |")) == 3
+    assert "| adaptive | high | 301.0 | 301 |" in text and "ngram,target x4" in text
+    assert [line.split(" | ")[-2:] for line in text.splitlines() if "adaptive >" in line] == [["yes", "yes |"]] * 4
+
+
+def test_each_repeat_starts_the_static_configurations_somewhere_else():
+    statics = ["a", "b", "c"]
+    assert [order(statics, r)[0] for r in range(4)] == ["a", "b", "c", "a"]
+    assert sorted(order(statics, 2)) == statics and order([], 1) == []
