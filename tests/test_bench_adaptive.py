@@ -20,17 +20,15 @@ def run(tokens: int, seconds: float, n: int = 4, tpot: float = 5.0, chain: str =
     return {"results": results, "errors": ["boom"] * errors, "seconds": seconds}
 
 
-def test_percentile_is_nearest_rank():
+def test_percentile_interpolates_and_is_none_for_nothing():
     assert percentile([], 50) is None
     assert percentile([3.0], 99) == 3.0
-    assert percentile([4.0, 1.0, 3.0, 2.0, 5.0], 50) == 3.0
-    assert percentile(list(map(float, range(101))), 99) == 99.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
 
 
 @given(st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1), st.floats(0, 100))
-def test_percentile_is_one_of_the_values_and_within_them(values, q):
-    p = percentile(values, q)
-    assert p in values and min(values) <= p <= max(values)
+def test_percentile_lies_within_the_values(values, q):
+    assert min(values) - 1e-9 <= percentile(values, q) <= max(values) + 1e-9  # up to rounding
 
 
 def test_summary_pools_tokens_over_seconds_and_keeps_each_repeat():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
+from shared.bench import stats
+
 ADAPTIVE = "adaptive"
 NO_SPECULATION = "target"
 PHASES = ("low", "high")
@@ -21,12 +23,8 @@ NO_SPEC_FLOOR = 0.98  # issue 6: under load, adaptive >= 0.98x no speculation
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (`q` in 0..100) of `values`; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[rank]
+    """`shared.bench.stats.percentile` (linear interpolation, as numpy), None for no values."""
+    return stats.percentile(values, q) if values else None
 
 
 def tokens_per_s(runs: list[dict]) -> float:
