@@ -29,6 +29,7 @@ from typing import Optional
 import typer
 
 from shared.bench.adaptive import ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, verdict
+from shared.bench.stats import chain_label
 
 
 def workload(n: int) -> list[str]:
@@ -67,7 +68,7 @@ async def _one(client, prompt: str, config: str, max_tokens: int) -> dict:
                     last = now
                     tokens += len(ids)
             if chunk.get("speculation"):
-                chain = ",".join(chunk["speculation"].get("chain") or [])
+                chain = chain_label(chunk["speculation"].get("chain") or [], chunk["speculation"].get("k") or [])
     tpot = (last - first) / (tokens - 1) * 1e3 if tokens >= 2 else None
     return {"tokens": tokens, "ttft_ms": None if first is None else first * 1e3, "tpot_ms": tpot,
             "latency_ms": (time.perf_counter() - t0) * 1e3, "chain": chain}
