@@ -420,6 +420,37 @@ def test_under_load_every_class_rides_the_chain_cheapest_over_all_classes():
     assert {c.winner.chain for c in router_at(1, 1.5).decide_all().values()} == {c.winner.chain for c in own.values()}
 
 
+def test_the_batch_decisions_use_is_held_through_a_lull():
+    est = Estimates()
+    est.observe_profile(StepProfile("t1", 1.0, 16, 0), now=100.0)
+    est.observe_profile(StepProfile("t1", 1.0, 4, 0), now=101.0)
+    assert est.batch(now=105.0) == 1.0  # no profile for 4 s: idle
+    assert est.held_batch(10.0, now=105.0) == 16.0
+    assert est.held_batch(10.0, now=110.5) == 4.0  # the 16 is older than 10 s
+    assert est.held_batch(10.0, now=112.0) == 1.0
+    assert est.held_batch(0.0, now=101.0) == 4.0  # no hold: the current batch
+
+
+def test_a_burst_after_a_lull_gets_the_under_load_table():
+    import time
+
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    def router(hold_s: float) -> Router:
+        r = Router(Settings(router=RouterSettings(explore_rate=0.0, shared_chain_batch=1.5, load_hold_s=hold_s)),
+                   store=None, params={}, seed=0)
+        r.chains = CHAINS
+        r.estimates = synthetic(PROFILE, ALPHAS)
+        r.estimates.load.clear()
+        r.estimates.observe_profile(StepProfile("t1", 1.0, 8, 0), now=time.monotonic() - 5.0)  # busy 5 s ago
+        return r
+
+    assert all(c.shared for c in router(30.0).decide_all().values())
+    assert not any(c.shared for c in router(0.0).decide_all().values())
+    assert router(30.0).explain().load["held_batch"] == 8.0
+
+
 def test_calibration_per_k_is_shrunk_to_its_chains():
     est = synthetic(PROFILE, ALPHAS)
     chain = ("drafter-code", "target")

@@ -43,6 +43,7 @@ NGRAM_DRAFT_RATE = 0.5
 K_PRIOR_WEIGHT = 2.0  # a (chain, k) calibration starts from its chain's ratio, worth this many outcomes
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
+MAX_BATCHES = 4096  # load samples kept for `held_batch` (one per profile: ~1/s per busy worker)
 DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
 
 
@@ -253,6 +254,7 @@ class Estimates:
         self.calibration: dict[tuple[tuple[str, ...], int], Calibration] = {}
         self.calibration_k: dict[tuple[tuple[str, ...], tuple[int, ...], int], Calibration] = {}
         self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
+        self.batches: deque[tuple[float, float]] = deque()  # (when, batch) at each profile, for `held_batch`
         self.outcomes = 0
         self.profiles = 0
 
@@ -337,6 +339,18 @@ class Estimates:
         live = [v[1] for v in self.load.values() if now - v[0] <= LOAD_STALE_S]
         return max(1.0, sum(live) / len(live)) if live else 1.0
 
+    def held_batch(self, hold_s: float, now: float | None = None) -> float:
+        """The highest batch seen in the last `hold_s` seconds (at least the current one).
+
+        Deciding at it keeps the table on its under-load choice through the short lulls of a
+        loaded period: requests arriving together at the end of one take the table of that
+        moment and keep it for their whole life.
+        """
+        now = time.monotonic() if now is None else now
+        while self.batches and now - self.batches[0][0] > hold_s:
+            self.batches.popleft()
+        return max([self.batch(now), *(b for _, b in self.batches)])
+
     # -- learning ------------------------------------------------------------------------
     def observe_level(self, level: LevelOutcome, request_class: str, rounds: int | None = None) -> None:
         self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens)
@@ -377,8 +391,11 @@ class Estimates:
 
     def observe_profile(self, profile: StepProfile, now: float | None = None) -> None:
         self.profiles += 1
-        self.load[profile.worker] = (time.monotonic() if now is None else now, profile.live_requests,
-                                     profile.waiting_requests)
+        now = time.monotonic() if now is None else now
+        self.load[profile.worker] = (now, profile.live_requests, profile.waiting_requests)
+        self.batches.append((now, self.batch(now)))
+        if len(self.batches) > MAX_BATCHES:
+            self.batches.popleft()
         for step in profile.steps:
             self.observe_step(step)
 

@@ -150,7 +150,7 @@ class Router:
     # -- deciding ------------------------------------------------------------------------
     def decide_all(self, explore: bool = True) -> dict[str, Choice]:
         cfg = self.cfg
-        batch = self.estimates.batch()
+        batch = self.estimates.held_batch(cfg.load_hold_s)
         explore = explore and batch <= cfg.explore_max_batch
         choices = {}
         for cls in (*CLASSES, DEFAULT_CLASS):
@@ -198,6 +198,7 @@ class Router:
         choices = self.choices or self.decide_all(explore=False)
         classes = {cls: c.as_dict() for cls, c in choices.items() if not request_class or cls == request_class}
         load = self.estimates.summary()
+        load["held_batch"] = round(self.estimates.held_batch(self.cfg.load_hold_s), 3)  # what decisions use
         load["available_models"] = sorted(self.available) if self.available is not None else None
         load["chains"] = [",".join(c) for c in self.chains]
         load["settings"] = self.cfg.model_dump()
