@@ -420,6 +420,33 @@ def test_under_load_every_class_rides_the_chain_cheapest_over_all_classes():
     assert {c.winner.chain for c in router_at(1, 1.5).decide_all().values()} == {c.winner.chain for c in own.values()}
 
 
+def test_each_class_takes_the_chain_it_ran_fastest_on():
+    est = synthetic(PROFILE, ALPHAS)
+    code, prose = ("drafter-code", "target"), ("drafter-prose", "target")
+    for cls, fast, slow in (("code-short", prose, code), ("prose-short", code, prose)):  # against the model's guess
+        for _ in range(3):
+            est.observe_calibration(fast, 1.0, 3.0, 5.0, (4,), cls)
+            est.observe_calibration(slow, 1.0, 6.0, 5.0, (4,), cls)
+    est.observe_calibration(TARGET_ALONE, 1.0, 8.0, 8.0, (), "code-short")
+    assert decide("code-short", est, CHAINS, K_MAX, batch=1.0).winner.chain == code  # the model's pick
+    assert decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True).winner.chain == prose
+    assert decide("prose-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True).winner.chain == code
+    # one outcome of a class is not yet its own: every class's EWMA stands in
+    est.observe_calibration(code, 1.0, 1.0, 5.0, (4,), "code-long")
+    assert est.realised_tpot(code, (4,), 1.0, "code-long") == est.realised_tpot(code, (4,), 1.0)
+
+
+def test_exploration_reaches_chains_that_never_ran_when_only_measured_ones_compete():
+    est = synthetic(PROFILE, ALPHAS)
+    ran = ("verifier", "target")
+    for _ in range(20):
+        est.observe_calibration(ran, 1.0, 3.0, 3.0, (2,), "code-short")
+    rng = random.Random(1)
+    picks = {decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True, explore_rate=1.0, rng=rng).winner.chain
+             for _ in range(20)}
+    assert picks - {ran, TARGET_ALONE}  # chains with no outcome here are tried
+
+
 def test_the_batch_decisions_use_is_held_through_a_lull():
     est = Estimates()
     est.observe_profile(StepProfile("t1", 1.0, 16, 0), now=100.0)

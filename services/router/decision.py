@@ -20,10 +20,16 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
    The chain with the lowest predicted cost summed over the classes wins (each class keeps
-   its own best k on it), against the target alone with the same margin; only (chain, k)
-   that ran at this load compete (`measured_only`), at the TPOT they realised there: the
-   calibration of a k never run there is borrowed from its chain's other k, and the error
-   depends on k.
+   its own best k on it), against the target alone with the same margin.
+
+The router decides with `measured_only` at every load: once (chain, k) have realised
+outcomes at this load, only they (and the target alone) compete, each at the TPOT it
+realised there, the class's own from two outcomes on (code and prose, short and long
+prompts, do not cost the same on one chain). The model's prediction, even calibrated, is
+a guess each request pays for when it is wrong (the calibration of a k never run is
+borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
+replaced by the next one); what has not run here is reached by exploration, which draws
+from the model's ranking.
 """
 
 from __future__ import annotations
@@ -93,6 +99,15 @@ def specialist(request_class: str, estimates, drafters=("drafter-code", "drafter
     return max(options, key=lambda d: estimates.alpha(d, "target", request_class))
 
 
+def best_per_chain(preds: list[Prediction]) -> list[Prediction]:
+    """The cheapest k of each chain, cheapest chain first."""
+    best: dict[tuple[str, ...], Prediction] = {}
+    for p in preds:
+        if p.chain not in best or p.ms_per_token < best[p.chain].ms_per_token:
+            best[p.chain] = p
+    return sorted(best.values(), key=lambda p: p.ms_per_token)
+
+
 def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: int = 6, margin: float = 0.02,
            slo_tpot_ms: float = 0.0, available: set[str] | None = None, explore_rate: float = 0.0,
            rng: random.Random | None = None, batch: float | None = None, measured_only: bool = False,
@@ -100,29 +115,27 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     """The assignment for `request_class` under the current estimates (pure, no I/O).
 
     `measured_only`: only candidates whose (chain, k) has realised outcomes at this load
-    (and the target alone), when there are any, each at its realised TPOT there: under load
-    a k never run there is a guess every request would pay for, and the model's error moves
-    with its step fits. Exploration tries chains with fewer than `explore_until`
-    outcomes at this load, or none for `explore_stale_s`.
+    (and the target alone), when there are any, each at its realised TPOT there (the
+    class's own when it has enough): a k never run there is a guess every request would
+    pay for, and the model's error moves with its step fits. Exploration tries chains of
+    the model's ranking with fewer than `explore_until` outcomes at this load, or none for
+    `explore_stale_s`.
     """
     batch = estimates.batch() if batch is None else batch
     preds = [predict(chain, ks, request_class, estimates, batch) for chain, ks in candidates(chains, k_max, available)]
+    modelled = best_per_chain(preds)
     if measured_only:
         measured = []
         for p in preds:
-            realised = estimates.realised_tpot(p.chain, p.k, batch)
+            realised = estimates.realised_tpot(p.chain, p.k, batch, request_class)
             if realised is not None:  # what it cost at this load, not what the model says now
                 measured.append(replace(p, ms_per_token=realised, calibration=realised / max(p.model_ms, 1e-9)))
             elif p.chain == TARGET_ALONE:
                 measured.append(p)
         if len(measured) > 1:
             preds = measured
-    best_per_chain: dict[tuple[str, ...], Prediction] = {}
-    for p in preds:
-        if p.chain not in best_per_chain or p.ms_per_token < best_per_chain[p.chain].ms_per_token:
-            best_per_chain[p.chain] = p
-    ranking = sorted(best_per_chain.values(), key=lambda p: p.ms_per_token)
-    alone = best_per_chain[TARGET_ALONE]
+    ranking = best_per_chain(preds)
+    alone = next(p for p in ranking if p.chain == TARGET_ALONE)
     qualified = [p for p in ranking if not slo_tpot_ms or p.ms_per_token <= slo_tpot_ms]
     slo_note = ""
     if slo_tpot_ms and not qualified:
@@ -147,8 +160,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     choice = Choice(request_class, winner, reason, why, best=winner, ranking=ranking,
                     specialist=specialist(request_class, estimates, available=available))
     others = []
-    if explore_rate > 0 and rng is not None and len(ranking) > 1 and rng.random() < explore_rate:
-        others = [p for p in ranking if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token
+    if explore_rate > 0 and rng is not None and len(modelled) > 1 and rng.random() < explore_rate:
+        # from the model's ranking: what has not run here is not among the measured
+        others = [p for p in modelled if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token
                   and estimates.calibration_for(p.chain, batch).needs_outcomes(explore_until, explore_stale_s)]
     if others:
         seen = {p.chain: estimates.calibration_for(p.chain, batch).observations for p in others}

@@ -43,6 +43,7 @@ NGRAM_DRAFT_RATE = 0.5
 K_PRIOR_WEIGHT = 2.0  # a (chain, k) calibration starts from its chain's ratio, worth this many outcomes
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
+CLASS_MIN_OUTCOMES = 2  # a class's own realised TPOT on a (chain, k, load) counts from this many outcomes
 MAX_BATCHES = 4096  # load samples kept for `held_batch` (one per profile: ~1/s per busy worker)
 DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
 
@@ -253,6 +254,7 @@ class Estimates:
         self.steps: dict[str, StepTime] = {}
         self.calibration: dict[tuple[tuple[str, ...], int], Calibration] = {}
         self.calibration_k: dict[tuple[tuple[str, ...], tuple[int, ...], int], Calibration] = {}
+        self.calibration_class: dict[tuple[tuple[str, ...], tuple[int, ...], int, str], Calibration] = {}
         self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
         self.batches: deque[tuple[float, float]] = deque()  # (when, batch) at each profile, for `held_batch`
         self.outcomes = 0
@@ -314,9 +316,18 @@ class Estimates:
             return chain_ratio
         return (mine.ratio_sum + K_PRIOR_WEIGHT * chain_ratio) / (mine.weight + K_PRIOR_WEIGHT)
 
-    def realised_tpot(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> float | None:
-        """Recent realised TPOT of this chain with these ks at this load (EWMA), None if never run there."""
-        mine = self.calibration_k.get(self._k_key(chain, ks, batch))
+    def realised_tpot(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
+                      request_class: str = "") -> float | None:
+        """Recent realised TPOT of this chain with these ks at this load (EWMA), None if never run there.
+
+        The class's own once it has `CLASS_MIN_OUTCOMES` there (code and prose, short and long
+        prompts, do not cost the same on one chain), else every class's.
+        """
+        key = self._k_key(chain, ks, batch)
+        own = self.calibration_class.get((*key, request_class)) if request_class else None
+        if own is not None and own.observations >= CLASS_MIN_OUTCOMES:
+            return own.tpot_ms
+        mine = self.calibration_k.get(key)
         return mine.tpot_ms if mine is not None and mine.observations > 0 else None
 
     @staticmethod
@@ -400,10 +411,13 @@ class Estimates:
             self.observe_step(step)
 
     def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float,
-                            ks: tuple[int, ...] | None = None) -> None:
+                            ks: tuple[int, ...] | None = None, request_class: str = "") -> None:
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms)
         if ks is not None:  # () for the target alone
-            self.calibration_k.setdefault(self._k_key(chain, ks, batch), Calibration()).observe(realised_ms, predicted_ms)
+            key = self._k_key(chain, ks, batch)
+            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms)
+            if request_class:
+                self.calibration_class.setdefault((*key, request_class), Calibration()).observe(realised_ms, predicted_ms)
 
     # -- reporting -----------------------------------------------------------------------
     def summary(self) -> dict:

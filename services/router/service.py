@@ -79,7 +79,7 @@ class Router:
         batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
         raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
         if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
-            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k))
+            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class)
         if self.store is None:
             return
         for level in outcome.levels:
@@ -143,7 +143,8 @@ class Router:
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
                     and (row.get("tokens") or 0) >= 2 and (row.get("mixed_share") or 0.0) <= MIXED_MAX:
                 self.estimates.observe_calibration(tuple(row["chain"].split(",")), row.get("batch_mean") or 1.0,
-                                                   row["tpot_ms"], row["predicted_ms_per_token"], tuple(row.get("k") or ()))
+                                                   row["tpot_ms"], row["predicted_ms_per_token"], tuple(row.get("k") or ()),
+                                                   row.get("request_class") or "")
                 n += 1
         return n
 
@@ -156,7 +157,7 @@ class Router:
         for cls in (*CLASSES, DEFAULT_CLASS):
             choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
                                   self.available, cfg.explore_rate if explore and cls != DEFAULT_CLASS else 0.0,
-                                  self.rng, batch, measured_only=batch >= cfg.shared_chain_batch,
+                                  self.rng, batch, measured_only=True,
                                   explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
         if batch >= cfg.shared_chain_batch:
             choices = shared(choices, batch, cfg.margin)
