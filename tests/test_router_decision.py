@@ -436,6 +436,20 @@ def test_each_class_takes_the_chain_it_ran_fastest_on():
     assert est.realised_tpot(code, (4,), 1.0, "code-long") == est.realised_tpot(code, (4,), 1.0)
 
 
+def test_a_chain_that_ran_one_load_lower_competes_at_what_it_realised_there():
+    est = synthetic(PROFILE, ALPHAS)
+    fast, slow = ("drafter-code", "target"), ("drafter-code", "verifier", "target")
+    for _ in range(3):
+        est.observe_calibration(fast, 1.0, 2.5, 2.5, (4,), "code-short")       # batch 1 only
+        est.observe_calibration(slow, 2.0, 30.0, 10.0, (4, 4), "code-short")  # batch 2
+        est.observe_calibration(TARGET_ALONE, 2.0, 4.5, 4.5, (), "code-short")
+    choice = decide("code-short", est, CHAINS, K_MAX, batch=2.0, measured_only=True)
+    assert (choice.winner.chain, choice.winner.ms_per_token) == (fast, 2.5)
+    assert {p.chain for p in choice.ranking} == {fast, slow, TARGET_ALONE}
+    # two buckets lower is too far: at batch 4 the fast chain has not run
+    assert est.realised_tpot_near(fast, (4,), 4.0, "code-short") is None
+
+
 def test_exploration_reaches_chains_that_never_ran_when_only_measured_ones_compete():
     est = synthetic(PROFILE, ALPHAS)
     ran = ("verifier", "target")

@@ -25,7 +25,8 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
 The router decides with `measured_only` at every load: once (chain, k) have realised
 outcomes at this load, only they (and the target alone) compete, each at the TPOT it
 realised there, the class's own from two outcomes on (code and prose, short and long
-prompts, do not cost the same on one chain). The model's prediction, even calibrated, is
+prompts, do not cost the same on one chain); one that ran only one load bucket lower
+competes at what it realised there (a lower bound: it runs, and is measured here). The model's prediction, even calibrated, is
 a guess each request pays for when it is wrong (the calibration of a k never run is
 borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
 replaced by the next one); what has not run here is reached by exploration, which draws
@@ -127,7 +128,7 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     if measured_only:
         measured = []
         for p in preds:
-            realised = estimates.realised_tpot(p.chain, p.k, batch, request_class)
+            realised = estimates.realised_tpot_near(p.chain, p.k, batch, request_class)
             if realised is not None:  # what it cost at this load, not what the model says now
                 measured.append(replace(p, ms_per_token=realised, calibration=realised / max(p.model_ms, 1e-9)))
             elif p.chain == TARGET_ALONE:

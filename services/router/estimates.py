@@ -330,6 +330,20 @@ class Estimates:
         mine = self.calibration_k.get(key)
         return mine.tpot_ms if mine is not None and mine.observations > 0 else None
 
+    def realised_tpot_near(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
+                           request_class: str = "") -> float | None:
+        """`realised_tpot` at this load, else at the load bucket just below (a lower bound).
+
+        A load where little has run yet (the tail of a slow chain's wave) should not leave
+        the target alone against the slow chains only: a (chain, k) that ran one bucket
+        lower competes at what it realised there, runs, and is then measured here.
+        """
+        here = self.realised_tpot(chain, ks, batch, request_class)
+        bucket = load_bucket(batch)
+        if here is not None or bucket == 0:
+            return here
+        return self.realised_tpot(chain, ks, BUCKET_BATCH[bucket - 1], request_class)
+
     @staticmethod
     def _k_key(chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> tuple:
         return tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)
