@@ -84,7 +84,7 @@ def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
     """Adaptive against the best static configuration (no speculation included) per view.
 
     Pooled ratio (tokens/s over tokens/s), the per-repeat ratios against that same
-    configuration, and how many repeats adaptive won; then issue 6's three targets with
+    configuration, and how many repeats adaptive won; then issue 6's four targets with
     `met` judged on the pooled ratios and `every_repeat` on the paired ones.
     """
     statics = [c for c in summaries if c != ADAPTIVE]
@@ -93,7 +93,7 @@ def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
         best = max(statics, key=lambda c: summaries[c][view]["tokens_per_s"])
         ada, ref = summaries[ADAPTIVE][view], summaries[best][view]
         nospec = summaries[NO_SPECULATION][view]
-        paired = [round(a / b, 3) for a, b in zip(ada["tokens_per_s_by_repeat"], ref["tokens_per_s_by_repeat"]) if b > 0]
+        paired = _paired(ada, ref)
         runner_up = max((c for c in statics if c != best), key=lambda c: summaries[c][view]["tokens_per_s"], default=None)
         out[view] = {
             "best_static": best, "best_static_tokens_per_s": ref["tokens_per_s"],
@@ -103,8 +103,7 @@ def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
             "adaptive_vs_best_static_by_repeat": paired,
             "repeats_won": sum(1 for p in paired if p > 1.0),
             "adaptive_vs_no_speculation": _ratio(ada["tokens_per_s"], nospec["tokens_per_s"]),
-            "adaptive_vs_no_speculation_by_repeat": [
-                round(a / b, 3) for a, b in zip(ada["tokens_per_s_by_repeat"], nospec["tokens_per_s_by_repeat"]) if b > 0],
+            "adaptive_vs_no_speculation_by_repeat": _paired(ada, nospec),
         }
     targets = []
     for phase in PHASES:
@@ -126,6 +125,11 @@ def _target(name: str, pooled: float, paired: list[float], floor: float, strict:
     spread = f" (per repeat {min(paired):.3f}-{max(paired):.3f})" if len(paired) > 1 else ""
     return {"target": name, "measured": f"{pooled:.3f}x{spread}", "met": ok(pooled),
             "every_repeat": bool(paired) and all(ok(p) for p in paired)}
+
+
+def _paired(a: dict, b: dict) -> list[float]:
+    """Tokens/s of summary `a` over `b`, repeat by repeat."""
+    return [round(x / y, 3) for x, y in zip(a["tokens_per_s_by_repeat"], b["tokens_per_s_by_repeat"]) if y > 0]
 
 
 def _ratio(a: float, b: float) -> float:
