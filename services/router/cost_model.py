@@ -59,7 +59,25 @@ class Prediction:
     model_ms: float  # tau_N before calibration
     calibration: float
     batch: float
-    levels: list[dict] = field(default_factory=list)  # per level: model, step_ms, alpha, k, draft_rate, hop_ms
+    inputs: list[tuple] = field(default_factory=list, repr=False)  # per level, raw: see `levels`
+
+    @property
+    def levels(self) -> list[dict]:
+        """Per level: model, step_ms, tokens_per_forward, hop_ms (remote), driver_ms (top),
+        alpha, k, draft_rate, expected_tokens (proposers). Built when shown, not per candidate."""
+        out = []
+        for model, step, tokens, hop, driver, proposal in self.inputs:
+            entry = {"model": model, "step_ms": round(step, 4), "tokens_per_forward": round(tokens, 2)}
+            if hop is not None:
+                entry["hop_ms"] = round(hop, 4)
+            if driver is not None:
+                entry["driver_ms"] = round(driver, 4)
+            if proposal is not None:
+                alpha, k, rate, gain = proposal
+                entry.update({"alpha": round(alpha, 4), "k": k, "draft_rate": round(rate, 4),
+                              "expected_tokens": round(gain, 4)})
+            out.append(entry)
+        return out
 
     def as_dict(self) -> dict:
         return {"chain": ",".join(self.chain), "k": list(self.k), "ms_per_token": round(self.ms_per_token, 4),
@@ -75,7 +93,7 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
     if len(chain) == 1 or not ks or all(k == 0 for k in ks):
         chain, ks = ("target",), ()
     hop = estimates.hop(batch)
-    steps, alphas, rates, gains, levels = [], [], [], [], []
+    steps, alphas, rates, gains, inputs = [], [], [], [], []
     for i, model in enumerate(chain):
         below_k = ks[i - 1] if i > 0 else 0
         rate_below = rates[i - 1] if i > 0 else 1.0
@@ -89,14 +107,12 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
             if remote(model):
                 # bottom: one call per k drafts; above: one call per verification
                 t += hop / max(ks[0], 1) if i == 0 else hop
-        entry = {"model": model, "step_ms": round(t, 4), "tokens_per_forward": round(tokens, 2)}
-        if model == "fused" or remote(model):
-            entry["hop_ms"] = round(hop, 4)
+        driver = None
         if i == len(chain) - 1:  # the target's round also pays the driver's own work
             driver = estimates.driver_ms(batch)
             t += driver
-            entry.update({"driver_ms": round(driver, 4), "step_ms": round(t, 4)})
         steps.append(t)
+        proposal = None
         if i < len(chain) - 1:
             alpha = estimates.alpha(model, chain[i + 1], request_class)
             rate = estimates.draft_rate(model, request_class) if i == 0 else 1.0
@@ -104,9 +120,8 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
             alphas.append(alpha)
             rates.append(rate)
             gains.append(gain)
-            entry.update({"alpha": round(alpha, 4), "k": ks[i], "draft_rate": round(rate, 4),
-                          "expected_tokens": round(gain, 4)})
-        levels.append(entry)
+            proposal = (alpha, ks[i], rate, gain)
+        inputs.append((model, t, tokens, hop if model == "fused" or remote(model) else None, driver, proposal))
     model_ms = tau(steps, alphas, list(ks), rates, gains)
     factor = estimates.calibration_ratio(chain, batch, tuple(ks)) if calibrated else 1.0
-    return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, levels)
+    return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, inputs)

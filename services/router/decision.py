@@ -123,18 +123,31 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     `explore_stale_s`.
     """
     batch = estimates.batch() if batch is None else batch
-    preds = [predict(chain, ks, request_class, estimates, batch) for chain, ks in candidates(chains, k_max, available)]
-    modelled = best_per_chain(preds)
+    pool = candidates(chains, k_max, available)
+    every: list[Prediction] = []
+
+    def modelled_all() -> list[Prediction]:  # the model's prediction of every candidate, made once when needed
+        if not every:
+            every.extend(predict(chain, ks, request_class, estimates, batch) for chain, ks in pool)
+        return every
+
+    preds: list[Prediction] | None = None
     if measured_only:
-        measured = []
-        for p in preds:
-            realised = estimates.realised_tpot_near(p.chain, p.k, batch, request_class)
-            if realised is not None:  # what it cost at this load, not what the model says now
-                measured.append(replace(p, ms_per_token=realised, calibration=realised / max(p.model_ms, 1e-9)))
-            elif p.chain == TARGET_ALONE:
-                measured.append(p)
-        if len(measured) > 1:
-            preds = measured
+        realised = {}
+        for chain, ks in pool:
+            tpot = estimates.realised_tpot_near(chain, ks, batch, request_class)
+            if tpot is not None:
+                realised[(chain, ks)] = tpot
+        if any(chain != TARGET_ALONE for chain, _ in realised):
+            preds = []
+            for chain, ks in pool:
+                if (chain, ks) in realised:  # what it cost at this load, not what the model says now
+                    p, tpot = predict(chain, ks, request_class, estimates, batch), realised[(chain, ks)]
+                    preds.append(replace(p, ms_per_token=tpot, calibration=tpot / max(p.model_ms, 1e-9)))
+                elif chain == TARGET_ALONE:
+                    preds.append(predict(chain, ks, request_class, estimates, batch))
+    if preds is None:
+        preds = modelled_all()
     ranking = best_per_chain(preds)
     alone = next(p for p in ranking if p.chain == TARGET_ALONE)
     qualified = [p for p in ranking if not slo_tpot_ms or p.ms_per_token <= slo_tpot_ms]
@@ -161,9 +174,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     choice = Choice(request_class, winner, reason, why, best=winner, ranking=ranking,
                     specialist=specialist(request_class, estimates, available=available))
     others = []
-    if explore_rate > 0 and rng is not None and len(modelled) > 1 and rng.random() < explore_rate:
+    if explore_rate > 0 and rng is not None and len({chain for chain, _ in pool}) > 1 and rng.random() < explore_rate:
         # from the model's ranking: what has not run here is not among the measured
-        others = [p for p in modelled if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token
+        others = [p for p in best_per_chain(modelled_all()) if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token
                   and estimates.calibration_for(p.chain, batch).needs_outcomes(explore_until, explore_stale_s)]
     if others:
         seen = {p.chain: estimates.calibration_for(p.chain, batch).observations for p in others}
