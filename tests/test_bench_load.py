@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.bench.arrivals import Arrivals, phased_times
-from shared.bench.load import LoadConfig, Mode, check_loopback, run_schedule, send
+from shared.bench.load import LoadConfig, Mode, check_loopback, planned_requests, run_load, run_schedule, send
 from shared.bench.report import link_readme, results, targets, write_report
 from shared.bench.stats import (
     RequestRecord, Slo, acceptance, cell_stats, chain_label, goodput, percentile, slo_attainment, summary,
@@ -88,6 +88,18 @@ def test_every_mode_of_a_cell_gets_the_same_schedule():
     assert cfg.schedule("gamma", 4.0) == cfg.schedule("gamma", 4.0)
     assert cfg.schedule("gamma", 4.0) != cfg.schedule("poisson", 4.0)
     assert {p for _, p in cfg.phased_schedule()} == {0, 1, 2}
+    assert cfg.schedule("gamma", 4.0, 1) == cfg.schedule("gamma", 4.0, 1) != cfg.schedule("gamma", 4.0, 0)
+
+
+def test_rounds_run_every_mode_once_each_in_an_order_rotated_round_to_round():
+    cfg = LoadConfig(url="http://127.0.0.1:1", rates=[1.0, 8.0], modes=["off", "drafter,target", "adaptive"],
+                     processes=["poisson"], repeats=3)
+    rounds = cfg.rounds()
+    assert len(rounds) == 2 * 3 * 3 and [r[:2] for r in rounds] == [("poisson", 1.0)] * 9 + [("poisson", 8.0)] * 9
+    by_round = [[m for _, rate, i, m in rounds if rate == 1.0 and i == n] for n in range(3)]
+    assert by_round == [["off", "drafter,target", "adaptive"], ["drafter,target", "adaptive", "off"],
+                        ["adaptive", "off", "drafter,target"]]
+    assert [m for *_, m in LoadConfig(url="", modes=["off", "adaptive"]).rounds()] == ["off", "adaptive"] * 8
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -242,6 +254,31 @@ async def test_run_schedule_sends_each_arrival_with_the_mode():
     assert all(b["speculation"] == {"chain": "drafter,target", "k": 4, "slo_tpot_ms": cfg.slo_tpot_ms}
                and b["max_tokens"] == 8 for b in seen)
     assert [r.rate for r in records] == [1.0, 1.0, 5.0] and all(r.ok for r in records)
+
+
+async def test_a_cell_pools_its_rounds_and_the_modes_alternate(monkeypatch):
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["max_tokens"] == 8:  # not the warm-up
+            spec = body["speculation"]
+            sent.append("off" if spec.get("enabled") is False else spec.get("chain", "adaptive"))
+        return httpx.Response(200, content=STREAM)
+
+    real = httpx.AsyncClient
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real(**kw, transport=httpx.MockTransport(handler)))
+    cfg = LoadConfig(url="http://127.0.0.1:1", rates=[20.0], modes=["off", "drafter,target", "adaptive"],
+                     processes=["poisson"], duration_s=0.4, max_tokens=8, repeats=2, phase_s=0.0)
+    raw = await run_load(cfg)
+    runs = [m for i, m in enumerate(sent) if i == 0 or sent[i - 1] != m]
+    assert runs == ["off", "drafter,target", "adaptive", "drafter,target", "adaptive", "off"]
+    assert [(c["mode"], c["rounds"]) for c in raw["cells"]] == [("off", 2), ("drafter,target", 2), ("adaptive", 2)]
+    per_round = [len(cfg.schedule("poisson", 20.0, i)) for i in range(2)]
+    assert min(per_round) > 0 and 3 * sum(per_round) == planned_requests(cfg)
+    for cell in raw["cells"]:
+        assert [r.round for r in cell["records"]] == [0] * per_round[0] + [1] * per_round[1]
+        assert sent.count(cell["mode"]) == sum(per_round) and cell["wall_s"] >= 2 * 0.3
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ an overloaded server shows as growing latency, not as a slower client. Bounded: 
 waits at most `drain_s` for the requests still running and cancels the rest (recorded as
 failures). Loopback only: a non-loopback URL is refused.
 
+With `repeats` > 1 each (process, rate) block runs as that many rounds of every mode, each
+mode `duration_s` per round, the modes' order rotated round to round, so a machine whose
+speed drifts during the run (other work on shared cores) weighs on every mode alike; a
+cell's statistics pool its rounds (wall time summed).
+
 The chain a request ran on comes from the final SSE chunk (the one with `finish_reason`),
 which carries the request's `speculation: {chain, k, levels}`; `stream_options.include_usage`
 adds the prompt token count. Streaming is kept so TTFT and ITL are real.
@@ -75,21 +80,30 @@ class LoadConfig:
     phased_rates: list[float] = field(default_factory=lambda: [1.0, 8.0, 1.0])
     phase_s: float = 15.0              # per phase; 0 = no phased run
     phased_mode: str = ADAPTIVE
+    repeats: int = 1                   # rounds per (process, rate), modes interleaved
 
     @property
     def slo(self) -> Slo:
         return Slo(self.slo_ttft_ms / 1e3, self.slo_tpot_ms / 1e3)
 
     def cells(self) -> list[tuple[str, float, str]]:
-        """(process, rate, mode) in run order: modes innermost, so they see the same conditions."""
+        """(process, rate, mode), one per reported cell: modes innermost, so they see the same conditions."""
         return [(p, r, m) for p in self.processes for r in self.rates for m in self.modes]
+
+    def rounds(self) -> list[tuple[str, float, int, str]]:
+        """(process, rate, round, mode) in run order: per (process, rate), `repeats` rounds of
+        every mode, the order rotated by one each round."""
+        n = len(self.modes)
+        return [(p, r, i, self.modes[(j + i) % n]) for p in self.processes for r in self.rates
+                for i in range(self.repeats) for j in range(n)]
 
     def arrivals(self, process: str, rate: float) -> Arrivals:
         return Arrivals(process, rate, self.burstiness if process == "gamma" else 1.0)
 
-    def schedule(self, process: str, rate: float) -> list[tuple[float, int]]:
-        """The same arrival times for every mode of a (process, rate) cell."""
-        times = self.arrivals(process, rate).times(self.duration_s, _seed(self.seed, process, rate), self.max_requests)
+    def schedule(self, process: str, rate: float, round_: int = 0) -> list[tuple[float, int]]:
+        """The same arrival times for every mode of a (process, rate) cell in one round."""
+        seed = _seed(self.seed + round_ * 7919, process, rate)
+        times = self.arrivals(process, rate).times(self.duration_s, seed, self.max_requests)
         return [(t, 0) for t in times]
 
     def phased_schedule(self) -> list[tuple[float, int]]:
@@ -189,13 +203,14 @@ def _message(text: str) -> str:
 
 async def run_schedule(client, schedule: list[tuple[float, int]], mode: Mode, prompts: list[tuple[str, str]],
                        cfg: LoadConfig, process: str, rate: float | list[float],
-                       on_done: Callable[[RequestRecord], None] = lambda r: None) -> tuple[list[RequestRecord], float]:
+                       on_done: Callable[[RequestRecord], None] = lambda r: None,
+                       round_: int = 0) -> tuple[list[RequestRecord], float]:
     """Send `schedule`'s requests at their times; the records and the wall time of the cell.
 
-    Prompts are drawn by a generator seeded with `cfg.seed`, so every mode of a cell sends
-    the same prompts at the same times.
+    Prompts are drawn by a generator seeded with `cfg.seed` and the round, so every mode of
+    a cell sends the same prompts at the same times.
     """
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed + round_ * 7919)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     records: list[RequestRecord] = []
@@ -214,7 +229,7 @@ async def run_schedule(client, schedule: list[tuple[float, int]], mode: Mode, pr
         domain, text = rng.choice(prompts)
         r = rate[phase] if isinstance(rate, list) else rate
         record = RequestRecord(mode=mode.name, process=process, rate=r, scheduled_s=scheduled, domain=domain,
-                               sent_s=loop.time() - t0, phase=phase)
+                               sent_s=loop.time() - t0, phase=phase, round=round_)
         records.append(record)
         tasks.append(asyncio.create_task(one(record, request_body(mode, text, cfg.max_tokens, cfg.slo_tpot_ms))))
     if tasks:
@@ -255,14 +270,23 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
     async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout, trust_env=False,
                                  headers=api_key_header()) as client:
         await warm_up(client, list(by_name.values()), prompts[0][1])
+        cells: dict[tuple[str, float, str], dict] = {}
         for process, rate, name in cfg.cells():
             mode = by_name[Mode.parse(name, cfg.k).name]
+            cells[(process, rate, mode.name)] = {"process": process, "rate": rate, "mode": mode.name, "wall_s": 0.0,
+                                                 "rounds": 0, "records": []}
+        for process, rate, round_, name in cfg.rounds():
+            mode = by_name[Mode.parse(name, cfg.k).name]
             if progress is not None:
-                progress.set_postfix_str(f"{process} {rate:g}/s {mode.name}", refresh=False)
-            records, wall = await run_schedule(client, cfg.schedule(process, rate), mode, prompts, cfg,
-                                               process, rate, done)
-            out["cells"].append({"process": process, "rate": rate, "mode": mode.name, "wall_s": wall,
-                                 "records": records})
+                label = f" round {round_ + 1}/{cfg.repeats}" if cfg.repeats > 1 else ""
+                progress.set_postfix_str(f"{process} {rate:g}/s {mode.name}{label}", refresh=False)
+            records, wall = await run_schedule(client, cfg.schedule(process, rate, round_), mode, prompts, cfg,
+                                               process, rate, done, round_)
+            cell = cells[(process, rate, mode.name)]
+            cell["records"].extend(records)
+            cell["wall_s"] += wall
+            cell["rounds"] += 1
+        out["cells"] = list(cells.values())
         if cfg.phase_s > 0 and cfg.phased_rates:
             mode = phased
             if progress is not None:
@@ -277,7 +301,7 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
 
 def planned_requests(cfg: LoadConfig) -> int:
     """How many requests the run will send (the progress bar's total)."""
-    n = sum(len(cfg.schedule(p, r)) for p, r, _ in cfg.cells())
+    n = sum(len(cfg.schedule(p, r, i)) for p, r, i, _ in cfg.rounds())
     if cfg.phase_s > 0 and cfg.phased_rates:
         n += len(cfg.phased_schedule())
     return n

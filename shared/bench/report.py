@@ -44,7 +44,7 @@ def results(raw: dict, cfg, meta: dict) -> dict:
                  "cells": [], "phased": None, "records": []}
     for index, cell in enumerate(raw["cells"]):
         doc["cells"].append({"process": cell["process"], "rate": cell["rate"], "mode": cell["mode"],
-                             "stats": cell_stats(cell["records"], slo, cell["wall_s"])})
+                             "rounds": cell.get("rounds", 1), "stats": cell_stats(cell["records"], slo, cell["wall_s"])})
         doc["records"] += [_record(r, slo, index) for r in cell["records"]]
     phased = raw.get("phased")
     if phased:
@@ -132,7 +132,10 @@ def markdown(doc: dict, images: list[str]) -> str:
                 f"{meta.get('loadavg_1m_at_end', math.nan):.1f} at the end)" if "loadavg_1m_at_start" in meta else "")
              + ".", "",
              f"Open-loop arrivals for {cfg['duration_s']:g} s per cell (at most {cfg['max_requests']} requests, "
-             f"{cfg['drain_s']:g} s drain), gamma shape {cfg['burstiness']:g}; prompts of {cfg['prompt_chars']} "
+             f"{cfg['drain_s']:g} s drain)"
+             + (f", {cfg['repeats']} rounds per rate, each running every mode in an order rotated round to round; "
+                f"a cell pools its rounds" if cfg.get("repeats", 1) > 1 else "")
+             + f", gamma shape {cfg['burstiness']:g}; prompts of {cfg['prompt_chars']} "
              f"characters, code and prose mixed; {cfg['max_tokens']} tokens each, greedy, k = {cfg['k']}. "
              f"SLO per request: TTFT <= {doc['slo']['ttft_ms']:g} ms and TPOT <= {doc['slo']['tpot_ms']:g} ms. "
              f"Goodput = requests meeting their SLO per second of wall time.", "",

@@ -33,6 +33,7 @@ class RequestRecord:
     domain: str = ""               # code | prose
     sent_s: float = 0.0            # when it was actually sent (>= scheduled_s)
     phase: int = 0
+    round: int = 0                 # `bench load --repeats`: which round of its cell
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: float | None = None

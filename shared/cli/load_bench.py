@@ -30,8 +30,8 @@ Rates = Annotated[str, typer.Option(help="Offered rates in requests/s, comma-sep
 Modes = Annotated[str, typer.Option(help="';'-separated: off, adaptive, or chains such as drafter,target.")]
 Processes = Annotated[str, typer.Option("--arrivals", help="Arrival processes: poisson,gamma.")]
 Burst = Annotated[float, typer.Option(help="Gamma shape (< 1 is burstier than Poisson; CV = 1/sqrt(shape)).")]
-Duration = Annotated[float, typer.Option(help="Seconds of arrivals per (arrivals, rate, mode) cell.")]
-MaxReq = Annotated[int, typer.Option("--max-requests", min=1, help="Most requests per cell.")]
+Duration = Annotated[float, typer.Option(help="Seconds of arrivals per (arrivals, rate, mode) cell and round.")]
+MaxReq = Annotated[int, typer.Option("--max-requests", min=1, help="Most requests per cell and round.")]
 Drain = Annotated[float, typer.Option(help="Longest wait in seconds for a cell's unfinished requests.")]
 MaxTok = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens per request.")]
 Chars = Annotated[int, typer.Option("--prompt-chars", min=20, help="Characters per held-out prompt.")]
@@ -42,6 +42,8 @@ Seed = Annotated[int, typer.Option(help="Seed of arrivals and prompt choice.")]
 Phased = Annotated[str, typer.Option("--phased-rates", help="Rates of the phased run, e.g. 2,24,2.")]
 PhaseS = Annotated[float, typer.Option("--phase-duration", help="Seconds per phase; 0 skips the phased run.")]
 PhasedMode = Annotated[str, typer.Option("--phased-mode", help="Mode of the phased run.")]
+Repeats = Annotated[int, typer.Option(min=1, help="Rounds per (arrivals, rate): every mode runs --duration "
+                                                  "seconds per round, in an order rotated each round; a cell pools its rounds.")]
 
 
 def _floats(value: str, what: str) -> list[float]:
@@ -55,7 +57,7 @@ def _floats(value: str, what: str) -> list[float]:
 
 
 def _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens, prompt_chars, k,
-            slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode) -> LoadConfig:
+            slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode, repeats=1) -> LoadConfig:
     from shared.bench.load import Mode, check_loopback
     from shared.settings import get_settings
 
@@ -66,7 +68,7 @@ def _config(url, rates, modes, arrivals, burstiness, duration, max_requests, dra
                      duration_s=duration, max_requests=max_requests, drain_s=drain, max_tokens=max_tokens,
                      prompt_chars=prompt_chars, k=k, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, seed=seed,
                      phased_rates=_floats(phased_rates, "--phased-rates") if phase_duration > 0 else [],
-                     phase_s=phase_duration, phased_mode=phased_mode)
+                     phase_s=phase_duration, phased_mode=phased_mode, repeats=repeats)
     try:
         check_loopback(url)
         for m in cfg.modes + [phased_mode]:
@@ -152,11 +154,12 @@ def register(bench_app: typer.Typer) -> None:
         max_tokens: MaxTok = _D.max_tokens, prompt_chars: Chars = _D.prompt_chars, k: K = _D.k,
         slo_ttft_ms: Ttft = _D.slo_ttft_ms, slo_tpot_ms: Tpot = _D.slo_tpot_ms, seed: Seed = _D.seed,
         phased_rates: Phased = ",".join(f"{r:g}" for r in _D.phased_rates), phase_duration: PhaseS = _D.phase_s,
-        phased_mode: PhasedMode = _D.phased_mode,
+        phased_mode: PhasedMode = _D.phased_mode, repeats: Repeats = _D.repeats,
     ) -> None:
         """Open-loop load over HTTP: per rate and mode, throughput, goodput, TTFT/TPOT/ITL, SLO, acceptance."""
         cfg = _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens,
-                      prompt_chars, k, slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode)
+                      prompt_chars, k, slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode,
+                      repeats)
         doc = measure(cfg)
         if as_json:
             typer.echo(json.dumps(doc))
@@ -176,7 +179,7 @@ def register(bench_app: typer.Typer) -> None:
         max_tokens: MaxTok = _D.max_tokens, prompt_chars: Chars = _D.prompt_chars, k: K = _D.k,
         slo_ttft_ms: Ttft = _D.slo_ttft_ms, slo_tpot_ms: Tpot = _D.slo_tpot_ms, seed: Seed = _D.seed,
         phased_rates: Phased = ",".join(f"{r:g}" for r in _D.phased_rates), phase_duration: PhaseS = _D.phase_s,
-        phased_mode: PhasedMode = _D.phased_mode,
+        phased_mode: PhasedMode = _D.phased_mode, repeats: Repeats = _D.repeats,
     ) -> None:
         """Write bench/results/<date>/: results.json, summary.md and PNG plots (runs the load unless --input)."""
         from shared.bench.report import RESULTS_ROOT, link_readme, write_report
@@ -188,7 +191,8 @@ def register(bench_app: typer.Typer) -> None:
                 raise typer.BadParameter(f"{input} is not a `bench load --json` document: {exc}") from None
         else:
             cfg = _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens,
-                          prompt_chars, k, slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode)
+                          prompt_chars, k, slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode,
+                      repeats)
             doc = measure(cfg)
             _print(doc)
         folder = out or RESULTS_ROOT / doc["meta"].get("date", dt.date.today().isoformat())
