@@ -114,6 +114,7 @@ class RouterSettings(BaseModel):
 
     publish_interval_s: float = Field(1.0, gt=0, description="Seconds between two publications of the assignment table.")
     explore_rate: float = Field(0.05, ge=0.0, le=1.0, description="Chance per class and interval to assign a random candidate (reason `explore`).")
+    explore_depth_rate: float = Field(0.05, ge=0.0, le=1.0, description="Chance per class and interval to assign the winning chain with k one step up or down on one level, at any load (reason `explore`), while that k has few or stale outcomes there.")
     explore_max_batch: float = Field(2.0, ge=1.0, description="Explore only while the mean batch per target is at most this: under load a costly chain on trial slows every request.")
     explore_until: int = Field(10, ge=0, description="Explore a chain while it has fewer outcomes than this at the current load ...")
     explore_stale_s: float = Field(600.0, gt=0, description="... or none for this many seconds.")

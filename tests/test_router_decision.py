@@ -378,7 +378,7 @@ def test_table_carries_alternatives_and_exploration_waits_for_low_load():
     from services.router.service import ALTERNATIVES, Router
     from shared.settings import RouterSettings, Settings
 
-    settings = Settings(router=RouterSettings(explore_rate=1.0, explore_max_batch=2.0, shared_chain_batch=100.0))
+    settings = Settings(router=RouterSettings(explore_rate=1.0, explore_depth_rate=0.0, explore_max_batch=2.0, shared_chain_batch=100.0))
     router = Router(settings, store=None, params={}, seed=0)
     router.estimates = synthetic(PROFILE, ALPHAS, live=8)
     table = router.table()
@@ -397,7 +397,7 @@ def test_under_load_every_class_rides_the_chain_cheapest_over_all_classes():
     from shared.settings import RouterSettings, Settings
 
     def router_at(live: int, shared_from: float) -> Router:
-        router = Router(Settings(router=RouterSettings(explore_rate=0.0, shared_chain_batch=shared_from)),
+        router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0, shared_chain_batch=shared_from)),
                         store=None, params={}, seed=0)
         router.chains = CHAINS
         router.estimates = synthetic(PROFILE, ALPHAS, live=live)
@@ -479,7 +479,7 @@ def test_a_burst_after_a_lull_gets_the_under_load_table():
     from shared.settings import RouterSettings, Settings
 
     def router(hold_s: float) -> Router:
-        r = Router(Settings(router=RouterSettings(explore_rate=0.0, shared_chain_batch=1.5, load_hold_s=hold_s)),
+        r = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0, shared_chain_batch=1.5, load_hold_s=hold_s)),
                    store=None, params={}, seed=0)
         r.chains = CHAINS
         r.estimates = synthetic(PROFILE, ALPHAS)
@@ -545,3 +545,73 @@ def test_an_outcome_whose_rounds_carried_other_chains_is_not_calibrated():
              "predicted_ms_per_token": 4.0, "batch_mean": 4.0, "mixed_share": m} for m in (0.9, 0.0, None)]
     replayed.resume({"decisions": rows})
     assert sum(c.observations for c in replayed.estimates.calibration.values()) == 2
+
+
+def test_neighbouring_depths_are_one_step_on_one_level():
+    from services.router.decision import neighbours
+
+    assert neighbours((4,), 6) == [(3,), (5,)]
+    assert neighbours((1,), 6) == [(2,)] and neighbours((6,), 6) == [(5,)]
+    assert neighbours((1, 3), 3) == [(2, 3), (1, 2)]
+
+
+def test_depth_is_explored_around_the_winner_at_any_load_until_each_neighbour_is_known():
+    from services.router.decision import explore_depth
+
+    est = synthetic(PROFILE, ALPHAS, live=8)
+    chain = ("drafter-code", "target")
+    for batch in (1.0, 8.0):
+        for _ in range(3):
+            est.observe_calibration(chain, batch, 2.0, 2.0, (4,), "code-short")
+            est.observe_calibration(TARGET_ALONE, batch, 9.0, 9.0, (), "code-short")
+    rng = random.Random(0)
+    for batch in (1.0, 8.0):  # idle and under load alike
+        choice = decide("code-short", est, CHAINS, K_MAX, batch=batch, measured_only=True)
+        assert (choice.winner.chain, choice.winner.k) == (chain, (4,))
+        tried = explore_depth(choice, est, batch, K_MAX, rng, rate=1.0, until=2)
+        assert tried.explored and tried.reason == "explore" and tried.winner.chain == chain and tried.winner.k == (3,)
+        assert "exploring depth" in tried.why and tried.best is choice.best
+        assert explore_depth(choice, est, batch, K_MAX, rng, rate=0.0) is choice
+    # k = 3 (K_MAX = 4: the only neighbour) known at idle: nothing more to try there, still under load
+    for _ in range(2):
+        est.observe_calibration(chain, 1.0, 3.0, 2.0, (3,), "code-short")
+    idle = decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
+    assert idle.winner.k == (4,) and explore_depth(idle, est, 1.0, K_MAX, rng, rate=1.0, until=2) is idle
+    loaded = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
+    assert explore_depth(loaded, est, 8.0, K_MAX, rng, rate=1.0, until=2).winner.k == (3,)
+    # the target alone has no depth to try
+    alone = decide("code-long", Estimates(), [TARGET_ALONE], K_MAX, batch=1.0)
+    assert explore_depth(alone, est, 1.0, K_MAX, rng, rate=1.0) is alone
+
+
+def test_a_depth_that_realises_less_wins_and_its_neighbours_are_tried_next():
+    est = synthetic(PROFILE, ALPHAS)
+    chain = ("drafter-code", "target")
+    for _ in range(3):
+        est.observe_calibration(chain, 1.0, 3.0, 3.0, (2,), "code-short")
+        est.observe_calibration(chain, 1.0, 2.5, 3.0, (3,), "code-short")  # the trial one step up ran faster
+        est.observe_calibration(TARGET_ALONE, 1.0, 9.0, 9.0, (), "code-short")
+    from services.router.decision import explore_depth
+
+    choice = decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
+    assert (choice.winner.chain, choice.winner.k, choice.winner.ms_per_token) == (chain, (3,), 2.5)
+    assert explore_depth(choice, est, 1.0, K_MAX, random.Random(0), rate=1.0, until=3).winner.k == (4,)
+
+
+def test_the_router_explores_depth_under_load_on_the_shared_chain():
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=1.0, explore_depth_rate=1.0, shared_chain_batch=1.5)),
+                    store=None, params={}, seed=0)
+    router.chains = CHAINS
+    router.estimates = synthetic(PROFILE, ALPHAS, live=8)
+    plain = {cls: c.winner for cls, c in router.decide_all(explore=False).items()}
+    choices = router.decide_all()
+    assert len({c.winner.chain for c in choices.values()}) == 1  # still one chain for every class
+    for cls, c in choices.items():
+        if cls == "default":
+            assert not c.explored
+            continue
+        assert c.explored and c.shared and c.winner.chain == plain[cls].chain
+        assert sum(abs(a - b) for a, b in zip(c.winner.k, plain[cls].k)) == 1  # one step on one level

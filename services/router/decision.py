@@ -16,6 +16,10 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    `explore_until` outcomes at this load or none for `explore_stale_s` (a known chain is
    not tried again and again); the router passes a rate of 0 under load
    (`router.explore_max_batch`);
+   depth: with probability `explore_depth_rate` per class and interval, at any load, the
+   winning chain with k one step up or down on one level (`explore_depth`), while that k has
+   few or stale outcomes at this load: only measured (chain, k) compete (below), so without
+   it a chain would keep the k it first ran with;
 5. under load (`router.shared_chain_batch`), one chain for every class (`shared`): a target
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
@@ -186,6 +190,42 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         choice.why = (f"exploring {','.join(pick.chain)} ({seen[pick.chain]} outcomes so far) for one interval; "
                       f"the cost winner is {','.join(winner.chain)} k={list(winner.k)}: " + why)
     return choice
+
+
+def neighbours(ks: tuple[int, ...], k_max: int) -> list[tuple[int, ...]]:
+    """Every ks one step up or down from `ks` on one level, within 1..k_max."""
+    out = []
+    for i, k in enumerate(ks):
+        for step in (-1, 1):
+            if 1 <= k + step <= k_max:
+                out.append((*ks[:i], k + step, *ks[i + 1:]))
+    return out
+
+
+def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: random.Random, rate: float,
+                  until: int = 10, stale_s: float = 600.0) -> Choice:
+    """With probability `rate`, the winning chain at a neighbouring k (reason `explore`).
+
+    Only (chain, k) with realised outcomes at a load compete there, so depth is learnt by
+    trying it: the neighbour of the winner's k with the fewest outcomes at this load, among
+    those with fewer than `until` or none for `stale_s`. Allowed at any load, under the one
+    shared chain too: a round with two k of one chain waits for no other proposer. Once
+    every neighbour is known the winner stays, until a neighbour realises less and wins, and
+    its own neighbours are tried next: a hill climb over k per level.
+    """
+    winner = choice.winner
+    if rate <= 0 or choice.explored or winner.chain == TARGET_ALONE or rng.random() >= rate:
+        return choice
+    seen = {ks: estimates.depth_calibration(winner.chain, ks, batch) for ks in neighbours(winner.k, k_max)}
+    open_ = {ks: c.observations for ks, c in seen.items() if c.needs_outcomes(until, stale_s)}
+    if not open_:
+        return choice
+    fewest = min(open_.values())
+    ks = rng.choice(sorted(k for k, n in open_.items() if n == fewest))
+    pick = predict(winner.chain, ks, choice.request_class, estimates, batch)
+    why = (f"exploring depth: {','.join(winner.chain)} k={list(ks)} ({fewest} outcomes so far at this load) for one "
+           f"interval; the winner is k={list(winner.k)}: " + choice.why)
+    return replace(choice, winner=pick, reason="explore", why=why, explored=True)
 
 
 def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02) -> dict[str, Choice]:

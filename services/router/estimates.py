@@ -330,6 +330,10 @@ class Estimates:
         mine = self.calibration_k.get(key)
         return mine.tpot_ms if mine is not None and mine.observations > 0 else None
 
+    def depth_calibration(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> Calibration:
+        """The realised outcomes of this chain with these ks at this load (empty if none)."""
+        return self.calibration_k.get(self._k_key(chain, ks, batch)) or Calibration()
+
     def realised_tpot_near(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
                            request_class: str = "") -> float | None:
         """`realised_tpot` at this load, else at the load bucket just below (a lower bound).

@@ -20,7 +20,7 @@ import random
 import time
 
 from services.router.cost_model import predict
-from services.router.decision import Choice, decide, served_chains, shared
+from services.router.decision import Choice, decide, explore_depth, served_chains, shared
 from services.router.estimates import Estimates
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
@@ -152,15 +152,19 @@ class Router:
     def decide_all(self, explore: bool = True) -> dict[str, Choice]:
         cfg = self.cfg
         batch = self.estimates.held_batch(cfg.load_hold_s)
-        explore = explore and batch <= cfg.explore_max_batch
+        chain_rate = cfg.explore_rate if explore and batch <= cfg.explore_max_batch else 0.0
+        depth_rate = cfg.explore_depth_rate if explore else 0.0  # the same chain: at any load
         choices = {}
         for cls in (*CLASSES, DEFAULT_CLASS):
             choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
-                                  self.available, cfg.explore_rate if explore and cls != DEFAULT_CLASS else 0.0,
+                                  self.available, chain_rate if cls != DEFAULT_CLASS else 0.0,
                                   self.rng, batch, measured_only=True,
                                   explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
         if batch >= cfg.shared_chain_batch:
             choices = shared(choices, batch, cfg.margin)
+        choices = {cls: explore_depth(c, self.estimates, batch, cfg.k_max, self.rng,
+                                      depth_rate if cls != DEFAULT_CLASS else 0.0, cfg.explore_until, cfg.explore_stale_s)
+                   for cls, c in choices.items()}
         self.choices = choices
         return choices
 
