@@ -6,6 +6,12 @@ remote cache holds, so a rollback costs no message of its own (the next call car
 new epoch and position) and a replacement replica can rebuild from `context`.
 Greedy and seeded levels return their choices only; the distributions they imply are
 rebuilt here as one-hot rows, which verification treats exactly as the full ones.
+
+A request's prefill costs no call of its own: the prompt rides as `context` on the
+request's first call (its first proposal or score, batched with the other requests'),
+which the replica opens the cache from. So a new request's first token waits for the
+target's prefill alone, and the driver's round is not held up by a round trip per level
+while a request joins.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class RemoteRunner(Runner):
         self.epochs = epochs  # shared with the driver: one epoch per request across levels
         self.on_rollback = on_rollback
         self.mirror: dict[str, list[int]] = {}
+        self.unopened: set[str] = set()  # prefilled here, not yet on a replica: the next call carries the context
         self.wire: dict[str, Sampling] = {}
         self.replica: str | None = None  # sticky replica: its KV holds our requests
         self.spans = spans  # shared.tracing.RequestSpans of the driver, or None
@@ -131,7 +138,19 @@ class RemoteRunner(Runner):
         return reply
 
     def _item(self, rid: str, tokens: Sequence[int] = (), k: int = 0, threshold: float = 0.0) -> LevelItem:
-        return LevelItem(rid, self.epochs.get(rid, 0), len(self.mirror[rid]), list(tokens), k, threshold)
+        item = LevelItem(rid, self.epochs.get(rid, 0), len(self.mirror[rid]), list(tokens), k, threshold)
+        if rid in self.unopened:  # the replica opens the request from its context, then serves the call
+            item.context, item.sampling = list(self.mirror[rid]), self.wire[rid]
+        return item
+
+    def _opened(self, items: Sequence[LevelItem]) -> int:
+        """Mark the items' requests as held by the replica; the context tokens it prefilled."""
+        tokens = 0
+        for item in items:
+            if item.request_id in self.unopened:
+                self.unopened.discard(item.request_id)
+                tokens += len(item.context)
+        return tokens
 
     def _want_probs(self, ids: Sequence[str]) -> bool:
         return any(not (self._sampling[r].greedy or self._sampling[r].seeded) for r in ids)
@@ -147,14 +166,13 @@ class RemoteRunner(Runner):
         return len(self.mirror[request_id])
 
     def prefill(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = SamplingParams()) -> torch.Tensor:
-        """Open the request remotely; the returned row is unused by chains (the target's counts)."""
+        """Take the request; its first call carries `tokens` for the replica to open it from.
+
+        The returned row is unused by chains (the target's counts)."""
         self._sampling[request_id] = sampling
-        wire = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
-        self.wire[request_id] = wire
-        self.mirror[request_id] = []
-        item = LevelItem(request_id, self.epochs.get(request_id, 0), 0, list(tokens), sampling=wire)
-        self._call("prefill", [item])
+        self.wire[request_id] = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
         self.mirror[request_id] = list(tokens)
+        self.unopened.add(request_id)
         return torch.zeros(self.vocab_size)
 
     def propose(self, request_ids, feeds, k, confidence_threshold=0.0) -> list[Draft]:
@@ -169,12 +187,14 @@ class RemoteRunner(Runner):
                 drafts[rid] = ahead
         todo = [(r, f, kk, t) for r, f, kk, t in zip(request_ids, feeds, ks, ths) if r not in drafts]
         if todo:
-            reply = self._call("propose", [self._item(r, f, kk, t) for r, f, kk, t in todo], want)
+            items = [self._item(r, f, kk, t) for r, f, kk, t in todo]
+            reply = self._call("propose", items, want)
+            opened = self._opened(items)
             for (rid, feed, _, _), res in zip(todo, reply.results):
                 self.mirror[rid] = (self.mirror[rid] + list(feed) + res.tokens)[: res.length]
                 probs = unpack_probs(res.probs, res.rows, self.vocab_size) if want else self._onehot(res.tokens)
                 drafts[rid] = Draft(res.tokens, probs, res.confidence)
-            self._account(reply, sum(len(t[1]) for t in todo) + sum(len(drafts[t[0]].tokens) for t in todo))
+            self._account(reply, opened + sum(len(t[1]) for t in todo) + sum(len(drafts[t[0]].tokens) for t in todo))
         out = [drafts[rid] for rid in request_ids]
         if self.lookahead:
             self._draft_ahead(request_ids, out, ks, ths, want)
@@ -229,11 +249,12 @@ class RemoteRunner(Runner):
         items = [self._item(r, c) for r, c in zip(request_ids, chunks)]
         want = self._want_probs(request_ids)
         reply = self._call("score", items, want)
+        opened = self._opened(items)
         out = []
         for rid, chunk, res in zip(request_ids, chunks, reply.results):
             self.mirror[rid] = self.mirror[rid] + list(chunk)
             out.append(unpack_probs(res.probs, res.rows, self.vocab_size) if res.probs else self._onehot(res.tokens))
-        self._account(reply, sum(len(c) for c in chunks))
+        self._account(reply, opened + sum(len(c) for c in chunks))
         return out
 
     def rollback(self, request_id: str, length: int) -> None:
@@ -251,7 +272,9 @@ class RemoteRunner(Runner):
         self.ahead.pop(request_id, None)
         self._sampling.pop(request_id, None)
         self.wire.pop(request_id, None)
-        if self.mirror.pop(request_id, None) is None or self.replica is None:
+        unopened = request_id in self.unopened
+        self.unopened.discard(request_id)
+        if self.mirror.pop(request_id, None) is None or self.replica is None or unopened:
             return
         call = LevelCall("release", [LevelItem(request_id, self.epochs.get(request_id, 0), 0)])
         subject = f"{SUBJECT_LEVEL}.{self.model}.{self.replica}"
