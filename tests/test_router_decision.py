@@ -184,8 +184,7 @@ def test_under_load_only_what_ran_at_that_load_competes():
     assert free.winner.chain != TARGET_ALONE
     ran = ("verifier", "target")
     assert free.winner.chain != ran
-    est.observe_calibration(ran, 8.0, 5.0, 5.0, (2,))
-    est.observe_calibration(free.winner.chain, 1.0, 5.0, 5.0, free.winner.k)  # another load: does not count
+    est.observe_calibration(ran, 8.0, 5.0, 5.0, (2,))  # chains that never ran do not compete
     choice = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
     assert {p.chain for p in choice.ranking} == {ran, TARGET_ALONE}
     assert choice.winner.chain in (ran, TARGET_ALONE) and choice.ranking[0].k in ((2,), ())
@@ -436,18 +435,21 @@ def test_each_class_takes_the_chain_it_ran_fastest_on():
     assert est.realised_tpot(code, (4,), 1.0, "code-long") == est.realised_tpot(code, (4,), 1.0)
 
 
-def test_a_chain_that_ran_one_load_lower_competes_at_what_it_realised_there():
+def test_a_chain_that_ran_at_another_load_competes_at_the_model_there_scaled_by_its_realised_ratio():
     est = synthetic(PROFILE, ALPHAS)
     fast, slow = ("drafter-code", "target"), ("drafter-code", "verifier", "target")
+    model = {b: predict(fast, (4,), "code-short", est, b, calibrated=False).model_ms for b in (1.0, 4.0)}
     for _ in range(3):
-        est.observe_calibration(fast, 1.0, 2.5, 2.5, (4,), "code-short")       # batch 1 only
-        est.observe_calibration(slow, 2.0, 30.0, 10.0, (4, 4), "code-short")  # batch 2
-        est.observe_calibration(TARGET_ALONE, 2.0, 4.5, 4.5, (), "code-short")
-    choice = decide("code-short", est, CHAINS, K_MAX, batch=2.0, measured_only=True)
-    assert (choice.winner.chain, choice.winner.ms_per_token) == (fast, 2.5)
+        est.observe_calibration(fast, 1.0, 0.5 * model[1.0], model[1.0], (4,), "code-short")  # batch 1 only: half the model
+        est.observe_calibration(slow, 4.0, 30.0, 10.0, (4, 4), "code-short")  # batch 4
+        est.observe_calibration(TARGET_ALONE, 4.0, 9.0, 9.0, (), "code-short")
+    assert est.realised_tpot(fast, (4,), 4.0, "code-short") is None  # two buckets up: never ran there
+    choice = decide("code-short", est, CHAINS, K_MAX, batch=4.0, measured_only=True)
+    assert choice.winner.chain == fast and choice.winner.ms_per_token == pytest.approx(0.5 * model[4.0])
     assert {p.chain for p in choice.ranking} == {fast, slow, TARGET_ALONE}
-    # two buckets lower is too far: at batch 4 the fast chain has not run
-    assert est.realised_tpot_near(fast, (4,), 4.0, "code-short") is None
+    assert est.ratio_nearest(fast, (4,), 4.0, "code-short") == pytest.approx(0.5)
+    assert est.ratio_nearest(fast, (4,), 1.0, "code-short") is None  # it ran here: realised_tpot answers
+    assert est.ratio_nearest(fast, (3,), 4.0) is None  # this k never ran
 
 
 def test_exploration_reaches_chains_that_never_ran_when_only_measured_ones_compete():

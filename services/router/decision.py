@@ -27,10 +27,12 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    its own best k on it), against the target alone with the same margin.
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
-outcomes at this load, only they (and the target alone) compete, each at the TPOT it
-realised there, the class's own from two outcomes on (code and prose, short and long
-prompts, do not cost the same on one chain); one that ran only one load bucket lower
-competes at what it realised there (a lower bound: it runs, and is measured here). The model's prediction, even calibrated, is
+outcomes, only they (and the target alone) compete: at this load, each at the TPOT it
+realised here, the class's own from two outcomes on (code and prose, short and long
+prompts, do not cost the same on one chain); one that ran only at other loads at the
+model's prediction here times what it realised over the model's prediction at the nearest
+load it ran at (the model carries the load; the ratio, the chain's own error). The
+model's prediction, calibrated from other chains or other k, is
 a guess each request pays for when it is wrong (the calibration of a k never run is
 borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
 replaced by the next one); what has not run here is reached by exploration, which draws
@@ -119,10 +121,11 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
            explore_until: int = 10, explore_stale_s: float = 600.0) -> Choice:
     """The assignment for `request_class` under the current estimates (pure, no I/O).
 
-    `measured_only`: only candidates whose (chain, k) has realised outcomes at this load
-    (and the target alone), when there are any, each at its realised TPOT there (the
-    class's own when it has enough): a k never run there is a guess every request would
-    pay for, and the model's error moves with its step fits. Exploration tries chains of
+    `measured_only`: only candidates whose (chain, k) has realised outcomes (and the target
+    alone), when there are any, each at its realised TPOT at this load (the class's own
+    when it has enough), or the model's here scaled by its realised ratio at the nearest
+    load it ran at: a k never run is a guess every request would pay for, and the model's
+    error moves with its step fits. Exploration tries chains of
     the model's ranking with fewer than `explore_until` outcomes at this load, or none for
     `explore_stale_s`.
     """
@@ -137,17 +140,22 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
 
     preds: list[Prediction] | None = None
     if measured_only:
-        realised = {}
+        realised, elsewhere = {}, {}
         for chain, ks in pool:
-            tpot = estimates.realised_tpot_near(chain, ks, batch, request_class)
+            tpot = estimates.realised_tpot(chain, ks, batch, request_class)
             if tpot is not None:
                 realised[(chain, ks)] = tpot
-        if any(chain != TARGET_ALONE for chain, _ in realised):
+            elif (ratio := estimates.ratio_nearest(chain, ks, batch, request_class)) is not None:
+                elsewhere[(chain, ks)] = ratio
+        if any(chain != TARGET_ALONE for chain, _ in [*realised, *elsewhere]):
             preds = []
             for chain, ks in pool:
                 if (chain, ks) in realised:  # what it cost at this load, not what the model says now
                     p, tpot = predict(chain, ks, request_class, estimates, batch), realised[(chain, ks)]
                     preds.append(replace(p, ms_per_token=tpot, calibration=tpot / max(p.model_ms, 1e-9)))
+                elif (chain, ks) in elsewhere:  # the model here, scaled by what it realised at another load
+                    p, ratio = predict(chain, ks, request_class, estimates, batch), elsewhere[(chain, ks)]
+                    preds.append(replace(p, ms_per_token=p.model_ms * ratio, calibration=ratio))
                 elif chain == TARGET_ALONE:
                     preds.append(predict(chain, ks, request_class, estimates, batch))
     if preds is None:

@@ -334,19 +334,31 @@ class Estimates:
         """The realised outcomes of this chain with these ks at this load (empty if none)."""
         return self.calibration_k.get(self._k_key(chain, ks, batch)) or Calibration()
 
-    def realised_tpot_near(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
-                           request_class: str = "") -> float | None:
-        """`realised_tpot` at this load, else at the load bucket just below (a lower bound).
+    def ratio_nearest(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
+                      request_class: str = "") -> float | None:
+        """Realised over modelled TPOT of this (chain, k) at the nearest load bucket it ran at
+        (the nearer lower one on a tie), the class's own from `CLASS_MIN_OUTCOMES`; None if
+        it never ran, or ran here (`realised_tpot` answers then).
 
-        A load where little has run yet (the tail of a slow chain's wave) should not leave
-        the target alone against the slow chains only: a (chain, k) that ran one bucket
-        lower competes at what it realised there, runs, and is then measured here.
+        A load where little has run yet (a lull after a slow chain's wave, a burst) should not
+        leave the target alone against the few chains that ran there: a (chain, k) that ran
+        at another load competes at the model's prediction here times what it realised over
+        the model's prediction there: the model carries the load, the ratio the chain's error.
         """
-        here = self.realised_tpot(chain, ks, batch, request_class)
-        bucket = load_bucket(batch)
-        if here is not None or bucket == 0:
-            return here
-        return self.realised_tpot(chain, ks, BUCKET_BATCH[bucket - 1], request_class)
+        here = load_bucket(batch)
+        chain = tuple(canonical(c) for c in chain)
+        for distance in range(1, len(BUCKET_BATCH)):
+            for bucket in (here - distance, here + distance):
+                if not 0 <= bucket < len(BUCKET_BATCH):
+                    continue
+                key = (chain, tuple(ks), bucket)
+                own = self.calibration_class.get((*key, request_class)) if request_class else None
+                if own is not None and own.observations >= CLASS_MIN_OUTCOMES and own.weight > 0:
+                    return own.ratio_sum / own.weight
+                mine = self.calibration_k.get(key)
+                if mine is not None and mine.weight > 0:
+                    return mine.ratio_sum / mine.weight
+        return None
 
     @staticmethod
     def _k_key(chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> tuple:
