@@ -110,3 +110,28 @@ def test_each_repeat_starts_the_static_configurations_somewhere_else():
     statics = ["a", "b", "c"]
     assert [order(statics, r)[0] for r in range(4)] == ["a", "b", "c", "a"]
     assert sorted(order(statics, 2)) == statics and order([], 1) == []
+
+
+
+def test_static_chains_wait_for_the_router_to_see_every_worker(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    import shared.cli.router_cmd as router_cmd
+    from shared.cli.adaptive_bench import _available_chains
+
+    seen = [["verifier"], ["verifier", "drafter-code"], ["verifier", "drafter-code", "drafter-prose"]]
+    calls = []
+
+    async def ask(settings):
+        calls.append(1)
+        return SimpleNamespace(load={"available_models": seen[min(len(calls), len(seen)) - 1]})
+
+    monkeypatch.setattr(router_cmd, "ask_router", ask)
+    chains = asyncio.run(_available_chains(None, wait_s=30.0, every_s=0.0))
+    assert len(calls) == 3  # asked until every model a served chain needs was up
+    assert {"ngram,target", "verifier,target", "drafter-code,target", "fused,target", "fused,verifier,target"} <= set(chains)
+    calls.clear()
+    seen[:] = [["verifier"]]
+    only = asyncio.run(_available_chains(None, wait_s=0.0))  # a worker that never shows: left out after the wait
+    assert "verifier,target" in only and not any("drafter" in c or "fused" in c for c in only)

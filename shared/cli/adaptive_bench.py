@@ -95,20 +95,37 @@ async def _run(client, prompts: list[str], config: str, concurrency: int, max_to
     return {"results": results, "errors": errors, "seconds": time.perf_counter() - t0}
 
 
-async def _available_chains(settings) -> list[str]:
-    """Served chains whose models the router sees up (every served chain if it cannot say)."""
+async def _available_chains(settings, wait_s: float = 15.0, every_s: float = 1.0) -> list[str]:
+    """Served chains whose models the router sees up (every served chain if it cannot say).
+
+    Right after `make up` the router may not have discovered every worker yet: while a model
+    some served chain needs is missing, ask again each second for up to `wait_s`, so a
+    static chain is not left out of the comparison because its worker answered late (asked
+    every `every_s`).
+    """
     from services.router.decision import served_chains
     from shared.cli.router_cmd import ask_router
+    from shared.engine.build import models_of
 
-    chains = [",".join(c) for c in served_chains() if c != ("target",)]
-    try:
-        models = (await ask_router(settings)).load.get("available_models")
-    except Exception:
-        models = None
-    if models is None:
-        return chains
+    served = [c for c in served_chains() if c != ("target",)]
+    needed = {m for chain in served for name in chain for m in models_of(name)} - {"ngram", "target"}
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            models = (await ask_router(settings)).load.get("available_models")
+        except Exception:
+            models = None
+        if models is None:
+            return [",".join(c) for c in served]
+        missing = needed - set(models)
+        if not missing or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(every_s)
+    if missing:
+        typer.secho(f"note: the router sees no {', '.join(sorted(missing))}; chains needing them are left out",
+                    err=True, fg="yellow")
     up = set(models) | {"ngram", "target"}
-    return [c for c in chains if set(c.split(",")) <= up]
+    return [",".join(c) for c in served if {m for name in c for m in models_of(name)} <= up]
 
 
 def order(statics: list[str], repeat: int) -> list[str]:
