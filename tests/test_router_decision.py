@@ -463,7 +463,7 @@ def test_exploration_reaches_chains_that_never_ran_when_only_measured_ones_compe
     assert picks - {ran, TARGET_ALONE}  # chains with no outcome here are tried
 
 
-def test_the_batch_decisions_use_is_held_through_a_lull():
+def test_the_batch_is_held_through_a_lull():
     est = Estimates()
     est.observe_profile(StepProfile("t1", 1.0, 16, 0), now=100.0)
     est.observe_profile(StepProfile("t1", 1.0, 4, 0), now=101.0)
@@ -480,8 +480,9 @@ def test_a_burst_after_a_lull_gets_the_under_load_table():
     from services.router.service import Router
     from shared.settings import RouterSettings, Settings
 
-    def router(hold_s: float) -> Router:
-        r = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0, shared_chain_batch=1.5, load_hold_s=hold_s)),
+    def router(hold_s: float, explore_rate: float = 0.0) -> Router:
+        r = Router(Settings(router=RouterSettings(explore_rate=explore_rate, explore_depth_rate=0.0,
+                                                  shared_chain_batch=1.5, load_hold_s=hold_s)),
                    store=None, params={}, seed=0)
         r.chains = CHAINS
         r.estimates = synthetic(PROFILE, ALPHAS)
@@ -492,6 +493,10 @@ def test_a_burst_after_a_lull_gets_the_under_load_table():
     assert all(c.shared for c in router(30.0).decide_all().values())
     assert not any(c.shared for c in router(0.0).decide_all().values())
     assert router(30.0).explain().load["held_batch"] == 8.0
+    # the under-load rules, at the load of now: one chain, no trials, costs at batch 1
+    held = router(30.0, explore_rate=1.0).decide_all()
+    assert all(c.shared and not c.explored and c.winner.batch == 1.0 for c in held.values())
+    assert any(c.explored for c in router(0.0, explore_rate=1.0).decide_all().values())
 
 
 def test_calibration_per_k_is_shrunk_to_its_chains():

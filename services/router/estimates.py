@@ -383,9 +383,9 @@ class Estimates:
     def held_batch(self, hold_s: float, now: float | None = None) -> float:
         """The highest batch seen in the last `hold_s` seconds (at least the current one).
 
-        Deciding at it keeps the table on its under-load choice through the short lulls of a
-        loaded period: requests arriving together at the end of one take the table of that
-        moment and keep it for their whole life.
+        While it is at the shared-chain batch the router keeps its under-load rules through
+        a lull of a loaded period: requests arriving together at the end of one take the
+        table of that moment and keep it for their whole life.
         """
         now = time.monotonic() if now is None else now
         while self.batches and now - self.batches[0][0] > hold_s:

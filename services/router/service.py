@@ -151,8 +151,11 @@ class Router:
     # -- deciding ------------------------------------------------------------------------
     def decide_all(self, explore: bool = True) -> dict[str, Choice]:
         cfg = self.cfg
-        batch = self.estimates.held_batch(cfg.load_hold_s)
-        chain_rate = cfg.explore_rate if explore and batch <= cfg.explore_max_batch else 0.0
+        # Decided at the current load, but a lull within `load_hold_s` of a loaded moment keeps
+        # the under-load rules (one chain for every class, no chain trials): a burst landing in
+        # it must not be split over per-class chains and trials it keeps for life.
+        batch, held = self.estimates.batch(), self.estimates.held_batch(cfg.load_hold_s)
+        chain_rate = cfg.explore_rate if explore and held <= cfg.explore_max_batch else 0.0
         depth_rate = cfg.explore_depth_rate if explore else 0.0  # the same chain: at any load
         choices = {}
         for cls in (*CLASSES, DEFAULT_CLASS):
@@ -160,7 +163,7 @@ class Router:
                                   self.available, chain_rate if cls != DEFAULT_CLASS else 0.0,
                                   self.rng, batch, measured_only=True,
                                   explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
-        if batch >= cfg.shared_chain_batch:
+        if held >= cfg.shared_chain_batch:
             choices = shared(choices, batch, cfg.margin)
         choices = {cls: explore_depth(c, self.estimates, batch, cfg.k_max, self.rng,
                                       depth_rate if cls != DEFAULT_CLASS else 0.0, cfg.explore_until, cfg.explore_stale_s)
@@ -203,7 +206,7 @@ class Router:
         choices = self.choices or self.decide_all(explore=False)
         classes = {cls: c.as_dict() for cls, c in choices.items() if not request_class or cls == request_class}
         load = self.estimates.summary()
-        load["held_batch"] = round(self.estimates.held_batch(self.cfg.load_hold_s), 3)  # what decisions use
+        load["held_batch"] = round(self.estimates.held_batch(self.cfg.load_hold_s), 3)  # keeps the under-load rules
         load["available_models"] = sorted(self.available) if self.available is not None else None
         load["chains"] = [",".join(c) for c in self.chains]
         load["settings"] = self.cfg.model_dump()
