@@ -150,14 +150,15 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         if any(chain != TARGET_ALONE for chain, _ in [*realised, *elsewhere]):
             preds = []
             for chain, ks in pool:
-                if (chain, ks) in realised:  # what it cost at this load, not what the model says now
-                    p, tpot = predict(chain, ks, request_class, estimates, batch), realised[(chain, ks)]
-                    preds.append(replace(p, ms_per_token=tpot, calibration=tpot / max(p.model_ms, 1e-9)))
-                elif (chain, ks) in elsewhere:  # the model here, scaled by what it realised at another load
-                    p, ratio = predict(chain, ks, request_class, estimates, batch), elsewhere[(chain, ks)]
-                    preds.append(replace(p, ms_per_token=p.model_ms * ratio, calibration=ratio))
-                elif chain == TARGET_ALONE:
-                    preds.append(predict(chain, ks, request_class, estimates, batch))
+                key = (chain, ks)
+                if key not in realised and key not in elsewhere and chain != TARGET_ALONE:
+                    continue
+                p = predict(chain, ks, request_class, estimates, batch)
+                if key in realised:  # what it cost at this load, not what the model says now
+                    p = replace(p, ms_per_token=realised[key], calibration=realised[key] / max(p.model_ms, 1e-9))
+                elif key in elsewhere:  # the model here, scaled by what it realised at another load
+                    p = replace(p, ms_per_token=p.model_ms * elsewhere[key], calibration=elsewhere[key])
+                preds.append(p)
     if preds is None:
         preds = modelled_all()
     ranking = best_per_chain(preds)
