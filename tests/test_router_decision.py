@@ -622,3 +622,23 @@ def test_the_router_explores_depth_under_load_on_the_shared_chain():
             continue
         assert c.explored and c.shared and c.winner.chain == plain[cls].chain
         assert sum(abs(a - b) for a, b in zip(c.winner.k, plain[cls].k)) == 1  # one step on one level
+
+
+def test_once_chains_ran_the_model_predicts_only_them_unless_exploring(monkeypatch):
+    import services.router.decision as decision
+
+    est = synthetic(PROFILE, ALPHAS)
+    for ks in ((3,), (4,)):
+        est.observe_calibration(("drafter-code", "target"), 1.0, 2.0, 2.0, ks, "code-short")
+    calls = []
+    real = decision.predict
+    monkeypatch.setattr(decision, "predict", lambda *a, **kw: calls.append(a[:2]) or real(*a, **kw))
+    pool = len(candidates(CHAINS, K_MAX))
+    choice = decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
+    assert choice.winner.chain == ("drafter-code", "target") and len(calls) == 3  # two measured k, the target alone
+    calls.clear()
+    decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True, explore_rate=1.0, rng=random.Random(0))
+    assert len(calls) == 3 + pool  # a trial draws from the model's ranking of every candidate
+    calls.clear()
+    decide("code-short", Estimates(), CHAINS, K_MAX, batch=1.0, measured_only=True)
+    assert len(calls) == pool  # nothing ran: the model decides

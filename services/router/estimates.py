@@ -323,12 +323,17 @@ class Estimates:
         The class's own once it has `CLASS_MIN_OUTCOMES` there (code and prose, short and long
         prompts, do not cost the same on one chain), else every class's.
         """
-        key = self._k_key(chain, ks, batch)
+        realised = self._realised(self._k_key(chain, ks, batch), request_class)
+        return realised.tpot_ms if realised is not None else None
+
+    def _realised(self, key: tuple, request_class: str) -> Calibration | None:
+        """The outcomes of (chain, ks, bucket) `key` to go by: the class's own from
+        `CLASS_MIN_OUTCOMES`, else every class's; None if it never ran there."""
         own = self.calibration_class.get((*key, request_class)) if request_class else None
         if own is not None and own.observations >= CLASS_MIN_OUTCOMES:
-            return own.tpot_ms
+            return own
         mine = self.calibration_k.get(key)
-        return mine.tpot_ms if mine is not None and mine.observations > 0 else None
+        return mine if mine is not None and mine.observations > 0 else None
 
     def depth_calibration(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> Calibration:
         """The realised outcomes of this chain with these ks at this load (empty if none)."""
@@ -351,13 +356,9 @@ class Estimates:
             for bucket in (here - distance, here + distance):
                 if not 0 <= bucket < len(BUCKET_BATCH):
                     continue
-                key = (chain, tuple(ks), bucket)
-                own = self.calibration_class.get((*key, request_class)) if request_class else None
-                if own is not None and own.observations >= CLASS_MIN_OUTCOMES and own.weight > 0:
-                    return own.ratio_sum / own.weight
-                mine = self.calibration_k.get(key)
-                if mine is not None and mine.weight > 0:
-                    return mine.ratio_sum / mine.weight
+                realised = self._realised((chain, tuple(ks), bucket), request_class)
+                if realised is not None:
+                    return realised.ratio_sum / realised.weight
         return None
 
     @staticmethod

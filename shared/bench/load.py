@@ -102,13 +102,18 @@ class LoadConfig:
 
     def schedule(self, process: str, rate: float, round_: int = 0) -> list[tuple[float, int]]:
         """The same arrival times for every mode of a (process, rate) cell in one round."""
-        seed = _seed(self.seed + round_ * 7919, process, rate)
+        seed = _seed(round_seed(self.seed, round_), process, rate)
         times = self.arrivals(process, rate).times(self.duration_s, seed, self.max_requests)
         return [(t, 0) for t in times]
 
     def phased_schedule(self) -> list[tuple[float, int]]:
         phases = [(Arrivals("poisson", r), self.phase_s) for r in self.phased_rates]
         return phased_times(phases, seed=self.seed + 1000, max_requests=self.max_requests * len(phases))
+
+
+def round_seed(seed: int, round_: int) -> int:
+    """The run's seed for one round of `--repeats` (round 0: the seed itself)."""
+    return seed + round_ * 7919
 
 
 def _seed(seed: int, process: str, rate: float) -> int:
@@ -210,7 +215,7 @@ async def run_schedule(client, schedule: list[tuple[float, int]], mode: Mode, pr
     Prompts are drawn by a generator seeded with `cfg.seed` and the round, so every mode of
     a cell sends the same prompts at the same times.
     """
-    rng = random.Random(cfg.seed + round_ * 7919)
+    rng = random.Random(round_seed(cfg.seed, round_))
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     records: list[RequestRecord] = []

@@ -55,7 +55,8 @@ def _levels(c: dict) -> str:
 def format_explanation(data: dict, show_all: bool = False) -> str:
     load = data.get("load", {})
     store = data.get("store", {})
-    lines = [f"router table version {data['version']}  batch {load.get('batch')} (decided at {load.get('held_batch')})  outcomes {load.get('outcomes')}  "
+    lines = [f"router table version {data['version']}  batch {load.get('batch')} "
+             f"(held {load.get('held_batch')} for the under-load rules)  outcomes {load.get('outcomes')}  "
              f"profiles {load.get('profiles')}  served models {load.get('available_models')}",
              f"history: written {store.get('written')}  buffered {store.get('buffered')}  dropped {store.get('dropped')}  "
              f"database up {store.get('database_up')}",
