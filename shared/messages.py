@@ -286,6 +286,20 @@ class Assignment:
 
 
 @dataclass
+class LoadTable:
+    """The assignments the router would make at a higher load than the current one.
+
+    A gateway that has at least `min_batch` requests per target worker in flight itself
+    (a burst the router has not seen yet) takes this table instead of the current one.
+    """
+
+    min_batch: float  # from this many requests in flight per target worker
+    batch: float  # the load it was decided at
+    assignments: list[Assignment] = field(default_factory=list)
+    default: Assignment | None = None
+
+
+@dataclass
 class Assignments:
     """The router's current table; the gateway caches the newest version."""
 
@@ -293,6 +307,9 @@ class Assignments:
     version: int
     assignments: list[Assignment] = field(default_factory=list)
     default: Assignment | None = None  # for classes without an entry
+    batch: float = 1.0  # the mean batch per target worker the table was decided at
+    targets: int = 0  # target workers reporting their load (0: none yet)
+    by_load: list[LoadTable] = field(default_factory=list)  # loads above `batch`, lowest first
 
 
 @dataclass

@@ -11,6 +11,7 @@ import gzip
 import json
 import math
 import statistics
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -19,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.bench.arrivals import Arrivals, phased_times
-from shared.bench.load import LoadConfig, Mode, check_loopback, planned_requests, run_load, run_schedule, send
+from shared.bench.load import (
+    LoadConfig, Mode, balanced_orders, check_loopback, planned_requests, run_load, run_schedule, send,
+)
 from shared.bench.report import link_readme, results, targets, write_report
 from shared.bench.stats import (
     RequestRecord, Slo, acceptance, cell_stats, chain_label, goodput, percentile, slo_attainment, summary,
@@ -91,15 +94,26 @@ def test_every_mode_of_a_cell_gets_the_same_schedule():
     assert cfg.schedule("gamma", 4.0, 1) == cfg.schedule("gamma", 4.0, 1) != cfg.schedule("gamma", 4.0, 0)
 
 
-def test_rounds_run_every_mode_once_each_in_an_order_rotated_round_to_round():
+def test_rounds_run_every_mode_once_each_and_change_who_follows_whom():
     cfg = LoadConfig(url="http://127.0.0.1:1", rates=[1.0, 8.0], modes=["off", "drafter,target", "adaptive"],
                      processes=["poisson"], repeats=3)
     rounds = cfg.rounds()
     assert len(rounds) == 2 * 3 * 3 and [r[:2] for r in rounds] == [("poisson", 1.0)] * 9 + [("poisson", 8.0)] * 9
     by_round = [[m for _, rate, i, m in rounds if rate == 1.0 and i == n] for n in range(3)]
-    assert by_round == [["off", "drafter,target", "adaptive"], ["drafter,target", "adaptive", "off"],
-                        ["adaptive", "off", "drafter,target"]]
+    assert by_round == [["off", "drafter,target", "adaptive"], ["adaptive", "drafter,target", "off"],
+                        ["drafter,target", "adaptive", "off"]]
     assert [m for *_, m in LoadConfig(url="", modes=["off", "adaptive"]).rounds()] == ["off", "adaptive"] * 8
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_balanced_orders_put_every_mode_after_every_other_equally_often(n):
+    orders = balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 or n == 1 else 2 * n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert set(follows.values()) <= {1 if n % 2 == 0 else 2}
+    assert orders[0][0] == 0
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -272,7 +286,7 @@ async def test_a_cell_pools_its_rounds_and_the_modes_alternate(monkeypatch):
                      processes=["poisson"], duration_s=0.4, max_tokens=8, repeats=2, phase_s=0.0)
     raw = await run_load(cfg)
     runs = [m for i, m in enumerate(sent) if i == 0 or sent[i - 1] != m]
-    assert runs == ["off", "drafter,target", "adaptive", "drafter,target", "adaptive", "off"]
+    assert runs == ["off", "drafter,target", "adaptive", "drafter,target", "off"]  # round 2 mirrors round 1
     assert [(c["mode"], c["rounds"]) for c in raw["cells"]] == [("off", 2), ("drafter,target", 2), ("adaptive", 2)]
     per_round = [len(cfg.schedule("poisson", 20.0, i)) for i in range(2)]
     assert min(per_round) > 0 and 3 * sum(per_round) == planned_requests(cfg)

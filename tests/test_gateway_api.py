@@ -319,7 +319,7 @@ ALTERNATIVES = [Candidate(["drafter", "target"], [3], 600.0), Candidate(["target
 ])
 async def test_a_request_with_its_own_slo_runs_on_the_cheapest_chain_predicted_to_meet_it(
         client, backend, assigned, slo, chain, k, met):
-    backend.assignment = lambda request_class: assigned
+    backend.assignment = lambda request_class, request_id="": assigned
     backend.delay_s = 0.0 if met is not False else 0.05  # 50 ms between batches of 3: 10 ms per token > 2
     spec = {"slo_tpot_ms": slo} if slo else {}
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 6, "speculation": spec})

@@ -1,5 +1,6 @@
-"""The gateway's backend keeps a stalled request alive while no target takes it (pure logic;
-an in-memory stand-in for NATS). The real NATS restart is in tests/test_faults.py."""
+"""The gateway's backend keeps a stalled request alive while no target takes it, and picks the
+router's table for the load its own requests make (pure logic; an in-memory stand-in for
+NATS). The real NATS restart is in tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from types import SimpleNamespace
 
 import nats.errors
 
-from services.gateway.backend import NatsBackend
-from shared.messages import SUBJECT_GENERATE, SUBJECT_TOKENS, GenerateJob, RequestState, TokenBatch, decode, encode
+from services.gateway.backend import NatsBackend, table_for
+from shared.messages import (
+    SUBJECT_GENERATE, SUBJECT_TOKENS, Assignment, Assignments, GenerateJob, LoadTable, RequestState, TokenBatch, decode,
+    encode,
+)
 from shared.settings import Settings
 
 
@@ -47,8 +51,47 @@ class FlakyBus:
 async def test_a_stalled_request_waits_out_a_time_with_no_target():
     bus = FlakyBus(outage=2)
     backend = NatsBackend.__new__(NatsBackend)
-    backend.settings, backend.nc, backend.stall_s = Settings(), bus, 0.05
+    backend.settings, backend.nc, backend.stall_s, backend.in_flight = Settings(), bus, 0.05, {}
     job = GenerateJob("r1", [1, 2, 3], max_tokens=2)
     batches = [b async for b in backend.generate(job)]
     assert [t for b in batches for t in b.tokens] == [7, 8] and batches[-1].finished
     assert len(bus.submits) == 4  # taken, two offers nobody took, taken again
+
+
+def load_tables() -> Assignments:
+    """Idle: drafter-code for code; from 1.5 requests per target ngram for everything, from 11.5 the target alone."""
+    def table(chain: list[str], k: list[int]) -> list[Assignment]:
+        return [Assignment(cls, chain, k, 1.0, "shared") for cls in ("code-short", "prose-short")]
+
+    return Assignments(1, [Assignment("code-short", ["drafter-code", "target"], [4], 1.0, "cost")],
+                       Assignment("default", ["ngram", "target"], [4], 1.0, "cost"), batch=1.0, targets=2,
+                       by_load=[LoadTable(1.5, 2.0, table(["ngram", "target"], [3])),
+                                LoadTable(11.5, 16.0, table(["target"], []))])
+
+
+def test_the_load_a_gateways_own_requests_make_picks_the_table():
+    table = load_tables()
+    assert table_for(table, 1) is table and table_for(table, 2) is table  # 1 per target: the router's load
+    assert table_for(table, 3).min_batch == 1.5 and table_for(table, 22).min_batch == 1.5
+    assert table_for(table, 23).min_batch == 11.5
+    table.batch = 16.0  # the router already decided at this load: its table stands
+    assert table_for(table, 100) is table
+
+
+async def test_a_burst_takes_the_under_load_assignments_and_a_finished_request_stops_counting():
+    bus = FlakyBus(outage=0)
+    backend = NatsBackend.__new__(NatsBackend)
+    backend.settings, backend.nc, backend.stall_s, backend.in_flight = Settings(), bus, 0.05, {}
+    backend.table = None
+    assert backend.assignment("code-short", "r0") is None  # before the router has spoken: counted all the same
+    backend.table = load_tables()
+    burst = [backend.assignment("code-short", f"r{i}").chain for i in range(1, 24)]
+    assert burst[:1] == [["drafter-code", "target"]]  # with r0, 2 in flight over 2 targets: the router's load
+    assert burst[1:21] == [["ngram", "target"]] * 20 and burst[21:] == [["target"]] * 2
+    assert backend.assignment("prose-short").chain == ["target"]  # an unnamed lookup counts nothing
+    job = GenerateJob("r0", [1, 2, 3], max_tokens=2)
+    assert [t for b in [b async for b in backend.generate(job)] for t in b.tokens] == [7, 8]
+    assert "r0" not in backend.in_flight and len(backend.in_flight) == 23
+    backend.in_flight = {rid: t - 1e6 for rid, t in backend.in_flight.items()}  # planned, never generated: expire
+    assert backend.assignment("code-short", "r99").chain == ["drafter-code", "target"]
+    assert list(backend.in_flight) == ["r99"]

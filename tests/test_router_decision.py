@@ -642,3 +642,48 @@ def test_once_chains_ran_the_model_predicts_only_them_unless_exploring(monkeypat
     calls.clear()
     decide("code-short", Estimates(), CHAINS, K_MAX, batch=1.0, measured_only=True)
     assert len(calls) == pool  # nothing ran: the model decides
+
+
+def test_the_table_carries_the_under_load_assignments_of_each_higher_load():
+    from services.router.service import Router
+    from shared.messages import Assignments, decode, encode
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0, shared_chain_batch=1.5)),
+                    store=None, params={}, seed=0)
+    router.chains = CHAINS
+    router.estimates = synthetic(PROFILE, ALPHAS, live=1)
+    assert router.table().by_load == []  # nothing ran: no load tables (the model alone would decide them)
+    code = ("drafter-code", "target")
+    for cls in ("code-short", "prose-short"):
+        for _ in range(3):
+            router.estimates.observe_calibration(code, 1.0, 2.0, 5.0, (4,), cls)  # idle: the drafter wins
+            router.estimates.observe_calibration(TARGET_ALONE, 1.0, 8.0, 8.0, (), cls)
+            router.estimates.observe_calibration(code, 16.0, 40.0, 5.0, (4,), cls)  # at batch 16 it is slower
+            router.estimates.observe_calibration(TARGET_ALONE, 16.0, 20.0, 8.0, (), cls)  # than the target alone
+    table = decode(encode(router.table()), Assignments)
+    assert (table.batch, table.targets) == (1.0, 1)
+    assert {a.request_class: tuple(a.chain) for a in table.assignments}["code-short"] == code
+    assert [t.min_batch for t in table.by_load] == [1.5, 2.5, 5.5, 11.5]
+    assert [t.batch for t in table.by_load] == [2.0, 4.0, 8.0, 16.0]
+    loaded = table.by_load[-1]
+    assert {tuple(a.chain) for a in loaded.assignments} == {TARGET_ALONE}  # one chain for every class: measured
+    assert all(a.alternatives and len(a.alternatives) == 1 for a in loaded.assignments)
+    assert "from batch 11.5 (decided at 16)" in router.explain().load["by_load"]
+    # Only loads above the current one, and only under load (from shared_chain_batch).
+    router.estimates.load["t1"] = (1e18, 4, 0)
+    assert [t.min_batch for t in router.table().by_load] == [5.5, 11.5]
+    router.cfg = router.cfg.model_copy(update={"shared_chain_batch": 6.0})
+    assert [t.min_batch for t in router.table().by_load] == [11.5]
+
+
+def test_a_chain_that_never_ran_borrows_the_model_error_of_the_nearest_load_measured():
+    est = synthetic(PROFILE, ALPHAS)
+    assert est.calibration_ratio(TARGET_ALONE, 16.0, ()) == 1.0  # nothing measured anywhere: the model
+    chain = ("drafter-code", "target")
+    est.observe_calibration(chain, 1.0, 20.0, 10.0, (4,))  # the model is 2x optimistic at batch 1
+    assert est.calibration_ratio(TARGET_ALONE, 1.0, ()) == pytest.approx(2.0)  # the chains measured here
+    assert est.calibration_ratio(TARGET_ALONE, 16.0, ()) == pytest.approx(2.0)  # the nearest load measured
+    est.observe_calibration(chain, 4.0, 15.0, 10.0, (4,))
+    assert est.calibration_ratio(TARGET_ALONE, 16.0, ()) == pytest.approx(1.5)  # batch 4 is nearer than 1
+    assert est.calibration_ratio(chain, 16.0, (4,)) == pytest.approx(1.75)  # a chain that ran: its own, elsewhere

@@ -7,6 +7,7 @@ another target replica if the one serving the request dies.
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator, Protocol
 
 from shared.messages import GenerateJob, TokenBatch
@@ -37,6 +38,21 @@ class Backend(Protocol):
         """Stop a generation (client gone, stop string hit); frees its KV everywhere."""
 
 
+def table_for(table, in_flight: int):
+    """The part of the router's `Assignments` for `in_flight` requests of this gateway.
+
+    The current table, unless those requests per target worker reach a load table above the
+    load the current one was decided at: then the highest such table (a burst this gateway
+    sees before the router's next publication does). One gateway sees only its own requests.
+    """
+    load = in_flight / max(1, table.targets)
+    chosen = table
+    for candidate in table.by_load:
+        if table.batch < candidate.min_batch <= load:
+            chosen = candidate
+    return chosen
+
+
 class NatsBackend:
     """Generation through the target workers over NATS (see docs/protocol.md)."""
 
@@ -55,6 +71,7 @@ class NatsBackend:
         self.max_context = settings.engine.max_len
         self._tokenizer = None
         self.table = None  # the router's newest Assignments
+        self.in_flight: dict[str, float] = {}  # request id -> when it was assigned, until its generation ends
 
     async def follow_router(self) -> None:
         """Cache the router's assignment table: no router round trip on the request path."""
@@ -70,14 +87,25 @@ class NatsBackend:
 
         self._router_sub = await self.nc.subscribe(SUBJECT_ASSIGNMENTS, cb=on_table)
 
-    def assignment(self, request_class: str):
-        """The router's chain and k for `request_class`, or None before the router has spoken."""
+    def assignment(self, request_class: str, request_id: str = ""):
+        """The router's chain and k for `request_class`, or None before the router has spoken.
+
+        From the table for the load this gateway's own requests in flight make (`table_for`):
+        a burst takes the router's under-load assignments at once, not a publication later.
+        `request_id` counts the request in flight until its generation ends.
+        """
+        now = time.monotonic()
+        horizon = now - self.settings.gateway.request_timeout_s  # a request planned but never generated
+        self.in_flight = {rid: t for rid, t in self.in_flight.items() if t >= horizon}
+        if request_id:
+            self.in_flight[request_id] = now
         if self.table is None:
             return None
-        for entry in self.table.assignments:
+        chosen = table_for(self.table, max(1, len(self.in_flight)))
+        for entry in chosen.assignments:
             if entry.request_class == request_class:
                 return entry
-        return self.table.default
+        return chosen.default
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -122,7 +150,6 @@ class NatsBackend:
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[TokenBatch]:
         import asyncio
-        import time
 
         from shared.messages import SUBJECT_TOKENS, decode
 
@@ -167,6 +194,7 @@ class NatsBackend:
                 batch.position, batch.tokens = len(received) - len(fresh), fresh
                 yield batch
         finally:
+            self.in_flight.pop(job.request_id, None)
             await sub.unsubscribe()
             if not finished:
                 await self.cancel(job.request_id)

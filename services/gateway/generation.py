@@ -127,7 +127,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     request_class = classify(text, len(prompt))
     lookup = getattr(backend, "assignment", None)
     with getattr(backend, "tracer", tracer(None)).start_as_current_span("router.assignment") as span:
-        assigned = lookup(request_class) if lookup else None
+        assigned = lookup(request_class, req.request_id) if lookup else None
         if span.is_recording():
             table = getattr(backend, "table", None)
             span.set_attributes({"specmesh.request_class": request_class,

@@ -203,12 +203,13 @@ def prior_step_ms(params: int | None) -> float:
     return 0.6 + params * 4 / 6e6
 
 
+BUCKET_FROM = (1.0, 1.5, 2.5, 5.5, 11.5)  # where each load bucket starts: batch 1, 2, 3-5, 6-11, 12 and more
+BUCKET_BATCH = (1.0, 2.0, 4.0, 8.0, 16.0)  # a batch in each load bucket
+
+
 def load_bucket(batch: float) -> int:
     """Load buckets for calibration: batch 1, 2, 3-5, 6-11, 12 and more."""
-    return 0 if batch < 1.5 else 1 if batch < 2.5 else 2 if batch < 5.5 else 3 if batch < 11.5 else 4
-
-
-BUCKET_BATCH = (1.0, 2.0, 4.0, 8.0, 16.0)  # a batch in each load bucket
+    return sum(batch >= start for start in BUCKET_FROM[1:])
 
 
 @dataclass
@@ -366,20 +367,41 @@ class Estimates:
         return tuple(canonical(c) for c in chain), tuple(ks), load_bucket(batch)
 
     def _chain_ratio(self, chain: tuple[str, ...], batch: float) -> float:
+        """The chain's realised/modelled ratio at this load, its prior the mean of the chains
+        measured here; where none is, the chain's own at other loads; where it never ran (the
+        target alone at a load only chains ran at), the chains' at the nearest load measured:
+        the model's error there, not none (a model taken raw beside chains carrying theirs
+        would win on its optimism alone)."""
         bucket = load_bucket(batch)
         here = [c for (ch, b), c in self.calibration.items() if b == bucket and c.weight > 0]
+        mine = [c for (ch, b), c in self.calibration.items() if ch == tuple(chain) and c.weight > 0]
         if here:
             prior = sum(c.ratio_sum for c in here) / sum(c.weight for c in here)
+        elif mine:
+            prior = sum(c.ratio_sum for c in mine) / sum(c.weight for c in mine)
         else:
-            mine = [c for (ch, b), c in self.calibration.items() if ch == tuple(chain) and c.weight > 0]
-            prior = sum(c.ratio_sum for c in mine) / sum(c.weight for c in mine) if mine else 1.0
+            prior = self._nearest_ratio(bucket)
         return self.calibration_for(chain, batch).ratio(prior)
+
+    def _nearest_ratio(self, bucket: int) -> float:
+        """The mean realised/modelled ratio over the chains at the nearest load bucket measured (1 if none)."""
+        for distance in range(1, len(BUCKET_BATCH)):
+            for b in (bucket - distance, bucket + distance):
+                there = [c for (ch, bb), c in self.calibration.items() if bb == b and c.weight > 0]
+                if there:
+                    return sum(c.ratio_sum for c in there) / sum(c.weight for c in there)
+        return 1.0
 
     def batch(self, now: float | None = None) -> float:
         """Mean requests live per busy target worker (1 when idle)."""
         now = time.monotonic() if now is None else now
         live = [v[1] for v in self.load.values() if now - v[0] <= LOAD_STALE_S]
         return max(1.0, sum(live) / len(live)) if live else 1.0
+
+    def targets(self, now: float | None = None) -> int:
+        """Target workers that reported their load lately."""
+        now = time.monotonic() if now is None else now
+        return sum(now - v[0] <= LOAD_STALE_S for v in self.load.values())
 
     def held_batch(self, hold_s: float, now: float | None = None) -> float:
         """The highest batch seen in the last `hold_s` seconds (at least the current one).

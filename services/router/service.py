@@ -21,12 +21,12 @@ import time
 
 from services.router.cost_model import predict
 from services.router.decision import Choice, decide, explore_depth, served_chains, shared
-from services.router.estimates import Estimates
+from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, load_bucket
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
 from shared.messages import (
     SUBJECT_ASSIGNMENTS, SUBJECT_EXPLAIN, SUBJECT_OUTCOME, SUBJECT_PROFILE, Assignment, Assignments, BadMessage, Candidate,
-    ExplainQuery, Explanation, LevelOutcome, ModelStep, Outcome, StepProfile, decode, encode,
+    ExplainQuery, Explanation, LevelOutcome, LoadTable, ModelStep, Outcome, StepProfile, decode, encode,
 )
 from shared.request_class import CLASSES
 from shared.service import ServiceProcess
@@ -69,6 +69,7 @@ class Router:
         self.rng = random.Random(seed)
         self.version = 0
         self.choices: dict[str, Choice] = {}
+        self.by_load: list[tuple[float, float, dict[str, Choice]]] = []  # (from batch, batch, choices) last published
         self.recorded: dict[str, tuple] = {}
 
     # -- feedback ------------------------------------------------------------------------
@@ -171,6 +172,27 @@ class Router:
         self.choices = choices
         return choices
 
+    def decide_by_load(self) -> list[tuple[float, float, dict[str, Choice]]]:
+        """The tables of the load buckets above the current one that are under load (from
+        `shared_chain_batch`): one chain for every class, no trials, decided at each bucket's
+        batch. A gateway takes one when its own requests in flight say a burst has landed
+        that the router, a publication behind, has not seen: a request keeps the chain it
+        starts with for its whole life. Empty while nothing has run (the model alone would
+        decide, at 679 predictions per class and bucket)."""
+        cfg = self.cfg
+        if not self.estimates.calibration_k:
+            return []
+        here = load_bucket(self.estimates.batch())
+        out = []
+        for bucket, batch in enumerate(BUCKET_BATCH):
+            if bucket <= here or BUCKET_FROM[bucket] < cfg.shared_chain_batch:
+                continue
+            choices = {cls: decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
+                                   self.available, batch=batch, measured_only=True)
+                       for cls in (*CLASSES, DEFAULT_CLASS)}
+            out.append((BUCKET_FROM[bucket], batch, shared(choices, batch, cfg.margin)))
+        return out
+
     def next_version(self) -> int:
         """Milliseconds since the epoch, strictly increasing: a restarted router's versions keep growing."""
         self.version = max(self.version + 1, int(time.time() * 1000))
@@ -188,8 +210,14 @@ class Router:
             return Assignment(cls, list(c.winner.chain), list(c.winner.k), round(c.winner.ms_per_token, 4), c.reason,
                               alternatives)
 
-        table = Assignments(version, [entry(cls, c) for cls, c in choices.items() if cls != DEFAULT_CLASS],
-                            entry(DEFAULT_CLASS, choices[DEFAULT_CLASS]))
+        def entries(choices: dict[str, Choice]) -> list[Assignment]:
+            return [entry(cls, c) for cls, c in choices.items() if cls != DEFAULT_CLASS]
+
+        self.by_load = self.decide_by_load()
+        table = Assignments(version, entries(choices), entry(DEFAULT_CLASS, choices[DEFAULT_CLASS]),
+                            batch=round(self.estimates.batch(), 3), targets=self.estimates.targets(),
+                            by_load=[LoadTable(start, batch, entries(c), entry(DEFAULT_CLASS, c[DEFAULT_CLASS]))
+                                     for start, batch, c in self.by_load])
         if self.store is not None:
             for cls, c in choices.items():
                 key = (c.winner.chain, c.winner.k, c.reason)
@@ -207,6 +235,9 @@ class Router:
         classes = {cls: c.as_dict() for cls, c in choices.items() if not request_class or cls == request_class}
         load = self.estimates.summary()
         load["held_batch"] = round(self.estimates.held_batch(self.cfg.load_hold_s), 3)  # keeps the under-load rules
+        load["by_load"] = {f"from batch {start:g} (decided at {batch:g})": {
+            cls: f"{','.join(c.winner.chain)} k={list(c.winner.k)}" for cls, c in choices.items()}
+            for start, batch, choices in self.by_load}
         load["available_models"] = sorted(self.available) if self.available is not None else None
         load["chains"] = [",".join(c) for c in self.chains]
         load["settings"] = self.cfg.model_dump()

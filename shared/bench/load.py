@@ -10,9 +10,10 @@ waits at most `drain_s` for the requests still running and cancels the rest (rec
 failures). Loopback only: a non-loopback URL is refused.
 
 With `repeats` > 1 each (process, rate) block runs as that many rounds of every mode, each
-mode `duration_s` per round, the modes' order rotated round to round, so a machine whose
-speed drifts during the run (other work on shared cores) weighs on every mode alike; a
-cell's statistics pool its rounds (wall time summed).
+mode `duration_s` per round, in orders where each mode follows every other one equally
+often (`balanced_orders`), so a machine whose speed drifts during the run (other work on
+shared cores), or a slow mode's aftermath, weighs on every mode alike; a cell's statistics
+pool its rounds (wall time summed).
 
 The chain a request ran on comes from the final SSE chunk (the one with `finish_reason`),
 which carries the request's `speculation: {chain, k, levels}`; `stream_options.include_usage`
@@ -92,10 +93,11 @@ class LoadConfig:
 
     def rounds(self) -> list[tuple[str, float, int, str]]:
         """(process, rate, round, mode) in run order: per (process, rate), `repeats` rounds of
-        every mode, the order rotated by one each round."""
-        n = len(self.modes)
-        return [(p, r, i, self.modes[(j + i) % n]) for p in self.processes for r in self.rates
-                for i in range(self.repeats) for j in range(n)]
+        every mode, in the orders of `balanced_orders`: a mode does not always run right after
+        the same one (a slow chain's aftermath, a warm cache, fall on different modes)."""
+        orders = balanced_orders(len(self.modes))
+        return [(p, r, i, self.modes[j]) for p in self.processes for r in self.rates
+                for i in range(self.repeats) for j in orders[i % len(orders)]]
 
     def arrivals(self, process: str, rate: float) -> Arrivals:
         return Arrivals(process, rate, self.burstiness if process == "gamma" else 1.0)
@@ -109,6 +111,20 @@ class LoadConfig:
     def phased_schedule(self) -> list[tuple[float, int]]:
         phases = [(Arrivals("poisson", r), self.phase_s) for r in self.phased_rates]
         return phased_times(phases, seed=self.seed + 1000, max_requests=self.max_requests * len(phases))
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n modes (a Williams design) in which each mode directly follows every other
+    one equally often: once over the n orders for an even n, twice over the 2n for an odd n
+    (each order then followed by its mirror, so two rounds already change who follows whom).
+    The first order starts with mode 0 and a rotation of it does not change predecessors."""
+    if n <= 1:
+        return [list(range(n))]
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]
+    square = [[(a + i) % n for a in first] for i in range(n)]
+    if n % 2 == 0:
+        return square
+    return [order for row in square for order in (row, row[::-1])]
 
 
 def round_seed(seed: int, round_: int) -> int:

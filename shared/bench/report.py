@@ -133,7 +133,7 @@ def markdown(doc: dict, images: list[str]) -> str:
              + ".", "",
              f"Open-loop arrivals for {cfg['duration_s']:g} s per cell (at most {cfg['max_requests']} requests, "
              f"{cfg['drain_s']:g} s drain)"
-             + (f", {cfg['repeats']} rounds per rate, each running every mode in an order rotated round to round; "
+             + (f", {cfg['repeats']} rounds per rate, each running every mode, each mode after every other equally often; "
                 f"a cell pools its rounds" if cfg.get("repeats", 1) > 1 else "")
              + f", gamma shape {cfg['burstiness']:g}; prompts of {cfg['prompt_chars']} "
              f"characters, code and prose mixed; {cfg['max_tokens']} tokens each, greedy, k = {cfg['k']}. "

@@ -43,7 +43,8 @@ Phased = Annotated[str, typer.Option("--phased-rates", help="Rates of the phased
 PhaseS = Annotated[float, typer.Option("--phase-duration", help="Seconds per phase; 0 skips the phased run.")]
 PhasedMode = Annotated[str, typer.Option("--phased-mode", help="Mode of the phased run.")]
 Repeats = Annotated[int, typer.Option(min=1, help="Rounds per (arrivals, rate): every mode runs --duration "
-                                                  "seconds per round, in an order rotated each round; a cell pools its rounds.")]
+                                                  "seconds per round, each mode after every other equally often; "
+                                                  "a cell pools its rounds.")]
 
 
 def _floats(value: str, what: str) -> list[float]:
