@@ -142,6 +142,8 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     if measured_only:
         realised, elsewhere = {}, {}
         for chain, ks in pool:
+            if (chain, ks) not in estimates.ran:  # never ran at any load: neither below answers
+                continue
             tpot = estimates.realised_tpot(chain, ks, batch, request_class)
             if tpot is not None:
                 realised[(chain, ks)] = tpot

@@ -255,6 +255,7 @@ class Estimates:
         self.steps: dict[str, StepTime] = {}
         self.calibration: dict[tuple[tuple[str, ...], int], Calibration] = {}
         self.calibration_k: dict[tuple[tuple[str, ...], tuple[int, ...], int], Calibration] = {}
+        self.ran: set[tuple[tuple[str, ...], tuple[int, ...]]] = set()  # (chain, ks) with an outcome at some load
         self.calibration_class: dict[tuple[tuple[str, ...], tuple[int, ...], int, str], Calibration] = {}
         self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
         self.batches: deque[tuple[float, float]] = deque()  # (when, batch) at each profile, for `held_batch`
@@ -469,6 +470,7 @@ class Estimates:
         if ks is not None:  # () for the target alone
             key = self._k_key(chain, ks, batch)
             self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms)
+            self.ran.add(key[:2])
             if request_class:
                 self.calibration_class.setdefault((*key, request_class), Calibration()).observe(realised_ms, predicted_ms)
 

@@ -180,7 +180,7 @@ class Router:
         starts with for its whole life. Empty while nothing has run (the model alone would
         decide, at 679 predictions per class and bucket)."""
         cfg = self.cfg
-        if not self.estimates.calibration_k:
+        if not self.estimates.ran:
             return []
         here = load_bucket(self.estimates.batch())
         out = []
