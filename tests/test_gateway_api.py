@@ -319,7 +319,7 @@ ALTERNATIVES = [Candidate(["drafter", "target"], [3], 600.0), Candidate(["target
 ])
 async def test_a_request_with_its_own_slo_runs_on_the_cheapest_chain_predicted_to_meet_it(
         client, backend, assigned, slo, chain, k, met):
-    backend.assignment = lambda request_class, request_id="": assigned
+    backend.assignment = lambda request_class: assigned
     backend.delay_s = 0.0 if met is not False else 0.05  # 50 ms between batches of 3: 10 ms per token > 2
     spec = {"slo_tpot_ms": slo} if slo else {}
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 6, "speculation": spec})
@@ -687,3 +687,15 @@ async def test_grpc_client_cancel_cancels_the_generation(tok):
         assert backend.cancelled == [backend.jobs[0].request_id]
     finally:
         await server.stop(None)
+
+
+async def test_only_a_request_that_passed_validation_counts_in_flight(client, backend):
+    admitted = []
+    backend.admit = admitted.append  # NatsBackend counts it until its generation ends
+    bad = [{"speculation": {"chain": "nope,target"}}, {"stop": [""]}, {"speculation": {"slo_tpot_ms": -1}}]
+    for extra in bad:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4} | extra)
+        assert r.status_code == 400, r.text
+    assert admitted == []  # refused: never in flight, so never a load the table is picked by
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+    assert r.status_code == 200 and admitted == [backend.jobs[-1].request_id]

@@ -83,15 +83,19 @@ async def test_a_burst_takes_the_under_load_assignments_and_a_finished_request_s
     backend = NatsBackend.__new__(NatsBackend)
     backend.settings, backend.nc, backend.stall_s, backend.in_flight = Settings(), bus, 0.05, {}
     backend.table = None
-    assert backend.assignment("code-short", "r0") is None  # before the router has spoken: counted all the same
+    assert backend.assignment("code-short") is None  # before the router has spoken
+    backend.admit("r0")
     backend.table = load_tables()
-    burst = [backend.assignment("code-short", f"r{i}").chain for i in range(1, 24)]
+    burst = []
+    for i in range(1, 24):
+        burst.append(backend.assignment("code-short").chain)
+        backend.admit(f"r{i}")
     assert burst[:1] == [["drafter-code", "target"]]  # with r0, 2 in flight over 2 targets: the router's load
     assert burst[1:21] == [["ngram", "target"]] * 20 and burst[21:] == [["target"]] * 2
-    assert backend.assignment("prose-short").chain == ["target"]  # an unnamed lookup counts nothing
     job = GenerateJob("r0", [1, 2, 3], max_tokens=2)
     assert [t for b in [b async for b in backend.generate(job)] for t in b.tokens] == [7, 8]
     assert "r0" not in backend.in_flight and len(backend.in_flight) == 23
     backend.in_flight = {rid: t - 1e6 for rid, t in backend.in_flight.items()}  # planned, never generated: expire
-    assert backend.assignment("code-short", "r99").chain == ["drafter-code", "target"]
+    backend.admit("r99")
     assert list(backend.in_flight) == ["r99"]
+    assert backend.assignment("code-short").chain == ["drafter-code", "target"]  # r99 and this one: 1 per target

@@ -71,7 +71,7 @@ class NatsBackend:
         self.max_context = settings.engine.max_len
         self._tokenizer = None
         self.table = None  # the router's newest Assignments
-        self.in_flight: dict[str, float] = {}  # request id -> when it was assigned, until its generation ends
+        self.in_flight: dict[str, float] = {}  # request id -> when it was planned, until its generation ends
 
     async def follow_router(self) -> None:
         """Cache the router's assignment table: no router round trip on the request path."""
@@ -87,25 +87,31 @@ class NatsBackend:
 
         self._router_sub = await self.nc.subscribe(SUBJECT_ASSIGNMENTS, cb=on_table)
 
-    def assignment(self, request_class: str, request_id: str = ""):
+    def assignment(self, request_class: str):
         """The router's chain and k for `request_class`, or None before the router has spoken.
 
-        From the table for the load this gateway's own requests in flight make (`table_for`):
-        a burst takes the router's under-load assignments at once, not a publication later.
-        `request_id` counts the request in flight until its generation ends.
+        From the table for the load this gateway's requests in flight make with this one
+        (`table_for`): a burst takes the router's under-load assignments at once, not a
+        publication later.
         """
-        now = time.monotonic()
-        horizon = now - self.settings.gateway.request_timeout_s  # a request planned but never generated
-        self.in_flight = {rid: t for rid, t in self.in_flight.items() if t >= horizon}
-        if request_id:
-            self.in_flight[request_id] = now
         if self.table is None:
             return None
-        chosen = table_for(self.table, max(1, len(self.in_flight)))
+        chosen = table_for(self.table, len(self.in_flight) + 1)
         for entry in chosen.assignments:
             if entry.request_class == request_class:
                 return entry
         return chosen.default
+
+    def admit(self, request_id: str) -> None:
+        """Count a planned request in flight until its generation ends (`release`); one planned
+        but never generated (its client gone first) stops counting after the request timeout."""
+        now = time.monotonic()
+        horizon = now - self.settings.gateway.request_timeout_s
+        self.in_flight = {rid: t for rid, t in self.in_flight.items() if t >= horizon}
+        self.in_flight[request_id] = now
+
+    def release(self, request_id: str) -> None:
+        self.in_flight.pop(request_id, None)
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -194,7 +200,7 @@ class NatsBackend:
                 batch.position, batch.tokens = len(received) - len(fresh), fresh
                 yield batch
         finally:
-            self.in_flight.pop(job.request_id, None)
+            self.release(job.request_id)
             await sub.unsubscribe()
             if not finished:
                 await self.cancel(job.request_id)

@@ -127,7 +127,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     request_class = classify(text, len(prompt))
     lookup = getattr(backend, "assignment", None)
     with getattr(backend, "tracer", tracer(None)).start_as_current_span("router.assignment") as span:
-        assigned = lookup(request_class, req.request_id) if lookup else None
+        assigned = lookup(request_class) if lookup else None
         if span.is_recording():
             table = getattr(backend, "table", None)
             span.set_attributes({"specmesh.request_class": request_class,
@@ -141,7 +141,10 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     chain, k, threshold = resolve_speculation(spec, backend.chains(), settings, for_slo(assigned, slo))
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo)
-    return job, _stops(req.stop)
+    stops = _stops(req.stop)
+    if (admit := getattr(backend, "admit", None)) is not None:
+        admit(job.request_id)  # in flight from its assignment (no await since) until its generation ends
+    return job, stops
 
 
 def _prompt_ids(tok, prompt: str | list[int], param: str) -> list[int]:
