@@ -39,6 +39,22 @@ def test_summary_pools_tokens_over_seconds_and_keeps_each_repeat():
     assert s["slo_attainment"] == 0.5  # TPOTs 5, 6, 7, 8 twice: two of four <= 6.5
     assert "chains_used" not in s
     assert summarise([run(400, 2.0, chain="a"), run(400, 2.0, chain="b")], None)["chains_used"] == {"a": 4, "b": 4}
+    assert s["tpot_p50_ms_by_domain"] == {}  # no domains given
+
+
+def test_tpot_by_prompt_domain():
+    r = run(400, 2.0)  # TPOTs 5, 6, 7, 8
+    for result, domain in zip(r["results"], ("code", "prose", "code", "prose")):
+        result["domain"] = domain
+    assert summarise([r], None)["tpot_p50_ms_by_domain"] == {"code": 6.0, "prose": 7.0}
+
+
+def test_the_workload_alternates_domains_and_lengths():
+    from shared.cli.adaptive_bench import workload
+
+    prompts = workload(8)
+    assert [d for _, d in prompts] == ["code", "code", "prose", "prose"] * 2
+    assert [len(p) > 400 for p, _ in prompts] == [False, True] * 4
 
 
 def test_overall_merges_each_repeats_low_and_high_runs():

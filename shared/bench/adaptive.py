@@ -46,6 +46,10 @@ def summarise(runs: list[dict], slo_ms: float | None, chains_used: bool = False)
         "tpot_p50_ms": _r(percentile(tpots, 50)), "tpot_p99_ms": _r(percentile(tpots, 99)),
         "ttft_p50_ms": _r(percentile(ttfts, 50)),
         "slo_attainment": round(sum(1 for t in tpots if t <= slo_ms) / len(tpots), 4) if tpots and slo_ms else None,
+        # per prompt domain: which chain serves code and prose best is what the router learns per class
+        "tpot_p50_ms_by_domain": {d: _r(percentile([r["tpot_ms"] for r in results if r.get("domain") == d
+                                                     and r["tpot_ms"] is not None], 50))
+                                  for d in sorted({r.get("domain") for r in results if r.get("domain")})},
     }
     chains = Counter(r["chain"] for r in results if r["chain"])
     if chains_used or len(chains) > 1:
@@ -149,8 +153,9 @@ def markdown(result: dict) -> str:
         f"repeat(s), {result['max_tokens']} tokens each (greedy), in flight: low {conc['low']}, high {conc['high']}; "
         f"SLO TPOT <= {result['slo_tpot_ms']} ms",
         "",
-        "| config | phase | tok/s | tok/s by repeat | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | SLO | chains used |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | phase | tok/s | tok/s by repeat | TPOT p50 ms | TPOT p50 code / prose | TPOT p99 ms | TTFT p50 ms | SLO "
+        "| chains used |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config, views in result["configs"].items():
         for view, s in views.items():
@@ -158,6 +163,7 @@ def markdown(result: dict) -> str:
             slo = "" if s["slo_attainment"] is None else f"{s['slo_attainment']:.0%}"
             lines.append(f"| {config} | {view} | {s['tokens_per_s']:.1f} | "
                          f"{' / '.join(f'{x:.0f}' for x in s['tokens_per_s_by_repeat'])} | {_f(s['tpot_p50_ms'])} | "
+                         f"{' / '.join(_f(v) for v in (s.get('tpot_p50_ms_by_domain') or {}).values())} | "
                          f"{_f(s['tpot_p99_ms'])} | {_f(s['ttft_p50_ms'])} | {slo} | {chains} |")
     lines += ["", "| target | measured | met (pooled) | in every repeat |", "|---|---|---|---|"]
     for t in result["verdict"]["targets"]:

@@ -32,17 +32,17 @@ from shared.bench.adaptive import ADAPTIVE, NO_SPECULATION, default_slo, markdow
 from shared.bench.stats import chain_label
 
 
-def workload(n: int) -> list[str]:
-    """`n` prompts, alternating code and prose, short (~200 chars) and long (~700 chars)."""
+def workload(n: int) -> list[tuple[str, str]]:
+    """`n` (prompt, domain), alternating code and prose, short (~200 chars) and long (~700 chars)."""
     from shared.models.corpus import heldout_prompts
 
     per = max(1, (n + 3) // 4)
-    groups = [heldout_prompts(d, per, chars, seed=17) for d in ("code", "prose") for chars in (200, 700)]
-    out = [g[i] for i in range(per) for g in groups]
+    groups = [(d, heldout_prompts(d, per, chars, seed=17)) for d in ("code", "prose") for chars in (200, 700)]
+    out = [(g[i], d) for i in range(per) for d, g in groups]
     return out[:n]
 
 
-async def _one(client, prompt: str, config: str, max_tokens: int) -> dict:
+async def _one(client, prompt: str, config: str, max_tokens: int, domain: str = "") -> dict:
     body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True}
     if config == NO_SPECULATION:
@@ -71,10 +71,10 @@ async def _one(client, prompt: str, config: str, max_tokens: int) -> dict:
                 chain = chain_label(chunk["speculation"].get("chain") or [], chunk["speculation"].get("k") or [])
     tpot = (last - first) / (tokens - 1) * 1e3 if tokens >= 2 else None
     return {"tokens": tokens, "ttft_ms": None if first is None else first * 1e3, "tpot_ms": tpot,
-            "latency_ms": (time.perf_counter() - t0) * 1e3, "chain": chain}
+            "latency_ms": (time.perf_counter() - t0) * 1e3, "chain": chain, "domain": domain}
 
 
-async def _run(client, prompts: list[str], config: str, concurrency: int, max_tokens: int, max_seconds: float,
+async def _run(client, prompts: list[tuple[str, str]], config: str, concurrency: int, max_tokens: int, max_seconds: float,
                bar) -> dict:
     queue = list(prompts)
     results: list[dict] = []
@@ -83,9 +83,9 @@ async def _run(client, prompts: list[str], config: str, concurrency: int, max_to
 
     async def worker() -> None:
         while queue and time.perf_counter() - t0 < max_seconds:
-            prompt = queue.pop(0)
+            prompt, domain = queue.pop(0)
             try:
-                results.append(await _one(client, prompt, config, max_tokens))
+                results.append(await _one(client, prompt, config, max_tokens, domain))
             except Exception as exc:  # counted and shown: a failed request is not a fast one
                 errors.append(str(exc)[:200])
             bar.update(1)
@@ -174,7 +174,7 @@ def register(bench_app: typer.Typer) -> None:
                 runs: dict[str, dict[str, list[dict]]] = {c: {p: [] for p, _ in phases} for c in configs}
                 with tqdm(total=total, desc="bench adaptive", unit="req", mininterval=1.0, leave=False) as bar:
                     for config in statics + [NO_SPECULATION]:  # warm every level up
-                        await _one(client, prompts[0], config, 4)
+                        await _one(client, prompts[0][0], config, 4)
                         bar.update(1)
                     for repeat in range(repeats):
                         for phase, concurrency in phases:
