@@ -2,6 +2,7 @@
 
 Floors were measured on the tiny family (key tiny-5745ee4afaf3, 32 held-out windows x 128
 tokens per domain, `specmesh models eval --profile tiny`); the measurement sits next to each.
+Training is deterministic on one machine but not across CPUs, so the floors leave room.
 """
 
 import pytest
@@ -51,8 +52,11 @@ def test_drafters_agree_with_the_target_far_above_chance(heldout_logits):
 
 def test_each_specialist_beats_the_other_drafter_on_its_own_domain(heldout_logits):
     for specialist, other, domain, margin in (
-        ("drafter-code", "drafter-prose", "code", 0.04),  # measured 0.294 vs 0.210 (+0.084)
-        ("drafter-prose", "drafter-code", "prose", 0.05),  # measured 0.398 vs 0.297 (+0.101)
+        # The same key trains a different family on another CPU (float kernels differ): measured
+        # on two machines, 0.294 vs 0.210 and 0.419 vs 0.208 on code, 0.398 vs 0.297 and 0.407 vs
+        # 0.375 (1-TV 0.664 vs 0.590) on prose.
+        ("drafter-code", "drafter-prose", "code", 0.04),
+        ("drafter-prose", "drafter-code", "prose", 0.015),
     ):
         own = _stats(heldout_logits, specialist, domain)
         foreign = _stats(heldout_logits, other, domain)
