@@ -387,3 +387,12 @@ async def test_load_against_the_real_stack(stack, tmp_path):
             assert r.chain == (["target"] if cell["mode"] == "off" else ["drafter", "target"])
     doc = results(raw, cfg, {"date": "smoke", "family": "tiny", "threads_per_process": 1})
     assert (tmp_path / "r" / "summary.md") in write_report(doc, tmp_path / "r")
+
+
+def test_a_low_rate_cell_grows_to_hold_the_minimum_requests():
+    cfg = LoadConfig(url="", rates=[0.5, 1.0, 8.0], duration_s=6.0, min_requests=12)
+    assert [cfg.window(r) for r in cfg.rates] == [24.0, 12.0, 6.0]
+    assert LoadConfig(url="", duration_s=6.0).window(1.0) == 6.0  # off by default
+    times = [t for t, _ in cfg.schedule("poisson", 0.5)]
+    assert times and max(times) > 6.0 and max(times) < 24.0
+    assert max(t for t, _ in cfg.schedule("poisson", 8.0)) < 6.0

@@ -5,7 +5,8 @@ HTTP API, each measured at the client (TTFT, TPOT, ITL, tokens, chain, acceptanc
 
 Open loop: a request is sent at its arrival time whether or not earlier ones finished, so
 an overloaded server shows as growing latency, not as a slower client. Bounded: each cell
-(arrival process x rate x mode) sends at most `max_requests` within `duration_s`, then
+(arrival process x rate x mode) sends at most `max_requests` within `duration_s` (longer at
+a rate too low for `min_requests` in it), then
 waits at most `drain_s` for the requests still running and cancels the rest (recorded as
 failures). Loopback only: a non-loopback URL is refused.
 
@@ -82,6 +83,7 @@ class LoadConfig:
     phase_s: float = 15.0              # per phase; 0 = no phased run
     phased_mode: str = ADAPTIVE
     repeats: int = 1                   # rounds per (process, rate), modes interleaved
+    min_requests: int = 0              # per cell and round: a low rate's window grows to about this many
 
     @property
     def slo(self) -> Slo:
@@ -99,13 +101,18 @@ class LoadConfig:
         return [(p, r, i, self.modes[j]) for p in self.processes for r in self.rates
                 for i in range(self.repeats) for j in orders[i % len(orders)]]
 
+    def window(self, rate: float) -> float:
+        """Seconds of arrivals per cell and round at `rate`: `duration_s`, longer at a rate too low
+        for `min_requests` in it (at 1 req/s a 6 s cell holds ~6 requests: percentiles of noise)."""
+        return max(self.duration_s, self.min_requests / rate)
+
     def arrivals(self, process: str, rate: float) -> Arrivals:
         return Arrivals(process, rate, self.burstiness if process == "gamma" else 1.0)
 
     def schedule(self, process: str, rate: float, round_: int = 0) -> list[tuple[float, int]]:
         """The same arrival times for every mode of a (process, rate) cell in one round."""
         seed = _seed(round_seed(self.seed, round_), process, rate)
-        times = self.arrivals(process, rate).times(self.duration_s, seed, self.max_requests)
+        times = self.arrivals(process, rate).times(self.window(rate), seed, self.max_requests)
         return [(t, 0) for t in times]
 
     def phased_schedule(self) -> list[tuple[float, int]]:
@@ -277,7 +284,7 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
     modes = [Mode.parse(m, cfg.k) for m in cfg.modes]
     prompts = prompt_mix(cfg.prompt_chars, cfg.prompts_per_domain, cfg.seed)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    timeout = httpx.Timeout(cfg.drain_s + cfg.duration_s + 60.0, connect=10.0)
+    timeout = httpx.Timeout(cfg.drain_s + max(cfg.window(r) for r in cfg.rates) + 60.0, connect=10.0)
 
     def done(record: RequestRecord) -> None:
         if progress is not None:

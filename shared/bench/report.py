@@ -131,7 +131,9 @@ def markdown(doc: dict, images: list[str]) -> str:
              + (f" (1-minute load average {meta['loadavg_1m_at_start']:.1f} at the start, "
                 f"{meta.get('loadavg_1m_at_end', math.nan):.1f} at the end)" if "loadavg_1m_at_start" in meta else "")
              + ".", "",
-             f"Open-loop arrivals for {cfg['duration_s']:g} s per cell (at most {cfg['max_requests']} requests, "
+             f"Open-loop arrivals for {cfg['duration_s']:g} s per cell"
+             + (f" (longer at low rates: at least {cfg['min_requests']} requests expected)" if cfg.get("min_requests") else "")
+             + f" (at most {cfg['max_requests']} requests, "
              f"{cfg['drain_s']:g} s drain)"
              + (f", {cfg['repeats']} rounds per rate, each running every mode, each mode after every other equally often; "
                 f"a cell pools its rounds" if cfg.get("repeats", 1) > 1 else "")

@@ -32,6 +32,8 @@ Processes = Annotated[str, typer.Option("--arrivals", help="Arrival processes: p
 Burst = Annotated[float, typer.Option(help="Gamma shape (< 1 is burstier than Poisson; CV = 1/sqrt(shape)).")]
 Duration = Annotated[float, typer.Option(help="Seconds of arrivals per (arrivals, rate, mode) cell and round.")]
 MaxReq = Annotated[int, typer.Option("--max-requests", min=1, help="Most requests per cell and round.")]
+MinReq = Annotated[int, typer.Option("--min-requests", min=0, help="At a rate too low for this many requests in "
+                                                                   "--duration, the cell's window grows to this / rate seconds.")]
 Drain = Annotated[float, typer.Option(help="Longest wait in seconds for a cell's unfinished requests.")]
 MaxTok = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens per request.")]
 Chars = Annotated[int, typer.Option("--prompt-chars", min=20, help="Characters per held-out prompt.")]
@@ -58,7 +60,8 @@ def _floats(value: str, what: str) -> list[float]:
 
 
 def _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens, prompt_chars, k,
-            slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode, repeats=1) -> LoadConfig:
+            slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode, repeats=1,
+            min_requests=0) -> LoadConfig:
     from shared.bench.load import Mode, check_loopback
     from shared.settings import get_settings
 
@@ -69,7 +72,7 @@ def _config(url, rates, modes, arrivals, burstiness, duration, max_requests, dra
                      duration_s=duration, max_requests=max_requests, drain_s=drain, max_tokens=max_tokens,
                      prompt_chars=prompt_chars, k=k, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, seed=seed,
                      phased_rates=_floats(phased_rates, "--phased-rates") if phase_duration > 0 else [],
-                     phase_s=phase_duration, phased_mode=phased_mode, repeats=repeats)
+                     phase_s=phase_duration, phased_mode=phased_mode, repeats=repeats, min_requests=min_requests)
     try:
         check_loopback(url)
         for m in cfg.modes + [phased_mode]:
@@ -156,11 +159,12 @@ def register(bench_app: typer.Typer) -> None:
         slo_ttft_ms: Ttft = _D.slo_ttft_ms, slo_tpot_ms: Tpot = _D.slo_tpot_ms, seed: Seed = _D.seed,
         phased_rates: Phased = ",".join(f"{r:g}" for r in _D.phased_rates), phase_duration: PhaseS = _D.phase_s,
         phased_mode: PhasedMode = _D.phased_mode, repeats: Repeats = _D.repeats,
+        min_requests: MinReq = _D.min_requests,
     ) -> None:
         """Open-loop load over HTTP: per rate and mode, throughput, goodput, TTFT/TPOT/ITL, SLO, acceptance."""
         cfg = _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens,
                       prompt_chars, k, slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode,
-                      repeats)
+                      repeats, min_requests)
         doc = measure(cfg)
         if as_json:
             typer.echo(json.dumps(doc))
@@ -181,6 +185,7 @@ def register(bench_app: typer.Typer) -> None:
         slo_ttft_ms: Ttft = _D.slo_ttft_ms, slo_tpot_ms: Tpot = _D.slo_tpot_ms, seed: Seed = _D.seed,
         phased_rates: Phased = ",".join(f"{r:g}" for r in _D.phased_rates), phase_duration: PhaseS = _D.phase_s,
         phased_mode: PhasedMode = _D.phased_mode, repeats: Repeats = _D.repeats,
+        min_requests: MinReq = _D.min_requests,
     ) -> None:
         """Write bench/results/<date>/: results.json, summary.md and PNG plots (runs the load unless --input)."""
         from shared.bench.report import RESULTS_ROOT, link_readme, write_report
@@ -193,7 +198,7 @@ def register(bench_app: typer.Typer) -> None:
         else:
             cfg = _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens,
                           prompt_chars, k, slo_ttft_ms, slo_tpot_ms, seed, phased_rates, phase_duration, phased_mode,
-                      repeats)
+                      repeats, min_requests)
             doc = measure(cfg)
             _print(doc)
         folder = out or RESULTS_ROOT / doc["meta"].get("date", dt.date.today().isoformat())
