@@ -635,10 +635,11 @@ def test_once_chains_ran_the_model_predicts_only_them_unless_exploring(monkeypat
     monkeypatch.setattr(decision, "predict", lambda *a, **kw: calls.append(a[:2]) or real(*a, **kw))
     pool = len(candidates(CHAINS, K_MAX))
     choice = decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
-    assert choice.winner.chain == ("drafter-code", "target") and len(calls) == 3  # two measured k, the target alone
+    # two measured k, the one k a step from them (2; K_MAX is 4), the target alone
+    assert choice.winner.chain == ("drafter-code", "target") and len(calls) == 4
     calls.clear()
     decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True, explore_rate=1.0, rng=random.Random(0))
-    assert len(calls) == 3 + pool  # a trial draws from the model's ranking of every candidate
+    assert len(calls) == 4 + pool  # a trial draws from the model's ranking of every candidate
     calls.clear()
     decide("code-short", Estimates(), CHAINS, K_MAX, batch=1.0, measured_only=True)
     assert len(calls) == pool  # nothing ran: the model decides
@@ -687,3 +688,31 @@ def test_a_chain_that_never_ran_borrows_the_model_error_of_the_nearest_load_meas
     est.observe_calibration(chain, 4.0, 15.0, 10.0, (4,))
     assert est.calibration_ratio(TARGET_ALONE, 16.0, ()) == pytest.approx(1.5)  # batch 4 is nearer than 1
     assert est.calibration_ratio(chain, 16.0, (4,)) == pytest.approx(1.75)  # a chain that ran: its own, elsewhere
+
+
+def test_a_k_one_step_from_a_measured_one_competes_at_its_realised_tpot_times_the_models_ratio():
+    est = synthetic(PROFILE, ALPHAS)
+    chain = ("drafter-code", "target")
+    model = {k: predict(chain, (k,), "prose-short", est, 1.0, calibrated=False).model_ms for k in range(1, 7)}
+    assert model[3] < 0.98 * model[4] and model[2] < 0.98 * model[3]  # prose on the code drafter: fewer tokens pay
+    for _ in range(3):
+        est.observe_calibration(chain, 1.0, 10.0, model[4], (4,), "prose-short")  # measured at k = 4 only
+        est.observe_calibration(TARGET_ALONE, 1.0, 30.0, 30.0, (), "prose-short")
+    choice = decide("prose-short", est, [chain, TARGET_ALONE], 6, margin=0.02, batch=1.0, measured_only=True)
+    assert choice.winner.k == (3,)  # one step down, not the model's best (1) never measured
+    assert choice.winner.ms_per_token == pytest.approx(10.0 * model[3] / model[4] * 1.02)
+    assert {p.k for p in choice.ranking} == {(3,), ()}  # best per chain: k = 3 over k = 4 and 5
+    # Once k = 3 ran, k = 2 is the step from it.
+    for _ in range(3):
+        est.observe_calibration(chain, 1.0, 10.0 * model[3] / model[4], model[3], (3,), "prose-short")
+    assert decide("prose-short", est, [chain, TARGET_ALONE], 6, batch=1.0, measured_only=True).winner.k == (2,)
+    # A step the model says gains less than the margin is not taken: code on the code drafter, from k = 5.
+    code = synthetic(PROFILE, ALPHAS)
+    at = {k: predict(chain, (k,), "code-short", code, 1.0, calibrated=False).model_ms for k in (4, 5, 6)}
+    assert at[4] < at[5] < at[4] * 1.02 and at[5] < at[6]  # k = 4 gains, by less than 2%
+    for _ in range(3):
+        code.observe_calibration(chain, 1.0, 10.0, at[5], (5,), "code-short")
+        code.observe_calibration(TARGET_ALONE, 1.0, 30.0, 30.0, (), "code-short")
+    assert decide("code-short", code, [chain, TARGET_ALONE], 6, batch=1.0, measured_only=True).winner.k == (5,)
+    assert decide("code-short", code, [chain, TARGET_ALONE], 6, margin=0.0, batch=1.0,
+                  measured_only=True).winner.k == (4,)

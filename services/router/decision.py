@@ -36,7 +36,11 @@ model's prediction, calibrated from other chains or other k, is
 a guess each request pays for when it is wrong (the calibration of a k never run is
 borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
 replaced by the next one); what has not run here is reached by exploration, which draws
-from the model's ranking.
+from the model's ranking. One exception: a k one step from a (chain, k) measured here
+competes at that one's realised TPOT times the model's ratio between the two k, plus the
+margin: the same chain, the same models and hops, so the model only says what one more
+or one fewer drafted token does; taken, it is measured, and its own neighbours are next
+(a hill climb over k that follows the model where it gains more than the margin).
 """
 
 from __future__ import annotations
@@ -125,9 +129,10 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     alone), when there are any, each at its realised TPOT at this load (the class's own
     when it has enough), or the model's here scaled by its realised ratio at the nearest
     load it ran at: a k never run is a guess every request would pay for, and the model's
-    error moves with its step fits. Exploration tries chains of
-    the model's ranking with fewer than `explore_until` outcomes at this load, or none for
-    `explore_stale_s`.
+    error moves with its step fits; but a k one step from one measured here competes at
+    that one's realised TPOT times the model's ratio between the two, plus `margin`.
+    Exploration tries chains of the model's ranking with fewer than `explore_until`
+    outcomes at this load, or none for `explore_stale_s`.
     """
     batch = estimates.batch() if batch is None else batch
     pool = candidates(chains, k_max, available)
@@ -151,16 +156,36 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                 elsewhere[(chain, ks)] = ratio
         if any(chain != TARGET_ALONE for chain, _ in [*realised, *elsewhere]):
             preds = []
+            modelled: dict[tuple, Prediction] = {}
+
+            def model(key: tuple) -> Prediction:
+                if key not in modelled:
+                    modelled[key] = predict(key[0], key[1], request_class, estimates, batch)
+                return modelled[key]
+
             for chain, ks in pool:
                 key = (chain, ks)
                 if key not in realised and key not in elsewhere and chain != TARGET_ALONE:
                     continue
-                p = predict(chain, ks, request_class, estimates, batch)
+                p = model(key)
                 if key in realised:  # what it cost at this load, not what the model says now
                     p = replace(p, ms_per_token=realised[key], calibration=realised[key] / max(p.model_ms, 1e-9))
                 elif key in elsewhere:  # the model here, scaled by what it realised at another load
                     p = replace(p, ms_per_token=p.model_ms * elsewhere[key], calibration=elsewhere[key])
                 preds.append(p)
+            # One step of k from a (chain, k) measured here: its realised TPOT times the model's
+            # ratio between the two k, plus the margin (the same chain, models and hops: the
+            # model says only what one more or one fewer drafted token does)
+            in_pool, stepped = set(pool), {}
+            for (chain, ks), tpot in realised.items():
+                for key in ((chain, n) for n in neighbours(ks, k_max)):
+                    if key in realised or key in elsewhere or key not in in_pool:
+                        continue
+                    guess = tpot * model(key).model_ms / max(model((chain, ks)).model_ms, 1e-9) * (1 + margin)
+                    stepped[key] = min(guess, stepped.get(key, guess))
+            for key, guess in stepped.items():
+                p = model(key)
+                preds.append(replace(p, ms_per_token=guess, calibration=guess / max(p.model_ms, 1e-9)))
     if preds is None:
         preds = modelled_all()
     ranking = best_per_chain(preds)
