@@ -30,8 +30,10 @@ The router decides with `measured_only` at every load: once (chain, k) have real
 outcomes, only they (and the target alone) compete: at this load, each at the TPOT it
 realised here, the class's own from two outcomes on (code and prose, short and long
 prompts, do not cost the same on one chain); one that ran only at other loads at the
-model's prediction here times what it realised over the model's prediction at the nearest
-load it ran at (the model carries the load; the ratio, the chain's own error). The
+model's prediction here times what the chains measured here realised over their model
+(the model's error moves with the load more than from chain to chain), or, where nothing
+ran here, times what it realised over the model's prediction at the nearest load it ran
+at. The
 model's prediction, calibrated from other chains or other k, is
 a guess each request pays for when it is wrong (the calibration of a k never run is
 borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
@@ -127,8 +129,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
 
     `measured_only`: only candidates whose (chain, k) has realised outcomes (and the target
     alone), when there are any, each at its realised TPOT at this load (the class's own
-    when it has enough), or the model's here scaled by its realised ratio at the nearest
-    load it ran at: a k never run is a guess every request would pay for, and the model's
+    when it has enough), or the model's here scaled by what ran here realised against it
+    (by its own ratio at the nearest load it ran at where nothing ran here): a k never run
+    is a guess every request would pay for, and the model's
     error moves with its step fits; but a k one step from one measured here competes at
     that one's realised TPOT times the model's ratio between the two, plus `margin`.
     Exploration tries chains of the model's ranking with fewer than `explore_until`
@@ -170,7 +173,10 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                 p = model(key)
                 if key in realised:  # what it cost at this load, not what the model says now
                     p = replace(p, ms_per_token=realised[key], calibration=realised[key] / max(p.model_ms, 1e-9))
-                elif key in elsewhere:  # the model here, scaled by what it realised at another load
+                elif key in elsewhere and not realised:  # nothing ran at this load: the model here,
+                    # scaled by what it realised at the load nearest; where something ran here,
+                    # `p` is the model scaled by what that realised (the model's error moves
+                    # with the load more than from chain to chain)
                     p = replace(p, ms_per_token=p.model_ms * elsewhere[key], calibration=elsewhere[key])
                 preds.append(p)
             # One step of k from a (chain, k) measured here: its realised TPOT times the model's
