@@ -375,7 +375,7 @@ class Estimates:
         would win on its optimism alone)."""
         bucket = load_bucket(batch)
         here = [c for (ch, b), c in self.calibration.items() if b == bucket and c.weight > 0]
-        mine = [c for (ch, b), c in self.calibration.items() if ch == tuple(chain) and c.weight > 0]
+        mine = [] if here else [c for (ch, b), c in self.calibration.items() if ch == tuple(chain) and c.weight > 0]
         if here:
             prior = sum(c.ratio_sum for c in here) / sum(c.weight for c in here)
         elif mine:
