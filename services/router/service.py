@@ -158,12 +158,7 @@ class Router:
         batch, held = self.estimates.batch(), self.estimates.held_batch(cfg.load_hold_s)
         chain_rate = cfg.explore_rate if explore and held <= cfg.explore_max_batch else 0.0
         depth_rate = cfg.explore_depth_rate if explore else 0.0  # the same chain: at any load
-        choices = {}
-        for cls in (*CLASSES, DEFAULT_CLASS):
-            choices[cls] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
-                                  self.available, chain_rate if cls != DEFAULT_CLASS else 0.0,
-                                  self.rng, batch, measured_only=True,
-                                  explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
+        choices = self._decide_classes(batch, chain_rate)
         if held >= cfg.shared_chain_batch:
             choices = shared(choices, batch, cfg.margin)
         choices = {cls: explore_depth(c, self.estimates, batch, cfg.k_max, self.rng,
@@ -187,11 +182,16 @@ class Router:
         for bucket, batch in enumerate(BUCKET_BATCH):
             if bucket <= here or BUCKET_FROM[bucket] < cfg.shared_chain_batch:
                 continue
-            choices = {cls: decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
-                                   self.available, batch=batch, measured_only=True)
-                       for cls in (*CLASSES, DEFAULT_CLASS)}
-            out.append((BUCKET_FROM[bucket], batch, shared(choices, batch, cfg.margin)))
+            out.append((BUCKET_FROM[bucket], batch, shared(self._decide_classes(batch), batch, cfg.margin)))
         return out
+
+    def _decide_classes(self, batch: float, chain_rate: float = 0.0) -> dict[str, Choice]:
+        """Every class's decision at `batch` from what was measured; chain trials at `chain_rate`."""
+        cfg = self.cfg
+        return {cls: decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
+                            chain_rate if cls != DEFAULT_CLASS else 0.0, self.rng, batch, measured_only=True,
+                            explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
+                for cls in (*CLASSES, DEFAULT_CLASS)}
 
     def next_version(self) -> int:
         """Milliseconds since the epoch, strictly increasing: a restarted router's versions keep growing."""
