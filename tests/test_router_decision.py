@@ -184,13 +184,13 @@ def test_under_load_only_what_ran_at_that_load_competes():
     assert free.winner.chain != TARGET_ALONE
     ran = ("verifier", "target")
     assert free.winner.chain != ran
-    est.observe_calibration(ran, 8.0, 5.0, 5.0, (2,))  # chains that never ran do not compete
+    est.observe_calibration(ran, 8.0, 5.0, 5.0, (2,), "code-short")  # chains that never ran do not compete
     choice = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
     assert {p.chain for p in choice.ranking} == {ran, TARGET_ALONE}
     assert choice.winner.chain in (ran, TARGET_ALONE) and choice.ranking[0].k in ((2,), ())
     by_chain = {p.chain: p for p in choice.ranking}
     assert by_chain[ran].ms_per_token == 5.0  # at the TPOT it realised there, not the model's
-    est.observe_calibration(TARGET_ALONE, 8.0, 4.0, 9.0, ())
+    est.observe_calibration(TARGET_ALONE, 8.0, 4.0, 9.0, (), "code-short")
     again = decide("code-short", est, CHAINS, K_MAX, batch=8.0, measured_only=True)
     assert again.winner.chain == TARGET_ALONE and again.winner.ms_per_token == 4.0
     nothing = synthetic(PROFILE, ALPHAS, live=8)  # nothing ran there yet: every candidate competes
@@ -426,13 +426,48 @@ def test_each_class_takes_the_chain_it_ran_fastest_on():
         for _ in range(3):
             est.observe_calibration(fast, 1.0, 3.0, 5.0, (4,), cls)
             est.observe_calibration(slow, 1.0, 6.0, 5.0, (4,), cls)
-    est.observe_calibration(TARGET_ALONE, 1.0, 8.0, 8.0, (), "code-short")
+    for cls in ("code-short", "prose-short"):
+        est.observe_calibration(TARGET_ALONE, 1.0, 8.0, 8.0, (), cls)
     assert decide("code-short", est, CHAINS, K_MAX, batch=1.0).winner.chain == code  # the model's pick
     assert decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True).winner.chain == prose
     assert decide("prose-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True).winner.chain == code
-    # one outcome of a class is not yet its own: every class's EWMA stands in
+    # a class's first outcome is its own
     est.observe_calibration(code, 1.0, 1.0, 5.0, (4,), "code-long")
-    assert est.realised_tpot(code, (4,), 1.0, "code-long") == est.realised_tpot(code, (4,), 1.0)
+    assert est.realised_tpot(code, (4,), 1.0, "code-long") == 1.0
+    assert est.realised_tpot(code, (4,), 1.0) != 1.0
+
+
+def test_a_chain_fast_on_one_class_competes_on_another_at_the_model_for_that_class():
+    """bench adaptive, bench family, idle: `drafter-prose,target` ran 5.6 ms per token on short
+    prose; code-long, with no outcome of its own on it, took it at that TPOT (every class's
+    EWMA) and realised 14-22 ms against `ngram,target`'s ~9 (here the code drafter stands for
+    it), at k = 5 then 6, each new k again at short prose's TPOT. Another class's TPOT is no
+    estimate: the model for this class (its acceptance), times the chain's realised/modelled
+    ratio here, is."""
+    est = synthetic(PROFILE, ALPHAS)
+    prose, other = ("drafter-prose", "target"), ("drafter-code", "target")
+    for ks in ((4,), (5,)):
+        model = predict(prose, ks, "prose-short", est, 1.0, calibrated=False).model_ms
+        for _ in range(5):
+            est.observe_calibration(prose, 1.0, 0.5 * model, model, ks, "prose-short")  # fast on its domain
+    other_model = predict(other, (4,), "code-long", est, 1.0, calibrated=False).model_ms
+    for _ in range(3):
+        est.observe_calibration(other, 1.0, other_model, other_model, (4,), "code-long")
+        est.observe_calibration(TARGET_ALONE, 1.0, 2 * other_model, 2 * other_model, (), "code-long")
+    assert est.realised_tpot(prose, (4,), 1.0, "code-long") is None and est.ran_here(prose, (4,), 1.0)
+    assert est.ratio_nearest(prose, (4,), 1.0, "code-long") is None  # it ran here
+    choice = decide("code-long", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
+    mine = next(p for p in choice.ranking if p.chain == prose)
+    modelled = predict(prose, mine.k, "code-long", est, 1.0, calibrated=False).model_ms
+    assert mine.ms_per_token == pytest.approx(modelled * est.calibration_ratio(prose, 1.0, mine.k))
+    assert mine.ms_per_token > est.realised_tpot(prose, mine.k, 1.0)  # not short prose's TPOT
+    # once it ran on the class, slowly, the class's own outcome is what it competes at
+    for ks in ((4,), (5,)):
+        est.observe_calibration(prose, 1.0, 3 * other_model, other_model, ks, "code-long")
+    choice = decide("code-long", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
+    assert choice.winner.chain == other
+    assert est.realised_tpot(prose, (4,), 1.0, "code-long") == pytest.approx(3 * other_model)
+    assert next(p for p in choice.ranking if p.chain == prose).ms_per_token > 2 * other_model  # k = 4, 5 or a step
 
 
 def test_a_chain_that_ran_at_another_load_competes_at_the_model_scaled_by_what_ran_here():

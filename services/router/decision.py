@@ -27,13 +27,14 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    its own best k on it), against the target alone with the same margin.
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
-outcomes, only they (and the target alone) compete: at this load, each at the TPOT it
-realised here, the class's own from two outcomes on (code and prose, short and long
-prompts, do not cost the same on one chain); one that ran only at other loads at the
-model's prediction here times what the chains measured here realised over their model
-(the model's error moves with the load more than from chain to chain), or, where nothing
-ran here, times what it realised over the model's prediction at the nearest load it ran
-at. The
+outcomes, only they (and the target alone) compete: each at the TPOT it realised in this
+class at this load; one that ran here in other classes only, at the model's prediction
+for this class times what it realised over the model here (code and prose, short and long
+prompts, do not cost the same on one chain: the model carries the class, the ratio the
+chain's error); one that ran only at other loads at the model's prediction here times what
+the chains measured here realised over their model (the model's error moves with the load
+more than from chain to chain), or, where nothing ran here, times what it realised over
+the model's prediction at the nearest load it ran at. The
 model's prediction, calibrated from other chains or other k, is
 a guess each request pays for when it is wrong (the calibration of a k never run is
 borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
@@ -128,9 +129,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     """The assignment for `request_class` under the current estimates (pure, no I/O).
 
     `measured_only`: only candidates whose (chain, k) has realised outcomes (and the target
-    alone), when there are any, each at its realised TPOT at this load (the class's own
-    when it has enough), or the model's here scaled by what ran here realised against it
-    (by its own ratio at the nearest load it ran at where nothing ran here): a k never run
+    alone), when there are any, each at the class's realised TPOT at this load, or the
+    model's for this class here scaled by what ran here realised against it (by its own
+    ratio at the nearest load it ran at where nothing ran here): a k never run
     is a guess every request would pay for, and the model's
     error moves with its step fits; but a k one step from one measured here competes at
     that one's realised TPOT times the model's ratio between the two, plus `margin`.
@@ -148,16 +149,18 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
 
     preds: list[Prediction] | None = None
     if measured_only:
-        realised, elsewhere = {}, {}
+        realised, here, elsewhere = {}, set(), {}
         for chain, ks in pool:
-            if (chain, ks) not in estimates.ran:  # never ran at any load: neither below answers
+            if (chain, ks) not in estimates.ran:  # never ran at any load: none below answers
                 continue
             tpot = estimates.realised_tpot(chain, ks, batch, request_class)
             if tpot is not None:
                 realised[(chain, ks)] = tpot
+            elif estimates.ran_here(chain, ks, batch):  # here, in other classes only
+                here.add((chain, ks))
             elif (ratio := estimates.ratio_nearest(chain, ks, batch, request_class)) is not None:
                 elsewhere[(chain, ks)] = ratio
-        if any(chain != TARGET_ALONE for chain, _ in [*realised, *elsewhere]):
+        if any(chain != TARGET_ALONE for chain, _ in [*realised, *here, *elsewhere]):
             preds = []
             modelled: dict[tuple, Prediction] = {}
 
@@ -168,15 +171,16 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
 
             for chain, ks in pool:
                 key = (chain, ks)
-                if key not in realised and key not in elsewhere and chain != TARGET_ALONE:
+                if key not in realised and key not in here and key not in elsewhere and chain != TARGET_ALONE:
                     continue
                 p = model(key)
-                if key in realised:  # what it cost at this load, not what the model says now
+                if key in realised:  # what it cost this class at this load, not what the model says now
                     p = replace(p, ms_per_token=realised[key], calibration=realised[key] / max(p.model_ms, 1e-9))
-                elif key in elsewhere and not realised:  # nothing ran at this load: the model here,
-                    # scaled by what it realised at the load nearest; where something ran here,
-                    # `p` is the model scaled by what that realised (the model's error moves
-                    # with the load more than from chain to chain)
+                elif key in elsewhere and not realised and not here:  # nothing ran at this load: the
+                    # model here, scaled by what it realised at the load nearest; otherwise `p` is
+                    # the model for this class scaled by what ran at this load realised against
+                    # it (its own outcomes in other classes first; the model's error moves with
+                    # the load more than from chain to chain)
                     p = replace(p, ms_per_token=p.model_ms * elsewhere[key], calibration=elsewhere[key])
                 preds.append(p)
             # One step of k from a (chain, k) measured here: its realised TPOT times the model's
@@ -185,7 +189,7 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
             in_pool, stepped = set(pool), {}
             for (chain, ks), tpot in realised.items():
                 for key in ((chain, n) for n in neighbours(ks, k_max)):
-                    if key in realised or key in elsewhere or key not in in_pool:
+                    if key in realised or key in here or key in elsewhere or key not in in_pool:
                         continue
                     guess = tpot * model(key).model_ms / max(model((chain, ks)).model_ms, 1e-9) * (1 + margin)
                     stepped[key] = min(guess, stepped.get(key, guess))

@@ -43,7 +43,6 @@ NGRAM_DRAFT_RATE = 0.5
 K_PRIOR_WEIGHT = 2.0  # a (chain, k) calibration starts from its chain's ratio, worth this many outcomes
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
-CLASS_MIN_OUTCOMES = 2  # a class's own realised TPOT on a (chain, k, load) counts from this many outcomes
 MAX_BATCHES = 4096  # load samples kept for `held_batch` (one per profile: ~1/s per busy worker)
 DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
 
@@ -322,20 +321,19 @@ class Estimates:
                       request_class: str = "") -> float | None:
         """Recent realised TPOT of this chain with these ks at this load (EWMA), None if never run there.
 
-        The class's own once it has `CLASS_MIN_OUTCOMES` there (code and prose, short and long
-        prompts, do not cost the same on one chain), else every class's.
+        With a class, the class's own, from its first outcome: code and prose, short and long
+        prompts, do not cost the same on one chain (bench family, idle: `drafter-prose,target`
+        5.6 ms per token on short prose, 14-16 on long code), so another class's TPOT is no
+        estimate of this one's; `ran_here` says whether the model's calibration has outcomes.
         """
-        realised = self._realised(self._k_key(chain, ks, batch), request_class)
-        return realised.tpot_ms if realised is not None else None
+        key = self._k_key(chain, ks, batch)
+        realised = self.calibration_class.get((*key, request_class)) if request_class else self.calibration_k.get(key)
+        return realised.tpot_ms if realised is not None and realised.observations > 0 else None
 
-    def _realised(self, key: tuple, request_class: str) -> Calibration | None:
-        """The outcomes of (chain, ks, bucket) `key` to go by: the class's own from
-        `CLASS_MIN_OUTCOMES`, else every class's; None if it never ran there."""
-        own = self.calibration_class.get((*key, request_class)) if request_class else None
-        if own is not None and own.observations >= CLASS_MIN_OUTCOMES:
-            return own
-        mine = self.calibration_k.get(key)
-        return mine if mine is not None and mine.observations > 0 else None
+    def ran_here(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> bool:
+        """Whether this chain with these ks has an outcome at this load, in any class."""
+        mine = self.calibration_k.get(self._k_key(chain, ks, batch))
+        return mine is not None and mine.observations > 0
 
     def depth_calibration(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> Calibration:
         """The realised outcomes of this chain with these ks at this load (empty if none)."""
@@ -344,22 +342,26 @@ class Estimates:
     def ratio_nearest(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
                       request_class: str = "") -> float | None:
         """Realised over modelled TPOT of this (chain, k) at the nearest load bucket it ran at
-        (the nearer lower one on a tie), the class's own from `CLASS_MIN_OUTCOMES`; None if
-        it never ran, or ran here (`realised_tpot` answers then).
+        (the nearer lower one on a tie), the class's own where it has one there, else every
+        class's; None if it never ran, or ran here (`ran_here`).
 
         A load where little has run yet (a lull after a slow chain's wave, a burst) should not
         leave the target alone against the few chains that ran there: a (chain, k) that ran
         at another load competes at the model's prediction here times what it realised over
         the model's prediction there: the model carries the load, the ratio the chain's error.
         """
+        if self.ran_here(chain, ks, batch):
+            return None
         here = load_bucket(batch)
         chain = tuple(canonical(c) for c in chain)
         for distance in range(1, len(BUCKET_BATCH)):
             for bucket in (here - distance, here + distance):
                 if not 0 <= bucket < len(BUCKET_BATCH):
                     continue
-                realised = self._realised((chain, tuple(ks), bucket), request_class)
-                if realised is not None:
+                key = (chain, tuple(ks), bucket)
+                own = self.calibration_class.get((*key, request_class)) if request_class else None
+                realised = own if own is not None and own.weight > 0 else self.calibration_k.get(key)
+                if realised is not None and realised.weight > 0:
                     return realised.ratio_sum / realised.weight
         return None
 
