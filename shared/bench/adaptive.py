@@ -149,7 +149,8 @@ def markdown(result: dict) -> str:
     conc = result["concurrency"]
     lines = [
         f"family {result['family']}, {result['threads_per_process']} torch thread(s) per process, "
-        f"{result['requests_per_phase']} requests per phase, configuration and repeat, {result['repeats']} interleaved "
+        f"{result['requests_per_phase']} requests (low phase) / {result.get('requests_high_phase', result['requests_per_phase'])} "
+        f"(high phase) per configuration and repeat, {result['repeats']} interleaved "
         f"repeat(s), {result['max_tokens']} tokens each (greedy), in flight: low {conc['low']}, high {conc['high']}; "
         f"SLO TPOT <= {result['slo_tpot_ms']} ms",
         "",

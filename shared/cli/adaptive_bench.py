@@ -4,8 +4,9 @@
 
 Against the running stack's gateway (loopback), greedy, the same prompts for every
 configuration: code and prose prompts of two lengths (held out, so short and long request
-classes), in two phases — low rate (`--low` requests in flight at once) and high rate
-(`--high` at once, closed loop). Configurations: every served static chain whose models
+classes), in two phases, closed loop — low rate (`--requests` with `--low` in flight at
+once) and high rate (`--high-requests` with `--high` in flight: several waves, so that
+the phase is sustained load, not one burst timed by its slowest request). Configurations: every served static chain whose models
 are up (explicit `speculation.chain`), no speculation (`enabled: false`) and adaptive (no
 chain given: the gateway uses the router's assignment). `--repeats` runs the whole
 sequence several times, interleaved (repeat 1: low phase every configuration, high phase
@@ -15,8 +16,8 @@ under that load. Per configuration and phase, and overall: tokens/s (output toke
 the phase's wall time; pooled and per repeat), TPOT p50/p99 and TTFT p50 measured at the
 client from the stream, SLO attainment (share of requests whose TPOT is at most
 `--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase), and the
-verdict on issue 6's targets (`shared/bench/adaptive.py`). Bounded: `--requests` per
-phase, configuration and repeat, `--max-seconds` per run.
+verdict on issue 6's targets (`shared/bench/adaptive.py`). Bounded: `--requests` and
+`--high-requests` per configuration and repeat, `--max-seconds` per run.
 """
 
 from __future__ import annotations
@@ -141,7 +142,10 @@ def register(bench_app: typer.Typer) -> None:
     def bench_adaptive(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
         as_markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table and the targets."),
-        requests: int = typer.Option(16, "--requests", min=4, help="Requests per configuration, phase and repeat."),
+        requests: int = typer.Option(16, "--requests", min=4, help="Requests per configuration and repeat in the low-rate phase."),
+        high_requests: int = typer.Option(48, "--high-requests", min=4,
+                                          help="Requests per configuration and repeat in the high-rate phase: several times "
+                                               "--high, so the phase is sustained load and not one burst's slowest request."),
         repeats: int = typer.Option(3, "--repeats", min=1, help="Interleaved repeats of the whole sequence."),
         max_tokens: int = typer.Option(48, "--max-tokens", min=2),
         low: int = typer.Option(1, "--low", min=1, help="Requests in flight in the low-rate phase."),
@@ -157,7 +161,7 @@ def register(bench_app: typer.Typer) -> None:
         from shared.settings import get_settings
 
         settings = get_settings()
-        prompts = workload(requests)
+        prompts = {"low": workload(requests), "high": workload(high_requests)}
 
         async def main() -> dict:
             statics = [c.strip() for c in chains.split(";") if c.strip()] if chains else await _available_chains(settings)
@@ -170,18 +174,18 @@ def register(bench_app: typer.Typer) -> None:
                     (await client.get("/health")).raise_for_status()
                 except httpx.HTTPError as exc:
                     raise RuntimeError(f"no healthy gateway at {settings.gateway.http_url} ({exc}); run `make up`") from None
-                total = (len(prompts) * len(configs) * len(phases)) * repeats + len(statics) + 1
+                total = sum(len(prompts[p]) for p, _ in phases) * len(configs) * repeats + len(statics) + 1
                 runs: dict[str, dict[str, list[dict]]] = {c: {p: [] for p, _ in phases} for c in configs}
                 with tqdm(total=total, desc="bench adaptive", unit="req", mininterval=1.0, leave=False) as bar:
                     for config in statics + [NO_SPECULATION]:  # warm every level up
-                        await _one(client, prompts[0][0], config, 4)
+                        await _one(client, prompts["low"][0][0], config, 4)
                         bar.update(1)
                     for repeat in range(repeats):
                         for phase, concurrency in phases:
                             for config in order(statics + [NO_SPECULATION], repeat) + [ADAPTIVE]:
                                 bar.set_postfix_str(f"{repeat + 1}/{repeats} {phase} {config}", refresh=False)
                                 runs[config][phase].append(
-                                    await _run(client, prompts, config, concurrency, max_tokens, max_seconds, bar))
+                                    await _run(client, prompts[phase], config, concurrency, max_tokens, max_seconds, bar))
             return runs
 
         try:
@@ -192,7 +196,7 @@ def register(bench_app: typer.Typer) -> None:
         slo = slo_tpot_ms or default_slo(runs)
         summaries = summarise_all(runs, slo)
         result = {"family": settings.models.profile, "threads_per_process": settings.engine.threads,
-                  "requests_per_phase": len(prompts), "repeats": repeats, "max_tokens": max_tokens,
+                  "requests_per_phase": len(prompts["low"]), "requests_high_phase": len(prompts["high"]), "repeats": repeats, "max_tokens": max_tokens,
                   "concurrency": {"low": low, "high": high},
                   "slo_tpot_ms": None if slo is None else round(slo, 3), "gateway": settings.gateway.http_url,
                   "configs": summaries, "verdict": verdict(summaries)}
@@ -206,7 +210,7 @@ def register(bench_app: typer.Typer) -> None:
 
 def _print_table(result: dict) -> None:
     typer.echo(f"family={result['family']} threads/process={result['threads_per_process']} "
-               f"requests/phase={result['requests_per_phase']} repeats={result['repeats']} max_tokens={result['max_tokens']} "
+               f"requests low={result['requests_per_phase']} high={result.get('requests_high_phase', result['requests_per_phase'])} repeats={result['repeats']} max_tokens={result['max_tokens']} "
                f"in flight low={result['concurrency']['low']} high={result['concurrency']['high']} "
                f"SLO TPOT<={result['slo_tpot_ms']} ms (greedy)")
     typer.echo(f"{'config':<34}{'phase':<8}{'tok/s':>8}{'TPOT p50':>10}{'p99':>8}{'TTFT p50':>10}{'SLO':>6}  errors  tok/s by repeat")
