@@ -119,6 +119,7 @@ class RouterSettings(BaseModel):
     explore_until: int = Field(10, ge=0, description="Explore a chain while it has fewer outcomes than this at the current load ...")
     explore_stale_s: float = Field(600.0, gt=0, description="... or none for this many seconds.")
     shared_chain_batch: float = Field(1.5, ge=1.0, description="From this mean batch per target on, every class gets one chain (reason `shared`): a round waits for each chain's proposal, so mixing chains slows every request.")
+    shared_switch_margin: float = Field(0.05, ge=0.0, lt=1.0, description="Under load, another chain replaces the one shared at that load only when it is cheaper by this fraction (summed over the classes): a switch leaves every request in flight on the old chain for its life, and a round with both waits for both proposals.")
     load_hold_s: float = Field(10.0, ge=0.0, description="For this many seconds after the mean batch reached shared_chain_batch, keep the under-load rules (one chain for every class, no chain trials) though the load fell, so a burst in a lull is not split over per-class chains and trials (0: off).")
     half_life_tokens: float = Field(2000.0, gt=0, description="Drafted tokens after which an acceptance observation weighs half (EWMA).")
     profile_window: int = Field(120, ge=4, description="Recent step-time samples per model the least-squares fit uses.")

@@ -761,3 +761,53 @@ def test_a_k_one_step_from_a_measured_one_competes_at_its_realised_tpot_times_th
     assert decide("code-short", code, [chain, TARGET_ALONE], 6, batch=1.0, measured_only=True).winner.k == (5,)
     assert decide("code-short", code, [chain, TARGET_ALONE], 6, margin=0.0, batch=1.0,
                   measured_only=True).winner.k == (4,)
+
+
+def test_under_load_the_shared_chain_is_held_against_one_cheaper_by_less_than_the_switch_margin():
+    """bench adaptive, sustained high phase (48 requests at 16 in flight): 81 class decisions
+    put a drafter chain in place of `ngram,target` as the shared chain on sums a few percent
+    apart, and each switch left the requests in flight on the old chain for their life, so
+    rounds waited for both chains' proposals."""
+    from services.router.cost_model import Prediction
+    from services.router.decision import Choice, shared
+
+    ngram, code = ("ngram", "target"), ("drafter-code", "target")
+
+    def choices(code_ms: float) -> dict[str, Choice]:
+        out = {}
+        for cls in ("code-short", "prose-short"):
+            ranking = sorted([Prediction(ngram, (4,), 10.0, 10.0, 1.0, 16.0), Prediction(code, (4,), code_ms, code_ms, 1.0, 16.0),
+                              Prediction(TARGET_ALONE, (), 30.0, 30.0, 1.0, 16.0)], key=lambda p: p.ms_per_token)
+            out[cls] = Choice(cls, ranking[0], "cost", "", best=ranking[0], ranking=ranking)
+        return out
+
+    assert {c.winner.chain for c in shared(choices(9.8), 16.0).values()} == {code}  # no incumbent: the cheapest
+    held = shared(choices(9.8), 16.0, incumbent=ngram, switch_margin=0.05)
+    assert {c.winner.chain for c in held.values()} == {ngram} and all("kept" in c.why for c in held.values())
+    assert {c.winner.chain for c in shared(choices(9.0), 16.0, incumbent=ngram, switch_margin=0.05).values()} == {code}
+    assert {c.winner.chain for c in shared(choices(9.8), 16.0, incumbent=ngram).values()} == {code}  # no margin: off
+
+
+def test_the_router_holds_the_chain_it_shared_at_each_load():
+    from services.router.estimates import load_bucket
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0, shared_chain_batch=1.0,
+                                                   shared_switch_margin=0.5)), store=None, params={}, seed=0)
+    router.chains = CHAINS
+    router.estimates = synthetic(PROFILE, ALPHAS, live=4)
+    first = router.decide_all()
+    (chain,) = {c.winner.chain for c in first.values()}
+    bucket = load_bucket(router.estimates.batch())
+    assert router.shared_chains[bucket] == chain
+    totals = {ch: sum(next(p for p in c.ranking if p.chain == ch).ms_per_token for c in first.values())
+              for ch in {p.chain for p in first["code-short"].ranking}
+              if all(any(p.chain == ch for p in c.ranking) for c in first.values())}
+    runner_up = min((ch for ch in totals if ch not in (chain, TARGET_ALONE)), key=totals.get)
+    assert totals[runner_up] <= 1.5 * totals[chain]
+    router.shared_chains[bucket] = runner_up  # shared at this load before: held within 50%
+    assert {c.winner.chain for c in router.decide_all().values()} == {runner_up}
+    router.cfg = router.cfg.model_copy(update={"shared_switch_margin": 0.0})
+    assert {c.winner.chain for c in router.decide_all().values()} == {chain}
+    assert router.shared_chains[bucket] == chain

@@ -24,7 +24,9 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
    The chain with the lowest predicted cost summed over the classes wins (each class keeps
-   its own best k on it), against the target alone with the same margin.
+   its own best k on it), against the target alone with the same margin; the chain last
+   shared at this load stays unless another beats it by `switch_margin` (a switch leaves
+   the requests in flight on the old chain, and rounds with both wait for both).
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
 outcomes, only they (and the target alone) compete: each at the TPOT it realised in this
@@ -274,11 +276,15 @@ def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: rand
     return replace(choice, winner=pick, reason="explore", why=why, explored=True)
 
 
-def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02) -> dict[str, Choice]:
+def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incumbent: tuple[str, ...] | None = None,
+           switch_margin: float = 0.0) -> dict[str, Choice]:
     """Rule 5: every class on the one chain with the lowest predicted cost summed over the classes.
 
     Each class keeps its best k on that chain; the target alone wins unless the chain beats
-    it by `margin` in the sum. Explorations and per-class SLO rankings are replaced.
+    it by `margin` in the sum. Explorations and per-class SLO rankings are replaced. The
+    `incumbent` (the chain last shared at this load) stays unless another beats it by
+    `switch_margin`: a switch leaves every request in flight on the old chain for its life,
+    and a round with both waits for both proposals.
     """
     per_class = {cls: {p.chain: p for p in c.ranking} for cls, c in choices.items()}
     common = set.intersection(*(set(r) for r in per_class.values())) if per_class else set()
@@ -286,8 +292,12 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02) -> di
         return choices
     totals = {chain: sum(r[chain].ms_per_token for r in per_class.values()) for chain in common}
     best = min(sorted(totals), key=totals.get)  # sorted: ties go the same way every time
+    held = incumbent is not None and incumbent != best and incumbent in totals \
+        and totals[incumbent] <= totals[best] * (1 + switch_margin)
+    if held:
+        best = incumbent
     alone = totals.get(TARGET_ALONE)
-    if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin):
+    if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin) and not held:
         best = TARGET_ALONE
     runner_up = min((c for c in totals if c != best), key=totals.get, default=None)
     out = {}
@@ -298,6 +308,8 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02) -> di
                f"proposal: {','.join(best)} totals {totals[best]:.3f} ms/token over {len(choices)} classes")
         if runner_up is not None:
             why += f", next {','.join(runner_up)} at {totals[runner_up]:.3f}"
+        if held:
+            why += f" (kept: the chain shared at this load, within {switch_margin:.0%} of the cheapest)"
         if own.chain != best:
             why += f"; alone this class would take {','.join(own.chain)} k={list(own.k)} at {own.ms_per_token:.3f}"
         out[cls] = Choice(cls, winner, "target-alone" if best == TARGET_ALONE else "shared", why, best=winner,

@@ -70,6 +70,7 @@ class Router:
         self.version = 0
         self.choices: dict[str, Choice] = {}
         self.by_load: list[tuple[float, float, dict[str, Choice]]] = []  # (from batch, batch, choices) last published
+        self.shared_chains: dict[int, tuple[str, ...]] = {}  # load bucket -> the chain last shared there
         self.recorded: dict[str, tuple] = {}
 
     # -- feedback ------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class Router:
         depth_rate = cfg.explore_depth_rate if explore else 0.0  # the same chain: at any load
         choices = self._decide_classes(batch, chain_rate)
         if held >= cfg.shared_chain_batch:
-            choices = shared(choices, batch, cfg.margin)
+            choices = self._shared(choices, batch)
         choices = {cls: explore_depth(c, self.estimates, batch, cfg.k_max, self.rng,
                                       depth_rate if cls != DEFAULT_CLASS else 0.0, cfg.explore_until, cfg.explore_stale_s)
                    for cls, c in choices.items()}
@@ -182,7 +183,17 @@ class Router:
         for bucket, batch in enumerate(BUCKET_BATCH):
             if bucket <= here or BUCKET_FROM[bucket] < cfg.shared_chain_batch:
                 continue
-            out.append((BUCKET_FROM[bucket], batch, shared(self._decide_classes(batch), batch, cfg.margin)))
+            out.append((BUCKET_FROM[bucket], batch, self._shared(self._decide_classes(batch), batch)))
+        return out
+
+    def _shared(self, choices: dict[str, Choice], batch: float) -> dict[str, Choice]:
+        """Rule 5 at `batch`, holding the chain last shared at its load bucket within
+        `shared_switch_margin` (the current table and the load tables keep one each)."""
+        bucket = load_bucket(batch)
+        out = shared(choices, batch, self.cfg.margin, self.shared_chains.get(bucket), self.cfg.shared_switch_margin)
+        chains = {c.winner.chain for c in out.values() if c.shared}
+        if len(chains) == 1:
+            self.shared_chains[bucket] = chains.pop()
         return out
 
     def _decide_classes(self, batch: float, chain_rate: float = 0.0) -> dict[str, Choice]:
