@@ -7,8 +7,9 @@ configuration: code and prose prompts of two lengths (held out, so short and lon
 classes), in two phases, closed loop — low rate (`--requests` with `--low` in flight at
 once) and high rate (`--high-requests` with `--high` in flight: several waves, so that
 the phase is sustained load, not one burst timed by its slowest request).
-Configurations: every served static chain whose models are up (explicit `speculation.chain`), no speculation (`enabled: false`) and adaptive (no
-chain given: the gateway uses the router's assignment). `--repeats` runs the whole
+Configurations: every served static chain whose models are up (explicit
+`speculation.chain`), no speculation (`enabled: false`) and adaptive (no chain given: the
+gateway uses the router's assignment). `--repeats` runs the whole
 sequence several times, interleaved (repeat 1: low phase every configuration, high phase
 every configuration; then repeat 2 ...), the static configurations in a rotated order each
 repeat and adaptive last in each phase, so the router has seen every chain's outcomes
