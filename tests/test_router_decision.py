@@ -650,6 +650,29 @@ def test_a_depth_that_realises_less_wins_and_its_neighbours_are_tried_next():
     assert explore_depth(choice, est, 1.0, K_MAX, random.Random(0), rate=1.0, until=3).winner.k == (4,)
 
 
+def test_realised_tpots_inside_a_load_bucket_are_compared_at_one_batch():
+    """k = 4 ran at the top of the idle bucket (batch 1.4: a loaded run's lulls), k = 3 at its
+    bottom: raw, k = 4's TPOT is the higher; at the batch of the decision, by the model, it is lower."""
+    est = synthetic(PROFILE, ALPHAS)
+    chain = ("drafter-code", "target")
+
+    def model(ks, batch):
+        return predict(chain, ks, "code-short", est, batch, calibrated=False).model_ms
+
+    for _ in range(3):
+        est.observe_calibration(chain, 1.4, 0.99 * model((4,), 1.4), model((4,), 1.4), (4,), "code-short")
+        est.observe_calibration(chain, 1.0, model((3,), 1.0), model((3,), 1.0), (3,), "code-short")
+        est.observe_calibration(TARGET_ALONE, 1.0, 9.0, 9.0, (), "code-short")
+    assert est.realised_tpot(chain, (4,), 1.0, "code-short") > est.realised_tpot(chain, (3,), 1.0, "code-short")
+    assert est.realised(chain, (4,), 1.0, "code-short").batch == pytest.approx(1.4)
+    choice = decide("code-short", est, CHAINS, K_MAX, batch=1.0, measured_only=True)
+    assert (choice.winner.chain, choice.winner.k) == (chain, (4,))
+    assert choice.winner.ms_per_token == pytest.approx(0.99 * model((4,), 1.0))
+    ranked = {p.k: p.ms_per_token for p in
+              decide("code-short", est, [chain], K_MAX, batch=1.4, measured_only=True).ranking if p.chain == chain}
+    assert ranked[(4,)] == pytest.approx(0.99 * model((4,), 1.4))  # at the batch it ran at: as realised
+
+
 def test_the_router_explores_depth_under_load_on_the_shared_chain():
     from services.router.service import Router
     from shared.settings import RouterSettings, Settings

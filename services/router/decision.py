@@ -30,7 +30,7 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
 outcomes, only they (and the target alone) compete: each at the TPOT it realised in this
-class at this load; one that ran here in other classes only, at the model's prediction
+class at this load (moved to the current batch by the model: a load bucket spans batches); one that ran here in other classes only, at the model's prediction
 for this class times what it realised over the model here (code and prose, short and long
 prompts, do not cost the same on one chain: the model carries the class, the ratio the
 chain's error); one that ran only at other loads at the model's prediction here times what
@@ -131,7 +131,8 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     """The assignment for `request_class` under the current estimates (pure, no I/O).
 
     `measured_only`: only candidates whose (chain, k) has realised outcomes (and the target
-    alone), when there are any, each at the class's realised TPOT at this load, or the
+    alone), when there are any, each at the class's realised TPOT at this load (times the
+    model's ratio between this batch and the mean batch those outcomes ran at), or the
     model's for this class here scaled by what ran here realised against it (by its own
     ratio at the nearest load it ran at where nothing ran here): a k never run
     is a guess every request would pay for, and the model's
@@ -155,9 +156,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         for chain, ks in pool:
             if (chain, ks) not in estimates.ran:  # never ran at any load: none below answers
                 continue
-            tpot = estimates.realised_tpot(chain, ks, batch, request_class)
-            if tpot is not None:
-                realised[(chain, ks)] = tpot
+            seen = estimates.realised(chain, ks, batch, request_class)
+            if seen is not None:
+                realised[(chain, ks)] = seen
             elif estimates.ran_here(chain, ks, batch):  # here, in other classes only
                 here.add((chain, ks))
             elif (ratio := estimates.ratio_nearest(chain, ks, batch, request_class)) is not None:
@@ -170,6 +171,13 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                 if key not in modelled:
                     modelled[key] = predict(key[0], key[1], request_class, estimates, batch)
                 return modelled[key]
+
+            # What each (chain, k) realised in this class here, moved to this batch by the model:
+            # a load bucket spans batches (1-1.5, 12 and up), and outcomes at its top are slower
+            # than at its bottom whatever the chain; compared raw, the (chain, k) that happened
+            # to run at the lighter moments would look the cheaper.
+            realised = {key: seen.tpot_ms * load_shift(request_class, estimates, key, seen.batch, batch, model(key).model_ms)
+                        for key, seen in realised.items()}
 
             for chain, ks in pool:
                 key = (chain, ks)
@@ -238,6 +246,18 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         choice.why = (f"exploring {','.join(pick.chain)} ({seen[pick.chain]} outcomes so far) for one interval; "
                       f"the cost winner is {','.join(winner.chain)} k={list(winner.k)}: " + why)
     return choice
+
+
+LOAD_SHIFT_MAX = 2.0  # at most this factor either way when moving a realised TPOT to another batch
+
+
+def load_shift(request_class: str, estimates, key: tuple, seen_batch: float | None, batch: float,
+               model_ms: float) -> float:
+    """The model's TPOT of `key` at `batch` over its TPOT at `seen_batch` (where its outcomes ran), bounded."""
+    if seen_batch is None or abs(seen_batch - batch) < 1e-6:
+        return 1.0
+    there = predict(key[0], key[1], request_class, estimates, seen_batch, calibrated=False).model_ms
+    return min(LOAD_SHIFT_MAX, max(1 / LOAD_SHIFT_MAX, model_ms / max(there, 1e-9)))
 
 
 def neighbours(ks: tuple[int, ...], k_max: int) -> list[tuple[int, ...]]:

@@ -218,16 +218,18 @@ class Calibration:
     ratio_sum: float = 0.0
     weight: float = 0.0
     tpot_ms: float | None = None  # EWMA of realised TPOT
+    batch: float | None = None  # EWMA of the load those outcomes ran under (same weights as `tpot_ms`)
     observations: int = 0
     updated: float | None = None  # time.monotonic() of the newest observation
 
-    def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9) -> None:
+    def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9, batch: float = 1.0) -> None:
         if predicted_ms <= 0 or realised_ms <= 0:
             return
         ratio = min(8.0, max(0.125, realised_ms / predicted_ms))
         self.ratio_sum = self.ratio_sum * decay + ratio
         self.weight = self.weight * decay + 1.0
         self.tpot_ms = realised_ms if self.tpot_ms is None else 0.8 * self.tpot_ms + 0.2 * realised_ms
+        self.batch = batch if self.batch is None else 0.8 * self.batch + 0.2 * batch
         self.observations += 1
         self.updated = time.monotonic()
 
@@ -326,9 +328,15 @@ class Estimates:
         5.6 ms per token on short prose, 14-16 on long code), so another class's TPOT is no
         estimate of this one's; `ran_here` says whether the model's calibration has outcomes.
         """
+        realised = self.realised(chain, ks, batch, request_class)
+        return None if realised is None else realised.tpot_ms
+
+    def realised(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float,
+                 request_class: str = "") -> Calibration | None:
+        """The outcomes behind `realised_tpot` (their TPOT and the mean load they ran under), None if none."""
         key = self._k_key(chain, ks, batch)
         realised = self.calibration_class.get((*key, request_class)) if request_class else self.calibration_k.get(key)
-        return realised.tpot_ms if realised is not None and realised.observations > 0 else None
+        return realised if realised is not None and realised.observations > 0 else None
 
     def ran_here(self, chain: tuple[str, ...], ks: tuple[int, ...], batch: float) -> bool:
         """Whether this chain with these ks has an outcome at this load, in any class."""
@@ -468,13 +476,14 @@ class Estimates:
 
     def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float,
                             ks: tuple[int, ...] | None = None, request_class: str = "") -> None:
-        self.calibration_for(chain, batch).observe(realised_ms, predicted_ms)
+        self.calibration_for(chain, batch).observe(realised_ms, predicted_ms, batch=batch)
         if ks is not None:  # () for the target alone
             key = self._k_key(chain, ks, batch)
-            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms)
+            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms, batch=batch)
             self.ran.add(key[:2])
             if request_class:
-                self.calibration_class.setdefault((*key, request_class), Calibration()).observe(realised_ms, predicted_ms)
+                self.calibration_class.setdefault((*key, request_class), Calibration()).observe(
+                    realised_ms, predicted_ms, batch=batch)
 
     # -- reporting -----------------------------------------------------------------------
     def summary(self) -> dict:
