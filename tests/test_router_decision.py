@@ -411,9 +411,17 @@ def test_under_load_every_class_rides_the_chain_cheapest_over_all_classes():
     per_class = {cls: {p.chain: p for p in c.ranking} for cls, c in own.items()}
     totals = {ch: sum(r[ch].ms_per_token for r in per_class.values()) for ch in per_class["code-short"]}
     assert chain == min(totals, key=totals.get)
+    # one k too, the cheapest summed over the classes: a round's forward pads every chunk to the longest
+    by_k: dict[tuple, float] = {}
+    for c in own.values():
+        for p in c.options:
+            if p.chain == chain:
+                by_k[p.k] = by_k.get(p.k, 0.0) + p.ms_per_token
+    one_k = min(by_k, key=by_k.get)
+    assert len({per_class[cls][chain].k for cls in own}) > 1  # alone, the classes would take different k
     for cls, c in choices.items():
         assert c.shared and c.reason in ("shared", "target-alone")
-        assert (c.winner.chain, c.winner.k) == (chain, per_class[cls][chain].k)  # each class keeps its best k
+        assert (c.winner.chain, c.winner.k) == (chain, one_k)
     table = router_at(4, 1.5).table()
     assert all([(a.chain, a.k) for a in e.alternatives] == [(e.chain, e.k)] for e in table.assignments)
     assert {c.winner.chain for c in router_at(1, 1.5).decide_all().values()} == {c.winner.chain for c in own.values()}
@@ -682,13 +690,12 @@ def test_the_router_explores_depth_under_load_on_the_shared_chain():
     router.chains = CHAINS
     router.estimates = synthetic(PROFILE, ALPHAS, live=8)
     plain = {cls: c.winner for cls, c in router.decide_all(explore=False).items()}
+    assert len({(p.chain, p.k) for p in plain.values()}) == 1  # one chain at one k for every class
     choices = router.decide_all()
-    assert len({c.winner.chain for c in choices.values()}) == 1  # still one chain for every class
+    assert len({(c.winner.chain, c.winner.k) for c in choices.values()}) == 1  # still: every class tries the same k
     for cls, c in choices.items():
-        if cls == "default":
-            assert not c.explored
-            continue
-        assert c.explored and c.shared and c.winner.chain == plain[cls].chain
+        assert c.explored and c.shared and c.reason == "explore" and c.winner.chain == plain[cls].chain
+        assert "exploring depth for every class" in c.why
         assert sum(abs(a - b) for a, b in zip(c.winner.k, plain[cls].k)) == 1  # one step on one level
 
 
@@ -824,6 +831,7 @@ def test_the_router_holds_the_chain_it_shared_at_each_load():
     (chain,) = {c.winner.chain for c in first.values()}
     bucket = load_bucket(router.estimates.batch())
     assert router.shared_chains[bucket] == chain
+    assert router.shared_ks[bucket] == first["code-short"].winner.k  # and the one k every class took on it
     totals = {ch: sum(next(p for p in c.ranking if p.chain == ch).ms_per_token for c in first.values())
               for ch in {p.chain for p in first["code-short"].ranking}
               if all(any(p.chain == ch for p in c.ranking) for c in first.values())}
@@ -834,3 +842,36 @@ def test_the_router_holds_the_chain_it_shared_at_each_load():
     router.cfg = router.cfg.model_copy(update={"shared_switch_margin": 0.0})
     assert {c.winner.chain for c in router.decide_all().values()} == {chain}
     assert router.shared_chains[bucket] == chain
+
+
+def test_under_load_every_class_takes_one_k_on_the_shared_chain():
+    """A round verifies its requests in one forward over chunks padded to the longest: a class
+    at k = 6 beside one at k = 4 makes every request pay for 7 positions (bench adaptive, high
+    phase: `ngram,target` at k = 4, 5 and 6 at once)."""
+    from services.router.cost_model import Prediction
+    from services.router.decision import Choice, explore_shared_depth, shared
+
+    ngram = ("ngram", "target")
+
+    def choices(costs: dict[str, dict[int, float]]) -> dict[str, Choice]:
+        out = {}
+        for cls, by_k in costs.items():
+            options = [Prediction(ngram, (k,), ms, ms, 1.0, 16.0) for k, ms in by_k.items()]
+            options.append(Prediction(TARGET_ALONE, (), 30.0, 30.0, 1.0, 16.0))
+            ranking = sorted([min(options[:-1], key=lambda p: p.ms_per_token), options[-1]], key=lambda p: p.ms_per_token)
+            out[cls] = Choice(cls, ranking[0], "cost", "", best=ranking[0], ranking=ranking, options=options)
+        return out
+
+    costs = {"code-short": {4: 10.0, 6: 9.5, 3: 9.0}, "prose-short": {4: 9.0, 6: 11.0}}  # k = 3 not priced for prose
+    out = shared(choices(costs), 16.0)
+    assert {(c.winner.chain, c.winner.k) for c in out.values()} == {(ngram, (4,))}  # 19.0 against 20.5
+    assert out["code-short"].winner.ms_per_token == 10.0 and "one k for every class" in out["code-short"].why
+    held = shared(choices(costs), 16.0, incumbent=ngram, switch_margin=0.1, incumbent_k=(6,))
+    assert {c.winner.k for c in held.values()} == {(6,)} and "kept: within 10%" in held["prose-short"].why
+    assert {c.winner.k for c in shared(choices(costs), 16.0, incumbent=ngram, switch_margin=0.05,
+                                       incumbent_k=(6,)).values()} == {(4,)}
+    # no k priced for every class: each keeps its own best
+    apart = shared(choices({"code-short": {6: 9.5}, "prose-short": {4: 9.0}}), 16.0)
+    assert {cls: c.winner.k for cls, c in apart.items()} == {"code-short": (6,), "prose-short": (4,)}
+    assert explore_shared_depth(apart, Estimates(), 16.0, 6, random.Random(0), rate=1.0) is apart
+    assert explore_shared_depth(out, Estimates(), 16.0, 6, random.Random(0), rate=0.0) is out

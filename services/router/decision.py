@@ -23,10 +23,13 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
 5. under load (`router.shared_chain_batch`), one chain for every class (`shared`): a target
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
-   The chain with the lowest predicted cost summed over the classes wins (each class keeps
-   its own best k on it), against the target alone with the same margin; the chain last
-   shared at this load stays unless another beats it by `switch_margin` (a switch leaves
-   the requests in flight on the old chain, and rounds with both wait for both).
+   The chain with the lowest predicted cost summed over the classes wins, against the
+   target alone with the same margin; the chain last shared at this load stays unless
+   another beats it by `switch_margin` (a switch leaves the requests in flight on the old
+   chain, and rounds with both wait for both). Every class takes one k on it too, the one
+   with the lowest summed cost (`common_k`): the round's forward pads every request's chunk
+   to the longest, so one class at a deeper k makes every request pay for its width; depth
+   trials then move every class at once (`explore_shared_depth`).
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
 outcomes, only they (and the target alone) compete: each at the TPOT it realised in this
@@ -99,6 +102,7 @@ class Choice:
     ranking: list[Prediction] = field(default_factory=list)  # best k per chain, cheapest first
     specialist: str | None = None
     shared: bool = False  # rule 5: the one chain every class rides under load
+    options: list[Prediction] = field(default_factory=list, repr=False)  # every (chain, k) priced (rule 5's one k)
 
     def as_dict(self) -> dict:
         return {"request_class": self.request_class, "winner": self.winner.as_dict(), "reason": self.reason,
@@ -232,7 +236,7 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         reason = "slo-unmet" if slo_note else ("slo" if reason == "cost" else reason)
         why += slo_note or f"; meets the {slo_tpot_ms:g} ms TPOT objective"
     choice = Choice(request_class, winner, reason, why, best=winner, ranking=ranking,
-                    specialist=specialist(request_class, estimates, available=available))
+                    specialist=specialist(request_class, estimates, available=available), options=preds)
     others = []
     if explore_rate > 0 and rng is not None and len({chain for chain, _ in pool}) > 1 and rng.random() < explore_rate:
         # from the model's ranking: what has not run here is not among the measured
@@ -296,15 +300,44 @@ def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: rand
     return replace(choice, winner=pick, reason="explore", why=why, explored=True)
 
 
+def explore_shared_depth(choices: dict[str, Choice], estimates, batch: float, k_max: int, rng: random.Random,
+                         rate: float, until: int = 10, stale_s: float = 600.0) -> dict[str, Choice]:
+    """`explore_depth` for a table where every class rides one chain at one k (rule 5): with
+    probability `rate`, every class moves to the same neighbouring k, so the rounds keep one
+    width; the neighbour with the fewest outcomes at this load, while it has few or stale ones.
+    None of this when the classes do not share one (chain, k)."""
+    winners = {(c.winner.chain, c.winner.k) for c in choices.values()}
+    if rate <= 0 or len(winners) != 1 or any(c.explored for c in choices.values()):
+        return choices
+    ((chain, ks),) = winners
+    if chain == TARGET_ALONE or rng.random() >= rate:
+        return choices
+    seen = {n: estimates.depth_calibration(chain, n, batch) for n in neighbours(ks, k_max)}
+    open_ = {n: c.observations for n, c in seen.items() if c.needs_outcomes(until, stale_s)}
+    if not open_:
+        return choices
+    fewest = min(open_.values())
+    pick = rng.choice(sorted(n for n, count in open_.items() if count == fewest))
+    why = (f"exploring depth for every class: {','.join(chain)} k={list(pick)} ({fewest} outcomes so far at this "
+           f"load) for one interval; the shared k is {list(ks)}: ")
+    return {cls: replace(c, winner=predict(chain, pick, cls, estimates, batch), reason="explore", why=why + c.why,
+                         explored=True) for cls, c in choices.items()}
+
+
 def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incumbent: tuple[str, ...] | None = None,
-           switch_margin: float = 0.0) -> dict[str, Choice]:
+           switch_margin: float = 0.0, incumbent_k: tuple[int, ...] | None = None) -> dict[str, Choice]:
     """Rule 5: every class on the one chain with the lowest predicted cost summed over the classes.
 
-    Each class keeps its best k on that chain; the target alone wins unless the chain beats
-    it by `margin` in the sum. Explorations and per-class SLO rankings are replaced. The
-    `incumbent` (the chain last shared at this load) stays unless another beats it by
-    `switch_margin`: a switch leaves every request in flight on the old chain for its life,
-    and a round with both waits for both proposals.
+    The target alone wins unless the chain beats it by `margin` in the sum. Explorations
+    and per-class SLO rankings are replaced. The `incumbent` (the chain last shared at this
+    load) stays unless another beats it by `switch_margin`: a switch leaves every request in
+    flight on the old chain for its life, and a round with both waits for both proposals.
+
+    Every class also takes one k on that chain, the one with the lowest cost summed over the
+    classes among those priced for every class (else each class keeps its best): a round
+    verifies its requests in one forward over chunks padded to the longest, so a class at
+    k = 6 makes each request in its rounds pay for 7 positions. `incumbent_k` (the k last
+    shared with that chain) is held by the same `switch_margin`.
     """
     per_class = {cls: {p.chain: p for p in c.ranking} for cls, c in choices.items()}
     common = set.intersection(*(set(r) for r in per_class.values())) if per_class else set()
@@ -320,9 +353,10 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
     if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin) and not held:
         best = TARGET_ALONE
     runner_up = min((c for c in totals if c != best), key=totals.get, default=None)
+    one_k = common_k(choices, best, incumbent_k if incumbent == best else None, switch_margin)
     out = {}
     for cls, c in choices.items():
-        winner = per_class[cls][best]
+        winner = one_k[0][cls] if one_k else per_class[cls][best]
         own = c.ranking[0]
         why = (f"under load (batch {batch:.1f}) every class rides one chain, since a round waits for each chain's "
                f"proposal: {','.join(best)} totals {totals[best]:.3f} ms/token over {len(choices)} classes")
@@ -330,8 +364,37 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
             why += f", next {','.join(runner_up)} at {totals[runner_up]:.3f}"
         if held:
             why += f" (kept: the chain shared at this load, within {switch_margin:.0%} of the cheapest)"
+        if one_k:
+            why += f"; one k for every class (chunks are padded to the longest): {one_k[1]}"
         if own.chain != best:
             why += f"; alone this class would take {','.join(own.chain)} k={list(own.k)} at {own.ms_per_token:.3f}"
         out[cls] = Choice(cls, winner, "target-alone" if best == TARGET_ALONE else "shared", why, best=winner,
-                          ranking=c.ranking, specialist=c.specialist, shared=True)
+                          ranking=c.ranking, specialist=c.specialist, shared=True, options=c.options)
     return out
+
+
+def common_k(choices: dict[str, Choice], chain: tuple[str, ...], incumbent_k: tuple[int, ...] | None,
+             switch_margin: float) -> tuple[dict[str, Prediction], str] | None:
+    """Every class's prediction of `chain` at the one k with the lowest cost summed over the
+    classes, among the k priced for every class, and why; None for the target alone or when
+    no k is priced for every class. `incumbent_k` stays within `switch_margin` of the cheapest."""
+    if chain == TARGET_ALONE:
+        return None
+    priced: dict[tuple[int, ...], dict[str, Prediction]] = {}
+    for cls, c in choices.items():
+        for p in c.options or c.ranking:
+            if p.chain == chain:
+                mine = priced.setdefault(p.k, {})
+                if cls not in mine or p.ms_per_token < mine[cls].ms_per_token:
+                    mine[cls] = p
+    totals = {ks: sum(p.ms_per_token for p in by_class.values())
+              for ks, by_class in priced.items() if len(by_class) == len(choices)}
+    if not totals:
+        return None
+    best = min(sorted(totals), key=totals.get)
+    why = f"k={list(best)} totals {totals[best]:.3f}"
+    if incumbent_k is not None and incumbent_k != best and incumbent_k in totals \
+            and totals[incumbent_k] <= totals[best] * (1 + switch_margin):
+        why = f"k={list(incumbent_k)} totals {totals[incumbent_k]:.3f} (kept: within {switch_margin:.0%} of k={list(best)})"
+        best = incumbent_k
+    return priced[best], why

@@ -20,7 +20,7 @@ import random
 import time
 
 from services.router.cost_model import predict
-from services.router.decision import Choice, decide, explore_depth, served_chains, shared
+from services.router.decision import Choice, decide, explore_depth, explore_shared_depth, served_chains, shared
 from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, load_bucket
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
@@ -71,6 +71,7 @@ class Router:
         self.choices: dict[str, Choice] = {}
         self.by_load: list[tuple[float, float, dict[str, Choice]]] = []  # (from batch, batch, choices) last published
         self.shared_chains: dict[int, tuple[str, ...]] = {}  # load bucket -> the chain last shared there
+        self.shared_ks: dict[int, tuple[int, ...]] = {}  # load bucket -> the k every class last took on it
         self.recorded: dict[str, tuple] = {}
 
     # -- feedback ------------------------------------------------------------------------
@@ -162,9 +163,15 @@ class Router:
         choices = self._decide_classes(batch, chain_rate)
         if held >= cfg.shared_chain_batch:
             choices = self._shared(choices, batch)
-        choices = {cls: explore_depth(c, self.estimates, batch, cfg.k_max, self.rng,
-                                      depth_rate if cls != DEFAULT_CLASS else 0.0, cfg.explore_until, cfg.explore_stale_s)
-                   for cls, c in choices.items()}
+        if all(c.shared for c in choices.values()) and len({(c.winner.chain, c.winner.k) for c in choices.values()}) == 1:
+            # one chain at one k for every class: a depth trial moves them all, so rounds keep one width
+            choices = explore_shared_depth(choices, self.estimates, batch, cfg.k_max, self.rng, depth_rate,
+                                           cfg.explore_until, cfg.explore_stale_s)
+        else:
+            choices = {cls: explore_depth(c, self.estimates, batch, cfg.k_max, self.rng,
+                                          depth_rate if cls != DEFAULT_CLASS else 0.0, cfg.explore_until,
+                                          cfg.explore_stale_s)
+                       for cls, c in choices.items()}
         self.choices = choices
         return choices
 
@@ -190,10 +197,13 @@ class Router:
         """Rule 5 at `batch`, holding the chain last shared at its load bucket within
         `shared_switch_margin` (the current table and the load tables keep one each)."""
         bucket = load_bucket(batch)
-        out = shared(choices, batch, self.cfg.margin, self.shared_chains.get(bucket), self.cfg.shared_switch_margin)
-        chains = {c.winner.chain for c in out.values() if c.shared}
-        if len(chains) == 1:
-            self.shared_chains[bucket] = chains.pop()
+        out = shared(choices, batch, self.cfg.margin, self.shared_chains.get(bucket), self.cfg.shared_switch_margin,
+                     self.shared_ks.get(bucket))
+        winners = {(c.winner.chain, c.winner.k) for c in out.values() if c.shared}
+        if len({chain for chain, _ in winners}) == 1:
+            self.shared_chains[bucket] = next(iter(winners))[0]
+            if len(winners) == 1:
+                self.shared_ks[bucket] = next(iter(winners))[1]
         return out
 
     def _decide_classes(self, batch: float, chain_rate: float = 0.0) -> dict[str, Choice]:
