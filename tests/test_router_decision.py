@@ -875,3 +875,70 @@ def test_under_load_every_class_takes_one_k_on_the_shared_chain():
     assert {cls: c.winner.k for cls, c in apart.items()} == {"code-short": (6,), "prose-short": (4,)}
     assert explore_shared_depth(apart, Estimates(), 16.0, 6, random.Random(0), rate=1.0) is apart
     assert explore_shared_depth(out, Estimates(), 16.0, 6, random.Random(0), rate=0.0) is out
+
+
+def test_a_proposal_that_ends_before_k_buys_nothing_deeper():
+    """An n-gram match can end before k: half the proposals at k = 6 draft 2 tokens. Every
+    drafted token is accepted, so a round emits 1 + (2 + 6) / 2 = 5 tokens, not 7."""
+    short = Acceptance()
+    for _ in range(200):  # 20 proposals each: 10 of 2 tokens, 10 of 6
+        short.observe(LevelOutcome("ngram", "target", 80, 80, [20, 20, 10, 10, 10, 10], [20, 20, 10, 10, 10, 10]), 1e9, k=6)
+    assert short.continuation_per_position()[:3] == [1.0, pytest.approx(1.0, abs=1e-3), pytest.approx(0.5, abs=1e-3)]
+    assert short.expected_tokens(6) == pytest.approx(5.0, rel=0.03)
+    assert short.expected_tokens(2) == pytest.approx(3.0, rel=0.03)  # both positions always drafted
+    unknown = Acceptance()  # the same counts without k (history rows): no continuation measured
+    for _ in range(200):
+        unknown.observe(LevelOutcome("ngram", "target", 80, 80, [20, 20, 10, 10, 10, 10], [20, 20, 10, 10, 10, 10]), 1e9)
+    assert unknown.expected_tokens(6) > 6.5
+    capped = Acceptance()  # k = 2 drafts at most 2: that is no short match
+    for _ in range(200):
+        capped.observe(LevelOutcome("ngram", "target", 40, 40, [20, 20], [20, 20]), 1e9, k=2)
+    assert capped.continuation_per_position() == [1.0, pytest.approx(1.0, abs=1e-3)] and capped.continuation(4) == 1.0
+    est = Estimates(half_life_tokens=1e9)  # outcomes carry each level's k to the estimates
+    est.observe_outcome(Outcome("r1", "code-short", ["ngram", "target"], [6], 41, 10, 20.0, 2.0, 100.0,
+                                [LevelOutcome("ngram", "target", 40, 40, [10, 10, 5, 5, 5, 5], [10, 10, 5, 5, 5, 5])]))
+    assert est.pair("ngram", "target", "code-short").continuation(2) < 0.8
+
+
+def test_what_ran_competes_at_its_rounds_time_over_the_tokens_a_round_emits():
+    """k = 5 ran a few lucky prompts (38 drafts accepted of 50 tokens: 2.9 ms per token) beside
+    k = 4's (30 of 50: 4.0). Its rounds took longer (12 ms against 10), and the class's matches
+    end by position 4, so k = 5 emits no more per round than k = 4: k = 4 is the cheaper."""
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0)), store=None, params={}, seed=0)
+    est = router.estimates = Estimates(half_life_tokens=1e9)
+    chain, cls = ("ngram", "target"), "code-short"
+    plain = LevelOutcome("ngram", "target", 40, 30, [10, 10, 10, 10], [9, 8, 7, 6])  # 20 rounds
+    lucky = LevelOutcome("ngram", "target", 48, 38, [12, 12, 12, 12, 0], [11, 10, 9, 8, 0])  # 12 rounds
+
+    def outcome(rid: str, ks: list[int], tpot: float, levels: list[LevelOutcome]) -> Outcome:
+        return Outcome(rid, cls, list(chain) if ks else ["target"], ks, 51, 10, 20.0, tpot, 300.0, levels, "length", "t1",
+                       batch_mean=1.0)
+
+    for i in range(5):
+        router.on_outcome(outcome(f"a{i}", [4], 10.0 * 20 / 50, [plain]))
+        router.on_outcome(outcome(f"b{i}", [5], 12.0 * 12 / 50, [lucky]))
+    router.on_outcome(outcome("t", [], 9.0, []))
+    four, five = est.realised(chain, (4,), 1.0, cls), est.realised(chain, (5,), 1.0, cls)
+    assert (four.round_ms, five.round_ms) == (pytest.approx(10.0), pytest.approx(12.0))
+    assert est.realised(("target",), (), 1.0, cls).round_ms == pytest.approx(9.0)  # one token a round
+    assert five.tpot_ms < four.tpot_ms  # by TPOT k = 5 looks the cheaper
+    choice = decide(cls, est, [chain], 6, batch=1.0, measured_only=True)
+    costs = {p.k: p.ms_per_token for p in choice.options if p.chain == chain}
+    per_round = 1 + est.draft_rate("ngram", cls) * (est.expected_tokens("ngram", "target", cls, 4) - 1)
+    assert costs[(4,)] == pytest.approx(10.0 / per_round)
+    assert costs[(4,)] < costs[(5,)] and choice.winner.k == (4,)
+    # a restarted router takes the rounds from the history: the bottom level's row of the request
+    replayed = Router(Settings(), store=None, params={}, seed=0)
+    replayed.resume({
+        "pair_stats": [{"proposer": "ngram", "verifier": "target", "request_class": cls, "drafted": 40, "accepted": 30,
+                        "accepted_per_position": [9, 8, 7, 6], "drafted_per_position": [10, 10, 10, 10],
+                        "tv_distance": None, "request_id": "a0", "rounds": 20}],
+        "decisions": [{"reason": "outcome", "chain": "ngram,target", "k": [4], "tokens": 51, "tpot_ms": 4.0,
+                       "predicted_ms_per_token": 3.0, "batch_mean": 1.0, "request_id": "a0", "request_class": cls},
+                      {"reason": "outcome", "chain": "target", "k": [], "tokens": 11, "tpot_ms": 9.0,
+                       "predicted_ms_per_token": 9.0, "batch_mean": 1.0, "request_id": "t0", "request_class": cls}]})
+    assert replayed.estimates.realised(chain, (4,), 1.0, cls).round_ms == pytest.approx(10.0)
+    assert replayed.estimates.realised(("target",), (), 1.0, cls).round_ms == pytest.approx(9.0)

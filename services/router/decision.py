@@ -32,8 +32,10 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    trials then move every class at once (`explore_shared_depth`).
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
-outcomes, only they (and the target alone) compete: each at the TPOT it realised in this
-class at this load (moved to the current batch by the model: a load bucket spans batches); one that ran here in other classes only, at the model's prediction
+outcomes, only they (and the target alone) compete: each at what it realised in this
+class at this load (its rounds' time over the tokens a round emits by the class's pooled
+acceptance, `realised_cost`; moved to the current batch by the model: a load bucket spans
+batches); one that ran here in other classes only, at the model's prediction
 for this class times what it realised over the model here (code and prose, short and long
 prompts, do not cost the same on one chain: the model carries the class, the ratio the
 chain's error); one that ran only at other loads at the model's prediction here times what
@@ -135,8 +137,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     """The assignment for `request_class` under the current estimates (pure, no I/O).
 
     `measured_only`: only candidates whose (chain, k) has realised outcomes (and the target
-    alone), when there are any, each at the class's realised TPOT at this load (times the
-    model's ratio between this batch and the mean batch those outcomes ran at), or the
+    alone), when there are any, each at the class's realised cost at this load (its rounds'
+    time over the tokens a round emits, `realised_cost`; times the model's ratio between
+    this batch and the mean batch those outcomes ran at), or the
     model's for this class here scaled by what ran here realised against it (by its own
     ratio at the nearest load it ran at where nothing ran here): a k never run
     is a guess every request would pay for, and the model's
@@ -179,8 +182,11 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
             # What each (chain, k) realised in this class here, moved to this batch by the model:
             # a load bucket spans batches (1-1.5, 12 and up), and outcomes at its top are slower
             # than at its bottom whatever the chain; compared raw, the (chain, k) that happened
-            # to run at the lighter moments would look the cheaper.
-            realised = {key: seen.tpot_ms * load_shift(request_class, estimates, key, seen.batch, batch, model(key).model_ms)
+            # to run at the lighter moments would look the cheaper. Where the rounds' time is
+            # known: that time over the tokens a round emits by the class's acceptance, pooled
+            # over every k (`realised_cost`).
+            realised = {key: realised_cost(key, seen, request_class, estimates)
+                        * load_shift(request_class, estimates, key, seen.batch, batch, model(key).model_ms)
                         for key, seen in realised.items()}
 
             for chain, ks in pool:
@@ -250,6 +256,30 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         choice.why = (f"exploring {','.join(pick.chain)} ({seen[pick.chain]} outcomes so far) for one interval; "
                       f"the cost winner is {','.join(winner.chain)} k={list(winner.k)}: " + why)
     return choice
+
+
+def tokens_per_round(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates) -> float:
+    """Tokens one target round emits for the class: 1 + (proposals per round) x (accepted per proposal)."""
+    if chain == TARGET_ALONE or not ks:
+        return 1.0
+    proposer = chain[-2]
+    gain = estimates.expected_tokens(proposer, chain[-1], request_class, ks[-1])
+    rate = estimates.draft_rate(proposer, request_class) if len(chain) == 2 else 1.0
+    return 1.0 + rate * (gain - 1.0)
+
+
+def realised_cost(key: tuple, seen, request_class: str, estimates) -> float:
+    """What a (chain, k) costs this class per token, from its realised outcomes (at their load).
+
+    The time of its rounds (measured per chain, k and class) over the tokens a round emits,
+    from the class's acceptance pooled over every request and k: a request's TPOT is mostly
+    its prompt's luck (an n-gram chain emits 1 to 3 tokens a round from one prompt to the
+    next, the round's time barely moves), so the k that ran the last few lucky prompts would
+    win on luck. Without the rounds' time (history without it), the realised TPOT.
+    """
+    if seen.round_ms is None:
+        return seen.tpot_ms
+    return seen.round_ms / tokens_per_round(key[0], key[1], request_class, estimates)
 
 
 LOAD_SHIFT_MAX = 2.0  # at most this factor either way when moving a realised TPOT to another batch

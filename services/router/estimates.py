@@ -9,7 +9,8 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
   proposals that reached position j), plus, on sampled positions, the expected acceptance
   1 - TV(p, q) the verifier measured there (the same quantity without the coin flips'
   noise), with counts decayed by `half_life_tokens` (an EWMA in drafted tokens) and shrunk
-  towards a neutral prior;
+  towards a neutral prior; and the chance that a proposal goes on to each position at all
+  (an n-gram match can end before k), from requests whose k reached past it;
 - a bottom proposer's draft rate (proposals per verification: an n-gram drafter finds no
   match on some rounds), from outcomes whose verifier is the target;
 - step time of a model as a function of the tokens one forward writes (batch x chunk):
@@ -24,7 +25,10 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
   remote-level approximation); a chain not yet measured at this load borrows the mean
   ratio of the chains that were. The error depends on k too (a round's fixed costs are
   spread over the tokens it emits), so each (chain, k, load bucket) measured keeps its
-  own ratio, shrunk towards its chain's (`K_PRIOR_WEIGHT` outcomes' worth).
+  own ratio, shrunk towards its chain's (`K_PRIOR_WEIGHT` outcomes' worth);
+- what ran, per (chain, k, load bucket) and per class there: the realised TPOT, the time
+  per target round (`round_time`) and the load those ran under (EWMAs), which the decision
+  compares (services/router/decision.py `realised_cost`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepP
 NEUTRAL_ALPHA = 0.5
 PRIOR_TRIALS = 20.0  # the prior weighs like this many draft positions
 NGRAM_DRAFT_RATE = 0.5
+CONTINUATION_PRIOR = 2.0  # a proposal goes on to the next position: worth this many observations
 K_PRIOR_WEIGHT = 2.0  # a (chain, k) calibration starts from its chain's ratio, worth this many outcomes
 PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU, small models)
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
@@ -76,12 +81,17 @@ class Acceptance:
     drafted_total: int = 0
     overlap: float = 0.0  # decayed sum of 1 - TV over sampled draft positions
     overlap_positions: float = 0.0
+    # at position j >= 1: proposals that drafted position j, over those that drafted j - 1 with
+    # k > j (an n-gram match can end before k; a model drafter drafts all k)
+    continued_per_pos: list[float] = field(default_factory=list)
+    continuable_per_pos: list[float] = field(default_factory=list)
 
-    def observe(self, level: LevelOutcome, half_life_tokens: float) -> None:
+    def observe(self, level: LevelOutcome, half_life_tokens: float, k: int | None = None) -> None:
         accepted, trials = conditional_counts(level)
         if trials <= 0:
             return
         decay = 0.5 ** (level.drafted / half_life_tokens)
+        self._observe_continuation(list(level.drafted_per_pos), k, decay)
         self.accepted = self.accepted * decay + accepted
         self.trials = self.trials * decay + trials
         if level.overlap_positions > 0 and 0 <= level.overlap <= level.overlap_positions:
@@ -103,6 +113,25 @@ class Acceptance:
         self.observations += 1
         self.drafted_total += level.drafted
 
+    def _observe_continuation(self, drafted: list[int], k: int | None, decay: float) -> None:
+        """Decay the continuation counts; add this request's when its k is known (a history row has none)."""
+        for arr in (self.continued_per_pos, self.continuable_per_pos):
+            for j in range(len(arr)):
+                arr[j] *= decay
+        if not k or not drafted:
+            return
+        for arr in (self.continued_per_pos, self.continuable_per_pos):
+            arr.extend([0.0] * (k - len(arr)))
+        for j in range(1, k):
+            self.continuable_per_pos[j] += drafted[j - 1] if j - 1 < len(drafted) else 0
+            self.continued_per_pos[j] += drafted[j] if j < len(drafted) else 0
+
+    def continuation(self, j: int) -> float:
+        """P(a proposal drafts position j | it drafted position j - 1 and k > j), 1 at j = 0; prior 1."""
+        if j <= 0 or j >= len(self.continuable_per_pos):
+            return 1.0
+        return (self.continued_per_pos[j] + CONTINUATION_PRIOR) / (self.continuable_per_pos[j] + CONTINUATION_PRIOR)
+
     @property
     def alpha(self) -> float:
         """Per-token acceptance from realised and expected (1 - TV) acceptance, shrunk towards the prior; in [0.01, 0.99]."""
@@ -111,19 +140,21 @@ class Acceptance:
         return min(0.99, max(0.01, value))
 
     def expected_tokens(self, k: int) -> float:
-        """Tokens one verification of k drafts emits: 1 + sum over j < k of P(the first j + 1 accepted).
+        """Tokens one verification of k drafts emits: 1 + sum over j < k of P(the first j + 1 drafted and accepted).
 
         Uses the conditional acceptance measured at each position (accepted there over proposals
         that reached it), shrunk towards `alpha`: an n-gram match that survives its first token
         tends to survive the next (measured here: 0.48 at position 0, 0.66 at 1, 0.83 at 4), which
-        the geometric E(alpha, k) misses. Without per-position data it is E(alpha, k).
+        the geometric E(alpha, k) misses; and the chance that a proposal drafts position j at
+        all (`continuation`): an n-gram match can end before k, and a deeper k then buys
+        nothing. Without per-position data it is E(alpha, k).
         """
         alpha = self.alpha
         total, reach = 1.0, 1.0
         for j in range(max(0, k)):
             accepted = self.accepted_per_pos[j] if j < len(self.accepted_per_pos) else 0.0
             reached = self.reached_per_pos[j] if j < len(self.reached_per_pos) else 0.0
-            reach *= min(0.99, (accepted + alpha * PRIOR_TRIALS) / (reached + PRIOR_TRIALS))
+            reach *= self.continuation(j) * min(0.99, (accepted + alpha * PRIOR_TRIALS) / (reached + PRIOR_TRIALS))
             total += reach
         return total
 
@@ -134,6 +165,9 @@ class Acceptance:
 
     def per_position(self) -> list[float | None]:
         return [round(a / r, 4) if r > 0.5 else None for a, r in zip(self.accepted_per_pos, self.reached_per_pos)]
+
+    def continuation_per_position(self) -> list[float]:
+        return [round(self.continuation(j), 4) for j in range(len(self.continuable_per_pos))]
 
 
 @dataclass
@@ -219,12 +253,16 @@ class Calibration:
     weight: float = 0.0
     tpot_ms: float | None = None  # EWMA of realised TPOT
     batch: float | None = None  # EWMA of the load those outcomes ran under (same weights as `tpot_ms`)
+    round_ms: float | None = None  # EWMA of the time per target round (TPOT x tokens per round), where known
     observations: int = 0
     updated: float | None = None  # time.monotonic() of the newest observation
 
-    def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9, batch: float = 1.0) -> None:
+    def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9, batch: float = 1.0,
+                round_ms: float | None = None) -> None:
         if predicted_ms <= 0 or realised_ms <= 0:
             return
+        if round_ms is not None and round_ms > 0 and math.isfinite(round_ms):
+            self.round_ms = round_ms if self.round_ms is None else 0.8 * self.round_ms + 0.2 * round_ms
         ratio = min(8.0, max(0.125, realised_ms / predicted_ms))
         self.ratio_sum = self.ratio_sum * decay + ratio
         self.weight = self.weight * decay + 1.0
@@ -427,8 +465,9 @@ class Estimates:
         return max([self.batch(now), *(b for _, b in self.batches)])
 
     # -- learning ------------------------------------------------------------------------
-    def observe_level(self, level: LevelOutcome, request_class: str, rounds: int | None = None) -> None:
-        self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens)
+    def observe_level(self, level: LevelOutcome, request_class: str, rounds: int | None = None,
+                      k: int | None = None) -> None:
+        self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens, k)
         if rounds is not None and rounds > 0:
             proposals = level.drafted_per_pos[0] if level.drafted_per_pos else 0
             self.draft_rate(level.name, request_class)
@@ -446,8 +485,11 @@ class Estimates:
         self.outcomes += 1
         chain = [canonical(c) for c in outcome.chain]
         for level in outcome.levels:
-            bottom = chain and canonical(level.name) == chain[0]
-            self.observe_level(level, outcome.request_class, self.rounds(outcome, level) if bottom else None)
+            name = canonical(level.name)
+            bottom = chain and name == chain[0]
+            at = chain.index(name) if name in chain else -1
+            k = outcome.k[at] if 0 <= at < len(outcome.k) else None
+            self.observe_level(level, outcome.request_class, self.rounds(outcome, level) if bottom else None, k)
 
     def observe_step(self, step: ModelStep, batch: float | None = None) -> None:
         """One model's forwards over an interval; a remote level's 'forward' is one call."""
@@ -475,15 +517,35 @@ class Estimates:
             self.observe_step(step)
 
     def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float,
-                            ks: tuple[int, ...] | None = None, request_class: str = "") -> None:
+                            ks: tuple[int, ...] | None = None, request_class: str = "",
+                            round_ms: float | None = None) -> None:
+        """One outcome's realised TPOT against the model's, at the load it ran under; `round_ms`:
+        its time per target round (`round_time`), when known."""
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms, batch=batch)
         if ks is not None:  # () for the target alone
             key = self._k_key(chain, ks, batch)
-            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms, batch=batch)
+            self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms, batch=batch,
+                                                                      round_ms=round_ms)
             self.ran.add(key[:2])
             if request_class:
                 self.calibration_class.setdefault((*key, request_class), Calibration()).observe(
-                    realised_ms, predicted_ms, batch=batch)
+                    realised_ms, predicted_ms, batch=batch, round_ms=round_ms)
+
+    @staticmethod
+    def round_time(tpot_ms: float, tokens: int, rounds: int | None) -> float | None:
+        """A request's time per target round: its TPOT times the tokens a round emitted (the
+        tokens after the first over the rounds that emitted them); None when unknown."""
+        if rounds is None or rounds <= 0 or tokens < 2 or tpot_ms <= 0:
+            return None
+        return tpot_ms * (tokens - 1) / rounds
+
+    @classmethod
+    def target_rounds(cls, outcome: Outcome) -> int | None:
+        """The target's rounds after the first token: from the level it verifies, else one per token."""
+        if not outcome.levels:
+            return outcome.tokens - 1 if len(outcome.chain) <= 1 else None
+        top = [lv for lv in outcome.levels if canonical(lv.verifier) == "target"]
+        return cls.rounds(outcome, top[0]) if len(top) == 1 else None
 
     # -- reporting -----------------------------------------------------------------------
     def summary(self) -> dict:
@@ -496,7 +558,8 @@ class Estimates:
                           for m, s in sorted(self.steps.items())},
             "acceptance": {f"{p}->{v}@{c}": {"alpha": round(a.alpha, 4), "observations": a.observations,
                                               "one_minus_tv": None if a.expected is None else round(a.expected, 4),
-                                              "drafted": a.drafted_total, "per_position": a.per_position()}
+                                              "drafted": a.drafted_total, "per_position": a.per_position(),
+                                              "continuation": a.continuation_per_position()}
                            for (p, v, c), a in sorted(self.acceptance.items()) if a.observations},
             "calibration": {f"{','.join(ch)}@bucket{b}": {"ratio": round(c.ratio(), 4), "observations": c.observations,
                                                          "tpot_ms": None if c.tpot_ms is None else round(c.tpot_ms, 3)}

@@ -82,7 +82,9 @@ class Router:
         batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
         raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
         if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
-            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class)
+            round_ms = Estimates.round_time(outcome.tpot_ms, outcome.tokens, Estimates.target_rounds(outcome))
+            self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class,
+                                               round_ms)
         if self.store is None:
             return
         for level in outcome.levels:
@@ -134,7 +136,10 @@ class Router:
                              round(row["tokens_per_forward"] * row["samples"]), row.get("batch_mean") or 1.0)
             self.estimates.observe_step(step)
             n += 1
+        rounds: dict[str, int] = {}  # request -> the target's rounds (two-level chains: the bottom level's row)
         for row in history.get("pair_stats", []):
+            if row.get("rounds") is not None and row.get("verifier") == "target" and row.get("request_id"):
+                rounds[row["request_id"]] = row["rounds"]
             tv = row.get("tv_distance")  # measured on every drafted position of a sampled request
             level = LevelOutcome(row["proposer"], row["verifier"], row["drafted"], row["accepted"],
                                  list(row["drafted_per_position"] or []), list(row["accepted_per_position"] or []),
@@ -145,9 +150,12 @@ class Router:
         for row in history.get("decisions", []):
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
                     and (row.get("tokens") or 0) >= 2 and (row.get("mixed_share") or 0.0) <= MIXED_MAX:
-                self.estimates.observe_calibration(tuple(row["chain"].split(",")), row.get("batch_mean") or 1.0,
+                chain = tuple(row["chain"].split(","))
+                target_rounds = row["tokens"] - 1 if chain == ("target",) else rounds.get(row.get("request_id") or "")
+                self.estimates.observe_calibration(chain, row.get("batch_mean") or 1.0,
                                                    row["tpot_ms"], row["predicted_ms_per_token"], tuple(row.get("k") or ()),
-                                                   row.get("request_class") or "")
+                                                   row.get("request_class") or "",
+                                                   Estimates.round_time(row["tpot_ms"], row["tokens"], target_rounds))
                 n += 1
         return n
 
