@@ -817,6 +817,23 @@ def test_under_load_the_shared_chain_is_held_against_one_cheaper_by_less_than_th
     assert {c.winner.chain for c in shared(choices(9.0), 16.0, incumbent=ngram, switch_margin=0.05).values()} == {code}
     assert {c.winner.chain for c in shared(choices(9.8), 16.0, incumbent=ngram).values()} == {code}  # no margin: off
 
+    # the target alone and the shared chain a few percent apart: whichever holds stays (bench
+    # adaptive, high phase: the target alone took a second every ten, 34 of 144 requests)
+    def near_alone(alone_ms: float) -> dict[str, Choice]:
+        out = {}
+        for cls in ("code-short", "prose-short"):
+            ranking = sorted([Prediction(ngram, (4,), 10.0, 10.0, 1.0, 16.0),
+                              Prediction(TARGET_ALONE, (), alone_ms, alone_ms, 1.0, 16.0)], key=lambda p: p.ms_per_token)
+            out[cls] = Choice(cls, ranking[0], "cost", "", best=ranking[0], ranking=ranking)
+        return out
+
+    assert {c.winner.chain for c in shared(near_alone(10.1), 16.0, margin=0.02).values()} == {TARGET_ALONE}  # SpecServe
+    assert {c.winner.chain for c in shared(near_alone(10.1), 16.0, 0.02, ngram, 0.05).values()} == {ngram}
+    assert {c.winner.chain for c in shared(near_alone(9.9), 16.0, 0.02, ngram, 0.05).values()} == {ngram}
+    assert {c.winner.chain for c in shared(near_alone(9.0), 16.0, 0.02, ngram, 0.05).values()} == {TARGET_ALONE}
+    assert {c.winner.chain for c in shared(near_alone(10.3), 16.0, 0.02, TARGET_ALONE, 0.05).values()} == {TARGET_ALONE}
+    assert {c.winner.chain for c in shared(near_alone(11.0), 16.0, 0.02, TARGET_ALONE, 0.05).values()} == {ngram}
+
 
 def test_the_router_holds_the_chain_it_shared_at_each_load():
     from services.router.estimates import load_bucket

@@ -360,8 +360,9 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
 
     The target alone wins unless the chain beats it by `margin` in the sum. Explorations
     and per-class SLO rankings are replaced. The `incumbent` (the chain last shared at this
-    load) stays unless another beats it by `switch_margin`: a switch leaves every request in
-    flight on the old chain for its life, and a round with both waits for both proposals.
+    load, or the target alone) stays unless the winner beats it by `switch_margin`: a switch
+    leaves every request in flight on the old chain for its life, and a round with both
+    waits for both proposals.
 
     Every class also takes one k on that chain, the one with the lowest cost summed over the
     classes among those priced for every class (else each class keeps its best): a round
@@ -375,13 +376,15 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
         return choices
     totals = {chain: sum(r[chain].ms_per_token for r in per_class.values()) for chain in common}
     best = min(sorted(totals), key=totals.get)  # sorted: ties go the same way every time
+    alone = totals.get(TARGET_ALONE)
+    if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin):
+        best = TARGET_ALONE
+    # the incumbent stays within the switch margin, the target alone included either way: a
+    # chain and the target alone a few percent apart under load swapped every second or two
     held = incumbent is not None and incumbent != best and incumbent in totals \
         and totals[incumbent] <= totals[best] * (1 + switch_margin)
     if held:
         best = incumbent
-    alone = totals.get(TARGET_ALONE)
-    if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin) and not held:
-        best = TARGET_ALONE
     runner_up = min((c for c in totals if c != best), key=totals.get, default=None)
     one_k = common_k(choices, best, incumbent_k if incumbent == best else None, switch_margin)
     out = {}
