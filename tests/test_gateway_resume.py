@@ -99,3 +99,54 @@ async def test_a_burst_takes_the_under_load_assignments_and_a_finished_request_s
     backend.admit("r99")
     assert list(backend.in_flight) == ["r99"]
     assert backend.assignment("code-short").chain == ["drafter-code", "target"]  # r99 and this one: 1 per target
+
+
+class RestartingBus(FlakyBus):
+    """NATS restarts while the first submission is on its way: it times out (or finds no
+    responder) and the client has reconnected meanwhile; the next one is taken."""
+
+    def __init__(self, error):
+        super().__init__(outage=0)
+        self.error, self.stats = error, {"reconnects": 0}
+        self.is_reconnecting = False
+
+    async def request(self, subject, data, timeout=None, headers=None):
+        if subject == SUBJECT_GENERATE and not self.submits:
+            self.submits.append(decode(data, GenerateJob))
+            self.stats["reconnects"] += 1
+            raise self.error
+        if subject == SUBJECT_GENERATE and len(self.submits) == 1:  # taken: answer it whole
+            job = decode(data, GenerateJob)
+            self.submits.append(job)
+            batch = TokenBatch(job.request_id, job.epoch, 0, [7, 8], finished=True)
+            asyncio.get_running_loop().call_later(
+                0.01, lambda: asyncio.ensure_future(self.callbacks[f"{SUBJECT_TOKENS}.{job.request_id}"](
+                    SimpleNamespace(data=encode(batch)))))
+            return SimpleNamespace(data=encode(RequestState(job.request_id)))
+        return await super().request(subject, data, timeout, headers)
+
+
+async def test_a_submission_cut_by_a_nats_restart_is_sent_again():
+    for error in (nats.errors.TimeoutError(), nats.errors.NoRespondersError()):
+        bus = RestartingBus(error)
+        backend = NatsBackend.__new__(NatsBackend)
+        backend.settings, backend.nc, backend.stall_s, backend.in_flight = Settings(), bus, 5.0, {}
+        batches = [b async for b in backend.generate(GenerateJob("r1", [1, 2, 3], max_tokens=2))]
+        assert [t for b in batches for t in b.tokens] == [7, 8] and len(bus.submits) == 2
+    # without a reconnect a timeout is the target's: the client hears it at once
+    from services.gateway.backend import NoTargetError
+
+    quiet = FlakyBus(outage=0)
+
+    async def silent(subject, data, timeout=None, headers=None):
+        quiet.submits.append(subject)
+        raise nats.errors.TimeoutError
+
+    quiet.request = silent
+    backend = NatsBackend.__new__(NatsBackend)
+    backend.settings, backend.nc, backend.stall_s, backend.in_flight = Settings(), quiet, 5.0, {}
+    try:
+        [b async for b in backend.generate(GenerateJob("r2", [1, 2, 3], max_tokens=2))]
+        raise AssertionError("a submission nobody answered must fail")
+    except NoTargetError as exc:
+        assert "accepted the request in 5s" in str(exc) and quiet.submits == [SUBJECT_GENERATE]

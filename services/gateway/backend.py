@@ -7,6 +7,7 @@ another target replica if the one serving the request dies.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator, Protocol
 
@@ -51,6 +52,9 @@ def table_for(table, in_flight: int):
         if table.batch < candidate.min_batch <= load:
             chosen = candidate
     return chosen
+
+
+SUBMIT_ATTEMPTS = 3  # a job's submission is sent again while the connection to NATS was cut (a restart)
 
 
 class NatsBackend:
@@ -135,15 +139,28 @@ class NatsBackend:
         from shared.messages import SUBJECT_GENERATE, RequestState, decode, encode
         from shared.tracing import inject
 
-        try:
-            msg = await self.nc.request(SUBJECT_GENERATE, encode(job), timeout=5.0, headers=inject() or None)
-        except nats.errors.NoRespondersError:
-            raise NoTargetError("no target worker is available; retry shortly") from None
-        except nats.errors.TimeoutError:
-            raise NoTargetError("no target worker accepted the request in 5s; retry shortly") from None
+        for attempt in range(SUBMIT_ATTEMPTS):
+            reconnects = self._reconnects()
+            try:
+                msg = await self.nc.request(SUBJECT_GENERATE, encode(job), timeout=5.0, headers=inject() or None)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+                # The connection to NATS was cut while the job was on its way (a restart): the
+                # job or its answer may be lost, and the target may not have subscribed again
+                # yet. Send it again: a target ignores a job it already runs or holds.
+                if self._reconnects() != reconnects or getattr(self.nc, "is_reconnecting", False):
+                    if attempt + 1 < SUBMIT_ATTEMPTS:
+                        await asyncio.sleep(0.5)
+                        continue
+                if isinstance(exc, nats.errors.NoRespondersError):
+                    raise NoTargetError("no target worker is available; retry shortly") from None
+                raise NoTargetError("no target worker accepted the request in 5s; retry shortly") from None
         ack = decode(msg.data, RequestState)
         if ack.error:
             raise GenerationError(ack.error)
+
+    def _reconnects(self) -> int:
+        return getattr(self.nc, "stats", {}).get("reconnects", 0)
 
     async def _committed(self, request_id: str):
         from shared.messages import SUBJECT_STATE_GET, RequestState, StateQuery, decode, encode
