@@ -204,3 +204,73 @@ async def test_a_refused_row_is_counted_and_does_not_block_the_rest(pg):
     finally:
         await store.close()
     assert _count(server, "decisions", "request_class = 'refuse'") == 4
+
+
+async def test_replay_decides_from_the_history_as_the_router_that_wrote_it(pg):
+    """`specmesh router replay`: a router resumed from PostgreSQL decides what the router that
+    wrote the rows decides, per class and batch, and says which chain every class would share."""
+    from services.router.decision import decide
+    from services.router.replay import load_history, replay
+    from shared.db.migrate import upgrade
+
+    server, settings = pg
+    await asyncio.to_thread(upgrade, settings)
+    writer = await _write_history(server, settings)
+
+    data = replay(settings, await load_history(settings.database.sqlalchemy_url, 5000), [1.0, 16.0])
+    assert data["outcomes"] == 40 and data["rows"]["decisions"] == 40 and data["replayed"] >= 40
+    idle, loaded = data["batches"]
+    want = decide("code-short", writer.estimates, writer.chains, settings.router.k_max, settings.router.margin,
+                  batch=1.0, measured_only=True)
+    got = idle["classes"]["code-short"]["winner"]
+    assert (got["chain"], got["k"]) == (",".join(want.winner.chain), list(want.winner.k))
+    assert got["ms_per_token"] == pytest.approx(want.winner.ms_per_token, abs=1e-4)
+    assert "shared" not in idle and set(idle["classes"]) == {"code-short", "code-long", "prose-short", "prose-long"}
+    assert loaded["shared"]["chain"] and "every class rides one chain" in loaded["shared"]["why"]
+
+
+async def _write_history(server, settings):
+    """40 code-short outcomes and step profiles, written through a router into emptied tables."""
+    from services.router.service import Router
+    from services.router.store import HistoryStore
+
+    server.psql("TRUNCATE pair_stats, model_profiles, decisions", "specmesh")
+    store = HistoryStore(settings.database.sqlalchemy_url)
+    await store.start()
+    writer = Router(settings, store, params={}, seed=0)
+    rng = random.Random(7)
+    for i in range(40):
+        writer.on_outcome(_outcome(i, rng, alpha=0.8, cls="code-short"))
+        writer.on_profile(_profile(rng))
+    await store.flush()
+    await store.close()
+    return writer
+
+
+def test_router_replay_command(pg):
+    from typer.testing import CliRunner
+
+    from shared.cli.main import app
+    from shared.db.migrate import upgrade
+    from shared.settings import get_settings
+
+    server, settings = pg
+    upgrade(settings)
+    asyncio.run(_write_history(server, settings))
+    env = {"SPECMESH_DATABASE__URL": settings.database.sqlalchemy_url, "SPECMESH_RUN_DIR": str(settings.run_dir)}
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["router", "replay", "--batch", "1,16", "--class", "code-short"], env=env)
+        assert result.exit_code == 0, result.output
+        assert "== batch 16" in result.output and "[code-short] ->" in result.output and "[prose-long]" not in result.output
+        bad = CliRunner().invoke(app, ["router", "replay", "--batch", "one"], env=env)
+        assert bad.exit_code == 2 and "--batch takes numbers" in bad.output
+        unknown = CliRunner().invoke(app, ["router", "replay", "--class", "poetry"], env=env)
+        assert unknown.exit_code == 2 and "unknown class" in unknown.output
+        (port,) = free_ports(1)
+        get_settings.cache_clear()
+        down = CliRunner().invoke(app, ["router", "replay"], env={
+            "SPECMESH_DATABASE__URL": f"postgresql+asyncpg://x:y@127.0.0.1:{port}/none"})
+        assert down.exit_code == 1 and "cannot read the router history" in down.output
+    finally:
+        get_settings.cache_clear()

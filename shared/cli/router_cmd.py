@@ -1,10 +1,12 @@
-"""`specmesh router explain [--json]`: ask the running router why it assigns what it does.
+"""`specmesh router explain [--json]`: ask the running router why it assigns what it does;
+`specmesh router replay`: what a router resumed from the history would decide, offline.
 
     specmesh router explain                 # per class: the winner, why, every chain's best k
     specmesh router explain --class code-short --all --json
+    specmesh router replay --batch 1,16     # services/router/replay.py
 
-One NATS request/reply on `specmesh.router.explain`; the router answers from the same
-decision it last published.
+`explain` is one NATS request/reply on `specmesh.router.explain`; the router answers from
+the same decision it last published. `replay` reads PostgreSQL only.
 """
 
 from __future__ import annotations
@@ -99,5 +101,38 @@ def explain(
     typer.echo(json.dumps(data, indent=2) if as_json else format_explanation(data, show_all))
 
 
+@app.command()
+def replay(
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batches (requests per target) to decide at.")] = "1,4,16",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Newest rows per history table to resume from.")] = 100000,
+    request_class: Annotated[Optional[str], typer.Option("--class", help="Only this request class.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON.")] = False,
+) -> None:
+    """What a router resumed from the history in PostgreSQL would decide per class at each batch (no running router needed)."""
+    from services.router.replay import format_replay, load_history, replay as replay_history
+    from shared.request_class import CLASSES
+    from shared.settings import get_settings
+
+    try:
+        batches = [float(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or any(not 1.0 <= b <= 1024 for b in batches):
+        typer.secho(f"error: --batch takes numbers from 1 to 1024 separated by commas, got {batch!r}", err=True, fg="red")
+        raise typer.Exit(2)
+    if request_class and request_class not in CLASSES:
+        typer.secho(f"error: unknown class {request_class!r}; the classes are {', '.join(CLASSES)}", err=True, fg="red")
+        raise typer.Exit(2)
+    settings = get_settings()
+    try:
+        history = asyncio.run(load_history(settings.database.app_url, rows))
+    except Exception as exc:
+        typer.secho(f"error: cannot read the router history at {settings.database.host}:{settings.database.port} "
+                    f"({type(exc).__name__}: {exc}); is PostgreSQL up (`make up`)?", err=True, fg="red")
+        raise typer.Exit(1) from None
+    data = replay_history(settings, history, batches, request_class or "")
+    typer.echo(json.dumps(data, indent=2) if as_json else format_replay(data))
+
+
 def register(root: typer.Typer) -> None:
-    root.add_typer(app, name="router", help="The router: `specmesh router explain [--json]`.")
+    root.add_typer(app, name="router", help="The router: `specmesh router explain [--json]`, `specmesh router replay`.")
