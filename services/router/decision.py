@@ -304,26 +304,35 @@ def neighbours(ks: tuple[int, ...], k_max: int) -> list[tuple[int, ...]]:
     return out
 
 
+def depth_trial(chain: tuple[str, ...], ks: tuple[int, ...], estimates, batch: float, k_max: int, rng: random.Random,
+                until: int, stale_s: float) -> tuple[tuple[int, ...], int] | None:
+    """The neighbour of `ks` to try on `chain` and its outcomes so far at this load: the one with
+    the fewest, among those with fewer than `until` or none for `stale_s`; None if every one is known."""
+    seen = {n: estimates.depth_calibration(chain, n, batch) for n in neighbours(ks, k_max)}
+    open_ = {n: c.observations for n, c in seen.items() if c.needs_outcomes(until, stale_s)}
+    if not open_:
+        return None
+    fewest = min(open_.values())
+    return rng.choice(sorted(n for n, count in open_.items() if count == fewest)), fewest
+
+
 def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: random.Random, rate: float,
                   until: int = 10, stale_s: float = 600.0) -> Choice:
     """With probability `rate`, the winning chain at a neighbouring k (reason `explore`).
 
     Only (chain, k) with realised outcomes at a load compete there, so depth is learnt by
-    trying it: the neighbour of the winner's k with the fewest outcomes at this load, among
-    those with fewer than `until` or none for `stale_s`. Allowed at any load, under the one
-    shared chain too: a round with two k of one chain waits for no other proposer. Once
-    every neighbour is known the winner stays, until a neighbour realises less and wins, and
-    its own neighbours are tried next: a hill climb over k per level.
+    trying it (`depth_trial`). Once every neighbour is known the winner stays, until a
+    neighbour realises less and wins, and its own neighbours are tried next: a hill climb
+    over k per level. A table where every class shares one chain at one k tries depth for
+    every class at once instead (`explore_shared_depth`).
     """
     winner = choice.winner
     if rate <= 0 or choice.explored or winner.chain == TARGET_ALONE or rng.random() >= rate:
         return choice
-    seen = {ks: estimates.depth_calibration(winner.chain, ks, batch) for ks in neighbours(winner.k, k_max)}
-    open_ = {ks: c.observations for ks, c in seen.items() if c.needs_outcomes(until, stale_s)}
-    if not open_:
+    trial = depth_trial(winner.chain, winner.k, estimates, batch, k_max, rng, until, stale_s)
+    if trial is None:
         return choice
-    fewest = min(open_.values())
-    ks = rng.choice(sorted(k for k, n in open_.items() if n == fewest))
+    ks, fewest = trial
     pick = predict(winner.chain, ks, choice.request_class, estimates, batch)
     why = (f"exploring depth: {','.join(winner.chain)} k={list(ks)} ({fewest} outcomes so far at this load) for one "
            f"interval; the winner is k={list(winner.k)}: " + choice.why)
@@ -333,21 +342,18 @@ def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: rand
 def explore_shared_depth(choices: dict[str, Choice], estimates, batch: float, k_max: int, rng: random.Random,
                          rate: float, until: int = 10, stale_s: float = 600.0) -> dict[str, Choice]:
     """`explore_depth` for a table where every class rides one chain at one k (rule 5): with
-    probability `rate`, every class moves to the same neighbouring k, so the rounds keep one
-    width; the neighbour with the fewest outcomes at this load, while it has few or stale ones.
-    None of this when the classes do not share one (chain, k)."""
+    probability `rate`, every class moves to the same neighbouring k (`depth_trial`), so the
+    rounds keep one width. None of this when the classes do not share one (chain, k)."""
     winners = {(c.winner.chain, c.winner.k) for c in choices.values()}
     if rate <= 0 or len(winners) != 1 or any(c.explored for c in choices.values()):
         return choices
     ((chain, ks),) = winners
     if chain == TARGET_ALONE or rng.random() >= rate:
         return choices
-    seen = {n: estimates.depth_calibration(chain, n, batch) for n in neighbours(ks, k_max)}
-    open_ = {n: c.observations for n, c in seen.items() if c.needs_outcomes(until, stale_s)}
-    if not open_:
+    trial = depth_trial(chain, ks, estimates, batch, k_max, rng, until, stale_s)
+    if trial is None:
         return choices
-    fewest = min(open_.values())
-    pick = rng.choice(sorted(n for n, count in open_.items() if count == fewest))
+    pick, fewest = trial
     why = (f"exploring depth for every class: {','.join(chain)} k={list(pick)} ({fewest} outcomes so far at this "
            f"load) for one interval; the shared k is {list(ks)}: ")
     return {cls: replace(c, winner=predict(chain, pick, cls, estimates, batch), reason="explore", why=why + c.why,

@@ -45,11 +45,11 @@ def replay(settings, history: dict[str, list[dict]], batches: list[float], reque
     out = {"rows": {table: len(rows) for table, rows in history.items()}, "replayed": replayed,
            "outcomes": sum(row.get("reason") == "outcome" for row in history.get("decisions", [])), "batches": []}
     for batch in batches:
-        choices = router._decide_classes(batch)
+        choices = router.decide_classes(batch)
         entry: dict = {"batch": batch, "classes": {cls: _choice(c, top) for cls, c in choices.items()
                                                    if cls != DEFAULT_CLASS and (not request_class or cls == request_class)}}
         if batch >= settings.router.shared_chain_batch:
-            together = router._shared(choices, batch)
+            together = router.shared_table(choices, batch)
             winners = {(c.winner.chain, c.winner.k) for c in together.values()}
             if len(winners) == 1:
                 (chain, ks), = winners

@@ -168,9 +168,9 @@ class Router:
         batch, held = self.estimates.batch(), self.estimates.held_batch(cfg.load_hold_s)
         chain_rate = cfg.explore_rate if explore and held <= cfg.explore_max_batch else 0.0
         depth_rate = cfg.explore_depth_rate if explore else 0.0  # the same chain: at any load
-        choices = self._decide_classes(batch, chain_rate)
+        choices = self.decide_classes(batch, chain_rate)
         if held >= cfg.shared_chain_batch:
-            choices = self._shared(choices, batch)
+            choices = self.shared_table(choices, batch)
         if all(c.shared for c in choices.values()) and len({(c.winner.chain, c.winner.k) for c in choices.values()}) == 1:
             # one chain at one k for every class: a depth trial moves them all, so rounds keep one width
             choices = explore_shared_depth(choices, self.estimates, batch, cfg.k_max, self.rng, depth_rate,
@@ -198,10 +198,10 @@ class Router:
         for bucket, batch in enumerate(BUCKET_BATCH):
             if bucket <= here or BUCKET_FROM[bucket] < cfg.shared_chain_batch:
                 continue
-            out.append((BUCKET_FROM[bucket], batch, self._shared(self._decide_classes(batch), batch)))
+            out.append((BUCKET_FROM[bucket], batch, self.shared_table(self.decide_classes(batch), batch)))
         return out
 
-    def _shared(self, choices: dict[str, Choice], batch: float) -> dict[str, Choice]:
+    def shared_table(self, choices: dict[str, Choice], batch: float) -> dict[str, Choice]:
         """Rule 5 at `batch`, holding the chain last shared at its load bucket within
         `shared_switch_margin` (the current table and the load tables keep one each)."""
         bucket = load_bucket(batch)
@@ -214,7 +214,7 @@ class Router:
                 self.shared_ks[bucket] = next(iter(winners))[1]
         return out
 
-    def _decide_classes(self, batch: float, chain_rate: float = 0.0) -> dict[str, Choice]:
+    def decide_classes(self, batch: float, chain_rate: float = 0.0) -> dict[str, Choice]:
         """Every class's decision at `batch` from what was measured; chain trials at `chain_rate`."""
         cfg = self.cfg
         return {cls: decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
