@@ -959,3 +959,81 @@ def test_what_ran_competes_at_its_rounds_time_over_the_tokens_a_round_emits():
                        "predicted_ms_per_token": 9.0, "batch_mean": 1.0, "request_id": "t0", "request_class": cls}]})
     assert replayed.estimates.realised(chain, (4,), 1.0, cls).round_ms == pytest.approx(10.0)
     assert replayed.estimates.realised(("target",), (), 1.0, cls).round_ms == pytest.approx(9.0)
+
+
+def test_a_k_one_step_from_what_the_class_measured_is_priced_from_it_not_from_other_classes():
+    """bench adaptive, bench family, idle: code-long had run `drafter-code,target` at k = 4 only,
+    realising 1.3x the model; code-short had tried k = 3 once, at 0.9x. code-long then took
+    k = 3 at the model times code-short's ratio (7.1 ms per token, the winner against
+    `ngram,target`'s 8.1) and realised 9.7 and 12.8. The model's error differs from class to
+    class on one chain: the class's own k = 4, one step of the model away, is the nearer
+    evidence."""
+    est = synthetic(PROFILE, ALPHAS)
+    chain = ("drafter-code", "target")
+    model = {k: {cls: predict(chain, (k,), cls, est, 1.0, calibrated=False).model_ms for cls in ("code-long", "code-short")}
+             for k in (3, 4)}
+    for _ in range(3):
+        est.observe_calibration(chain, 1.0, 1.3 * model[4]["code-long"], model[4]["code-long"], (4,), "code-long")
+        est.observe_calibration(TARGET_ALONE, 1.0, 50.0, 50.0, (), "code-long")
+    est.observe_calibration(chain, 1.0, 0.9 * model[3]["code-short"], model[3]["code-short"], (3,), "code-short")
+    assert est.ran_here(chain, (3,), 1.0) and est.realised_tpot(chain, (3,), 1.0, "code-long") is None
+    choice = decide("code-long", est, [chain, TARGET_ALONE], 6, margin=0.02, batch=1.0, measured_only=True)
+    three = next(p for p in choice.options if p.chain == chain and p.k == (3,))
+    step = 1.3 * model[4]["code-long"] * model[3]["code-long"] / model[4]["code-long"] * 1.02
+    assert three.ms_per_token == pytest.approx(step)
+    assert three.ms_per_token > 1.2 * model[3]["code-long"]  # not the model times code-short's 0.9
+    # a k two steps away that other classes ran keeps the model times what they realised
+    est.observe_calibration(chain, 1.0, 0.9 * model[3]["code-short"], model[3]["code-short"], (6,), "code-short")
+    choice = decide("code-long", est, [chain, TARGET_ALONE], 6, margin=0.02, batch=1.0, measured_only=True)
+    six = next(p for p in choice.options if p.chain == chain and p.k == (6,))
+    assert six.ms_per_token == pytest.approx(predict(chain, (6,), "code-long", est, 1.0).ms_per_token)
+
+
+def test_under_load_each_class_weighs_by_its_share_of_the_requests():
+    """bench adaptive, high phase: every prompt has a domain, yet the `default` class counted as
+    much as each of the four in the shared chain's sum, at prices swinging by 30 ms per token
+    from one second to the next (model-only), and chose the shared chain as often as the
+    classes that ran. A round's requests are the mix of recent requests: each class weighs by
+    its share of them."""
+    from services.router.cost_model import Prediction
+    from services.router.decision import Choice, shared
+    from services.router.service import DEFAULT_CLASS, Router
+    from shared.settings import RouterSettings, Settings
+
+    ngram, drafter = ("ngram", "target"), ("drafter-code", "target")
+
+    def choices(costs: dict[str, dict[tuple, float]]) -> dict[str, Choice]:
+        out = {}
+        for cls, by_chain in costs.items():
+            ranking = sorted((Prediction(ch, (4,), ms, ms, 1.0, 16.0) for ch, ms in by_chain.items()),
+                             key=lambda p: p.ms_per_token)
+            ranking.append(Prediction(TARGET_ALONE, (), 500.0, 500.0, 1.0, 16.0))
+            out[cls] = Choice(cls, ranking[0], "cost", "", best=ranking[0], ranking=ranking, options=ranking)
+        return out
+
+    costs = {"code-short": {ngram: 60.0, drafter: 55.0}, "prose-short": {ngram: 60.0, drafter: 70.0},
+             DEFAULT_CLASS: {ngram: 100.0, drafter: 70.0}}
+    assert {c.winner.chain for c in shared(choices(costs), 16.0).values()} == {drafter}  # 195 against 220
+    mix = {"code-short": 0.5, "prose-short": 0.5, DEFAULT_CLASS: 0.0}
+    out = shared(choices(costs), 16.0, shares=mix)
+    assert {c.winner.chain for c in out.values()} == {ngram}  # 60 against 62.5
+    assert "at 60.000 ms/token over the classes by their share of requests" in out["code-short"].why
+    assert {c.winner.chain for c in shared(choices(costs), 16.0, shares={"code-short": 1.0}).values()} == {drafter}
+
+    est = Estimates()
+    assert est.shares(["a", "b"]) == {"a": 0.5, "b": 0.5}  # nothing seen: equal
+    for cls in ["a"] * 30 + ["b"] * 10:
+        est.observe_traffic(cls)
+    shares = est.shares(["a", "b", "c"])
+    assert shares["c"] == 0.0 and 0.65 < shares["a"] < 0.75  # the older weigh a little less and sum(shares.values()) == pytest.approx(1.0)
+    for _ in range(400):  # the mix moves on: the old requests fade
+        est.observe_traffic("b")
+    assert est.shares(["a", "b"])["b"] > 0.99
+    # the router feeds it from every outcome and from the history it resumes
+    router = Router(Settings(router=RouterSettings()), store=None, params={}, seed=0)
+    router.on_outcome(Outcome("r1", "code-short", ["ngram", "target"], [4], 48, 100, 10.0, 5.0, 300.0))
+    assert router.estimates.shares(["code-short", "prose-short"]) == {"code-short": 1.0, "prose-short": 0.0}
+    resumed = Router(Settings(router=RouterSettings()), store=None, params={}, seed=0)
+    resumed.resume({"decisions": [{"reason": "outcome", "request_class": "prose-short"},
+                                  {"reason": "cost", "request_class": "code-short"}]})
+    assert resumed.estimates.shares(["code-short", "prose-short"]) == {"code-short": 0.0, "prose-short": 1.0}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -227,6 +228,11 @@ async def test_replay_decides_from_the_history_as_the_router_that_wrote_it(pg):
     assert got["ms_per_token"] == pytest.approx(want.winner.ms_per_token, abs=1e-4)
     assert "shared" not in idle and set(idle["classes"]) == {"code-short", "code-long", "prose-short", "prose-long"}
     assert loaded["shared"]["chain"] and "every class rides one chain" in loaded["shared"]["why"]
+    # as of a moment: the rows written after it are left out
+    before = await load_history(settings.database.sqlalchemy_url, 5000, datetime(2000, 1, 1, tzinfo=timezone.utc))
+    assert all(not rows for rows in before.values())
+    now = await load_history(settings.database.sqlalchemy_url, 5000, datetime.now(timezone.utc) + timedelta(seconds=5))
+    assert {table: len(rows) for table, rows in now.items()} == data["rows"]
 
 
 async def _write_history(server, settings):
@@ -265,6 +271,10 @@ def test_router_replay_command(pg):
         assert "== batch 16" in result.output and "[code-short] ->" in result.output and "[prose-long]" not in result.output
         bad = CliRunner().invoke(app, ["router", "replay", "--batch", "one"], env=env)
         assert bad.exit_code == 2 and "--batch takes numbers" in bad.output
+        past = CliRunner().invoke(app, ["router", "replay", "--until", "2000-01-01T00:00:00"], env=env)
+        assert past.exit_code == 0 and "0 outcomes" in past.output and "the model's prior" in past.output
+        when = CliRunner().invoke(app, ["router", "replay", "--until", "yesterday"], env=env)
+        assert when.exit_code == 2 and "--until takes an ISO 8601 time" in when.output
         unknown = CliRunner().invoke(app, ["router", "replay", "--class", "poetry"], env=env)
         assert unknown.exit_code == 2 and "unknown class" in unknown.output
         (port,) = free_ports(1)

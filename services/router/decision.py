@@ -23,11 +23,12 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
 5. under load (`router.shared_chain_batch`), one chain for every class (`shared`): a target
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
-   The chain with the lowest predicted cost summed over the classes wins, against the
+   The chain with the lowest predicted cost over the classes, each weighted by its share of
+   the recent requests (`Estimates.shares`), wins, against the
    target alone with the same margin; the chain last shared at this load stays unless
    another beats it by `switch_margin` (a switch leaves the requests in flight on the old
    chain, and rounds with both wait for both). Every class takes one k on it too, the one
-   with the lowest summed cost (`common_k`): the round's forward pads every request's chunk
+   with the lowest cost so weighted (`common_k`): the round's forward pads every request's chunk
    to the longest, so one class at a deeper k makes every request pay for its width; depth
    trials then move every class at once (`explore_shared_depth`).
 
@@ -46,11 +47,13 @@ model's prediction, calibrated from other chains or other k, is
 a guess each request pays for when it is wrong (the calibration of a k never run is
 borrowed from its chain's other k, and an optimistic guess is tried, found slower, and
 replaced by the next one); what has not run here is reached by exploration, which draws
-from the model's ranking. One exception: a k one step from a (chain, k) measured here
-competes at that one's realised TPOT times the model's ratio between the two k, plus the
-margin: the same chain, the same models and hops, so the model only says what one more
-or one fewer drafted token does; taken, it is measured, and its own neighbours are next
-(a hill climb over k that follows the model where it gains more than the margin).
+from the model's ranking. One exception: a k one step from a (chain, k) this class measured
+here competes at that one's realised cost times the model's ratio between the two k, plus
+the margin, whatever other classes or loads measured of it: the same chain, the same models
+and hops, so the model only says what one more or one fewer drafted token does, where
+another class's ratio carries that class's error (the model's error differs from class to
+class on one chain); taken, it is measured, and its own neighbours are next (a hill climb
+over k that follows the model where it gains more than the margin).
 """
 
 from __future__ import annotations
@@ -143,8 +146,9 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
     model's for this class here scaled by what ran here realised against it (by its own
     ratio at the nearest load it ran at where nothing ran here): a k never run
     is a guess every request would pay for, and the model's
-    error moves with its step fits; but a k one step from one measured here competes at
-    that one's realised TPOT times the model's ratio between the two, plus `margin`.
+    error moves with its step fits; but a k one step from one this class measured here
+    competes at that one's realised cost times the model's ratio between the two, plus
+    `margin` (before any other price of it).
     Exploration tries chains of the model's ranking with fewer than `explore_until`
     outcomes at this load, or none for `explore_stale_s`.
     """
@@ -189,13 +193,30 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                         * load_shift(request_class, estimates, key, seen.batch, batch, model(key).model_ms)
                         for key, seen in realised.items()}
 
+            # One step of k from a (chain, k) this class measured here: its realised cost times the
+            # model's ratio between the two k, plus the margin (the same chain, models and hops: the
+            # model says only what one more or one fewer drafted token does). It stands in for the
+            # other prices of that (chain, k) below too: the model's error differs from class to
+            # class on one chain (bench family, idle: code-long realised 1.3x the model on
+            # `drafter-code,target` where code-short realised 0.9x), so the class's own neighbour
+            # is the nearer evidence than other classes' ratio or another load's.
+            in_pool, stepped = set(pool), {}
+            for (chain, ks), tpot in realised.items():
+                for key in ((chain, n) for n in neighbours(ks, k_max)):
+                    if key in realised or key not in in_pool:
+                        continue
+                    guess = tpot * model(key).model_ms / max(model((chain, ks)).model_ms, 1e-9) * (1 + margin)
+                    stepped[key] = min(guess, stepped.get(key, guess))
             for chain, ks in pool:
                 key = (chain, ks)
-                if key not in realised and key not in here and key not in elsewhere and chain != TARGET_ALONE:
+                if key not in realised and key not in here and key not in elsewhere and key not in stepped \
+                        and chain != TARGET_ALONE:
                     continue
                 p = model(key)
                 if key in realised:  # what it cost this class at this load, not what the model says now
                     p = replace(p, ms_per_token=realised[key], calibration=realised[key] / max(p.model_ms, 1e-9))
+                elif key in stepped:
+                    p = replace(p, ms_per_token=stepped[key], calibration=stepped[key] / max(p.model_ms, 1e-9))
                 elif key in elsewhere and not realised and not here:  # nothing ran at this load: the
                     # model here, scaled by what it realised at the load nearest; otherwise `p` is
                     # the model for this class scaled by what ran at this load realised against
@@ -203,19 +224,6 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                     # the load more than from chain to chain)
                     p = replace(p, ms_per_token=p.model_ms * elsewhere[key], calibration=elsewhere[key])
                 preds.append(p)
-            # One step of k from a (chain, k) measured here: its realised TPOT times the model's
-            # ratio between the two k, plus the margin (the same chain, models and hops: the
-            # model says only what one more or one fewer drafted token does)
-            in_pool, stepped = set(pool), {}
-            for (chain, ks), tpot in realised.items():
-                for key in ((chain, n) for n in neighbours(ks, k_max)):
-                    if key in realised or key in here or key in elsewhere or key not in in_pool:
-                        continue
-                    guess = tpot * model(key).model_ms / max(model((chain, ks)).model_ms, 1e-9) * (1 + margin)
-                    stepped[key] = min(guess, stepped.get(key, guess))
-            for key, guess in stepped.items():
-                p = model(key)
-                preds.append(replace(p, ms_per_token=guess, calibration=guess / max(p.model_ms, 1e-9)))
     if preds is None:
         preds = modelled_all()
     ranking = best_per_chain(preds)
@@ -361,10 +369,16 @@ def explore_shared_depth(choices: dict[str, Choice], estimates, batch: float, k_
 
 
 def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incumbent: tuple[str, ...] | None = None,
-           switch_margin: float = 0.0, incumbent_k: tuple[int, ...] | None = None) -> dict[str, Choice]:
-    """Rule 5: every class on the one chain with the lowest predicted cost summed over the classes.
+           switch_margin: float = 0.0, incumbent_k: tuple[int, ...] | None = None,
+           shares: dict[str, float] | None = None) -> dict[str, Choice]:
+    """Rule 5: every class on the one chain with the lowest predicted cost over the classes,
+    each class weighted by its share of the recent requests (`shares`; equal without).
 
-    The target alone wins unless the chain beats it by `margin` in the sum. Explorations
+    A round verifies the requests in flight, so what a chain costs under load is its cost per
+    class in the mix of those requests: a class nobody sends (the `default` class of a
+    workload whose every prompt has a domain) weighs nothing, where an unweighted sum let its
+    model-only prices swing the choice by a tenth. The target alone wins unless the chain
+    beats it by `margin`. Explorations
     and per-class SLO rankings are replaced. The `incumbent` (the chain last shared at this
     load, or the target alone) stays unless the winner beats it by `switch_margin`: a switch
     leaves every request in flight on the old chain for its life, and a round with both
@@ -380,7 +394,8 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
     common = set.intersection(*(set(r) for r in per_class.values())) if per_class else set()
     if not common:
         return choices
-    totals = {chain: sum(r[chain].ms_per_token for r in per_class.values()) for chain in common}
+    weights = _weights(choices, shares)
+    totals = {chain: sum(weights[cls] * r[chain].ms_per_token for cls, r in per_class.items()) for chain in common}
     best = min(sorted(totals), key=totals.get)  # sorted: ties go the same way every time
     alone = totals.get(TARGET_ALONE)
     if alone is not None and best != TARGET_ALONE and totals[best] > alone * (1 - margin):
@@ -392,13 +407,14 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
     if held:
         best = incumbent
     runner_up = min((c for c in totals if c != best), key=totals.get, default=None)
-    one_k = common_k(choices, best, incumbent_k if incumbent == best else None, switch_margin)
+    one_k = common_k(choices, best, incumbent_k if incumbent == best else None, switch_margin, weights)
     out = {}
     for cls, c in choices.items():
         winner = one_k[0][cls] if one_k else per_class[cls][best]
         own = c.ranking[0]
         why = (f"under load (batch {batch:.1f}) every class rides one chain, since a round waits for each chain's "
-               f"proposal: {','.join(best)} totals {totals[best]:.3f} ms/token over {len(choices)} classes")
+               f"proposal: {','.join(best)} at {totals[best]:.3f} ms/token over the classes by their share of "
+               f"requests")
         if runner_up is not None:
             why += f", next {','.join(runner_up)} at {totals[runner_up]:.3f}"
         if held:
@@ -412,11 +428,21 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
     return out
 
 
+def _weights(choices: dict[str, Choice], shares: dict[str, float] | None) -> dict[str, float]:
+    """Each class's weight in rule 5's cost: its share of the requests, equal shares without."""
+    if not shares or sum(shares.get(cls, 0.0) for cls in choices) <= 0:
+        return {cls: 1.0 / len(choices) for cls in choices}
+    total = sum(shares.get(cls, 0.0) for cls in choices)
+    return {cls: shares.get(cls, 0.0) / total for cls in choices}
+
+
 def common_k(choices: dict[str, Choice], chain: tuple[str, ...], incumbent_k: tuple[int, ...] | None,
-             switch_margin: float) -> tuple[dict[str, Prediction], str] | None:
-    """Every class's prediction of `chain` at the one k with the lowest cost summed over the
-    classes, among the k priced for every class, and why; None for the target alone or when
-    no k is priced for every class. `incumbent_k` stays within `switch_margin` of the cheapest."""
+             switch_margin: float, weights: dict[str, float] | None = None) -> tuple[dict[str, Prediction], str] | None:
+    """Every class's prediction of `chain` at the one k with the lowest cost over the classes
+    (weighted by `weights`, equal without), among the k priced for every class, and why; None
+    for the target alone or when no k is priced for every class. `incumbent_k` stays within
+    `switch_margin` of the cheapest."""
+    weights = _weights(choices, weights)
     if chain == TARGET_ALONE:
         return None
     priced: dict[tuple[int, ...], dict[str, Prediction]] = {}
@@ -426,14 +452,14 @@ def common_k(choices: dict[str, Choice], chain: tuple[str, ...], incumbent_k: tu
                 mine = priced.setdefault(p.k, {})
                 if cls not in mine or p.ms_per_token < mine[cls].ms_per_token:
                     mine[cls] = p
-    totals = {ks: sum(p.ms_per_token for p in by_class.values())
+    totals = {ks: sum(weights[cls] * p.ms_per_token for cls, p in by_class.items())
               for ks, by_class in priced.items() if len(by_class) == len(choices)}
     if not totals:
         return None
     best = min(sorted(totals), key=totals.get)
-    why = f"k={list(best)} totals {totals[best]:.3f}"
+    why = f"k={list(best)} at {totals[best]:.3f}"
     if incumbent_k is not None and incumbent_k != best and incumbent_k in totals \
             and totals[incumbent_k] <= totals[best] * (1 + switch_margin):
-        why = f"k={list(incumbent_k)} totals {totals[incumbent_k]:.3f} (kept: within {switch_margin:.0%} of k={list(best)})"
+        why = f"k={list(incumbent_k)} at {totals[incumbent_k]:.3f} (kept: within {switch_margin:.0%} of k={list(best)})"
         best = incumbent_k
     return priced[best], why

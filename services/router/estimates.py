@@ -50,6 +50,7 @@ PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU,
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
 MAX_BATCHES = 4096  # load samples kept for `held_batch` (one per profile: ~1/s per busy worker)
 DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
+TRAFFIC_WINDOW = 64.0  # a class's share of requests: over about this many of the latest outcomes
 
 
 def conditional_counts(level: LevelOutcome) -> tuple[float, float]:
@@ -298,6 +299,7 @@ class Estimates:
         self.calibration_class: dict[tuple[tuple[str, ...], tuple[int, ...], int, str], Calibration] = {}
         self.load: dict[str, tuple[float, int, int]] = {}  # worker -> (when, live, waiting)
         self.batches: deque[tuple[float, float]] = deque()  # (when, batch) at each profile, for `held_batch`
+        self.traffic: dict[str, float] = {}  # class -> its decayed count of recent outcomes (`shares`)
         self.outcomes = 0
         self.profiles = 0
 
@@ -490,6 +492,22 @@ class Estimates:
             at = chain.index(name) if name in chain else -1
             k = outcome.k[at] if 0 <= at < len(outcome.k) else None
             self.observe_level(level, outcome.request_class, self.rounds(outcome, level) if bottom else None, k)
+
+    def observe_traffic(self, request_class: str) -> None:
+        """One finished request of `request_class`: the mix of recent requests (`shares`)."""
+        keep = 1.0 - 1.0 / TRAFFIC_WINDOW
+        for cls in self.traffic:
+            self.traffic[cls] *= keep
+        self.traffic[request_class] = self.traffic.get(request_class, 0.0) + 1.0
+
+    def shares(self, classes) -> dict[str, float]:
+        """Each class's share of the recent requests among `classes` (about the last
+        `TRAFFIC_WINDOW`); equal shares before any request of theirs."""
+        counts = {cls: self.traffic.get(cls, 0.0) for cls in classes}
+        total = sum(counts.values())
+        if total <= 0:
+            return {cls: 1.0 / len(counts) for cls in counts} if counts else {}
+        return {cls: n / total for cls, n in counts.items()}
 
     def observe_step(self, step: ModelStep, batch: float | None = None) -> None:
         """One model's forwards over an interval; a remote level's 'forward' is one call."""

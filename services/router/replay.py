@@ -2,28 +2,33 @@
 
     specmesh router replay                       # per class, at batch 1, 4 and 16
     specmesh router replay --batch 1,12 --class code-short --json
+    specmesh router replay --until 2026-12-02T07:05:00Z   # as of that moment
 
 A fresh `Router` (no NATS, no running router needed) resumes from the newest rows of each
 history table, as a restarted router does, then decides every class at each batch given;
 from `router.shared_chain_batch` on, also the one chain (and k) every class would share.
 It answers "why did the router do that" from a benchmark's rows in seconds, where a rerun
 of the benchmark takes minutes; the time-based parts (exploration, staleness, the hold
-after a loaded moment) are left out.
+after a loaded moment) are left out. `--until` replays the history as it stood at a moment
+of a run (rows written after it are left out): why the table of that moment said what it did.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from services.router.decision import Choice
 from services.router.service import DEFAULT_CLASS, Router, family_params
 from services.router.store import HistoryStore
 
 
-async def load_history(url: str, rows: int) -> dict[str, list[dict]]:
-    """The newest `rows` rows of each history table (raises if PostgreSQL is unreachable)."""
+async def load_history(url: str, rows: int, until: datetime | None = None) -> dict[str, list[dict]]:
+    """The newest `rows` rows of each history table, as of `until` if given (raises if
+    PostgreSQL is unreachable)."""
     store = HistoryStore(url)
     await store.start()  # writes nothing: no row is added
     try:
-        return await store.load_recent(rows)
+        return await store.load_recent(rows, until)
     finally:
         await store.close()
 

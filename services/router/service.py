@@ -77,6 +77,7 @@ class Router:
     # -- feedback ------------------------------------------------------------------------
     def on_outcome(self, outcome: Outcome) -> None:
         self.estimates.observe_outcome(outcome)
+        self.estimates.observe_traffic(outcome.request_class)
         chain = tuple(canonical(c) for c in outcome.chain)
         # The load the request ran under (its driver's mean round size), not the load now.
         batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
@@ -148,6 +149,8 @@ class Router:
             self.estimates.observe_level(level, row["request_class"], row.get("rounds"))
             n += 1
         for row in history.get("decisions", []):
+            if row.get("reason") == "outcome" and row.get("request_class"):
+                self.estimates.observe_traffic(row["request_class"])
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
                     and (row.get("tokens") or 0) >= 2 and (row.get("mixed_share") or 0.0) <= MIXED_MAX:
                 chain = tuple(row["chain"].split(","))
@@ -206,7 +209,7 @@ class Router:
         `shared_switch_margin` (the current table and the load tables keep one each)."""
         bucket = load_bucket(batch)
         out = shared(choices, batch, self.cfg.margin, self.shared_chains.get(bucket), self.cfg.shared_switch_margin,
-                     self.shared_ks.get(bucket))
+                     self.shared_ks.get(bucket), self.estimates.shares(choices))
         winners = {(c.winner.chain, c.winner.k) for c in out.values() if c.shared}
         if len({chain for chain, _ in winners}) == 1:
             self.shared_chains[bucket] = next(iter(winners))[0]

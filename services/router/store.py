@@ -188,8 +188,9 @@ class HistoryStore:
         return written, refused
 
     # -- reading -------------------------------------------------------------------------
-    async def load_recent(self, rows: int) -> dict[str, list[dict]]:
-        """The newest `rows` rows of each table, oldest first (raises if PostgreSQL is unreachable)."""
+    async def load_recent(self, rows: int, until: datetime | None = None) -> dict[str, list[dict]]:
+        """The newest `rows` rows of each table, oldest first, written at or before `until` if
+        given (raises if PostgreSQL is unreachable)."""
         out: dict[str, list[dict]] = {}
         attributes = {"db.system.name": "postgresql", "db.operation.name": "SELECT",
                       "db.collection.name": ",".join(TABLES), "specmesh.rows": rows}
@@ -197,6 +198,10 @@ class HistoryStore:
             async with self.engine.connect() as conn:
                 for name, model in TABLES.items():
                     table = model.__table__
-                    result = await conn.execute(select(table).order_by(table.c.id.desc()).limit(rows))
+                    query = select(table)
+                    if until is not None:
+                        stamp = table.c.decided_at if "decided_at" in table.c else table.c.recorded_at
+                        query = query.where(stamp <= until)
+                    result = await conn.execute(query.order_by(table.c.id.desc()).limit(rows))
                     out[name] = [dict(r._mapping) for r in reversed(result.all())]
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timezone
 from typing import Annotated, Optional
 
 import typer
@@ -107,6 +108,8 @@ def replay(
     rows: Annotated[int, typer.Option("--rows", min=1, help="Newest rows per history table to resume from.")] = 100000,
     request_class: Annotated[Optional[str], typer.Option("--class", help="Only this request class.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON.")] = False,
+    until: Annotated[Optional[str], typer.Option("--until", help="Only history written at or before this ISO 8601 "
+                                                  "time (e.g. 2026-12-02T07:05:00Z; no zone: UTC).")] = None,
 ) -> None:
     """What a router resumed from the history in PostgreSQL would decide per class at each batch (no running router needed)."""
     from services.router.replay import format_replay, load_history, replay as replay_history
@@ -123,9 +126,19 @@ def replay(
     if request_class and request_class not in CLASSES:
         typer.secho(f"error: unknown class {request_class!r}; the classes are {', '.join(CLASSES)}", err=True, fg="red")
         raise typer.Exit(2)
+    moment = None
+    if until:
+        try:
+            moment = datetime.fromisoformat(until.strip().replace("Z", "+00:00"))
+        except ValueError:
+            typer.secho(f"error: --until takes an ISO 8601 time such as 2026-12-02T07:05:00Z, got {until!r}",
+                        err=True, fg="red")
+            raise typer.Exit(2) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
     settings = get_settings()
     try:
-        history = asyncio.run(load_history(settings.database.app_url, rows))
+        history = asyncio.run(load_history(settings.database.app_url, rows, moment))
     except Exception as exc:
         typer.secho(f"error: cannot read the router history at {settings.database.host}:{settings.database.port} "
                     f"({type(exc).__name__}: {exc}); is PostgreSQL up (`make up`)?", err=True, fg="red")
