@@ -1037,3 +1037,23 @@ def test_under_load_each_class_weighs_by_its_share_of_the_requests():
     resumed.resume({"decisions": [{"reason": "outcome", "request_class": "prose-short"},
                                   {"reason": "cost", "request_class": "code-short"}]})
     assert resumed.estimates.shares(["code-short", "prose-short"]) == {"code-short": 0.0, "prose-short": 1.0}
+
+
+def test_what_a_chain_realised_is_the_mean_of_its_runs_not_the_last_one():
+    """bench adaptive, 16 in flight: `drafter-prose,target` ran 194, 223 and 202 tok/s in three
+    10 s runs, `ngram,target` 235, 219 and 214; with an EWMA of 0.2 over a class's ~12
+    outcomes a run, the router kept the last run alone and took `drafter-prose,target` after
+    its lucky one. The first outcomes are averaged, then an EWMA over about the last 20."""
+    from services.router.estimates import REALISED_WEIGHT, Calibration
+
+    seen = Calibration()
+    for ms in [100.0] * 12 + [80.0] * 12:  # a slow run, then a fast one
+        seen.observe(ms, 50.0, batch=16.0, round_ms=2 * ms)
+    assert seen.tpot_ms == pytest.approx(90.0, rel=0.01) and seen.round_ms == pytest.approx(180.0, rel=0.01)
+    for _ in range(200):  # what it costs moved for good: followed
+        seen.observe(60.0, 50.0, batch=16.0, round_ms=120.0)
+    assert seen.tpot_ms == pytest.approx(60.0, rel=1e-3) and seen.round_ms == pytest.approx(120.0, rel=1e-3)
+    one = Calibration()
+    one.observe(70.0, 50.0)
+    one.observe(30.0, 50.0)  # no round time: the rounds' mean is over the outcomes that had one
+    assert one.tpot_ms == pytest.approx(50.0) and one.round_ms is None and REALISED_WEIGHT < 0.1

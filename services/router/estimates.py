@@ -50,6 +50,13 @@ PRIOR_SLOPE = 0.05  # extra fraction of a one-token step per token written (CPU,
 LOAD_STALE_S = 3.0  # no profile from a worker for this long: it is idle
 MAX_BATCHES = 4096  # load samples kept for `held_batch` (one per profile: ~1/s per busy worker)
 DRIVER_PRIOR_MS = 0.3  # the driver's work per round before any measurement
+# What a (chain, k) realised in a class at a load: the mean of its first outcomes, then an EWMA
+# of this weight (about the last 1 / REALISED_WEIGHT). bench adaptive, bench family, 16 in
+# flight: one chain's tokens/s moves by 5-10% from one 10 s run to the next of the same
+# configuration (235, 219, 214 tok/s for `ngram,target`; 194, 223, 202 for
+# `drafter-prose,target`), and an EWMA of 0.2 over a class's ~12 outcomes per run kept the
+# last run alone: the router took `drafter-prose,target` after its lucky run, at 0.90x.
+REALISED_WEIGHT = 0.05
 TRAFFIC_WINDOW = 64.0  # a class's share of requests: over about this many of the latest outcomes
 
 
@@ -256,20 +263,24 @@ class Calibration:
     batch: float | None = None  # EWMA of the load those outcomes ran under (same weights as `tpot_ms`)
     round_ms: float | None = None  # EWMA of the time per target round (TPOT x tokens per round), where known
     observations: int = 0
+    rounds_seen: int = 0  # observations with a round time
     updated: float | None = None  # time.monotonic() of the newest observation
 
     def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9, batch: float = 1.0,
                 round_ms: float | None = None) -> None:
         if predicted_ms <= 0 or realised_ms <= 0:
             return
+        self.observations += 1
+        w = max(1.0 / self.observations, REALISED_WEIGHT)  # the mean of the first ones, then an EWMA
         if round_ms is not None and round_ms > 0 and math.isfinite(round_ms):
-            self.round_ms = round_ms if self.round_ms is None else 0.8 * self.round_ms + 0.2 * round_ms
+            self.rounds_seen += 1
+            v = max(1.0 / self.rounds_seen, REALISED_WEIGHT)
+            self.round_ms = round_ms if self.round_ms is None else (1 - v) * self.round_ms + v * round_ms
         ratio = min(8.0, max(0.125, realised_ms / predicted_ms))
         self.ratio_sum = self.ratio_sum * decay + ratio
         self.weight = self.weight * decay + 1.0
-        self.tpot_ms = realised_ms if self.tpot_ms is None else 0.8 * self.tpot_ms + 0.2 * realised_ms
-        self.batch = batch if self.batch is None else 0.8 * self.batch + 0.2 * batch
-        self.observations += 1
+        self.tpot_ms = realised_ms if self.tpot_ms is None else (1 - w) * self.tpot_ms + w * realised_ms
+        self.batch = batch if self.batch is None else (1 - w) * self.batch + w * batch
         self.updated = time.monotonic()
 
     def needs_outcomes(self, until: int, stale_s: float) -> bool:
