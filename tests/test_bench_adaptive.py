@@ -151,3 +151,16 @@ def test_static_chains_wait_for_the_router_to_see_every_worker(monkeypatch):
     seen[:] = [["verifier"]]
     only = asyncio.run(_available_chains(None, wait_s=0.0))  # a worker that never shows: left out after the wait
     assert "verifier,target" in only and not any("drafter" in c or "fused" in c for c in only)
+
+
+def test_head_to_head_runs_alternate_abba_against_the_best_static_so_far():
+    from shared.cli.adaptive_bench import best_static, head_to_head
+
+    assert head_to_head("ngram,target", 2) == ["adaptive", "ngram,target", "ngram,target", "adaptive"]
+    assert head_to_head("b", 3)[4:] == ["adaptive", "b"] and head_to_head("b", 0) == []
+    runs = {"a": [_run_of(100, 0.5), _run_of(100, 2.5)], "b": [_run_of(100, 1.25)], "adaptive": [_run_of(900, 1.0)]}
+    assert best_static(runs, ["a", "b"]) == "b"  # 80 tok/s against 200 over 3 s (pooled, not the best run); adaptive is no static
+
+
+def _run_of(tokens: int, seconds: float) -> dict:
+    return {"results": [{"tokens": tokens, "ttft_ms": 1.0, "tpot_ms": 1.0, "chain": ""}], "errors": [], "seconds": seconds}

@@ -151,7 +151,7 @@ def markdown(result: dict) -> str:
         f"family {result['family']}, {result['threads_per_process']} torch thread(s) per process, "
         f"{result['requests_per_phase']} requests (low phase) / {result.get('requests_high_phase', result['requests_per_phase'])} "
         f"(high phase) per configuration and repeat, {result['repeats']} interleaved "
-        f"repeat(s), {result['max_tokens']} tokens each (greedy), in flight: low {conc['low']}, high {conc['high']}; "
+        f"repeat(s){_head_to_head(result)}, {result['max_tokens']} tokens each (greedy), in flight: low {conc['low']}, high {conc['high']}; "
         f"SLO TPOT <= {result['slo_tpot_ms']} ms",
         "",
         "| config | phase | tok/s | tok/s by repeat | TPOT p50 ms | TPOT p50 code / prose | TPOT p99 ms | TTFT p50 ms | SLO "
@@ -171,6 +171,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} | "
                      f"{'yes' if t['every_repeat'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def _head_to_head(result: dict) -> str:
+    pairs = result.get("head_to_head_pairs") or 0
+    return (f", then {pairs} head-to-head pair(s) per phase of adaptive and the phase's best static configuration "
+            f"(ABBA order; their runs follow the repeats' in `tok/s by repeat`)") if pairs else ""
 
 
 def _f(x: float | None) -> str:

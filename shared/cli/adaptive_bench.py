@@ -13,7 +13,14 @@ gateway uses the router's assignment). `--repeats` runs the whole
 sequence several times, interleaved (repeat 1: low phase every configuration, high phase
 every configuration; then repeat 2 ...), the static configurations in a rotated order each
 repeat and adaptive last in each phase, so the router has seen every chain's outcomes
-under that load. Per configuration and phase, and overall: tokens/s (output tokens over
+under that load. Then, head to head (`--confirm` pairs per phase): adaptive and the phase's
+best static configuration so far, alternately in ABBA order. The machine's speed drifts
+through a run (the target's time per token at 16 in flight moved by 15-20% over one
+20-minute run on this 2-core machine, and one chain's tokens/s by 5-10% from one of its
+runs to the next), and adaptive, last in each phase, ran 1-3 minutes after the static
+chain it is compared with: a single such pair is mostly the drift. The head-to-head runs
+join both configurations' runs: their pooled numbers and per-run ratios (`tok/s by
+repeat`: the repeats, then the head-to-head runs) include them. Per configuration and phase, and overall: tokens/s (output tokens over
 the phase's wall time; pooled and per repeat), TPOT p50/p99 and TTFT p50 measured at the
 client from the stream, SLO attainment (share of requests whose TPOT is at most
 `--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase), and the
@@ -30,7 +37,9 @@ from typing import Optional
 
 import typer
 
-from shared.bench.adaptive import ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, verdict
+from shared.bench.adaptive import (
+    ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, tokens_per_s, verdict,
+)
 from shared.bench.stats import chain_label
 
 
@@ -138,6 +147,21 @@ def order(statics: list[str], repeat: int) -> list[str]:
     return statics[shift:] + statics[:shift]
 
 
+def head_to_head(opponent: str, pairs: int) -> list[str]:
+    """The confirmation runs against one static configuration: adaptive and `opponent` in
+    ABBA order (A B B A A B ...), so a machine slowing down or speeding up through them
+    weighs on both alike."""
+    out: list[str] = []
+    for i in range(pairs):
+        out += [ADAPTIVE, opponent] if i % 2 == 0 else [opponent, ADAPTIVE]
+    return out
+
+
+def best_static(runs: dict[str, list[dict]], statics: list[str]) -> str:
+    """The static configuration with the most tokens/s over its runs so far."""
+    return max(statics, key=lambda c: tokens_per_s(runs[c]))
+
+
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("adaptive")
     def bench_adaptive(
@@ -154,6 +178,9 @@ def register(bench_app: typer.Typer) -> None:
         chains: Optional[str] = typer.Option(None, help="Static chains, ';'-separated (default: every served chain that is up)."),
         slo_tpot_ms: Optional[float] = typer.Option(None, "--slo-tpot-ms", help="TPOT objective (default: 2x no-speculation p50, low phase)."),
         max_seconds: float = typer.Option(120.0, "--max-seconds", help="Longest one configuration may run in one phase."),
+        confirm: int = typer.Option(2, "--confirm", min=0,
+                                    help="Then, per phase, this many pairs of adaptive and that phase's best static "
+                                         "configuration head to head, in ABBA order (0: none)."),
     ) -> None:
         """Every static chain, no speculation and the adaptive router: tokens/s, TPOT p50/p99, SLO attainment."""
         import httpx
@@ -175,7 +202,8 @@ def register(bench_app: typer.Typer) -> None:
                     (await client.get("/health")).raise_for_status()
                 except httpx.HTTPError as exc:
                     raise RuntimeError(f"no healthy gateway at {settings.gateway.http_url} ({exc}); run `make up`") from None
-                total = sum(len(prompts[p]) for p, _ in phases) * len(configs) * repeats + len(statics) + 1
+                total = (sum(len(prompts[p]) for p, _ in phases) * (len(configs) * repeats + 2 * confirm)
+                         + len(statics) + 1)
                 runs: dict[str, dict[str, list[dict]]] = {c: {p: [] for p, _ in phases} for c in configs}
                 with tqdm(total=total, desc="bench adaptive", unit="req", mininterval=1.0, leave=False) as bar:
                     for config in statics + [NO_SPECULATION]:  # warm every level up
@@ -187,6 +215,12 @@ def register(bench_app: typer.Typer) -> None:
                                 bar.set_postfix_str(f"{repeat + 1}/{repeats} {phase} {config}", refresh=False)
                                 runs[config][phase].append(
                                     await _run(client, prompts[phase], config, concurrency, max_tokens, max_seconds, bar))
+                    for phase, concurrency in phases:
+                        opponent = best_static({c: runs[c][phase] for c in configs}, statics + [NO_SPECULATION])
+                        for i, config in enumerate(head_to_head(opponent, confirm)):
+                            bar.set_postfix_str(f"head to head {i + 1}/{2 * confirm} {phase} {config}", refresh=False)
+                            runs[config][phase].append(
+                                await _run(client, prompts[phase], config, concurrency, max_tokens, max_seconds, bar))
             return runs
 
         try:
@@ -197,7 +231,8 @@ def register(bench_app: typer.Typer) -> None:
         slo = slo_tpot_ms or default_slo(runs)
         summaries = summarise_all(runs, slo)
         result = {"family": settings.models.profile, "threads_per_process": settings.engine.threads,
-                  "requests_per_phase": len(prompts["low"]), "requests_high_phase": len(prompts["high"]), "repeats": repeats, "max_tokens": max_tokens,
+                  "requests_per_phase": len(prompts["low"]), "requests_high_phase": len(prompts["high"]), "repeats": repeats,
+                  "head_to_head_pairs": confirm, "max_tokens": max_tokens,
                   "concurrency": {"low": low, "high": high},
                   "slo_tpot_ms": None if slo is None else round(slo, 3), "gateway": settings.gateway.http_url,
                   "configs": summaries, "verdict": verdict(summaries)}
