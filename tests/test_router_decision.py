@@ -1057,3 +1057,40 @@ def test_what_a_chain_realised_is_the_mean_of_its_runs_not_the_last_one():
     one.observe(70.0, 50.0)
     one.observe(30.0, 50.0)  # no round time: the rounds' mean is over the outcomes that had one
     assert one.tpot_ms == pytest.approx(50.0) and one.round_ms is None and REALISED_WEIGHT < 0.1
+
+
+def test_a_class_keeps_its_chain_and_k_while_another_is_cheaper_by_less_than_the_switch_margin():
+    """tiny family, 1 req/s: `ngram,target` k = 3 to 6 priced within 3% of each other, and the
+    class rode k = 3 x20, 4 x17 and 5 x1 as each estimate dipped in turn (TPOT p50 1.46 ms
+    against the static k = 4's 1.39)."""
+    from services.router.decision import hold
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    chain = ("drafter-code", "target")
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0, class_switch_margin=0.03)),
+                    store=None, params={}, seed=0)
+    router.chains = [chain]
+    router.estimates = est = synthetic(PROFILE, ALPHAS)
+
+    def ran(ks: tuple[int, ...], ms: float, times: int = 25) -> None:
+        for _ in range(times):
+            est.observe_calibration(chain, 1.0, ms, ms, ks, "code-short")
+
+    ran((4,), 10.0)
+    for _ in range(25):
+        est.observe_calibration(TARGET_ALONE, 1.0, 30.0, 30.0, (), "code-short")
+    assert router.decide_classes(1.0)["code-short"].winner.k == (4,)
+    ran((5,), 9.8)  # 2% cheaper: kept at k = 4
+    choice = router.decide_classes(1.0)["code-short"]
+    assert choice.winner.k == (4,) and "kept drafter-code,target k=[4]" in choice.why and choice.reason == "cost"
+    ran((5,), 9.5, times=200)  # 5% cheaper: moved, and k = 5 is the one held from then on
+    assert router.decide_classes(1.0)["code-short"].winner.k == (5,)
+    ran((4,), 9.4, times=200)
+    assert router.decide_classes(1.0)["code-short"].winner.k == (5,)
+    # each load keeps its own; a fresh router (replay) holds nothing; an objective it misses is not held
+    assert router.held[("code-short", 0)] == (chain, (5,)) and ("code-short", 4) not in router.held
+    choice = router.decide_classes(1.0)["code-short"]
+    assert hold(choice, (chain, (4,)), 0.03).winner.k == (4,)
+    assert hold(choice, (chain, (4,)), 0.03, slo_tpot_ms=1.0).winner.k == (5,)
+    assert hold(choice, (chain, (4,)), 0.0).winner.k == (5,)

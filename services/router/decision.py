@@ -30,7 +30,9 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
    chain, and rounds with both wait for both). Every class takes one k on it too, the one
    with the lowest cost so weighted (`common_k`): the round's forward pads every request's chunk
    to the longest, so one class at a deeper k makes every request pay for its width; depth
-   trials then move every class at once (`explore_shared_depth`).
+   trials then move every class at once (`explore_shared_depth`);
+6. hysteresis: a class keeps the (chain, k) it last won at a load while that one is priced
+   within `router.class_switch_margin` of the cheapest (`hold`).
 
 The router decides with `measured_only` at every load: once (chain, k) have realised
 outcomes, only they (and the target alone) compete: each at what it realised in this
@@ -264,6 +266,31 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
         choice.why = (f"exploring {','.join(pick.chain)} ({seen[pick.chain]} outcomes so far) for one interval; "
                       f"the cost winner is {','.join(winner.chain)} k={list(winner.k)}: " + why)
     return choice
+
+
+def hold(choice: Choice, incumbent: tuple[tuple[str, ...], tuple[int, ...]] | None, switch_margin: float,
+         slo_tpot_ms: float = 0.0) -> Choice:
+    """The class keeps `incumbent` (chain, k), its last cost winner at this load, while it is
+    priced within `switch_margin` of the cheapest (and meets the TPOT objective, if any).
+
+    The prices move by a few percent with each request's luck: on the tiny family at 1 req/s
+    `ngram,target` k = 3, 4, 5 and 6 were priced within 3% of each other, and the class went
+    from one to the next as each one's estimate dipped (adaptive's requests rode k = 3 x20,
+    4 x17, 5 x1, TPOT p50 1.46 ms against the static k = 4's 1.39). Explorations are left as
+    they are."""
+    if incumbent is None or choice.explored or switch_margin <= 0:
+        return choice
+    best = choice.best or choice.winner
+    if (best.chain, best.k) == incumbent:
+        return choice
+    kept = next((p for p in choice.options if (p.chain, p.k) == incumbent), None)
+    if kept is None or kept.ms_per_token > best.ms_per_token * (1 + switch_margin) \
+            or (slo_tpot_ms and kept.ms_per_token > slo_tpot_ms):
+        return choice
+    why = (f"kept {','.join(kept.chain)} k={list(kept.k)} at {kept.ms_per_token:.3f} ms/token, within "
+           f"{switch_margin:.0%} of the cheapest ({','.join(best.chain)} k={list(best.k)} at {best.ms_per_token:.3f})")
+    reason = "target-alone" if kept.chain == TARGET_ALONE else ("slo" if choice.reason == "slo" else "cost")
+    return replace(choice, winner=kept, best=kept, reason=reason, why=why)
 
 
 def tokens_per_round(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates) -> float:

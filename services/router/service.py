@@ -20,7 +20,9 @@ import random
 import time
 
 from services.router.cost_model import predict
-from services.router.decision import Choice, decide, explore_depth, explore_shared_depth, served_chains, shared
+from services.router.decision import (
+    Choice, decide, explore_depth, explore_shared_depth, hold, served_chains, shared,
+)
 from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, load_bucket
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
@@ -72,6 +74,7 @@ class Router:
         self.by_load: list[tuple[float, float, dict[str, Choice]]] = []  # (from batch, batch, choices) last published
         self.shared_chains: dict[int, tuple[str, ...]] = {}  # load bucket -> the chain last shared there
         self.shared_ks: dict[int, tuple[int, ...]] = {}  # load bucket -> the k every class last took on it
+        self.held: dict[tuple[str, int], tuple] = {}  # (class, load bucket) -> its last cost winner (chain, k)
         self.recorded: dict[str, tuple] = {}
 
     # -- feedback ------------------------------------------------------------------------
@@ -220,10 +223,17 @@ class Router:
     def decide_classes(self, batch: float, chain_rate: float = 0.0) -> dict[str, Choice]:
         """Every class's decision at `batch` from what was measured; chain trials at `chain_rate`."""
         cfg = self.cfg
-        return {cls: decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
+        bucket = load_bucket(batch)
+        out = {}
+        for cls in (*CLASSES, DEFAULT_CLASS):
+            choice = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
                             chain_rate if cls != DEFAULT_CLASS else 0.0, self.rng, batch, measured_only=True,
                             explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
-                for cls in (*CLASSES, DEFAULT_CLASS)}
+            choice = hold(choice, self.held.get((cls, bucket)), cfg.class_switch_margin, cfg.slo_tpot_ms)
+            best = choice.best or choice.winner
+            self.held[(cls, bucket)] = (best.chain, best.k)
+            out[cls] = choice
+        return out
 
     def next_version(self) -> int:
         """Milliseconds since the epoch, strictly increasing: a restarted router's versions keep growing."""
