@@ -20,9 +20,9 @@ through a run (the target's time per token at 16 in flight moved by 15-20% over 
 runs to the next), and adaptive, last in each phase, ran 1-3 minutes after the static
 chain it is compared with: a single such pair is mostly the drift. The head-to-head runs
 join both configurations' runs: their pooled numbers and per-run ratios (`tok/s by
-repeat`: the repeats, then the head-to-head runs) include them. Per configuration and phase, and overall: tokens/s (output tokens over
-the phase's wall time; pooled and per repeat), TPOT p50/p99 and TTFT p50 measured at the
-client from the stream, SLO attainment (share of requests whose TPOT is at most
+repeat`: the repeats, then the head-to-head runs) include them. Per configuration and
+phase, and overall: tokens/s (output tokens over the phase's wall time; pooled and per
+repeat), TPOT p50/p99 and TTFT p50 measured at the client from the stream, SLO attainment (share of requests whose TPOT is at most
 `--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase), and the
 verdict on issue 6's targets (`shared/bench/adaptive.py`). Bounded: `--requests` and
 `--high-requests` per configuration and repeat, `--max-seconds` per run.
