@@ -203,11 +203,11 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
             # `drafter-code,target` where code-short realised 0.9x), so the class's own neighbour
             # is the nearer evidence than other classes' ratio or another load's.
             in_pool, stepped = set(pool), {}
-            for (chain, ks), tpot in realised.items():
+            for (chain, ks), cost in realised.items():
                 for key in ((chain, n) for n in neighbours(ks, k_max)):
                     if key in realised or key not in in_pool:
                         continue
-                    guess = tpot * model(key).model_ms / max(model((chain, ks)).model_ms, 1e-9) * (1 + margin)
+                    guess = cost * model(key).model_ms / max(model((chain, ks)).model_ms, 1e-9) * (1 + margin)
                     stepped[key] = min(guess, stepped.get(key, guess))
             for chain, ks in pool:
                 key = (chain, ks)
