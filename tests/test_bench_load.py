@@ -23,9 +23,10 @@ from shared.bench.arrivals import Arrivals, phased_times
 from shared.bench.load import (
     LoadConfig, Mode, balanced_orders, check_loopback, planned_requests, run_load, run_schedule, send,
 )
-from shared.bench.report import link_readme, results, targets, write_report
+from shared.bench.report import link_readme, read_document, results, targets, write_report
 from shared.bench.stats import (
-    RequestRecord, Slo, acceptance, cell_stats, chain_label, goodput, percentile, slo_attainment, summary,
+    RequestRecord, Slo, acceptance, cell_stats, chain_label, goodput, median_ci, paired_ratios, percentile,
+    slo_attainment, summary,
 )
 
 # --- arrival processes -------------------------------------------------------------------
@@ -352,6 +353,42 @@ def test_targets_compare_adaptive_with_static_modes():
                    "poisson 8/s (highest): adaptive goodput >= 0.98x no speculation": False,
                    "poisson 1/s (lowest): adaptive TPOT p50 <= the best static chain's": True}
     assert targets({"cells": [c for c in doc["cells"] if c["mode"] != "adaptive"]}) == []
+
+
+def test_paired_ratios_match_each_request_with_its_twin_of_the_same_round_and_slot():
+    def rec(round_, at, tpot, domain="code"):
+        return {"round": round_, "scheduled_s": at, "domain": domain, "tpot_s": tpot}
+
+    mine = [rec(0, 0.5, 2.0), rec(1, 0.5, 3.0), rec(0, 1.5, 1.0), rec(0, 2.5, 1.0, "prose"), rec(0, 3.5, None)]
+    theirs = [rec(1, 0.5, 2.0), rec(0, 0.5, 1.0), rec(0, 2.5, 1.0), rec(0, 3.5, 1.0)]
+    # round 0 slot 0.5 -> 2/1; round 1 slot 0.5 -> 3/2; 1.5 has no twin; 2.5's twin is code; 3.5 has no TPOT
+    assert paired_ratios(mine, theirs) == [2.0, 1.5]
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_pairs():
+    few = [0.9, 1.0, 1.1, 1.2, 0.95, 1.05]
+    mid, low, high = median_ci(few)
+    assert mid == pytest.approx(statistics.median(few)) and low <= mid <= high
+    assert median_ci(few) == median_ci(few)  # seeded: a rebuilt report says the same
+    many = few * 20
+    _, low2, high2 = median_ci(many)
+    assert high2 - low2 < high - low
+    assert median_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
+    assert all(math.isnan(x) for x in median_ci([]))
+    with pytest.raises(ValueError):
+        median_ci(few, level=1.0)
+
+
+def test_the_lowest_rate_target_shows_the_paired_comparison(tmp_path):
+    cfg = LoadConfig(url="http://127.0.0.1:1", rates=[1.0, 4.0], modes=["off", "drafter,target", "adaptive"],
+                     duration_s=5.0, phase_s=0)
+    doc = results(synthetic_run(cfg), cfg, {"date": "2026-01-01"})
+    low = [t for t in targets(doc) if "(lowest)" in t["target"]]
+    # synthetic_run gives every chain mode the same times: each pair's ratio is 1
+    assert low and all("TPOT 1.000x (95% CI 1.000-1.000, slower in 0 of 5)" in t["measured"] for t in low)
+    write_report(doc, tmp_path / "run")
+    again = read_document(tmp_path / "run" / "results.json", (tmp_path / "run" / "results.json").read_text())
+    assert len(again["records"]) == len(doc["records"]) and targets(again) == targets(doc)
 
 
 def test_link_readme_rewrites_only_its_line(tmp_path):

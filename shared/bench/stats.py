@@ -11,11 +11,15 @@ Definitions (those of `vllm bench serve`, so numbers compare):
   (if it has a TPOT) TPOT <= the TPOT objective.
 - SLO attainment: requests meeting their SLO / requests sent (failures count as misses).
 - Goodput: requests meeting their SLO per second of the run's wall time.
+- Paired TPOT ratio: a request's TPOT over its twin's in another mode's cell, the twin being
+  the request of the same round and arrival slot (so the same prompt and, greedy, the same
+  output); the median over pairs, with a bootstrap confidence interval.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -163,3 +167,34 @@ def cell_stats(records: Sequence[RequestRecord], slo: Slo, wall_s: float) -> dic
         "chains": chain_counts(done),
         "errors": sorted({r.error for r in records if r.error})[:5],
     }
+
+
+def paired_ratios(records: Iterable[dict], twins: Iterable[dict]) -> list[float]:
+    """TPOT of each of `records` over its twin's in `twins` (records as dicts, as the report
+    stores them): the twin has the same round and scheduled time, and so the same prompt.
+    Requests without a TPOT on either side, or whose domains differ, make no pair."""
+    by_slot = {(t.get("round", 0), t["scheduled_s"]): t for t in twins}
+    out = []
+    for r in records:
+        twin = by_slot.get((r.get("round", 0), r["scheduled_s"]))
+        if twin is None or twin.get("domain") != r.get("domain"):
+            continue
+        a, b = r.get("tpot_s"), twin.get("tpot_s")
+        if a and b:
+            out.append(a / b)
+    return out
+
+
+def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
+              seed: int = 0) -> tuple[float, float, float]:
+    """(median, low, high): the median and its percentile-bootstrap confidence interval at
+    `level` (seeded, so a report rebuilt from its JSON says the same); NaNs for no values."""
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must be within (0, 1), got {level}")
+    xs = list(values)
+    if not xs:
+        return math.nan, math.nan, math.nan
+    rng = random.Random(seed)
+    medians = sorted(percentile(rng.choices(xs, k=len(xs)), 50) for _ in range(resamples))
+    tail = 100 * (1 - level) / 2
+    return percentile(xs, 50), percentile(medians, tail), percentile(medians, 100 - tail)

@@ -174,7 +174,8 @@ def register(bench_app: typer.Typer) -> None:
     @bench_app.command("report")
     def bench_report(
         input: Optional[Path] = typer.Option(None, "--input", exists=True, dir_okay=False,
-                                             help="A JSON from `specmesh bench load --json` (default: run the load now)."),
+                                             help="A JSON from `specmesh bench load --json`, or a report's results.json "
+                                                  "(its records.jsonl.gz beside it is read too; default: run the load now)."),
         out: Optional[Path] = typer.Option(None, help="Folder to write (default: bench/results/<date of the run>)."),
         readme: bool = typer.Option(True, help="Point README.md's 'Latest load benchmark' line at the summary "
                                                "(only when writing under bench/results)."),
@@ -188,12 +189,12 @@ def register(bench_app: typer.Typer) -> None:
         min_requests: MinReq = _D.min_requests,
     ) -> None:
         """Write bench/results/<date>/: results.json, summary.md and PNG plots (runs the load unless --input)."""
-        from shared.bench.report import RESULTS_ROOT, link_readme, write_report
+        from shared.bench.report import RESULTS_ROOT, link_readme, read_document, write_report
 
         if input is not None:
             try:
-                doc = json.loads(_json_part(input.read_text()))
-            except ValueError as exc:
+                doc = read_document(input, _json_part(input.read_text()))
+            except (ValueError, OSError, EOFError) as exc:  # bad JSON, or a broken records.jsonl.gz beside it
                 raise typer.BadParameter(f"{input} is not a `bench load --json` document: {exc}") from None
         else:
             cfg = _config(url, rates, modes, arrivals, burstiness, duration, max_requests, drain, max_tokens,
