@@ -107,6 +107,7 @@ class SpeculationSettings(BaseModel):
     confidence_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Stop drafting below this confidence.")
     lenient: float = Field(1.0, ge=1.0, description="Middle-level leniency (1 = exact).")
     lookahead: bool = Field(False, description="Remote proposers draft the next round while the level above verifies (pays when each level has its own device).")
+    parallel_chains: bool = Field(True, description="In a round with requests on several chains, chains that share no lower level propose at once (their levels are other processes), so the round waits for the slowest proposal rather than their sum.")
 
 
 class RouterSettings(BaseModel):

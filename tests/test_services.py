@@ -109,6 +109,27 @@ def test_requests_on_different_chains_at_once_reproduce_target_only(stack, promp
     assert all(0 <= o.mixed_share <= 1 for o in outcomes)
 
 
+INDEPENDENT = ["drafter-code,target", "drafter-prose,target", "verifier,target", "ngram,target"]
+
+
+def test_chains_proposing_at_once_reproduce_target_only(stack, prompts, reference):
+    """Chains that share no lower level propose in threads of their own (`parallel_chains`):
+    greedy and seeded outputs stay the target's, 30 requests over four such chains at once."""
+    _, settings = stack
+    assert settings.speculation.parallel_chains
+    chains = [INDEPENDENT[i % len(INDEPENDENT)] for i in range(len(prompts))]
+    results = asyncio.run(complete_all(settings.gateway.http_url, [body(p, c) for p, c in zip(prompts, chains)], 30))
+    mismatched = [(i, chains[i]) for i, (r, want) in enumerate(zip(results, reference))
+                  if r["choices"][0]["token_ids"] != want]
+    assert not mismatched, f"differ from target-only: {mismatched}"
+    sampled = dict(temperature=0.9, top_p=0.95)
+    seeded = [body(p, c, seed=99 + i, **sampled) for i, (p, c) in enumerate(zip(prompts[:12], chains))]
+    alone = [body(p, None, seed=99 + i, speculation={"enabled": False}, **sampled) for i, p in enumerate(prompts[:12])]
+    together = asyncio.run(complete_all(settings.gateway.http_url, seeded, 30))
+    target = asyncio.run(complete_all(settings.gateway.http_url, alone, 30))
+    assert [r["choices"][0]["token_ids"] for r in together] == [r["choices"][0]["token_ids"] for r in target]
+
+
 def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):
     _, settings = stack
     runs = {}

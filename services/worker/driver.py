@@ -6,12 +6,18 @@ chain spec, continuously batched: new requests join between steps). Lower levels
 through the state service, which forwards them to the gateway. When a lower level stops
 answering, its requests move to the chain without it (prefilled from prompt + output so
 far) and it is left out for a while; the target is never left out.
+
+In a round with requests on several chains, the chains propose at once when they share no
+lower level (`speculation.parallel_chains`): their levels are other processes, so the
+round waits for the slowest proposal, not for their sum. Chains that share a level propose
+one after the other, in one thread, as a `RemoteRunner` serves one call at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -79,6 +85,8 @@ class Driver:
         self._overhead: list[float] = []  # per round since the last profile: seconds beyond forwards and calls
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="driver", daemon=True)
+        self._proposers: concurrent.futures.ThreadPoolExecutor | None = None  # for chains proposing at once
+        self._overlap_s = 0.0  # level calls' seconds that ran at the same time as others (counted once)
 
     # -- called from the event loop ------------------------------------------------------
     def start(self) -> None:
@@ -87,7 +95,10 @@ class Driver:
     def stop(self) -> None:
         self._stop.set()
         self.intake.put(("wake", None))
-        self.thread.join(timeout=10)
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout=10)
+        if self._proposers is not None:
+            self._proposers.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, job: GenerateJob, trace=None) -> None:
         """Queue `job`; `trace` is the trace context its message carried (shared.tracing.extract)."""
@@ -174,28 +185,25 @@ class Driver:
             feedback.profile(self)
 
     def _model_seconds(self) -> float:
-        return self.target.forward_s + sum(r.call_s for r in self.remotes.values())
+        """Seconds spent in the target's forwards and waiting on level calls (calls made at
+        once count once: `_overlap_s` is what they overlapped)."""
+        return self.target.forward_s + sum(r.call_s for r in self.remotes.values()) - self._overlap_s
 
     def _step(self) -> int:
         """One round for every live request: each chain drafts, then one target forward verifies all.
 
         Returns the number of requests stepped."""
+        live = [(key, chain) for key, chain in list(self.chains.items())
+                if any(not r.done for r in chain.requests.values())]
+        opened = [observe.open_steps(self, key, chain) for key, chain in live]
         rounds = []
-        for key in list(self.chains):
-            chain = self.chains[key]
-            if not any(not r.done for r in chain.requests.values()):
-                continue
-            steps = observe.open_steps(self, key, chain)
-            try:
-                pending = chain.propose()
-            except LevelUnavailable as exc:
-                observe.close_steps(self, steps, str(exc))
-                self._level_lost(key, exc)
-                continue
-            except Exception as exc:  # a bug must fail the requests, never hang them
-                self._step_failed(key, steps, exc)
-                continue
-            if pending is not None:
+        for (key, _), steps, pending in zip(live, opened, self._propose(live)):
+            if isinstance(pending, LevelUnavailable):
+                observe.close_steps(self, steps, str(pending))
+                self._level_lost(key, pending)
+            elif isinstance(pending, Exception):  # a bug must fail the requests, never hang them
+                self._step_failed(key, steps, pending)
+            elif pending is not None:
                 rounds.append((key, steps, pending))
         if not rounds:
             return 0
@@ -216,6 +224,33 @@ class Driver:
             self._publish(key, done)
             observe.close_steps(self, steps)
         return stepped
+
+    def _propose(self, live: list[tuple[tuple[str, ...], Chain]]) -> list:
+        """Each chain's `propose()`: its pending round, None, or the exception it raised.
+
+        Chains in different `independent` groups propose at once, each group in a thread of
+        its own; the driver thread waits for all of them and alone acts on the outcomes.
+        """
+        def attempt(indices: list[int]) -> list[tuple[int, object]]:
+            out = []
+            for i in indices:
+                try:
+                    out.append((i, live[i][1].propose()))
+                except Exception as exc:  # noqa: BLE001 - handed back to the driver thread
+                    out.append((i, exc))
+            return out
+
+        groups = independent([key for key, _ in live]) if self.settings.speculation.parallel_chains else []
+        if len(groups) < 2:
+            return [pending for _, pending in attempt(list(range(len(live))))]
+        if self._proposers is None:
+            self._proposers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="propose")
+        t0, calls = time.perf_counter(), sum(r.call_s for r in self.remotes.values())
+        futures = [self._proposers.submit(attempt, group) for group in groups[1:]]
+        results = attempt(groups[0]) + [x for f in futures for x in f.result()]
+        waited = sum(r.call_s for r in self.remotes.values()) - calls
+        self._overlap_s += max(0.0, waited - (time.perf_counter() - t0))
+        return [pending for _, pending in sorted(results, key=lambda x: x[0])]
 
     def _step_failed(self, key: tuple[str, ...], steps: dict, exc: Exception) -> None:
         observe.close_steps(self, steps, f"internal error: {exc}")
@@ -374,3 +409,19 @@ class Driver:
     def _reject(self, msg: GenerateJob, error: str) -> None:
         self.committer.error(TokenBatch(msg.request_id, msg.epoch, len(msg.committed), [], True, "error", error,
                                         worker=self.worker))
+
+
+def independent(keys: list[tuple[str, ...]]) -> list[list[int]]:
+    """Indices of `keys` (chains, bottom first) grouped so that no two groups share a lower
+    level's model (`fused` counts as both its drafters; `ngram` and the target are each
+    chain's own or the driver's): chains in different groups may propose at the same time."""
+    groups: list[tuple[set[str], list[int]]] = []
+    for i, key in enumerate(keys):
+        models = {m for name in key[:-1] for m in models_of(name)}
+        merged = (set(models), [i])
+        for group in [g for g in groups if g[0] & models]:
+            groups.remove(group)
+            merged[0].update(group[0])
+            merged[1][:0] = group[1]
+        groups.append(merged)
+    return sorted((sorted(indices) for _, indices in groups), key=lambda g: g[0])
