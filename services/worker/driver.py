@@ -422,6 +422,6 @@ def independent(keys: list[tuple[str, ...]]) -> list[list[int]]:
         for group in [g for g in groups if g[0] & models]:
             groups.remove(group)
             merged[0].update(group[0])
-            merged[1][:0] = group[1]
+            merged[1].extend(group[1])
         groups.append(merged)
     return sorted((sorted(indices) for _, indices in groups), key=lambda g: g[0])
