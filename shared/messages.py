@@ -68,6 +68,18 @@ class Sampling:
     seed: int | None = None
 
 
+MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)
+
+
+@dataclass
+class TokenLogprob:
+    """One emitted token's log-probability under the target, and the likeliest tokens at its position."""
+
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)  # likeliest first
+    top_logprobs: list[float] = field(default_factory=list)
+
+
 @dataclass
 class GenerateJob:
     """One generation, from the gateway to a target worker."""
@@ -86,6 +98,8 @@ class GenerateJob:
     committed: list[int] = field(default_factory=list)
     epoch: int = 0
     slo_tpot_ms: float = 0.0  # the client's TPOT objective (0: none): recorded against the outcome
+    # -1: no log-probabilities; n >= 0: each token's, and the n likeliest at its position (<= MAX_TOP_LOGPROBS)
+    logprobs: int = -1
 
 
 @dataclass
@@ -102,6 +116,7 @@ class TokenBatch:
     error: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)  # per level: drafted, accepted, ...
     worker: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the job asked (else empty)
 
 
 @dataclass
@@ -173,6 +188,7 @@ class Commit:
     worker: str = ""
     finish_reason: str | None = None  # with finished: "stop" | "length"
     stats: dict[str, Any] = field(default_factory=dict)  # with finished: per-level speculation stats
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the job asked (else empty)
 
 
 @dataclass

@@ -343,3 +343,59 @@ def test_bfloat16_chains_are_token_exact_at_batch_1(engine_family, prompts):
     ref = [target_alone(bf16.get("target"), p, MAX_TOKENS) for p in prompts[::5]]
     for spec in ("drafter,target", "ngram,drafter,verifier,target"):
         assert run_batches(bf16.chain(spec, k=4), prompts[::5], 1, MAX_TOKENS) == ref, spec
+
+
+def target_logprobs(runner, prompt, n, top, sampling=SamplingParams()):
+    """Reference log-probabilities: the target alone's distribution row of each token it emits."""
+    from shared.engine.logprobs import logprobs_of
+    from shared.engine.sampling import choose
+
+    probs = runner.prefill("ref", prompt, sampling)
+    out = []
+    for _ in range(n):
+        tok = int(choose(probs[None], sampling, [len(prompt) + len(out)], runner.generator)[0])
+        out += logprobs_of(probs[None], [tok], top)
+        probs = runner.score(["ref"], [[tok]])[0][-1]
+    runner.release("ref")
+    return out
+
+
+@pytest.mark.parametrize("spec, sampling", [("ngram,drafter,target", SamplingParams()),
+                                            ("drafter,verifier,target", SamplingParams()),
+                                            ("fused,target", SamplingParams(temperature=0.8, top_k=50, seed=5))])
+def test_logprobs_are_the_target_alones(pool, prompts, reference, spec, sampling):
+    """Every emitted token's log-probability and its top alternatives equal the target alone's,
+    whichever level drafted it."""
+    chain = pool.chain(spec, k=3)
+    subset = prompts[:2] + prompts[-2:]
+    reqs = [chain.add(p, MAX_TOKENS, sampling, stop_at_eos=False, logprobs=3) for p in subset]
+    while any(not r.done for r in reqs):
+        chain.step()
+    target = pool.get("target")
+    for req, prompt in zip(reqs, subset):
+        ref = target_logprobs(target, prompt, MAX_TOKENS, 3, sampling)
+        assert len(req.output_logprobs) == len(req.output) == MAX_TOKENS
+        for got, want in zip(req.output_logprobs, ref):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert got.top_logprobs == pytest.approx(want.top_logprobs, abs=1e-4)
+            assert got.top_ids[0] == want.top_ids[0]
+            assert got.top_logprobs == sorted(got.top_logprobs, reverse=True) and got.logprob <= 0.0
+        if sampling.greedy:
+            assert [lp.top_ids[0] for lp in req.output_logprobs] == req.output  # greedy emits the argmax
+    plain = chain.add(subset[0], 4, stop_at_eos=False)
+    assert plain.output_logprobs == []  # nobody asked: nothing computed
+    chain.release(plain.request_id)
+    with pytest.raises(ValueError, match="logprobs"):
+        chain.add(subset[0], 4, logprobs=21)
+
+
+def test_logprobs_of_a_row_floors_tokens_without_mass():
+    from shared.engine.logprobs import FLOOR, logprobs_of
+
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    first, second = logprobs_of(probs, [1, 3], 2)
+    assert first.logprob == pytest.approx(-1.386294, abs=1e-5) and first.top_ids[0] == 0
+    assert first.top_logprobs == pytest.approx([-0.693147, -1.386294], abs=1e-5)
+    assert second.logprob == FLOOR and second.top_ids[0] == 2 and second.top_logprobs[0] == 0.0
+    assert [lp.top_ids for lp in logprobs_of(probs, [0, 2], 0)] == [[], []]
+    assert logprobs_of(probs, [], 5) == []

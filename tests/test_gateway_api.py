@@ -26,7 +26,7 @@ from services.gateway.grpc_server import start_grpc
 from services.gateway.http_api import MAX_BODY_BYTES, create_app
 from services.gateway.proto import generate_pb2 as pb
 from services.gateway.proto import generate_pb2_grpc as pb_grpc
-from shared.messages import Assignment, Candidate, GenerateJob, TokenBatch
+from shared.messages import Assignment, Candidate, GenerateJob, TokenBatch, TokenLogprob
 from shared.settings import Settings
 
 MODEL = "specmesh-test"
@@ -40,6 +40,12 @@ def tok():
     from shared.models.tokenizer import train_tokenizer
 
     return train_tokenizer(CORPUS, 300, threads=1)
+
+
+def fake_logprob(position: int, token: int, top: int) -> TokenLogprob:
+    """A made-up log-probability for the token at `position`: -position / 10, and `top` alternatives."""
+    value = -position / 10
+    return TokenLogprob(value, [token + i if i == 0 else (token + i) % 256 for i in range(top)], [value - i for i in range(top)])
 
 
 class FakeBackend:
@@ -83,8 +89,9 @@ class FakeBackend:
             stats = {"levels": [{"name": name, "drafted": drafted, "accepted": accepted,
                                  "accepted_per_pos": [accepted, max(0, accepted - 1)]} for name in job.chain[:-1]]}
             reason = ("stop" if ids[-1] == self.tok.eos_token_id else "length") if done else None
+            logprobs = [fake_logprob(pos + i, t, job.logprobs) for i, t in enumerate(chunk)] if job.logprobs >= 0 else []
             yield TokenBatch(request_id=job.request_id, epoch=0, position=pos, tokens=chunk, finished=done,
-                             finish_reason=reason, stats=stats)
+                             finish_reason=reason, stats=stats, logprobs=logprobs)
 
     async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
@@ -285,6 +292,71 @@ async def test_chat_completion(client, backend, tok):
     assert body["speculation"] == {"chain": ["target"], "k": [], "levels": [], "slo_tpot_ms": None, "slo_met": None}
 
 
+async def test_completion_logprobs(client, backend, tok):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 12, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    ids = backend.output(12)
+    assert backend.jobs[-1].logprobs == 2
+    assert lp["token_logprobs"] == pytest.approx([-i / 10 for i in range(12)])
+    assert lp["tokens"] == [tok.decode([t]) for t in ids]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(12)]
+    assert [len(top) for top in lp["top_logprobs"]] == [len({tok.decode([t]), tok.decode([(t + 1) % 256])}) for t in ids]
+    assert lp["top_logprobs"][3][tok.decode([ids[3]])] == pytest.approx(-0.3)
+    plain = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+    assert plain.json()["choices"][0]["logprobs"] is None and backend.jobs[-1].logprobs == -1
+
+
+async def test_chat_logprobs_carry_each_tokens_bytes(client, backend, tok):
+    """A token may hold part of a UTF-8 character: its text reads U+FFFD, its bytes are exact."""
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "logprobs": True,
+        "top_logprobs": 1})
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert backend.jobs[-1].logprobs == 1 and len(content) == 20
+    assert bytes(b for e in content for b in e["bytes"]).decode() == choice["message"]["content"]
+    assert [e["logprob"] for e in content] == pytest.approx([-i / 10 for i in range(20)])
+    assert all(e["top_logprobs"][0]["token"] == e["token"] and len(e["top_logprobs"]) == 1 for e in content)
+    assert any("\ufffd" in e["token"] for e in content)  # REPLY's multi-byte characters span tokens
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True})
+    assert all(e["top_logprobs"] == [] for e in r.json()["choices"][0]["logprobs"]["content"])
+    r = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    assert "logprobs: true" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_streamed_logprobs_are_the_whole_responses(client, backend, path):
+    """Streaming sends each token's log-probability once, in order, even while its text is held back."""
+    ask = {"model": MODEL, "max_tokens": 20, "logprobs": 2 if "chat" not in path else True}
+    ask |= {"prompt": "x"} if "chat" not in path else {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}
+    whole = (await client.post(path, json=ask)).json()["choices"][0]["logprobs"]
+    events = sse_events((await client.post(path, json=ask | {"stream": True})).text)
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"] and e["choices"][0]["logprobs"]]
+    if "chat" in path:
+        assert [x for p in parts for x in p["content"]] == whole["content"]
+    else:
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for p in parts for x in p[key]] == whole[key], key
+
+
+async def test_a_backend_without_logprobs_is_an_error_not_a_misaligned_answer(client, backend):
+    generate = backend.generate
+
+    async def old_worker(job):
+        async for batch in generate(job):
+            batch.logprobs = []
+            yield batch
+
+    backend.generate = old_worker
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5, "logprobs": 1})
+    assert r.status_code == 500 and "log-probabilities" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("spec, chain, k", [
     ({"chain": "drafter,verifier,target", "k": 3}, ["drafter", "verifier", "target"], [3, 3]),
     ({"chain": ["drafter", "verifier", "target"], "k": [5, 2], "confidence_threshold": 0.3},
@@ -359,7 +431,9 @@ BAD = [
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "echo": True}, 400, "echo"),
-    ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ({"prompt": "x", "speculation": {"chain": "drafter,oracle,target"}}, 400, "speculation.chain"),
     ({"prompt": "x", "speculation": {"chain": ""}}, 400, "speculation.chain"),
     ({"prompt": "x", "speculation": {"chain": "drafter,verifier,target", "k": [1, 2, 3]}}, 400, "speculation.k"),
@@ -478,7 +552,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-          "stop", "stream", "stream_options", "n", "speculation", "logprobs", "echo", "response_format", "logit_bias"]
+          "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias"]
 
 
 @pytest.fixture(scope="module")
@@ -618,7 +692,12 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert [lv.name for lv in reply.speculation.levels] == ["drafter", "verifier"]
     assert reply.timings.total_ms > 0
     job = backend.jobs[-1]
-    assert job.sampling.temperature == 0.0 and job.sampling.seed == 3
+    assert job.sampling.temperature == 0.0 and job.sampling.seed == 3 and job.logprobs == -1
+    assert list(reply.logprobs) == []
+    reply = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=6, logprobs=2))
+    assert backend.jobs[-1].logprobs == 2 and len(reply.logprobs) == 6
+    assert [lp.logprob for lp in reply.logprobs] == pytest.approx([-i / 10 for i in range(6)])
+    assert [lp.top_token_ids[0] for lp in reply.logprobs] == list(reply.token_ids)
 
 
 async def test_grpc_generate_stream(grpc_gateway, tok):
@@ -634,6 +713,10 @@ async def test_grpc_generate_stream(grpc_gateway, tok):
     assert last.usage.completion_tokens == len(ids) and ids == backend.output(len(ids))
     await asyncio.sleep(0.05)
     assert "my-req-1" in backend.cancelled
+    replies = [r async for r in grpc_gateway.stub.GenerateStream(pb.GenerateRequest(prompt="x", max_tokens=9,
+                                                                                    logprobs=0))]
+    assert [len(r.logprobs) for r in replies] == [len(r.token_ids) for r in replies]
+    assert [lp.logprob for r in replies for lp in r.logprobs] == pytest.approx([-i / 10 for i in range(9)])
 
 
 @pytest.mark.parametrize("request_, code", [
@@ -643,6 +726,7 @@ async def test_grpc_generate_stream(grpc_gateway, tok):
     (pb.GenerateRequest(prompt="x", speculation=pb.SpeculationParameters(chain=["oracle", "target"])),
      grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", request_id="bad id.*"), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", logprobs=21), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 async def test_grpc_errors(grpc_gateway, request_, code):
     for call in (grpc_gateway.stub.Generate, lambda r: _drain(grpc_gateway.stub.GenerateStream(r))):

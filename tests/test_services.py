@@ -141,6 +141,64 @@ def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):
     assert len({tuple(t) for t in runs["target"]}) > 1  # really sampled, not one fixed answer
 
 
+def test_logprobs_through_the_services_are_the_target_alones(stack, prompts, reference):
+    """Log-probabilities travel worker -> state -> gateway with their tokens, and a chain's are
+    the target alone's (its verify forward's rows, equal up to float round-off); the OpenAI
+    client reads them in both APIs."""
+    from openai import OpenAI
+
+    _, settings = stack
+    runs = {chain: asyncio.run(complete_all(settings.gateway.http_url,
+                                            [body(p, chain, logprobs=3) for p in prompts[:6]]))
+            for chain in ["target", "ngram,drafter,target"]}
+    for alone, spec, want in zip(runs["target"], runs["ngram,drafter,target"], reference):
+        assert spec["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"] == want
+        a, b = alone["choices"][0]["logprobs"], spec["choices"][0]["logprobs"]
+        assert len(b["token_logprobs"]) == MAX_TOKENS and b["tokens"] == a["tokens"]
+        assert b["token_logprobs"] == pytest.approx(a["token_logprobs"], abs=1e-4)
+        for top_a, top_b in zip(a["top_logprobs"], b["top_logprobs"]):
+            assert max(top_b.values()) == pytest.approx(max(top_a.values()), abs=1e-4)
+        assert all(lp == max(top.values()) for lp, top in zip(b["token_logprobs"], b["top_logprobs"]))  # greedy
+    client = OpenAI(base_url=f"{settings.gateway.http_url}/v1", api_key="dev")
+    chat = client.chat.completions.create(model="specmesh", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert chat.choices[0].message.content in bytes(b for c in content for b in c.bytes).decode()
+
+
+def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
+    """A commit that repeats committed tokens (a retry, a resume) passes on only the new
+    tokens' log-probabilities, aligned with them; a job asking for too many is refused."""
+    from shared.messages import (SUBJECT_COMMIT, SUBJECT_GENERATE, SUBJECT_TOKENS, Commit, GenerateJob, TokenBatch,
+                                 TokenLogprob, decode, encode)
+    from shared.service import connect
+
+    _, settings = stack
+    lp = {t: TokenLogprob(-t / 10, [t], [-t / 10]) for t in range(1, 6)}
+
+    async def go():
+        nc = await connect(settings, "test-logprobs")
+        try:
+            inbox: asyncio.Queue = asyncio.Queue()
+            await nc.subscribe(f"{SUBJECT_TOKENS}.lp-commit-1", cb=inbox.put)
+            await nc.subscribe(f"{SUBJECT_TOKENS}.lp-job-1", cb=inbox.put)
+            for position, tokens, finished in [(0, [1, 2, 3], False), (1, [2, 3, 4, 5], True)]:
+                await nc.request(SUBJECT_COMMIT, encode(Commit("lp-commit-1", 0, position, tokens, prompt=[9],
+                                                               finished=finished, logprobs=[lp[t] for t in tokens])),
+                                 timeout=5)
+            batches = [decode((await asyncio.wait_for(inbox.get(), 10)).data, TokenBatch) for _ in range(2)]
+            await nc.request(SUBJECT_GENERATE, encode(GenerateJob("lp-job-1", [1, 2], 4, logprobs=21)), timeout=5)
+            return batches, decode((await asyncio.wait_for(inbox.get(), 30)).data, TokenBatch)
+        finally:
+            await nc.close()
+
+    (first, second), refused = asyncio.run(go())
+    assert first.tokens == [1, 2, 3] and first.logprobs == [lp[1], lp[2], lp[3]]
+    assert (second.position, second.tokens, second.logprobs) == (3, [4, 5], [lp[4], lp[5]])
+    assert refused.finish_reason == "error" and "logprobs" in refused.error
+
+
 def test_unseeded_sampling_reports_expected_acceptance_per_level(stack, prompts):
     """Sampled requests carry each level's measured 1 - TV to the client (and to the router)."""
     _, settings = stack

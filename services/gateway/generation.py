@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.backend import GenerationError
-from shared.messages import Assignment, GenerateJob, Sampling
+from shared.messages import MAX_TOP_LOGPROBS, Assignment, GenerateJob, Sampling, TokenLogprob
 from shared.request_class import classify
 from shared.settings import Settings
 from shared.tracing import Status, StatusCode, tracer, use_span
@@ -86,6 +86,7 @@ class GenerationRequest:
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
+    logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the n likeliest (validated by the API)
 
 
 def render_chat(messages: Sequence[tuple[str, str]]) -> str:
@@ -135,12 +136,16 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                                  "specmesh.chain": ",".join(assigned.chain) if assigned else "",
                                  "specmesh.k": list(assigned.k) if assigned else [],
                                  "specmesh.router.reason": getattr(assigned, "reason", "") or ""})
+    if not -1 <= req.logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (how many alternatives per token), got {req.logprobs}.",
+                      "logprobs")
     spec = req.speculation or SpeculationRequest()
     slo = _ranged(spec.slo_tpot_ms, 0.0, "speculation.slo_tpot_ms", 0.0, SLO_MAX_MS,
                   f"a number of milliseconds above 0 and at most {SLO_MAX_MS:g}", open_low=True)
     chain, k, threshold = resolve_speculation(spec, backend.chains(), settings, for_slo(assigned, slo))
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-                      chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo)
+                      chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo,
+                      logprobs=req.logprobs)
     stops = _stops(req.stop)
     if (admit := getattr(backend, "admit", None)) is not None:
         admit(job.request_id)  # in flight from its assignment (no await since) until its generation ends
@@ -416,6 +421,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id when the job asked
 
 
 @dataclass
@@ -424,6 +430,7 @@ class Outcome:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id when the job asked
     finish_reason: str = "stop"  # "stop" | "length"
     prompt_tokens: int = 0
     speculation: dict = field(default_factory=dict)
@@ -521,7 +528,13 @@ class Generation:
         if batch.stats:
             self._stats = batch.stats
         have = len(self.outcome.token_ids)
-        tokens = list(batch.tokens[max(0, have - batch.position):])  # a resumed request may resend a batch
+        skip = max(0, have - batch.position)
+        tokens = list(batch.tokens[skip:])  # a resumed request may resend a batch
+        logprobs = list(batch.logprobs[skip:])
+        if self.job.logprobs >= 0 and len(batch.logprobs) != len(batch.tokens):
+            raise ApiError(500, f"The backend sent {len(batch.tokens)} tokens with {len(batch.logprobs)} "
+                                f"log-probabilities (a worker older than this gateway?).", type="server_error",
+                           code="generation_failed")
         if batch.position > have:
             log.warning("request %s: batch at %d after %d tokens (gap)", self.job.request_id, batch.position, have)
         now = time.monotonic()
@@ -539,7 +552,9 @@ class Generation:
             released, stopped = self.stops.push(self.detok.flush())
             text.append(released)
         self.outcome.token_ids.extend(taken)
-        delta = Delta("".join(text), taken)
+        taken_logprobs = logprobs[:len(taken)] if self.job.logprobs >= 0 else []
+        self.outcome.logprobs.extend(taken_logprobs)
+        delta = Delta("".join(text), taken, taken_logprobs)
         self._text.append(delta.text)
         return delta, stopped
 

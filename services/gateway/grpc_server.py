@@ -100,6 +100,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             seed=s.seed if s.HasField("seed") else None,
             stop=list(request.stop),
             speculation=speculation,
+            logprobs=request.logprobs if request.HasField("logprobs") else -1,
         ))
         return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
                           started=arrived)
@@ -110,7 +111,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         generation = self._start(request)
         out = await generation.run()
         return pb.GenerateResponse(request_id=generation.job.request_id, text=out.text, token_ids=out.token_ids,
-                                   **_summary(out))
+                                   logprobs=_logprobs(out.logprobs), **_summary(out))
 
     @_replies_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context):
@@ -118,7 +119,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         generation = self._start(request)
         request_id = generation.job.request_id
         async for delta in generation.deltas():
-            yield pb.GenerateStreamResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids)
+            yield pb.GenerateStreamResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
+                                            logprobs=_logprobs(delta.logprobs))
         yield pb.GenerateStreamResponse(request_id=request_id, **_summary(generation.outcome))
 
 
@@ -127,6 +129,11 @@ def _trace_metadata(context) -> None:
     tid = trace_id()
     if tid:
         context.set_trailing_metadata((("x-trace-id", tid),))
+
+
+def _logprobs(logprobs) -> list:
+    return [pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
+            for lp in logprobs]
 
 
 def _summary(out: Outcome) -> dict:

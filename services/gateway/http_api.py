@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.auth import ApiKeys, http_middleware
 from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, plan, render_chat, unavailable
+from services.gateway.logprobs import chat_logprobs, completion_logprobs, token_text
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelList,
 )
@@ -119,6 +120,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             request_id=request_id, prompt=prompt, max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
+            logprobs=body.logprobs_wanted(),
         )
         tid = trace_id()  # the request's trace (`specmesh trace show <request id>`)
         headers = {"x-request-id": request_id} | ({"x-trace-id": tid} if tid else {})
@@ -126,7 +128,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             job, stops = plan(b, settings, request)
             generation = Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
                                     operation="chat" if kind == "chat" else "text_completion")
-            reply = Reply(kind, request_id, b.model_name, body)
+            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer)
             if body.stream:
                 return await stream(generation, reply, headers)
             outcome = await _unless_disconnected(http, generation.run())
@@ -150,8 +152,8 @@ def create_app(settings: Settings, service) -> FastAPI:
                     delta = pending.pop() if pending else await anext(deltas, None)
                     if delta is None:
                         break
-                    if delta.text or reply.token_ids:
-                        yield reply.sse(reply.chunk(delta.text, delta.token_ids))
+                    if delta.text or (delta.token_ids and (reply.token_ids or reply.logprobs)):
+                        yield reply.sse(reply.chunk(delta.text, delta.token_ids, logprobs=delta.logprobs))
                 outcome = generation.outcome
                 yield reply.sse(reply.chunk(None, finish_reason=outcome.finish_reason, outcome=outcome))
                 if reply.include_usage:
@@ -218,22 +220,36 @@ async def _close_quietly(agen) -> None:
 class Reply:
     """Builds one request's response bodies (whole or chunks) in OpenAI's shapes."""
 
-    def __init__(self, kind: str, request_id: str, model: str, body):
+    def __init__(self, kind: str, request_id: str, model: str, body, tokenizer=None):
         self.kind, self.request_id, self.model = kind, request_id, model
         self.created = int(time.time())
         self.token_ids = body.return_token_ids
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.logprobs = body.logprobs_wanted() >= 0
+        self._text = token_text(tokenizer()) if self.logprobs else None  # `tokenizer`: the backend's getter
+        self._offset = 0  # completions, streaming: the text of the tokens sent so far
+
+    def _logprobs(self, token_ids: list[int], logprobs: list) -> dict | None:
+        """The choice's `logprobs` in this API's shape (None unless the request asked)."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(self._text, token_ids, logprobs)
+        out = completion_logprobs(self._text, token_ids, logprobs, self._offset)
+        self._offset += sum(len(t) for t in out["tokens"])
+        return out
 
     def _head(self, obj: str) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
     def whole(self, out: Outcome) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": out.finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                      "logprobs": self._logprobs(out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
             head = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            choice = {"index": 0, "text": out.text, "logprobs": self._logprobs(out.token_ids, out.logprobs),
+                      "finish_reason": out.finish_reason}
             head = self._head("text_completion")
         if self.token_ids:
             choice["token_ids"] = out.token_ids
@@ -241,13 +257,14 @@ class Reply:
                        "timings": out.timings}
 
     def chunk(self, content, token_ids: list[int] | None = None, finish_reason: str | None = None,
-              outcome: Outcome | None = None) -> dict:
+              outcome: Outcome | None = None, logprobs: list | None = None) -> dict:
+        lp = self._logprobs(token_ids, logprobs or []) if token_ids else None
         if self.kind == "chat":
             delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             body = self._head("chat.completion.chunk") | {"choices": [choice]}
         else:
-            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}
             body = self._head("text_completion") | {"choices": [choice]}
         if self.token_ids and token_ids is not None:
             choice["token_ids"] = token_ids

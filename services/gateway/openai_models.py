@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.generation import MAX_K, MAX_STOP_STRINGS, SLO_MAX_MS, TEMPERATURE_MAX, SpeculationRequest
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -86,17 +87,22 @@ class CompletionRequest(_Sampled):
         description="Text, or token ids; a list of one of either (batches of several prompts are not supported).")
     max_tokens: StrictInt | None = Field(None, description="Most tokens to generate; default 16.")
     echo: StrictBool | None = Field(None, description="Not supported (only false).")
-    logprobs: StrictInt | None = Field(None, description="Not supported.")
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="Each token's log-probability, and those of the `logprobs` likeliest tokens at its "
+                          f"position (0..{MAX_TOP_LOGPROBS}).")
     best_of: StrictInt | None = Field(None, description="Only 1.")
     suffix: StrictStr | None = Field(None, description="Not supported.")
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
             ("echo", self.echo, self.echo is False, "the prompt is not echoed"),
-            ("logprobs", self.logprobs, False, "log probabilities are not returned"),
             ("best_of", self.best_of, self.best_of == 1, "only 1"),
             ("suffix", self.suffix, False, "no insertion"),
         ]
+
+    def logprobs_wanted(self) -> int:
+        """-1: no log-probabilities; n >= 0: each token's and the n likeliest (GenerateJob.logprobs)."""
+        return -1 if self.logprobs is None else self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         prompt = self.prompt
@@ -125,18 +131,22 @@ class ChatCompletionRequest(_Sampled):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = Field(None, description="Most tokens to generate; default 128.")
     max_completion_tokens: StrictInt | None = Field(None, description="The same as max_tokens (newer name); wins.")
-    logprobs: StrictBool | None = Field(None, description="Not supported (only false).")
-    top_logprobs: StrictInt | None = Field(None, description="Not supported.")
+    logprobs: StrictBool | None = Field(None, description="true: each token's log-probability.")
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description=f"With logprobs: also the likeliest tokens at each position (0..{MAX_TOP_LOGPROBS}).")
     tools: list[Any] | None = Field(None, description="Not supported.")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
-            ("logprobs", self.logprobs, self.logprobs is False, "log probabilities are not returned"),
-            ("top_logprobs", self.top_logprobs, False, "log probabilities are not returned"),
+            ("top_logprobs", self.top_logprobs, self.logprobs is True, "it needs logprobs: true"),
             ("tools", self.tools, not self.tools, "no tool calling"),
             ("response_format", self.response_format, self.response_format == {"type": "text"}, "only plain text"),
         ]
+
+    def logprobs_wanted(self) -> int:
+        """-1: no log-probabilities; n >= 0: each token's and the n likeliest (GenerateJob.logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else -1
 
 
 # -- responses ------------------------------------------------------------------------
@@ -170,10 +180,17 @@ class Timings(BaseModel):
     tokens_per_s: float | None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(description="Each generated token's text.")
+    token_logprobs: list[float] = Field(description="Each token's log-probability under the target (-9999.0: none).")
+    top_logprobs: list[dict[str, float]] = Field(description="Per token, the likeliest tokens' text -> log-probability.")
+    text_offset: list[int] = Field(description="Where each token's text starts in the completion.")
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
     token_ids: list[int] | None = None
 
@@ -194,10 +211,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's exact UTF-8 bytes (a token may hold part of a character).")
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
     token_ids: list[int] | None = None
 

@@ -87,8 +87,9 @@ class StateService(ServiceProcess):
         else:
             self.cache[rid] = state
             await self.kv.put(rid, encode(state))
+        logprobs = commit.logprobs[have - commit.position:] if len(commit.logprobs) == len(commit.tokens) else []
         batch = TokenBatch(rid, state.epoch, have, fresh, commit.finished, commit.finish_reason,
-                           stats=commit.stats, worker=commit.worker)
+                           stats=commit.stats, worker=commit.worker, logprobs=logprobs)
         await self.nc.publish(f"{SUBJECT_TOKENS}.{rid}", encode(batch))
         return state
 

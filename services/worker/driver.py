@@ -30,7 +30,7 @@ from shared.engine.chain import Chain, verify_rounds
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
-from shared.messages import Commit, GenerateJob, TokenBatch, valid_request_id
+from shared.messages import MAX_TOP_LOGPROBS, Commit, GenerateJob, TokenBatch, valid_request_id
 from services.worker import feedback, observe
 from services.worker.committer import Committer
 from services.worker.remote import LevelUnavailable, RemoteRunner
@@ -286,6 +286,8 @@ class Driver:
             if key[-1] != "target":
                 raise ValueError("the last level of a chain must be 'target'")
             SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.top_k, msg.sampling.seed)
+            if not -1 <= msg.logprobs <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"logprobs must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {msg.logprobs}")
         except ValueError as exc:
             self._reject(msg, str(exc))
             return
@@ -317,7 +319,7 @@ class Driver:
             try:
                 req = chain.add(msg.prompt + job.done, msg.max_tokens - len(job.done), params,
                                 k=self._ks(msg, key), confidence_threshold=msg.confidence_threshold,
-                                request_id=msg.request_id, stop_at_eos=msg.stop_at_eos)
+                                request_id=msg.request_id, stop_at_eos=msg.stop_at_eos, logprobs=msg.logprobs)
             except LevelUnavailable as exc:
                 self._mark_down(exc.model)
                 chain.release(msg.request_id)
@@ -362,6 +364,7 @@ class Driver:
         new = req.output[job.sent:]
         if not new and not req.done:
             return
+        logprobs = req.output_logprobs[job.sent:job.sent + len(new)]
         position = len(job.done) + job.sent
         job.sent += len(new)
         reason = None
@@ -380,7 +383,8 @@ class Driver:
             feedback.outcome(self, job, req, stats, reason)
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),
                                      prompt=job.msg.prompt if position == 0 else [],
-                                     finished=req.done, worker=self.worker, finish_reason=reason, stats=stats),
+                                     finished=req.done, worker=self.worker, finish_reason=reason, stats=stats,
+                                     logprobs=logprobs),
                               self.spans.context(rid))
         if req.done:
             self._finish(rid)

@@ -22,6 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
+from shared.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprobs_of
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Draft, Runner
 from shared.engine.sampling import GREEDY, SamplingParams, choose
@@ -44,6 +45,8 @@ class Request:
     stop_at_eos: bool = True
     output: list[int] = field(default_factory=list)
     done: bool = False
+    logprobs: int = -1  # -1: none; n >= 0: each output token's log-probability and the n likeliest
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when asked
     stats: dict[str, LevelStats] = field(default_factory=dict)  # this request's share, per proposing level
 
     @property
@@ -124,10 +127,16 @@ class Chain:
         confidence_threshold: float | None = None,
         request_id: str | None = None,
         stop_at_eos: bool = True,
+        logprobs: int = -1,
     ) -> Request:
-        """Prefill every level with `prompt` and emit the target's first token."""
+        """Prefill every level with `prompt` and emit the target's first token.
+
+        `logprobs` >= 0: every output token also gets its log-probability under the target and
+        the `logprobs` likeliest tokens at its position (`Request.output_logprobs`)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not -1 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         if rid in self.requests:
             raise ValueError(f"request {rid!r} is already running")
@@ -139,6 +148,7 @@ class Chain:
             self.k if k is None else self._ks(k),
             self.confidence_threshold if confidence_threshold is None else confidence_threshold,
             stop_at_eos,
+            logprobs=logprobs,
         )
         reach = len(req.prompt) + max_tokens + sum(req.k)  # drafts may run sum(k) past the end
         for level in self.levels:
@@ -161,17 +171,20 @@ class Chain:
             raise
         first = int(choose(p0[None], sampling, [len(req.prompt)], self.levels[-1].runner.generator)[0])
         self.requests[rid] = req
-        self._emit(req, [first])
+        self._emit(req, [first], p0[None])
         self.stats.seconds += time.perf_counter() - t0
         return req
 
-    def _emit(self, req: Request, tokens: list[int]) -> None:
+    def _emit(self, req: Request, tokens: list[int], probs: torch.Tensor) -> None:
+        """Append verified `tokens` (each drawn from its row of `probs`) to the request's output."""
         room = req.max_tokens - len(req.output)
         tokens = tokens[:room]
         if req.stop_at_eos and self.eos_token_id is not None and self.eos_token_id in tokens:
             tokens = tokens[: tokens.index(self.eos_token_id) + 1]
             req.done = True
         req.output.extend(tokens)
+        if req.logprobs >= 0:
+            req.output_logprobs.extend(logprobs_of(probs, tokens, req.logprobs))
         self.stats.tokens += len(tokens)
         if len(req.output) >= req.max_tokens:
             req.done = True
@@ -310,7 +323,7 @@ class Chain:
         verdicts = self._judge(self.top, pending.reqs, pending.ctx, pending.drafts, scored)
         finished = []
         for r in pending.reqs:
-            self._emit(r, verdicts[r.request_id].tokens)
+            self._emit(r, verdicts[r.request_id].tokens, verdicts[r.request_id].probs)
             if r.done:
                 finished.append(r)
         spent = seconds + time.perf_counter() - t0
