@@ -209,6 +209,8 @@ class RequestState:
     finished: bool = False
     found: bool = True
     error: str | None = None
+    # one per committed token while every commit carried them (a job that asked), else shorter
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

@@ -35,9 +35,12 @@ def reference(tiny_family, prompts):
 
 
 async def stream_one(client: httpx.AsyncClient, prompt: list[int], started: asyncio.Event) -> tuple[list[int] | None, str | None]:
-    """Token ids of one streamed completion, or (None, error message)."""
+    """Token ids of one streamed completion, or (None, error message).
+
+    Each token's log-probability comes with it, through a fault too: one per token, and
+    (greedy) the likeliest token at each position is the token itself."""
     body = {"model": "specmesh", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-            "return_token_ids": True, "speculation": {"chain": CHAIN, "k": 3}}
+            "return_token_ids": True, "speculation": {"chain": CHAIN, "k": 3}, "logprobs": 1}
     tokens: list[int] = []
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
@@ -49,7 +52,11 @@ async def stream_one(client: httpx.AsyncClient, prompt: list[int], started: asyn
             if "error" in chunk:
                 return None, chunk["error"]["message"]
             for choice in chunk.get("choices", []):
-                tokens.extend(choice.get("token_ids") or [])
+                ids = choice.get("token_ids") or []
+                logprobs = choice.get("logprobs") or {"tokens": [], "top_logprobs": []}
+                assert len(logprobs["tokens"]) == len(ids) and len(logprobs["top_logprobs"]) == len(ids)
+                assert [max(top, key=top.get) for top in logprobs["top_logprobs"]] == logprobs["tokens"]
+                tokens.extend(ids)
             if tokens:
                 started.set()
     return tokens, None

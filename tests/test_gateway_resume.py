@@ -11,8 +11,8 @@ import nats.errors
 
 from services.gateway.backend import NatsBackend, table_for
 from shared.messages import (
-    SUBJECT_GENERATE, SUBJECT_TOKENS, Assignment, Assignments, GenerateJob, LoadTable, RequestState, TokenBatch, decode,
-    encode,
+    SUBJECT_GENERATE, SUBJECT_STATE_GET, SUBJECT_TOKENS, Assignment, Assignments, GenerateJob, LoadTable, RequestState,
+    TokenBatch, TokenLogprob, decode, encode,
 )
 from shared.settings import Settings
 
@@ -56,6 +56,48 @@ async def test_a_stalled_request_waits_out_a_time_with_no_target():
     batches = [b async for b in backend.generate(job)]
     assert [t for b in batches for t in b.tokens] == [7, 8] and batches[-1].finished
     assert len(bus.submits) == 4  # taken, two offers nobody took, taken again
+
+
+class LostBatchBus:
+    """The first batch (tokens 5, 6) is committed but never arrives; the state service has it and
+    its log-probabilities; the job, offered again, resends from token 6 on (a resume's overlap)."""
+
+    def __init__(self):
+        self.submits, self.callbacks = [], {}
+
+    async def subscribe(self, subject, cb):
+        self.callbacks[subject] = cb
+        return SimpleNamespace(unsubscribe=self._noop)
+
+    async def _noop(self):
+        return None
+
+    async def publish(self, subject, data, headers=None):
+        return None
+
+    async def request(self, subject, data, timeout=None, headers=None):
+        if subject == SUBJECT_STATE_GET:
+            return SimpleNamespace(data=encode(RequestState("r2", 0, [1], [5, 6], logprobs=[LP[5], LP[6]])))
+        job = decode(data, GenerateJob)
+        self.submits.append(job)
+        if len(self.submits) > 1:
+            batch = TokenBatch("r2", 0, 1, [6, 7, 8], finished=True, logprobs=[LP[6], LP[7], LP[8]])
+            asyncio.get_running_loop().call_later(
+                0.01, lambda: asyncio.ensure_future(self.callbacks[f"{SUBJECT_TOKENS}.r2"](SimpleNamespace(data=encode(batch)))))
+        return SimpleNamespace(data=encode(RequestState("r2")))
+
+
+LP = {t: TokenLogprob(-t / 10) for t in range(5, 9)}
+
+
+async def test_tokens_recovered_from_the_state_keep_their_logprobs():
+    bus = LostBatchBus()
+    backend = NatsBackend.__new__(NatsBackend)
+    backend.settings, backend.nc, backend.stall_s, backend.in_flight = Settings(), bus, 0.05, {}
+    batches = [b async for b in backend.generate(GenerateJob("r2", [1, 2, 3], max_tokens=4, logprobs=0))]
+    assert [t for b in batches for t in b.tokens] == [5, 6, 7, 8]
+    assert [lp for b in batches for lp in b.logprobs] == [LP[5], LP[6], LP[7], LP[8]]
+    assert bus.submits[-1].committed == [5, 6] and bus.submits[-1].logprobs == 0
 
 
 def load_tables() -> Assignments:

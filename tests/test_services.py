@@ -169,9 +169,10 @@ def test_logprobs_through_the_services_are_the_target_alones(stack, prompts, ref
 
 def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
     """A commit that repeats committed tokens (a retry, a resume) passes on only the new
-    tokens' log-probabilities, aligned with them; a job asking for too many is refused."""
-    from shared.messages import (SUBJECT_COMMIT, SUBJECT_GENERATE, SUBJECT_TOKENS, Commit, GenerateJob, TokenBatch,
-                                 TokenLogprob, decode, encode)
+    tokens' log-probabilities, aligned with them; the record keeps them for a gateway that
+    missed a batch; a job asking for too many is refused."""
+    from shared.messages import (SUBJECT_COMMIT, SUBJECT_GENERATE, SUBJECT_STATE_GET, SUBJECT_TOKENS, Commit,
+                                 GenerateJob, RequestState, StateQuery, TokenBatch, TokenLogprob, decode, encode)
     from shared.service import connect
 
     _, settings = stack
@@ -183,17 +184,22 @@ def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
             inbox: asyncio.Queue = asyncio.Queue()
             await nc.subscribe(f"{SUBJECT_TOKENS}.lp-commit-1", cb=inbox.put)
             await nc.subscribe(f"{SUBJECT_TOKENS}.lp-job-1", cb=inbox.put)
+            records = []
             for position, tokens, finished in [(0, [1, 2, 3], False), (1, [2, 3, 4, 5], True)]:
                 await nc.request(SUBJECT_COMMIT, encode(Commit("lp-commit-1", 0, position, tokens, prompt=[9],
                                                                finished=finished, logprobs=[lp[t] for t in tokens])),
                                  timeout=5)
+                reply = await nc.request(SUBJECT_STATE_GET, encode(StateQuery("lp-commit-1")), timeout=5)
+                records.append(decode(reply.data, RequestState))
             batches = [decode((await asyncio.wait_for(inbox.get(), 10)).data, TokenBatch) for _ in range(2)]
             await nc.request(SUBJECT_GENERATE, encode(GenerateJob("lp-job-1", [1, 2], 4, logprobs=21)), timeout=5)
-            return batches, decode((await asyncio.wait_for(inbox.get(), 30)).data, TokenBatch)
+            return records, batches, decode((await asyncio.wait_for(inbox.get(), 30)).data, TokenBatch)
         finally:
             await nc.close()
 
-    (first, second), refused = asyncio.run(go())
+    records, (first, second), refused = asyncio.run(go())
+    assert records[0].committed == [1, 2, 3] and records[0].logprobs == [lp[1], lp[2], lp[3]]
+    assert not records[1].found  # finished: forgotten
     assert first.tokens == [1, 2, 3] and first.logprobs == [lp[1], lp[2], lp[3]]
     assert (second.position, second.tokens, second.logprobs) == (3, [4, 5], [lp[4], lp[5]])
     assert refused.finish_reason == "error" and "logprobs" in refused.error

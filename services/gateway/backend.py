@@ -194,10 +194,12 @@ class NatsBackend:
                     epoch = job.epoch
                     if state is not None and state.found:
                         extra = state.committed[len(received):]
+                        logprobs = state.logprobs[len(received):] if len(state.logprobs) == len(state.committed) else []
                         epoch = state.epoch
                         if extra:
                             received += extra
-                            yield TokenBatch(job.request_id, epoch, len(received) - len(extra), extra)
+                            yield TokenBatch(job.request_id, epoch, len(received) - len(extra), extra,
+                                             logprobs=logprobs)
                     job = GenerateJob(**{**job.__dict__, "committed": list(received), "epoch": epoch})
                     try:
                         await self._submit(job)
@@ -209,12 +211,13 @@ class NatsBackend:
                 batch = decode(msg.data, TokenBatch)
                 if batch.error:
                     raise GenerationError(batch.error)
-                fresh = batch.tokens[len(received) - batch.position:] if batch.position <= len(received) else None
-                if fresh is None:
+                if batch.position > len(received):
                     continue  # a gap cannot come from the state service; ignore a stray batch
+                seen = len(received) - batch.position
+                fresh = batch.tokens[seen:]
                 received += fresh
                 finished = batch.finished
-                batch.position, batch.tokens = len(received) - len(fresh), fresh
+                batch.position, batch.tokens, batch.logprobs = len(received) - len(fresh), fresh, batch.logprobs[seen:]
                 yield batch
         finally:
             self.release(job.request_id)

@@ -79,6 +79,10 @@ class StateService(ServiceProcess):
         if state.committed[commit.position:have] != commit.tokens[: have - commit.position]:
             return RequestState(rid, state.epoch, error="conflicting repeat of committed tokens")
         fresh = commit.tokens[have - commit.position:]
+        aligned = len(commit.logprobs) == len(commit.tokens)
+        logprobs = commit.logprobs[have - commit.position:] if aligned else []
+        if aligned and len(state.logprobs) == have:  # kept with the tokens, so a resume loses none
+            state.logprobs.extend(logprobs)
         state.committed.extend(fresh)
         state.epoch = commit.epoch
         state.finished = commit.finished
@@ -87,7 +91,6 @@ class StateService(ServiceProcess):
         else:
             self.cache[rid] = state
             await self.kv.put(rid, encode(state))
-        logprobs = commit.logprobs[have - commit.position:] if len(commit.logprobs) == len(commit.tokens) else []
         batch = TokenBatch(rid, state.epoch, have, fresh, commit.finished, commit.finish_reason,
                            stats=commit.stats, worker=commit.worker, logprobs=logprobs)
         await self.nc.publish(f"{SUBJECT_TOKENS}.{rid}", encode(batch))
