@@ -411,7 +411,12 @@ async def test_models(client):
 
 LONG = "the quick brown fox " * 60
 BAD = [
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 65}, 400, "n"),
+    ({"prompt": ["a", "b"], "n": 40}, 400, "n"),
+    ({"prompt": ["x"] * 65}, 400, "prompt"),
+    ({"prompt": ["x", LONG]}, 400, "prompt[1]"),
+    ({"prompt": "x", "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -422,8 +427,7 @@ BAD = [
     ({"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": LONG}, 400, "prompt"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
-    ({"prompt": [[1], [2]]}, 400, "prompt"),
+    ({"prompt": [[1], []]}, 400, "prompt"),
     ({"prompt": [1, 10**6]}, 400, "prompt"),
     ({"prompt": 12}, 400, "prompt"),
     ({}, 400, "prompt"),
@@ -783,3 +787,74 @@ async def test_only_a_request_that_passed_validation_counts_in_flight(client, ba
     assert admitted == []  # refused: never in flight, so never a load the table is picked by
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
     assert r.status_code == 200 and admitted == [backend.jobs[-1].request_id]
+    released = []
+    backend.release = released.append
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["x", "y", LONG], "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[2]"
+    assert admitted[1:] == released and len(released) == 2  # the batch's first two were planned, then let go
+
+
+# -- several choices: batches of prompts and n ------------------------------------------------
+async def test_a_batch_of_prompts_with_n_samples_each(client, backend, tok):
+    r = await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": ["a", "bb", "a b"], "n": 2, "max_tokens": 6, "seed": 5, "temperature": 0.7,
+        "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    jobs = sorted(backend.jobs, key=lambda j: int(j.request_id.rsplit("-", 1)[1]))
+    assert [j.request_id for j in jobs] == [f"{body['id']}-{i}" for i in range(6)]
+    assert [j.prompt for j in jobs] == [tok.encode("a")] * 2 + [tok.encode("bb")] * 2 + [tok.encode("a b")] * 2
+    assert [j.sampling.seed for j in jobs] == [5, 6, 5, 6, 5, 6]  # sample j draws with seed + j
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    assert all(c["text"] == text_of(tok, 6, backend) and c["token_ids"] == backend.output(6) for c in choices)
+    assert all(c["speculation"]["chain"] == ["drafter", "target"] and c["timings"]["total_ms"] >= 0 for c in choices)
+    assert "speculation" not in body and "timings" not in body  # each choice has its own
+    prompt_tokens = sum(len(tok.encode(p)) for p in ("a", "bb", "a b"))  # each prompt once, however many samples
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 36, "total_tokens": prompt_tokens + 36}
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6], [7]], "max_tokens": 2})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert sorted(j.prompt for j in backend.jobs[-2:]) == [[5, 6], [7]]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_streamed_choices_are_interleaved_and_each_ends_once(tok, path):
+    backend = FakeBackend(tok, batch=2, delay_s=0.002)
+    app = create_app(make_settings(), SimpleNamespace(backend=backend, nc=None))
+    ask = {"model": MODEL, "max_tokens": 9, "n": 3, "stream": True, "stream_options": {"include_usage": True},
+           "logprobs": 1 if "chat" not in path else True}
+    ask |= {"prompt": "x"} if "chat" not in path else {"messages": [{"role": "user", "content": "Hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        events = sse_events((await c.post(path, json=ask)).text)
+    chunks = [e for e in events if e["choices"]]
+    indices = [e["choices"][0]["index"] for e in chunks]
+    assert set(indices) == {0, 1, 2} and indices != sorted(indices)  # the three ran at once
+    for i in range(3):
+        mine = [e["choices"][0] for e in chunks if e["choices"][0]["index"] == i]
+        text = "".join(c["delta"].get("content", "") if "chat" in path else c["text"] for c in mine)
+        assert text == text_of(tok, 9, backend)
+        assert [c["finish_reason"] for c in mine].count("length") == 1 and mine[-1]["finish_reason"] == "length"
+        n = sum(len(c["logprobs"]["content"] if "chat" in path else c["logprobs"]["tokens"]) for c in mine if c["logprobs"])
+        assert n == 9
+    assert events[-1]["usage"]["completion_tokens"] == 27
+
+
+async def test_one_failing_choice_fails_the_request_and_cancels_the_others(tok):
+    class OneFails(FakeBackend):
+        async def generate(self, job):
+            async for batch in super().generate(job):
+                if job.request_id.endswith("-1") and batch.position >= 3:
+                    raise GenerationError("replica lost")
+                yield batch
+
+    backend = OneFails(tok, batch=3, delay_s=0.01)
+    app = create_app(make_settings(), SimpleNamespace(backend=backend, nc=None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 30, "n": 3})
+        assert r.status_code == 503 and "replica lost" in r.json()["error"]["message"]
+        await asyncio.sleep(0.05)
+        rid = backend.jobs[0].request_id.rsplit("-", 1)[0]
+        assert set(backend.cancelled) >= {f"{rid}-0", f"{rid}-2"}  # the others stopped, not left running
+        events = sse_events((await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 30,
+                                                                      "n": 3, "stream": True})).text)
+        assert "replica lost" in events[-1]["error"]["message"]

@@ -205,6 +205,20 @@ def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
     assert refused.finish_reason == "error" and "logprobs" in refused.error
 
 
+def test_a_batch_with_n_samples_is_its_single_requests(stack, prompts):
+    """Prompts x n choices in one request run as requests of their own: choice p * n + j is
+    what prompt p alone gives with seed + j, on any chain."""
+    _, settings = stack
+    batch = body(prompts[:2], "drafter,verifier,target", temperature=0.9, seed=40, n=2)
+    [whole] = asyncio.run(complete_all(settings.gateway.http_url, [batch]))
+    singles = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(p, "target", temperature=0.9, seed=40 + j) for p in prompts[:2] for j in range(2)]))
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    assert [c["token_ids"] for c in whole["choices"]] == [r["choices"][0]["token_ids"] for r in singles]
+    assert whole["choices"][0]["token_ids"] != whole["choices"][1]["token_ids"]  # two samples, not one twice
+    assert whole["usage"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in singles)
+
+
 def test_unseeded_sampling_reports_expected_acceptance_per_level(stack, prompts):
     """Sampled requests carry each level's measured 1 - TV to the client (and to the router)."""
     _, settings = stack

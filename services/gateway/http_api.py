@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.auth import ApiKeys, http_middleware
-from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, plan, render_chat, unavailable
+from services.gateway.choices import MAX_CHOICES, choice_requests, merged, plan_all, run_all
+from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, render_chat, unavailable
 from services.gateway.logprobs import chat_logprobs, completion_logprobs, token_text
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelList,
@@ -39,7 +40,7 @@ DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 504)}
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
-    "prompt": "a string, a list of one string, or a list of token ids (batches of several prompts are not supported)",
+    "prompt": f"a string, a list of token ids, or a list of up to {MAX_CHOICES} of either",
     "stop": "a string or a list of up to 4 non-empty strings",
     "messages": "a non-empty list of {role, content} messages",
     "messages.content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts (only text is supported)",
@@ -97,15 +98,15 @@ def create_app(settings: Settings, service) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         """Text completion; `stream: true` for server-sent events."""
-        return await serve(request, body, "completion", body.prompt_value(), "prompt")
+        return await serve(request, body, "completion", body.prompt_values(), "prompt")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Chat completion: the messages become one prompt (`generation.render_chat`)."""
         prompt = render_chat([(m.role, m.text()) for m in body.messages])
-        return await serve(request, body, "chat", prompt, "messages")
+        return await serve(request, body, "chat", [prompt], "messages")
 
-    async def serve(http: Request, body, kind: str, prompt, prompt_param: str):
+    async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str):
         arrived = time.monotonic()
         b = backend()
         _check_model(b, body.model)
@@ -117,7 +118,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         if kind == "chat" and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         request = GenerationRequest(
-            request_id=request_id, prompt=prompt, max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
+            request_id=request_id, prompt=prompts[0], max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(),
@@ -125,39 +126,43 @@ def create_app(settings: Settings, service) -> FastAPI:
         tid = trace_id()  # the request's trace (`specmesh trace show <request id>`)
         headers = {"x-request-id": request_id} | ({"x-trace-id": tid} if tid else {})
         try:
-            job, stops = plan(b, settings, request)
-            generation = Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
-                                    operation="chat" if kind == "chat" else "text_completion")
-            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer)
+            planned = plan_all(b, settings, choice_requests(request, prompts, body.n or 1))
+            generations = [Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
+                                      operation="chat" if kind == "chat" else "text_completion")
+                           for job, stops in planned]
+            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, prompts=len(prompts))
             if body.stream:
-                return await stream(generation, reply, headers)
-            outcome = await _unless_disconnected(http, generation.run())
-            if outcome is None:
+                return await stream(generations, reply, headers)
+            outcomes = await _unless_disconnected(http, run_all(generations))
+            if outcomes is None:
                 return Response(status_code=499)  # nobody to read it; the generation was cancelled
         except ApiError as exc:
             exc.headers = headers
             raise
-        return JSONResponse(reply.whole(outcome) | ({"trace_id": tid} if tid else {}), headers=headers)
+        return JSONResponse(reply.whole(outcomes) | ({"trace_id": tid} if tid else {}), headers=headers)
 
-    async def stream(generation: Generation, reply: Reply, headers: dict) -> StreamingResponse:
-        deltas = generation.deltas()
+    async def stream(generations: list[Generation], reply: Reply, headers: dict) -> StreamingResponse:
+        deltas = merged(generations)
         first = await anext(deltas, None)  # errors before the first token still get their status code
 
         async def events() -> AsyncIterator[str]:
             try:
                 if reply.kind == "chat":
-                    yield reply.sse(reply.chunk({"role": "assistant", "content": ""}))
+                    for index in range(len(generations)):
+                        yield reply.sse(reply.chunk(index, {"role": "assistant", "content": ""}))
                 pending = [first] if first is not None else []
                 while True:
-                    delta = pending.pop() if pending else await anext(deltas, None)
-                    if delta is None:
+                    item = pending.pop() if pending else await anext(deltas, None)
+                    if item is None:
                         break
-                    if delta.text or (delta.token_ids and (reply.token_ids or reply.logprobs)):
-                        yield reply.sse(reply.chunk(delta.text, delta.token_ids, logprobs=delta.logprobs))
-                outcome = generation.outcome
-                yield reply.sse(reply.chunk(None, finish_reason=outcome.finish_reason, outcome=outcome))
+                    index, delta = item
+                    if delta is None:  # this choice has ended
+                        outcome = generations[index].outcome
+                        yield reply.sse(reply.chunk(index, None, finish_reason=outcome.finish_reason, outcome=outcome))
+                    elif delta.text or (delta.token_ids and (reply.token_ids or reply.logprobs)):
+                        yield reply.sse(reply.chunk(index, delta.text, delta.token_ids, logprobs=delta.logprobs))
                 if reply.include_usage:
-                    yield reply.sse(reply.usage_chunk(outcome))
+                    yield reply.sse(reply.usage_chunk([g.outcome for g in generations]))
             except ApiError as exc:
                 yield reply.sse(exc.body())
             except Exception:
@@ -220,64 +225,77 @@ async def _close_quietly(agen) -> None:
 class Reply:
     """Builds one request's response bodies (whole or chunks) in OpenAI's shapes."""
 
-    def __init__(self, kind: str, request_id: str, model: str, body, tokenizer=None):
+    def __init__(self, kind: str, request_id: str, model: str, body, tokenizer=None, prompts: int = 1):
         self.kind, self.request_id, self.model = kind, request_id, model
         self.created = int(time.time())
         self.token_ids = body.return_token_ids
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.logprobs = body.logprobs_wanted() >= 0
+        self.samples = body.n or 1  # choices per prompt; `prompts` prompts
+        self.several = prompts * self.samples > 1  # each choice carries its own speculation and timings
         self._text = token_text(tokenizer()) if self.logprobs else None  # `tokenizer`: the backend's getter
-        self._offset = 0  # completions, streaming: the text of the tokens sent so far
+        self._offset: dict[int, int] = {}  # completions, streaming: per choice, the text of the tokens sent so far
 
-    def _logprobs(self, token_ids: list[int], logprobs: list) -> dict | None:
+    def _logprobs(self, index: int, token_ids: list[int], logprobs: list) -> dict | None:
         """The choice's `logprobs` in this API's shape (None unless the request asked)."""
         if not self.logprobs:
             return None
         if self.kind == "chat":
             return chat_logprobs(self._text, token_ids, logprobs)
-        out = completion_logprobs(self._text, token_ids, logprobs, self._offset)
-        self._offset += sum(len(t) for t in out["tokens"])
+        out = completion_logprobs(self._text, token_ids, logprobs, self._offset.get(index, 0))
+        self._offset[index] = self._offset.get(index, 0) + sum(len(t) for t in out["tokens"])
         return out
+
+    def _report(self, choice: dict, body: dict, out: Outcome) -> None:
+        """The speculation report and timings: the response's, or with several choices each choice's own."""
+        (choice if self.several else body).update(speculation=out.speculation, timings=out.timings)
 
     def _head(self, obj: str) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, out: Outcome) -> dict:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                      "logprobs": self._logprobs(out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": self._logprobs(out.token_ids, out.logprobs),
-                      "finish_reason": out.finish_reason}
-            head = self._head("text_completion")
-        if self.token_ids:
-            choice["token_ids"] = out.token_ids
-        return head | {"choices": [choice], "usage": out.usage, "speculation": out.speculation,
-                       "timings": out.timings}
+    def whole(self, outcomes: list[Outcome]) -> dict:
+        head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        body = head | {"choices": [], "usage": self.usage(outcomes)}
+        for index, out in enumerate(outcomes):
+            choice = {"index": index}
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": out.text}
+            else:
+                choice["text"] = out.text
+            choice |= {"logprobs": self._logprobs(index, out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
+            if self.token_ids:
+                choice["token_ids"] = out.token_ids
+            self._report(choice, body, out)
+            body["choices"].append(choice)
+        return body
 
-    def chunk(self, content, token_ids: list[int] | None = None, finish_reason: str | None = None,
+    def chunk(self, index: int, content, token_ids: list[int] | None = None, finish_reason: str | None = None,
               outcome: Outcome | None = None, logprobs: list | None = None) -> dict:
-        lp = self._logprobs(token_ids, logprobs or []) if token_ids else None
+        lp = self._logprobs(index, token_ids, logprobs or []) if token_ids else None
         if self.kind == "chat":
             delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             body = self._head("chat.completion.chunk") | {"choices": [choice]}
         else:
-            choice = {"index": 0, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}
             body = self._head("text_completion") | {"choices": [choice]}
         if self.token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
         if self.include_usage:
             body["usage"] = None
         if outcome is not None:
-            body["speculation"] = outcome.speculation
-            body["timings"] = outcome.timings
+            self._report(choice, body, outcome)
         return body
 
-    def usage_chunk(self, out: Outcome) -> dict:
+    def usage(self, outcomes: list[Outcome]) -> dict:
+        """Token counts over the choices: each prompt counted once, every choice's completion."""
+        prompt = sum(out.prompt_tokens for out in outcomes[::self.samples])
+        completion = sum(len(out.token_ids) for out in outcomes)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self, outcomes: list[Outcome]) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": out.usage}
+        return self._head(obj) | {"choices": [], "usage": self.usage(outcomes)}
 
     @staticmethod
     def sse(body: dict) -> str:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from shared.messages import MAX_TOP_LOGPROBS
+from services.gateway.choices import MAX_CHOICES
 from services.gateway.generation import MAX_K, MAX_STOP_STRINGS, SLO_MAX_MS, TEMPERATURE_MAX, SpeculationRequest
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -56,7 +57,9 @@ class _Sampled(BaseModel):
         None, description=f"Up to {MAX_STOP_STRINGS} strings; the output is cut before the first one found.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(None, description="Choices per request: only 1 is supported.")
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = Field(
+        None, description=f"Choices per prompt (default 1; prompts x n at most {MAX_CHOICES}); seeded, sample j draws "
+                          f"with seed + j.")
     presence_penalty: float | None = Field(None, description="Not supported: only 0.")
     frequency_penalty: float | None = Field(None, description="Not supported: only 0.")
     logit_bias: dict[str, Any] | None = Field(None, description="Not supported.")
@@ -73,7 +76,6 @@ class _Sampled(BaseModel):
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return [
-            ("n", self.n, self.n == 1, "only one choice per request (n=1)"),
             ("presence_penalty", self.presence_penalty, self.presence_penalty == 0, "only 0"),
             ("frequency_penalty", self.frequency_penalty, self.frequency_penalty == 0, "only 0"),
             ("logit_bias", self.logit_bias, not self.logit_bias, "leave it out"),
@@ -81,22 +83,23 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)] | \
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_CHOICES)] | \
         Annotated[list[StrictInt], Field(min_length=1)] | \
-        Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=1)] = Field(
-        description="Text, or token ids; a list of one of either (batches of several prompts are not supported).")
+        Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)] = Field(
+        description=f"Text or token ids, or a batch of up to {MAX_CHOICES} of either (one choice per prompt and "
+                    f"sample: index = prompt * n + sample).")
     max_tokens: StrictInt | None = Field(None, description="Most tokens to generate; default 16.")
     echo: StrictBool | None = Field(None, description="Not supported (only false).")
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description="Each token's log-probability, and those of the `logprobs` likeliest tokens at its "
                           f"position (0..{MAX_TOP_LOGPROBS}).")
-    best_of: StrictInt | None = Field(None, description="Only 1.")
+    best_of: StrictInt | None = Field(None, description="Only n (each sample is returned).")
     suffix: StrictStr | None = Field(None, description="Not supported.")
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
             ("echo", self.echo, self.echo is False, "the prompt is not echoed"),
-            ("best_of", self.best_of, self.best_of == 1, "only 1"),
+            ("best_of", self.best_of, self.best_of == (self.n or 1), "only n: every sample is returned"),
             ("suffix", self.suffix, False, "no insertion"),
         ]
 
@@ -104,11 +107,12 @@ class CompletionRequest(_Sampled):
         """-1: no log-probabilities; n >= 0: each token's and the n likeliest (GenerateJob.logprobs)."""
         return -1 if self.logprobs is None else self.logprobs
 
-    def prompt_value(self) -> str | list[int]:
+    def prompt_values(self) -> list[str | list[int]]:
+        """The prompts of the batch (one, unless a list of strings or of token-id lists)."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            return prompt[0]
-        return prompt
+            return list(prompt)
+        return [prompt]
 
 
 class ContentPart(BaseModel):
