@@ -100,6 +100,7 @@ class GenerateJob:
     slo_tpot_ms: float = 0.0  # the client's TPOT objective (0: none): recorded against the outcome
     # -1: no log-probabilities; n >= 0: each token's, and the n likeliest at its position (<= MAX_TOP_LOGPROBS)
     logprobs: int = -1
+    prompt_logprobs: int = -1  # the same for the prompt's tokens after the first (echo), from the target's prefill
 
 
 @dataclass
@@ -117,6 +118,7 @@ class TokenBatch:
     stats: dict[str, Any] = field(default_factory=dict)  # per level: drafted, accepted, ...
     worker: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the job asked (else empty)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the batch at position 0, when asked
 
 
 @dataclass
@@ -189,6 +191,7 @@ class Commit:
     finish_reason: str | None = None  # with finished: "stop" | "length"
     stats: dict[str, Any] = field(default_factory=dict)  # with finished: per-level speculation stats
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the job asked (else empty)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the first commit, when asked
 
 
 @dataclass
@@ -211,6 +214,7 @@ class RequestState:
     error: str | None = None
     # one per committed token while every commit carried them (a job that asked), else shorter
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # from the first commit, when asked
 
 
 @dataclass

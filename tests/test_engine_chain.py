@@ -399,3 +399,24 @@ def test_logprobs_of_a_row_floors_tokens_without_mass():
     assert second.logprob == FLOOR and second.top_ids[0] == 2 and second.top_logprobs[0] == 0.0
     assert [lp.top_ids for lp in logprobs_of(probs, [0, 2], 0)] == [[], []]
     assert logprobs_of(probs, [], 5) == []
+
+
+def test_prompt_logprobs_are_the_targets_score_of_each_prompt_token(pool, prompts, reference):
+    """Token j of the prompt gets log p_target(prompt[j] | prompt[:j]), as a prefill of the
+    first j tokens predicts it; the output is unchanged by asking."""
+    from shared.engine.logprobs import logprobs_of
+
+    chain = pool.chain("drafter,target", k=3)
+    prompt = prompts[0][:24]
+    req = chain.add(prompt, MAX_TOKENS, stop_at_eos=False, prompt_logprobs=2)
+    while not req.done:
+        chain.step()
+    target = pool.get("target")
+    want = []
+    for j in range(1, len(prompt)):
+        want += logprobs_of(target.prefill("ref", prompt[:j])[None], [prompt[j]], 2)
+        target.release("ref")
+    assert len(req.prompt_logprobs) == len(prompt) - 1
+    for got, ref in zip(req.prompt_logprobs, want):
+        assert got.logprob == pytest.approx(ref.logprob, abs=1e-4) and got.top_ids[0] == ref.top_ids[0]
+    assert req.output == target_alone(target, prompt, MAX_TOKENS)

@@ -90,8 +90,10 @@ class FakeBackend:
                                  "accepted_per_pos": [accepted, max(0, accepted - 1)]} for name in job.chain[:-1]]}
             reason = ("stop" if ids[-1] == self.tok.eos_token_id else "length") if done else None
             logprobs = [fake_logprob(pos + i, t, job.logprobs) for i, t in enumerate(chunk)] if job.logprobs >= 0 else []
+            scored = [fake_logprob(i, t, job.prompt_logprobs) for i, t in enumerate(job.prompt[1:])]
             yield TokenBatch(request_id=job.request_id, epoch=0, position=pos, tokens=chunk, finished=done,
-                             finish_reason=reason, stats=stats, logprobs=logprobs)
+                             finish_reason=reason, stats=stats, logprobs=logprobs,
+                             prompt_logprobs=scored if pos == 0 and job.prompt_logprobs >= 0 else [])
 
     async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
@@ -434,7 +436,8 @@ BAD = [
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ({"prompt": "x", "max_tokens": 0, "echo": False}, 400, "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
@@ -858,3 +861,50 @@ async def test_one_failing_choice_fails_the_request_and_cancels_the_others(tok):
         events = sse_events((await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 30,
                                                                       "n": 3, "stream": True})).text)
         assert "replica lost" in events[-1]["error"]["message"]
+
+
+# -- echo -------------------------------------------------------------------------------------
+async def test_echo_puts_the_prompt_and_its_logprobs_first(client, backend, tok):
+    prompt = "the quick brown"
+    ids = tok.encode(prompt)
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 5, "echo": True,
+                                                   "logprobs": 1, "return_token_ids": True})
+    choice = r.json()["choices"][0]
+    assert backend.jobs[-1].prompt_logprobs == 1 and backend.jobs[-1].max_tokens == 5
+    assert choice["text"] == prompt + text_of(tok, 5, backend) and choice["token_ids"] == backend.output(5)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [tok.decode([t]) for t in ids + backend.output(5)]
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([-i / 10 for i in range(len(ids) - 1)] + [-i / 10 for i in range(5)])
+    assert lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 1
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids) + 5)]
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 5, "echo": True})
+    assert r.json()["choices"][0]["text"] == prompt + text_of(tok, 5, backend)
+    assert r.json()["choices"][0]["logprobs"] is None and backend.jobs[-1].prompt_logprobs == -1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_with_no_tokens_scores_the_prompt_alone(client, backend, tok, stream):
+    """max_tokens 0 with echo: the prompt and its log-probabilities, nothing generated in the answer."""
+    ids = tok.encode("the quick brown fox")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [ids, ids[:2]], "max_tokens": 0,
+                                                   "echo": True, "logprobs": 0, "stream": stream,
+                                                   "stream_options": {"include_usage": True} if stream else None})
+    assert r.status_code == 200, r.text
+    assert all(job.max_tokens == 1 for job in backend.jobs[-2:])  # one token made, and left out
+    if stream:
+        events = sse_events(r.text)
+        usage = events[-1]["usage"]
+        choices = {}
+        for e in events[:-1]:
+            choices.setdefault(e["choices"][0]["index"], []).append(e["choices"][0])
+        got = {i: ("".join(c["text"] for c in cs), [x for c in cs if c["logprobs"] for x in c["logprobs"]["token_logprobs"]],
+                   [c["finish_reason"] for c in cs if c["finish_reason"]]) for i, cs in choices.items()}
+    else:
+        body = r.json()
+        usage = body["usage"]
+        got = {c["index"]: (c["text"], c["logprobs"]["token_logprobs"], [c["finish_reason"]]) for c in body["choices"]}
+    assert got[0][0] == tok.decode(ids) and got[0][2] == ["length"] and got[0][1][0] is None
+    assert got[0][1][1:] == pytest.approx([-i / 10 for i in range(len(ids) - 1)])
+    assert got[1] == (tok.decode(ids[:2]), [None, 0.0], ["length"])
+    assert usage == {"prompt_tokens": len(ids) + 2, "completion_tokens": 0, "total_tokens": len(ids) + 2}

@@ -60,7 +60,7 @@ async def test_a_stalled_request_waits_out_a_time_with_no_target():
 
 class LostBatchBus:
     """The first batch (tokens 5, 6) is committed but never arrives; the state service has it and
-    its log-probabilities; the job, offered again, resends from token 6 on (a resume's overlap)."""
+    its log-probabilities (the prompt's too); the job, offered again, resends from token 6 on (a resume's overlap)."""
 
     def __init__(self):
         self.submits, self.callbacks = [], {}
@@ -77,7 +77,8 @@ class LostBatchBus:
 
     async def request(self, subject, data, timeout=None, headers=None):
         if subject == SUBJECT_STATE_GET:
-            return SimpleNamespace(data=encode(RequestState("r2", 0, [1], [5, 6], logprobs=[LP[5], LP[6]])))
+            return SimpleNamespace(data=encode(RequestState("r2", 0, [1], [5, 6], logprobs=[LP[5], LP[6]],
+                                                            prompt_logprobs=[LP[7], LP[8]])))
         job = decode(data, GenerateJob)
         self.submits.append(job)
         if len(self.submits) > 1:
@@ -97,6 +98,7 @@ async def test_tokens_recovered_from_the_state_keep_their_logprobs():
     batches = [b async for b in backend.generate(GenerateJob("r2", [1, 2, 3], max_tokens=4, logprobs=0))]
     assert [t for b in batches for t in b.tokens] == [5, 6, 7, 8]
     assert [lp for b in batches for lp in b.logprobs] == [LP[5], LP[6], LP[7], LP[8]]
+    assert batches[0].prompt_logprobs == [LP[7], LP[8]] and batches[1].prompt_logprobs == []  # the prompt's, once
     assert bus.submits[-1].committed == [5, 6] and bus.submits[-1].logprobs == 0
 
 

@@ -186,9 +186,10 @@ def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
             await nc.subscribe(f"{SUBJECT_TOKENS}.lp-job-1", cb=inbox.put)
             records = []
             for position, tokens, finished in [(0, [1, 2, 3], False), (1, [2, 3, 4, 5], True)]:
-                await nc.request(SUBJECT_COMMIT, encode(Commit("lp-commit-1", 0, position, tokens, prompt=[9],
-                                                               finished=finished, logprobs=[lp[t] for t in tokens])),
-                                 timeout=5)
+                scored = [lp[5]] if position == 0 else []  # the prompt [9, 5]: its second token's
+                await nc.request(SUBJECT_COMMIT, encode(Commit("lp-commit-1", 0, position, tokens, prompt=[9, 5],
+                                                               finished=finished, logprobs=[lp[t] for t in tokens],
+                                                               prompt_logprobs=scored)), timeout=5)
                 reply = await nc.request(SUBJECT_STATE_GET, encode(StateQuery("lp-commit-1")), timeout=5)
                 records.append(decode(reply.data, RequestState))
             batches = [decode((await asyncio.wait_for(inbox.get(), 10)).data, TokenBatch) for _ in range(2)]
@@ -199,6 +200,7 @@ def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
 
     records, (first, second), refused = asyncio.run(go())
     assert records[0].committed == [1, 2, 3] and records[0].logprobs == [lp[1], lp[2], lp[3]]
+    assert records[0].prompt_logprobs == first.prompt_logprobs == [lp[5]] and second.prompt_logprobs == []
     assert not records[1].found  # finished: forgotten
     assert first.tokens == [1, 2, 3] and first.logprobs == [lp[1], lp[2], lp[3]]
     assert (second.position, second.tokens, second.logprobs) == (3, [4, 5], [lp[4], lp[5]])
@@ -217,6 +219,23 @@ def test_a_batch_with_n_samples_is_its_single_requests(stack, prompts):
     assert [c["token_ids"] for c in whole["choices"]] == [r["choices"][0]["token_ids"] for r in singles]
     assert whole["choices"][0]["token_ids"] != whole["choices"][1]["token_ids"]  # two samples, not one twice
     assert whole["usage"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in singles)
+
+
+def test_scoring_a_completion_with_echo_gives_the_logprobs_it_was_generated_with(stack, prompts):
+    """What evaluation harnesses do: `echo` with `max_tokens: 0` scores a text. Scoring the
+    prompt plus its greedy completion gives, at the completion's positions, the very
+    log-probabilities the completion was generated with (on another chain, too)."""
+    _, settings = stack
+    [made] = asyncio.run(complete_all(settings.gateway.http_url, [body(prompts[0], "drafter,target", logprobs=1)]))
+    completion = made["choices"][0]["token_ids"]
+    text = prompts[0] + completion
+    [scored] = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(text, "ngram,target", logprobs=1, echo=True, max_tokens=0)]))
+    lp = scored["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(text) and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][len(prompts[0]):] == pytest.approx(made["choices"][0]["logprobs"]["token_logprobs"],
+                                                                    abs=1e-4)
+    assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["token_ids"] == []
 
 
 def test_unseeded_sampling_reports_expected_acceptance_per_level(stack, prompts):

@@ -198,8 +198,9 @@ class NatsBackend:
                         epoch = state.epoch
                         if extra:
                             received += extra
-                            yield TokenBatch(job.request_id, epoch, len(received) - len(extra), extra,
-                                             logprobs=logprobs)
+                            position = len(received) - len(extra)
+                            yield TokenBatch(job.request_id, epoch, position, extra, logprobs=logprobs,
+                                             prompt_logprobs=state.prompt_logprobs if position == 0 else [])
                     job = GenerateJob(**{**job.__dict__, "committed": list(received), "epoch": epoch})
                     try:
                         await self._submit(job)

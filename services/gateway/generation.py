@@ -87,6 +87,7 @@ class GenerationRequest:
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
     logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the n likeliest (validated by the API)
+    echo: bool = False  # the prompt's tokens too (with `logprobs`, theirs); max_tokens may then be 0
 
 
 def render_chat(messages: Sequence[tuple[str, str]]) -> str:
@@ -112,8 +113,10 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         max_tokens = min(req.default_max_tokens, room)
     else:
         max_tokens = _int(req.max_tokens, "max_tokens")
+        if max_tokens == 0 and req.echo:  # the prompt only: one token is generated and left out of the answer
+            max_tokens = 1
         if max_tokens < 1:
-            raise invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+            raise invalid(f"max_tokens must be at least 1 (0 only with echo), got {max_tokens}.", "max_tokens")
         if max_tokens > room:
             raise invalid(f"max_tokens={max_tokens} plus the prompt's {len(prompt)} tokens exceeds this model's "
                           f"context of {context} tokens; ask for at most {room}.", "max_tokens",
@@ -145,7 +148,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     chain, k, threshold = resolve_speculation(spec, backend.chains(), settings, for_slo(assigned, slo))
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo,
-                      logprobs=req.logprobs)
+                      logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else -1)
     stops = _stops(req.stop)
     if (admit := getattr(backend, "admit", None)) is not None:
         admit(job.request_id)  # in flight from its assignment (no await since) until its generation ends
@@ -406,6 +409,11 @@ def speculation_report(job: GenerateJob, stats: dict[str, Any]) -> dict:
     }
 
 
+def _misaligned(what: str) -> ApiError:
+    return ApiError(500, f"The backend sent {what} (a worker older than this gateway?).", type="server_error",
+                    code="generation_failed")
+
+
 def _fraction(value: Any) -> float | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
     return round(float(value), 6) if ok else None
@@ -431,6 +439,7 @@ class Outcome:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id when the job asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's tokens after the first (echo)
     finish_reason: str = "stop"  # "stop" | "length"
     prompt_tokens: int = 0
     speculation: dict = field(default_factory=dict)
@@ -532,9 +541,12 @@ class Generation:
         tokens = list(batch.tokens[skip:])  # a resumed request may resend a batch
         logprobs = list(batch.logprobs[skip:])
         if self.job.logprobs >= 0 and len(batch.logprobs) != len(batch.tokens):
-            raise ApiError(500, f"The backend sent {len(batch.tokens)} tokens with {len(batch.logprobs)} "
-                                f"log-probabilities (a worker older than this gateway?).", type="server_error",
-                           code="generation_failed")
+            raise _misaligned(f"{len(batch.tokens)} tokens with {len(batch.logprobs)} log-probabilities")
+        if self.job.prompt_logprobs >= 0 and batch.position == 0 and not self.outcome.prompt_logprobs:
+            if len(batch.prompt_logprobs) != len(self.job.prompt) - 1:
+                raise _misaligned(f"{len(batch.prompt_logprobs)} log-probabilities for a prompt of "
+                                  f"{len(self.job.prompt)} tokens")
+            self.outcome.prompt_logprobs = list(batch.prompt_logprobs)
         if batch.position > have:
             log.warning("request %s: batch at %d after %d tokens (gap)", self.job.request_id, batch.position, have)
         now = time.monotonic()

@@ -10,7 +10,6 @@ Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import logging
 import time
@@ -24,11 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.auth import ApiKeys, http_middleware
 from services.gateway.choices import MAX_CHOICES, choice_requests, merged, plan_all, run_all
-from services.gateway.generation import ApiError, Generation, GenerationRequest, Outcome, invalid, render_chat, unavailable
-from services.gateway.logprobs import chat_logprobs, completion_logprobs, token_text
+from services.gateway.generation import ApiError, Generation, GenerationRequest, invalid, render_chat, unavailable
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelList,
 )
+from services.gateway.reply import Reply
 from shared.service import ping
 from shared.settings import SERVICES, Settings
 from shared.tracing import trace_id
@@ -121,7 +120,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             request_id=request_id, prompt=prompts[0], max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
-            logprobs=body.logprobs_wanted(),
+            logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
         )
         tid = trace_id()  # the request's trace (`specmesh trace show <request id>`)
         headers = {"x-request-id": request_id} | ({"x-trace-id": tid} if tid else {})
@@ -130,7 +129,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             generations = [Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
                                       operation="chat" if kind == "chat" else "text_completion")
                            for job, stops in planned]
-            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, prompts=len(prompts))
+            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts)
             if body.stream:
                 return await stream(generations, reply, headers)
             outcomes = await _unless_disconnected(http, run_all(generations))
@@ -151,14 +150,19 @@ def create_app(settings: Settings, service) -> FastAPI:
                     for index in range(len(generations)):
                         yield reply.sse(reply.chunk(index, {"role": "assistant", "content": ""}))
                 pending = [first] if first is not None else []
+                echoed: set[int] = set()
                 while True:
                     item = pending.pop() if pending else await anext(deltas, None)
                     if item is None:
                         break
                     index, delta = item
+                    if reply.echo and index not in echoed:  # the prompt's log-probabilities came with its first tokens
+                        echoed.add(index)
+                        yield reply.sse(reply.prompt_chunk(index, generations[index].outcome))
                     if delta is None:  # this choice has ended
-                        outcome = generations[index].outcome
-                        yield reply.sse(reply.chunk(index, None, finish_reason=outcome.finish_reason, outcome=outcome))
+                        yield reply.sse(reply.finish_chunk(index, generations[index].outcome))
+                    elif reply.echo_only:
+                        continue  # the prompt alone was asked for
                     elif delta.text or (delta.token_ids and (reply.token_ids or reply.logprobs)):
                         yield reply.sse(reply.chunk(index, delta.text, delta.token_ids, logprobs=delta.logprobs))
                 if reply.include_usage:
@@ -220,86 +224,6 @@ async def _close_quietly(agen) -> None:
         await agen.aclose()
     except BaseException:  # noqa: BLE001 - a cancelled close still starts the cleanup task
         pass
-
-
-class Reply:
-    """Builds one request's response bodies (whole or chunks) in OpenAI's shapes."""
-
-    def __init__(self, kind: str, request_id: str, model: str, body, tokenizer=None, prompts: int = 1):
-        self.kind, self.request_id, self.model = kind, request_id, model
-        self.created = int(time.time())
-        self.token_ids = body.return_token_ids
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.logprobs = body.logprobs_wanted() >= 0
-        self.samples = body.n or 1  # choices per prompt; `prompts` prompts
-        self.several = prompts * self.samples > 1  # each choice carries its own speculation and timings
-        self._text = token_text(tokenizer()) if self.logprobs else None  # `tokenizer`: the backend's getter
-        self._offset: dict[int, int] = {}  # completions, streaming: per choice, the text of the tokens sent so far
-
-    def _logprobs(self, index: int, token_ids: list[int], logprobs: list) -> dict | None:
-        """The choice's `logprobs` in this API's shape (None unless the request asked)."""
-        if not self.logprobs:
-            return None
-        if self.kind == "chat":
-            return chat_logprobs(self._text, token_ids, logprobs)
-        out = completion_logprobs(self._text, token_ids, logprobs, self._offset.get(index, 0))
-        self._offset[index] = self._offset.get(index, 0) + sum(len(t) for t in out["tokens"])
-        return out
-
-    def _report(self, choice: dict, body: dict, out: Outcome) -> None:
-        """The speculation report and timings: the response's, or with several choices each choice's own."""
-        (choice if self.several else body).update(speculation=out.speculation, timings=out.timings)
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
-
-    def whole(self, outcomes: list[Outcome]) -> dict:
-        head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
-        body = head | {"choices": [], "usage": self.usage(outcomes)}
-        for index, out in enumerate(outcomes):
-            choice = {"index": index}
-            if self.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": out.text}
-            else:
-                choice["text"] = out.text
-            choice |= {"logprobs": self._logprobs(index, out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
-            if self.token_ids:
-                choice["token_ids"] = out.token_ids
-            self._report(choice, body, out)
-            body["choices"].append(choice)
-        return body
-
-    def chunk(self, index: int, content, token_ids: list[int] | None = None, finish_reason: str | None = None,
-              outcome: Outcome | None = None, logprobs: list | None = None) -> dict:
-        lp = self._logprobs(index, token_ids, logprobs or []) if token_ids else None
-        if self.kind == "chat":
-            delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
-            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
-            body = self._head("chat.completion.chunk") | {"choices": [choice]}
-        else:
-            choice = {"index": index, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}
-            body = self._head("text_completion") | {"choices": [choice]}
-        if self.token_ids and token_ids is not None:
-            choice["token_ids"] = token_ids
-        if self.include_usage:
-            body["usage"] = None
-        if outcome is not None:
-            self._report(choice, body, outcome)
-        return body
-
-    def usage(self, outcomes: list[Outcome]) -> dict:
-        """Token counts over the choices: each prompt counted once, every choice's completion."""
-        prompt = sum(out.prompt_tokens for out in outcomes[::self.samples])
-        completion = sum(len(out.token_ids) for out in outcomes)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def usage_chunk(self, outcomes: list[Outcome]) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": self.usage(outcomes)}
-
-    @staticmethod
-    def sse(body: dict) -> str:
-        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def _check_model(backend, name: str) -> None:

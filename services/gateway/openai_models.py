@@ -89,7 +89,9 @@ class CompletionRequest(_Sampled):
         description=f"Text or token ids, or a batch of up to {MAX_CHOICES} of either (one choice per prompt and "
                     f"sample: index = prompt * n + sample).")
     max_tokens: StrictInt | None = Field(None, description="Most tokens to generate; default 16.")
-    echo: StrictBool | None = Field(None, description="Not supported (only false).")
+    echo: StrictBool | None = Field(
+        None, description="true: the prompt before the completion, and with `logprobs` its tokens' log-probabilities "
+                          "(the first null); with max_tokens 0, the prompt alone.")
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description="Each token's log-probability, and those of the `logprobs` likeliest tokens at its "
                           f"position (0..{MAX_TOP_LOGPROBS}).")
@@ -98,7 +100,6 @@ class CompletionRequest(_Sampled):
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
-            ("echo", self.echo, self.echo is False, "the prompt is not echoed"),
             ("best_of", self.best_of, self.best_of == (self.n or 1), "only n: every sample is returned"),
             ("suffix", self.suffix, False, "no insertion"),
         ]
@@ -186,8 +187,10 @@ class Timings(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(description="Each generated token's text.")
-    token_logprobs: list[float] = Field(description="Each token's log-probability under the target (-9999.0: none).")
-    top_logprobs: list[dict[str, float]] = Field(description="Per token, the likeliest tokens' text -> log-probability.")
+    token_logprobs: list[float | None] = Field(
+        description="Each token's log-probability under the target (-9999.0: none; null: an echoed prompt's first).")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="Per token, the likeliest tokens' text -> log-probability.")
     text_offset: list[int] = Field(description="Where each token's text starts in the completion.")
 
 

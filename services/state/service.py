@@ -65,7 +65,7 @@ class StateService(ServiceProcess):
         if state is None:
             if commit.position != 0:
                 return RequestState(rid, found=False, error="unknown request; first commit must be at position 0")
-            state = RequestState(rid, commit.epoch, list(commit.prompt), [])
+            state = RequestState(rid, commit.epoch, list(commit.prompt), [], prompt_logprobs=list(commit.prompt_logprobs))
         if commit.epoch < state.epoch:
             return RequestState(rid, state.epoch, committed=[], error=f"stale epoch {commit.epoch} < {state.epoch}")
         end = commit.position + len(commit.tokens)
@@ -92,7 +92,8 @@ class StateService(ServiceProcess):
             self.cache[rid] = state
             await self.kv.put(rid, encode(state))
         batch = TokenBatch(rid, state.epoch, have, fresh, commit.finished, commit.finish_reason,
-                           stats=commit.stats, worker=commit.worker, logprobs=logprobs)
+                           stats=commit.stats, worker=commit.worker, logprobs=logprobs,
+                           prompt_logprobs=state.prompt_logprobs if have == 0 else [])
         await self.nc.publish(f"{SUBJECT_TOKENS}.{rid}", encode(batch))
         return state
 

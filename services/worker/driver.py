@@ -286,8 +286,9 @@ class Driver:
             if key[-1] != "target":
                 raise ValueError("the last level of a chain must be 'target'")
             SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.top_k, msg.sampling.seed)
-            if not -1 <= msg.logprobs <= MAX_TOP_LOGPROBS:
-                raise ValueError(f"logprobs must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {msg.logprobs}")
+            for name in ("logprobs", "prompt_logprobs"):
+                if not -1 <= getattr(msg, name) <= MAX_TOP_LOGPROBS:
+                    raise ValueError(f"{name} must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {getattr(msg, name)}")
         except ValueError as exc:
             self._reject(msg, str(exc))
             return
@@ -319,7 +320,9 @@ class Driver:
             try:
                 req = chain.add(msg.prompt + job.done, msg.max_tokens - len(job.done), params,
                                 k=self._ks(msg, key), confidence_threshold=msg.confidence_threshold,
-                                request_id=msg.request_id, stop_at_eos=msg.stop_at_eos, logprobs=msg.logprobs)
+                                request_id=msg.request_id, stop_at_eos=msg.stop_at_eos, logprobs=msg.logprobs,
+                                # a resume's prompt was scored by the first commit, which the state keeps
+                                prompt_logprobs=msg.prompt_logprobs if not job.done else -1)
             except LevelUnavailable as exc:
                 self._mark_down(exc.model)
                 chain.release(msg.request_id)
@@ -384,7 +387,7 @@ class Driver:
         self.committer.commit(Commit(rid, self.epochs.get(rid, 0), position, list(new),
                                      prompt=job.msg.prompt if position == 0 else [],
                                      finished=req.done, worker=self.worker, finish_reason=reason, stats=stats,
-                                     logprobs=logprobs),
+                                     logprobs=logprobs, prompt_logprobs=req.prompt_logprobs if position == 0 else []),
                               self.spans.context(rid))
         if req.done:
             self._finish(rid)

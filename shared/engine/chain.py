@@ -47,6 +47,7 @@ class Request:
     done: bool = False
     logprobs: int = -1  # -1: none; n >= 0: each output token's log-probability and the n likeliest
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (the first has none), when asked
     stats: dict[str, LevelStats] = field(default_factory=dict)  # this request's share, per proposing level
 
     @property
@@ -128,15 +129,19 @@ class Chain:
         request_id: str | None = None,
         stop_at_eos: bool = True,
         logprobs: int = -1,
+        prompt_logprobs: int = -1,
     ) -> Request:
         """Prefill every level with `prompt` and emit the target's first token.
 
         `logprobs` >= 0: every output token also gets its log-probability under the target and
-        the `logprobs` likeliest tokens at its position (`Request.output_logprobs`)."""
+        the `logprobs` likeliest tokens at its position (`Request.output_logprobs`);
+        `prompt_logprobs` >= 0: the same for every prompt token after the first, from the
+        target's prefill (`Request.prompt_logprobs`)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if not -1 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if not -1 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {value}")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         if rid in self.requests:
             raise ValueError(f"request {rid!r} is already running")
@@ -164,7 +169,12 @@ class Chain:
                 if runner is None:
                     continue
                 s = time.perf_counter()
-                p0 = runner.prefill(rid, req.prompt, sampling)
+                if prompt_logprobs >= 0 and level is self.levels[-1]:  # the target scores the prompt
+                    rows = runner.prefill_rows(rid, req.prompt, sampling)
+                    req.prompt_logprobs = logprobs_of(rows[:-1], req.prompt[1:], prompt_logprobs)
+                    p0 = rows[-1]
+                else:
+                    p0 = runner.prefill(rid, req.prompt, sampling)
                 level.stats.seconds += time.perf_counter() - s
         except Exception:
             self.release(rid)  # no level keeps a slot for a request that never started

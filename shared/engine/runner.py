@@ -90,6 +90,17 @@ class Runner:
         return process_rows(logits, [sampling])[0]
 
     @torch.inference_mode()
+    def prefill_rows(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
+        """`prefill` that returns every position's distribution [len(tokens), V]: row j predicts
+        the token after tokens[j], so the rows before the last score the prompt itself."""
+        if len(tokens) == 0:
+            raise ValueError("a prompt needs at least one token")
+        self._open(request_id)
+        self._sampling[request_id] = sampling
+        logits = self._forward([request_id], [list(tokens)], last_only=False)  # [1, T, V]
+        return process_rows(logits, [sampling])[0]
+
+    @torch.inference_mode()
     def propose(
         self,
         request_ids: Sequence[str],

@@ -1,0 +1,141 @@
+"""One request's response bodies, whole or as stream chunks, in the OpenAI API's shapes.
+
+Choices come in index order (services/gateway/choices.py). With several choices each one
+carries its own `speculation` and `timings`; with one, the response does. `echo`
+(completions) puts the prompt before the completion, in the text and, with `logprobs`, in
+the log-probabilities (the prompt's first token has none: `null`); `max_tokens: 0` with
+`echo` answers the prompt alone, its log-probabilities being the point (scoring text, as
+evaluation harnesses do). Streaming sends the prompt as each choice's first chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from services.gateway.generation import Outcome
+from services.gateway.logprobs import chat_logprobs, completion_logprobs, token_text
+from shared.messages import GenerateJob
+
+
+class Reply:
+    """Builds one request's response bodies (whole or chunks)."""
+
+    def __init__(self, kind: str, request_id: str, model: str, body, tokenizer, jobs: list[GenerateJob],
+                 prompts: list):
+        self.kind, self.request_id, self.model = kind, request_id, model
+        self.created = int(time.time())
+        self.token_ids = body.return_token_ids
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.logprobs = body.logprobs_wanted() >= 0
+        self.samples = body.n or 1  # choices per prompt
+        self.several = len(jobs) > 1  # each choice carries its own speculation and timings
+        self.echo = bool(getattr(body, "echo", False))
+        self.echo_only = self.echo and body.max_tokens == 0  # the prompt alone: the one token made is left out
+        self.jobs, self.prompts, self.tokenizer = jobs, prompts, tokenizer  # `tokenizer`: the backend's getter
+        self._text = token_text(tokenizer()) if self.logprobs else None
+        self._offset: dict[int, int] = {}  # completions: per choice, the text of the tokens sent so far
+
+    # -- parts --------------------------------------------------------------------------
+    def _logprobs(self, index: int, token_ids: list[int], logprobs: list) -> dict | None:
+        """The choice's `logprobs` for these tokens in this API's shape (None unless the request asked)."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(self._text, token_ids, logprobs)
+        out = completion_logprobs(self._text, token_ids, logprobs, self._offset.get(index, 0))
+        self._offset[index] = self._offset.get(index, 0) + sum(len(t) for t in out["tokens"])
+        return out
+
+    def _prompt_logprobs(self, index: int, out: Outcome) -> dict | None:
+        """The prompt's tokens in the completions shape: the first has no log-probability."""
+        if not self.logprobs:
+            return None
+        first, *rest = self.jobs[index].prompt
+        head = self._text.text(first)
+        self._offset[index] = len(head)
+        tail = self._logprobs(index, rest, out.prompt_logprobs)
+        return {"tokens": [head] + tail["tokens"], "token_logprobs": [None] + tail["token_logprobs"],
+                "top_logprobs": [None] + tail["top_logprobs"], "text_offset": [0] + tail["text_offset"]}
+
+    def _prompt_text(self, index: int) -> str:
+        prompt = self.prompts[index // self.samples]
+        return prompt if isinstance(prompt, str) else self.tokenizer().decode(prompt)
+
+    def _report(self, choice: dict, body: dict, out: Outcome) -> None:
+        """The speculation report and timings: the response's, or with several choices each choice's own."""
+        (choice if self.several else body).update(speculation=out.speculation, timings=out.timings)
+
+    def _finish_reason(self, out: Outcome) -> str:
+        return "length" if self.echo_only else out.finish_reason
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+    # -- bodies -------------------------------------------------------------------------
+    def whole(self, outcomes: list[Outcome]) -> dict:
+        head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        body = head | {"choices": [], "usage": self.usage(outcomes)}
+        for index, out in enumerate(outcomes):
+            ids, logprobs, text = (out.token_ids, out.logprobs, out.text) if not self.echo_only else ([], [], "")
+            choice = {"index": index}
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+                choice["logprobs"] = self._logprobs(index, ids, logprobs)
+            elif self.echo:
+                choice["text"] = self._prompt_text(index) + text
+                prompt = self._prompt_logprobs(index, out)
+                rest = self._logprobs(index, ids, logprobs)
+                choice["logprobs"] = prompt and {key: prompt[key] + rest[key] for key in prompt}
+            else:
+                choice["text"] = text
+                choice["logprobs"] = self._logprobs(index, ids, logprobs)
+            choice["finish_reason"] = self._finish_reason(out)
+            if self.token_ids:
+                choice["token_ids"] = ids
+            self._report(choice, body, out)
+            body["choices"].append(choice)
+        return body
+
+    def _chunk(self, index: int, content, lp: dict | None, finish_reason: str | None) -> tuple[dict, dict]:
+        if self.kind == "chat":
+            delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            body = self._head("chat.completion.chunk") | {"choices": [choice]}
+        else:
+            choice = {"index": index, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}
+            body = self._head("text_completion") | {"choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None
+        return body, choice
+
+    def chunk(self, index: int, content, token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
+        """New text (or, for chat, the role) of one choice."""
+        lp = self._logprobs(index, token_ids, logprobs or []) if token_ids else None
+        body, choice = self._chunk(index, content, lp, None)
+        if self.token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
+        return body
+
+    def prompt_chunk(self, index: int, out: Outcome) -> dict:
+        """The echoed prompt, first in each choice's stream (its log-probabilities came with the first tokens)."""
+        return self._chunk(index, self._prompt_text(index), self._prompt_logprobs(index, out), None)[0]
+
+    def finish_chunk(self, index: int, out: Outcome) -> dict:
+        body, choice = self._chunk(index, None, None, self._finish_reason(out))
+        self._report(choice, body, out)
+        return body
+
+    def usage(self, outcomes: list[Outcome]) -> dict:
+        """Token counts over the choices: each prompt counted once, every choice's completion."""
+        prompt = sum(out.prompt_tokens for out in outcomes[::self.samples])
+        completion = 0 if self.echo_only else sum(len(out.token_ids) for out in outcomes)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self, outcomes: list[Outcome]) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._head(obj) | {"choices": [], "usage": self.usage(outcomes)}
+
+    @staticmethod
+    def sse(body: dict) -> str:
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
