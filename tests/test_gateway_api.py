@@ -620,6 +620,13 @@ async def test_openai_client_completions(oai, server, tok):
         parts += [c.text for c in chunk.choices]
         usage = chunk.usage or usage
     assert "".join(parts) == expected and usage.completion_tokens == 12
+    scored = await oai.completions.create(model=MODEL, prompt=["Hello", "Hi"], max_tokens=0, echo=True, logprobs=1)
+    assert [c.text for c in scored.choices] == ["Hello", "Hi"] and scored.usage.completion_tokens == 0
+    lp = scored.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(tok.encode("Hello")) == len(lp.text_offset)
+    sampled = await oai.completions.create(model=MODEL, prompt="Hello", max_tokens=4, n=2, logprobs=2, seed=1)
+    assert [c.index for c in sampled.choices] == [0, 1]
+    assert all(len(c.logprobs.top_logprobs[0]) <= 2 and len(c.logprobs.token_logprobs) == 4 for c in sampled.choices)
 
 
 async def test_openai_client_chat(oai, server, tok):
