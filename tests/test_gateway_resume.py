@@ -17,11 +17,11 @@ from shared.messages import (
 from shared.settings import Settings
 
 
-class FlakyBus:
-    """Takes the first job, then has no responders for `outage` submits, then takes it and answers."""
+class Bus:
+    """Subscriptions kept by subject, publishes dropped; `request` is each test's."""
 
-    def __init__(self, outage: int):
-        self.outage, self.submits, self.callbacks = outage, [], {}
+    def __init__(self):
+        self.submits, self.callbacks = [], {}
 
     async def subscribe(self, subject, cb):
         self.callbacks[subject] = cb
@@ -32,6 +32,14 @@ class FlakyBus:
 
     async def publish(self, subject, data, headers=None):
         return None
+
+
+class FlakyBus(Bus):
+    """Takes the first job, then has no responders for `outage` submits, then takes it and answers."""
+
+    def __init__(self, outage: int):
+        super().__init__()
+        self.outage = outage
 
     async def request(self, subject, data, timeout=None, headers=None):
         if subject != SUBJECT_GENERATE:
@@ -58,22 +66,9 @@ async def test_a_stalled_request_waits_out_a_time_with_no_target():
     assert len(bus.submits) == 4  # taken, two offers nobody took, taken again
 
 
-class LostBatchBus:
+class LostBatchBus(Bus):
     """The first batch (tokens 5, 6) is committed but never arrives; the state service has it and
     its log-probabilities (the prompt's too); the job, offered again, resends from token 6 on (a resume's overlap)."""
-
-    def __init__(self):
-        self.submits, self.callbacks = [], {}
-
-    async def subscribe(self, subject, cb):
-        self.callbacks[subject] = cb
-        return SimpleNamespace(unsubscribe=self._noop)
-
-    async def _noop(self):
-        return None
-
-    async def publish(self, subject, data, headers=None):
-        return None
 
     async def request(self, subject, data, timeout=None, headers=None):
         if subject == SUBJECT_STATE_GET:
