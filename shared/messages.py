@@ -360,10 +360,15 @@ MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateJob, TokenBatch, Cancel, Leve
 
 
 # -- codec ------------------------------------------------------------------------------
+_SCALARS = (int, float, str, bytes, bool, type(None))
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list):
+        if all(type(v) in _SCALARS for v in value):  # token ids, log-probabilities: as they are
+            return value
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -407,7 +412,13 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise BadMessage(f"{where}: expected a list, got {type(value).__name__}")
-        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        if not args:
+            return value
+        if args[0] is int and all(type(v) is int for v in value):  # the common case, checked at C speed
+            return value
+        if args[0] is float and all(type(v) is float for v in value):
+            return value
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise BadMessage(f"{where}: expected a map, got {type(value).__name__}")

@@ -67,3 +67,19 @@ def test_random_bytes_never_crash(data):
         decode(data)
     except BadMessage:
         pass
+
+
+def test_lists_of_numbers_are_checked_element_by_element_when_not_plain():
+    """Lists of plain ints (floats) pass as they are; anything else in them is refused or converted."""
+    from shared.messages import TokenLogprob
+
+    good = TokenBatch("r", 0, 0, [1, 2], logprobs=[TokenLogprob(-0.5, [3, 4], [-0.5, -1.0])])
+    assert decode(encode(good), TokenBatch) == good
+    body = {"v": V, "type": "tokens", "request_id": "r", "epoch": 0, "position": 0, "tokens": [1, True]}
+    with pytest.raises(BadMessage, match=r"tokens\[1\]: expected an integer"):
+        decode(msgpack.packb(body))
+    lp = {"logprob": -1, "top_ids": [1], "top_logprobs": [0, -2.5]}  # ints where floats go: converted
+    batch = decode(msgpack.packb(body | {"tokens": [1], "logprobs": [lp]}), TokenBatch)
+    assert batch.logprobs[0].top_logprobs == [0.0, -2.5] and type(batch.logprobs[0].top_logprobs[0]) is float
+    with pytest.raises(BadMessage, match=r"top_logprobs\[0\]: expected a number"):
+        decode(msgpack.packb(body | {"tokens": [1], "logprobs": [lp | {"top_logprobs": ["x"]}]}))
