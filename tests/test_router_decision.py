@@ -887,6 +887,9 @@ def test_under_load_every_class_takes_one_k_on_the_shared_chain():
     assert {c.winner.k for c in held.values()} == {(6,)} and "kept: within 10%" in held["prose-short"].why
     assert {c.winner.k for c in shared(choices(costs), 16.0, incumbent=ngram, switch_margin=0.05,
                                        incumbent_k=(6,)).values()} == {(4,)}
+    # the k may have a margin of its own: the chain held by 10%, the k by 5%
+    apart_margins = shared(choices(costs), 16.0, incumbent=ngram, switch_margin=0.1, incumbent_k=(6,), k_switch_margin=0.05)
+    assert {(c.winner.chain, c.winner.k) for c in apart_margins.values()} == {(ngram, (4,))}
     # no k priced for every class: each keeps its own best
     apart = shared(choices({"code-short": {6: 9.5}, "prose-short": {4: 9.0}}), 16.0)
     assert {cls: c.winner.k for cls, c in apart.items()} == {"code-short": (6,), "prose-short": (4,)}

@@ -397,7 +397,7 @@ def explore_shared_depth(choices: dict[str, Choice], estimates, batch: float, k_
 
 def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incumbent: tuple[str, ...] | None = None,
            switch_margin: float = 0.0, incumbent_k: tuple[int, ...] | None = None,
-           shares: dict[str, float] | None = None) -> dict[str, Choice]:
+           shares: dict[str, float] | None = None, k_switch_margin: float | None = None) -> dict[str, Choice]:
     """Rule 5: every class on the one chain with the lowest predicted cost over the classes,
     each class weighted by its share of the recent requests (`shares`; equal without).
 
@@ -415,7 +415,7 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
     classes among those priced for every class (else each class keeps its best): a round
     verifies its requests in one forward over chunks padded to the longest, so a class at
     k = 6 makes each request in its rounds pay for 7 positions. `incumbent_k` (the k last
-    shared with that chain) is held by the same `switch_margin`.
+    shared with that chain) is held by `k_switch_margin` (None: the same `switch_margin`).
     """
     per_class = {cls: {p.chain: p for p in c.ranking} for cls, c in choices.items()}
     common = set.intersection(*(set(r) for r in per_class.values())) if per_class else set()
@@ -434,7 +434,8 @@ def shared(choices: dict[str, Choice], batch: float, margin: float = 0.02, incum
     if held:
         best = incumbent
     runner_up = min((c for c in totals if c != best), key=totals.get, default=None)
-    one_k = common_k(choices, best, incumbent_k if incumbent == best else None, switch_margin, weights)
+    one_k = common_k(choices, best, incumbent_k if incumbent == best else None,
+                     switch_margin if k_switch_margin is None else k_switch_margin, weights)
     out = {}
     for cls, c in choices.items():
         winner = one_k[0][cls] if one_k else per_class[cls][best]

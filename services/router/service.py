@@ -212,7 +212,7 @@ class Router:
         `shared_switch_margin` (the current table and the load tables keep one each)."""
         bucket = load_bucket(batch)
         out = shared(choices, batch, self.cfg.margin, self.shared_chains.get(bucket), self.cfg.shared_switch_margin,
-                     self.shared_ks.get(bucket), self.estimates.shares(choices))
+                     self.shared_ks.get(bucket), self.estimates.shares(choices), self.cfg.shared_k_switch_margin)
         winners = {(c.winner.chain, c.winner.k) for c in out.values() if c.shared}
         if len({chain for chain, _ in winners}) == 1:
             self.shared_chains[bucket] = next(iter(winners))[0]
