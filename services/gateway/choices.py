@@ -45,9 +45,9 @@ def plan_all(backend, settings, requests: Sequence[GenerationRequest]) -> list[t
         for request in requests:
             planned.append(plan(backend, settings, request))
     except ApiError:
-        release = getattr(backend, "release", None)
-        for job, _ in planned if release is not None else []:
-            release(job.request_id)
+        if (release := getattr(backend, "release", None)) is not None:
+            for job, _ in planned:
+                release(job.request_id)
         raise
     return planned
 

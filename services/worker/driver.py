@@ -30,7 +30,7 @@ from shared.engine.chain import Chain, verify_rounds
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
-from shared.messages import MAX_TOP_LOGPROBS, Commit, GenerateJob, TokenBatch, valid_request_id
+from shared.messages import Commit, GenerateJob, TokenBatch, valid_request_id
 from services.worker import feedback, observe
 from services.worker.committer import Committer
 from services.worker.remote import LevelUnavailable, RemoteRunner
@@ -286,9 +286,6 @@ class Driver:
             if key[-1] != "target":
                 raise ValueError("the last level of a chain must be 'target'")
             SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.top_k, msg.sampling.seed)
-            for name in ("logprobs", "prompt_logprobs"):
-                if not -1 <= getattr(msg, name) <= MAX_TOP_LOGPROBS:
-                    raise ValueError(f"{name} must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {getattr(msg, name)}")
         except ValueError as exc:
             self._reject(msg, str(exc))
             return
