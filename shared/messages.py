@@ -66,6 +66,12 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    logit_bias_ids: list[int] = field(default_factory=list)  # token ids, each with the bias at its index
+    logit_bias_values: list[float] = field(default_factory=list)
+    output_start: int = -1  # where the output starts in the request's sequence (-1: after the prompt it is opened with)
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)

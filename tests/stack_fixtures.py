@@ -64,12 +64,16 @@ def token_prompts(family, per_domain: int, seed: int, prompt_chars: int = 120, k
     return [tok.encode(t)[-keep:] for t in texts]
 
 
-def target_only(family, prompts: list[list[int]], max_tokens: int, batch: int = 8) -> list[list[int]]:
-    """Target-only greedy decoding in this process: what every chain must reproduce."""
+def target_only(family, prompts: list[list[int]], max_tokens: int, batch: int = 8, **sampling) -> list[list[int]]:
+    """Target-only decoding in this process (greedy, or with `sampling`'s SamplingParams
+    fields): what every chain must reproduce."""
     from shared.engine.build import RunnerPool
+    from shared.engine.sampling import SamplingParams
 
     chain = RunnerPool(family).chain("target")
-    return [out for i in range(0, len(prompts), batch) for out in chain.generate(prompts[i:i + batch], max_tokens=max_tokens)]
+    params = SamplingParams(**sampling)
+    return [out for i in range(0, len(prompts), batch)
+            for out in chain.generate(prompts[i:i + batch], max_tokens=max_tokens, sampling=params)]
 
 
 @pytest.fixture(scope="session")

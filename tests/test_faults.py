@@ -22,6 +22,7 @@ pytestmark = pytest.mark.stack
 
 MAX_TOKENS = 40
 CHAIN = "drafter,verifier,target"
+PENALTIES = {"presence_penalty": 0.4, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,20 @@ def reference(tiny_family, prompts):
     return target_only(tiny_family, prompts, MAX_TOKENS)
 
 
-async def stream_one(client: httpx.AsyncClient, prompt: list[int], started: asyncio.Event) -> tuple[list[int] | None, str | None]:
+@pytest.fixture(scope="module")
+def penalized(tiny_family, prompts):
+    """Target-only with PENALTIES: a request resumed elsewhere must keep counting its output."""
+    return target_only(tiny_family, prompts, MAX_TOKENS, **PENALTIES)
+
+
+async def stream_one(client: httpx.AsyncClient, prompt: list[int], started: asyncio.Event,
+                     **extra) -> tuple[list[int] | None, str | None]:
     """Token ids of one streamed completion, or (None, error message).
 
     Each token's log-probability comes with it, through a fault too: one per token, and
     (greedy) the likeliest token at each position is the token itself."""
     body = {"model": "specmesh", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-            "return_token_ids": True, "speculation": {"chain": CHAIN, "k": 3}, "logprobs": 1}
+            "return_token_ids": True, "speculation": {"chain": CHAIN, "k": 3}, "logprobs": 1, **extra}
     tokens: list[int] = []
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
@@ -62,11 +70,11 @@ async def stream_one(client: httpx.AsyncClient, prompt: list[int], started: asyn
     return tokens, None
 
 
-def run_with_fault(settings, prompts, fault) -> list[tuple[list[int] | None, str | None]]:
+def run_with_fault(settings, prompts, fault, **extra) -> list[tuple[list[int] | None, str | None]]:
     async def go():
         async with httpx.AsyncClient(base_url=settings.gateway.http_url, timeout=180) as client:
             started = asyncio.Event()
-            tasks = [asyncio.create_task(stream_one(client, p, started)) for p in prompts]
+            tasks = [asyncio.create_task(stream_one(client, p, started, **extra)) for p in prompts]
             await started.wait()  # tokens are flowing: the fault lands mid-generation
             unfinished = sum(not t.done() for t in tasks)
             await asyncio.get_running_loop().run_in_executor(None, fault)
@@ -155,11 +163,12 @@ def two_targets(tmp_path_factory):
         specmesh(env, "down", "--purge", check=False)
 
 
-def test_kill_9_of_one_of_two_targets(two_targets, prompts, reference):
-    """Requests on the killed replica resume on the other from their committed tokens."""
+def test_kill_9_of_one_of_two_targets(two_targets, prompts, penalized):
+    """Requests on the killed replica resume on the other from their committed tokens (with
+    penalties, which count the output from the prompt's end on the new replica too)."""
     settings = two_targets
-    results = run_with_fault(settings, prompts, lambda: kill(settings, "target-2"))
-    check(results, reference)
+    results = run_with_fault(settings, prompts, lambda: kill(settings, "target-2"), **PENALTIES)
+    check(results, penalized)
     assert wait_until(lambda: healthy(settings), 120, 0.5)
 
 
@@ -207,14 +216,17 @@ def test_abandoned_requests_free_their_kv(stack, prompts):
     assert kv_bytes(urls), "no KV gauges found"
 
 
-def test_drafting_ahead_gives_identical_output(two_targets, prompts, reference):
-    """With look-ahead on, every chain still reproduces target-only decoding."""
-    async def go(chain):
+def test_drafting_ahead_gives_identical_output(two_targets, prompts, reference, penalized):
+    """With look-ahead on, every chain still reproduces target-only decoding (and with
+    penalties: the drafts a replica makes ahead count the tokens before them)."""
+    async def go(chain, **extra):
         async with httpx.AsyncClient(base_url=two_targets.gateway.http_url, timeout=180) as client:
             bodies = [{"model": "specmesh", "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,
-                       "return_token_ids": True, "speculation": {"chain": chain, "k": 3}} for p in prompts]
+                       "return_token_ids": True, "speculation": {"chain": chain, "k": 3}, **extra} for p in prompts]
             replies = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
             return [r.json()["choices"][0]["token_ids"] for r in replies]
 
     for chain in ("drafter,target", "drafter,verifier,target", "ngram,drafter,target"):
         assert asyncio.run(go(chain)) == reference, chain
+    assert asyncio.run(go("drafter,verifier,target", **PENALTIES)) == penalized
+    assert penalized != reference

@@ -218,6 +218,21 @@ async def test_completion_defaults_and_sampling_fields(client, backend):
     assert (job.sampling.top_p, job.sampling.seed, job.sampling.top_k) == (0.5, 7, 5)
 
 
+async def test_penalties_and_logit_bias_reach_the_job(client, backend, tok):
+    r = await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": "Hi", "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+        "logit_bias": {"5": 10, "17": -100.0}})
+    assert r.status_code == 200, r.text
+    s = backend.jobs[-1].sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert (s.logit_bias_ids, s.logit_bias_values) == ([5, 17], [10.0, -100.0])
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                        "presence_penalty": 0, "logit_bias": {}})
+    assert r.status_code == 200, r.text
+    s = backend.jobs[-1].sampling
+    assert (s.presence_penalty, s.repetition_penalty, s.logit_bias_ids) == (0.0, 1.0, [])
+
+
 async def test_token_id_prompt(client, backend):
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2})
     assert r.status_code == 200, r.text
@@ -451,6 +466,18 @@ BAD = [
     ({"prompt": "x", "speculation": {"slo_tpot_ms": -5}}, 400, "speculation.slo_tpot_ms"),
     ({"prompt": "x", "speculation": {"slo_tpot_ms": 1e9}}, 400, "speculation.slo_tpot_ms"),
     ({"prompt": "x", "speculation": {"slo_tpot_ms": "fast"}}, 400, "speculation.slo_tpot_ms"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "frequency_penalty": "lots"}, 400, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "repetition_penalty": 3}, 400, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": "up"}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"dog": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1000000": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": [5, 1]}, 400, "logit_bias"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -559,7 +586,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-          "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias"]
+          "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
+          "presence_penalty", "frequency_penalty", "repetition_penalty"]
 
 
 @pytest.fixture(scope="module")
@@ -712,6 +740,11 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert backend.jobs[-1].logprobs == 2 and len(reply.logprobs) == 6
     assert [lp.logprob for lp in reply.logprobs] == pytest.approx([-i / 10 for i in range(6)])
     assert [lp.top_token_ids[0] for lp in reply.logprobs] == list(reply.token_ids)
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
+        presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5, logit_bias={7: -100.0, 9: 2.5})))
+    s = backend.jobs[-1].sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, 0.25, 1.5)
+    assert dict(zip(s.logit_bias_ids, s.logit_bias_values)) == {7: -100.0, 9: 2.5}
 
 
 async def test_grpc_generate_stream(grpc_gateway, tok):
@@ -741,6 +774,9 @@ async def test_grpc_generate_stream(grpc_gateway, tok):
      grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", request_id="bad id.*"), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", logprobs=21), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParameters(repetition_penalty=0)), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParameters(logit_bias={10**6: 1.0})),
+     grpc.StatusCode.INVALID_ARGUMENT),
 ])
 async def test_grpc_errors(grpc_gateway, request_, code):
     for call in (grpc_gateway.stub.Generate, lambda r: _drain(grpc_gateway.stub.GenerateStream(r))):

@@ -141,6 +141,26 @@ def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):
     assert len({tuple(t) for t in runs["target"]}) > 1  # really sampled, not one fixed answer
 
 
+def test_penalties_and_logit_bias_through_every_level_are_the_target_alones(stack, tiny_family, prompts, reference):
+    """Penalties travel to every level (drafter and verifier services included) and each row
+    is penalized by its own prefix: every chain gives the target alone's tokens, greedy and
+    seeded, and they are not the unpenalized ones."""
+    _, settings = stack
+    url = settings.gateway.http_url
+    extra = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3,
+             "logit_bias": {"12": 4.0, "30": -100}}
+    want = target_only(tiny_family, prompts[:8], MAX_TOKENS, presence_penalty=0.5, frequency_penalty=0.5,
+                       repetition_penalty=1.3, logit_bias=((12, 4.0), (30, -100.0)))
+    assert want != reference[:8]
+    for chain in ["target", "ngram,drafter,target", "drafter,verifier,target", "fused,verifier,target"]:
+        results = asyncio.run(complete_all(url, [body(p, chain, **extra) for p in prompts[:8]]))
+        assert [r["choices"][0]["token_ids"] for r in results] == want, chain
+    seeded = {chain: [r["choices"][0]["token_ids"] for r in asyncio.run(complete_all(
+        url, [body(p, chain, temperature=0.9, seed=77 + i, **extra) for i, p in enumerate(prompts[:6])]))]
+        for chain in ["target", "drafter,verifier,target"]}
+    assert seeded["drafter,verifier,target"] == seeded["target"]
+
+
 def test_logprobs_through_the_services_are_the_target_alones(stack, prompts, reference):
     """Log-probabilities travel worker -> state -> gateway with their tokens, and a chain's are
     the target alone's (its verify forward's rows, equal up to float round-off); the OpenAI

@@ -28,6 +28,9 @@ MAX_STOP_STRINGS = 4
 MAX_K = 16  # the same bound as settings.speculation.k
 SLO_MAX_MS = 60_000.0  # a TPOT objective above a minute per token is a typo
 SEED_MAX = 2**63 - 1
+PENALTY_MAX = 2.0  # presence_penalty and frequency_penalty, in [-2, 2]
+REPETITION_MAX = 2.0  # repetition_penalty in (0, 2], as vLLM
+BIAS_MAX = 100.0  # a logit_bias value, in [-100, 100]
 TARGET_ONLY = ["target"]
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
 
@@ -83,6 +86,10 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    presence_penalty: float | None = None  # None: 0
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # None: 1 (off)
+    logit_bias: dict[str, float] | None = None  # token id (as text, as in JSON) -> bias
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
@@ -126,6 +133,13 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         top_p=_ranged(req.top_p, 1.0, "top_p", 0.0, 1.0, "greater than 0 and at most 1", open_low=True),
         top_k=_top_k(req.top_k, len(tok)),
         seed=_seed(req.seed),
+        presence_penalty=_ranged(req.presence_penalty, 0.0, "presence_penalty", -PENALTY_MAX, PENALTY_MAX,
+                                 f"between -{PENALTY_MAX:g} and {PENALTY_MAX:g}"),
+        frequency_penalty=_ranged(req.frequency_penalty, 0.0, "frequency_penalty", -PENALTY_MAX, PENALTY_MAX,
+                                  f"between -{PENALTY_MAX:g} and {PENALTY_MAX:g}"),
+        repetition_penalty=_ranged(req.repetition_penalty, 1.0, "repetition_penalty", 0.0, REPETITION_MAX,
+                                   f"greater than 0 and at most {REPETITION_MAX:g} (1 is off)", open_low=True),
+        **_logit_bias(req.logit_bias, len(tok)),
     )
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
@@ -201,6 +215,28 @@ def _top_k(value: int | None, vocab: int) -> int:
     if value < 0:
         raise invalid(f"top_k must be 0 (off) or a positive number of tokens, got {value}.", "top_k")
     return min(value, vocab)
+
+
+def _logit_bias(value: dict[str, float] | None, vocab: int) -> dict[str, list]:
+    """`Sampling`'s two logit-bias lists from OpenAI's map of token ids (JSON keys are text) to biases."""
+    ids: list[int] = []
+    biases: list[float] = []
+    if value is None:
+        return {"logit_bias_ids": ids, "logit_bias_values": biases}
+    if not isinstance(value, dict):
+        raise invalid(f"logit_bias must be an object mapping token ids to biases, got {value!r}.", "logit_bias")
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key if isinstance(key, int) else None
+        if isinstance(token, bool) or token is None or not 0 <= token < vocab:
+            raise invalid(f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}.", "logit_bias")
+        if token in ids:
+            raise invalid(f"logit_bias names token {token} more than once.", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -BIAS_MAX <= bias <= BIAS_MAX:
+            raise invalid(f"logit_bias[{key!r}] must be a number between -{BIAS_MAX:g} and {BIAS_MAX:g}, got {bias!r}.",
+                          "logit_bias")
+        ids.append(token)
+        biases.append(float(bias))
+    return {"logit_bias_ids": ids, "logit_bias_values": biases}
 
 
 def _seed(value: int | None) -> int | None:

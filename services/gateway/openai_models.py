@@ -2,7 +2,7 @@
 
 Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
-and `return_token_ids` (vLLM's name) for the generated token ids.
+`repetition_penalty` (vLLM's), and `return_token_ids` (vLLM's name) for the generated token ids.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
-from services.gateway.generation import MAX_K, MAX_STOP_STRINGS, SLO_MAX_MS, TEMPERATURE_MAX, SpeculationRequest
+from services.gateway.generation import (
+    BIAS_MAX, MAX_K, MAX_STOP_STRINGS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS, TEMPERATURE_MAX, SpeculationRequest,
+)
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -60,9 +62,15 @@ class _Sampled(BaseModel):
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = Field(
         None, description=f"Choices per prompt (default 1; prompts x n at most {MAX_CHOICES}); seeded, sample j draws "
                           f"with seed + j.")
-    presence_penalty: float | None = Field(None, description="Not supported: only 0.")
-    frequency_penalty: float | None = Field(None, description="Not supported: only 0.")
-    logit_bias: dict[str, Any] | None = Field(None, description="Not supported.")
+    presence_penalty: Annotated[float, Field(ge=-PENALTY_MAX, le=PENALTY_MAX)] | None = Field(
+        None, description="Subtracted once from the logit of every token already in the output; default 0.")
+    frequency_penalty: Annotated[float, Field(ge=-PENALTY_MAX, le=PENALTY_MAX)] | None = Field(
+        None, description="Subtracted from a token's logit once per time it is in the output; default 0.")
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=REPETITION_MAX)] | None = Field(
+        None, description="Extension (vLLM's): the logits of tokens in the prompt or output are divided by it where "
+                          "positive, multiplied where negative; default 1 (off).")
+    logit_bias: dict[str, Any] | None = Field(
+        None, description=f"Token id -> bias in [-{BIAS_MAX:g}, {BIAS_MAX:g}], added to its logit.")
     user: StrictStr | None = None
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")
@@ -75,11 +83,7 @@ class _Sampled(BaseModel):
         return None
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
-        return [
-            ("presence_penalty", self.presence_penalty, self.presence_penalty == 0, "only 0"),
-            ("frequency_penalty", self.frequency_penalty, self.frequency_penalty == 0, "only 0"),
-            ("logit_bias", self.logit_bias, not self.logit_bias, "leave it out"),
-        ]
+        return []  # the endpoints add theirs
 
 
 class CompletionRequest(_Sampled):

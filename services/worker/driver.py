@@ -285,7 +285,7 @@ class Driver:
             key = tuple(parse_chain(msg.chain))
             if key[-1] != "target":
                 raise ValueError("the last level of a chain must be 'target'")
-            SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.top_k, msg.sampling.seed)
+            SamplingParams.from_wire(msg.sampling)
         except ValueError as exc:
             self._reject(msg, str(exc))
             return
@@ -310,7 +310,8 @@ class Driver:
     def _join(self, job: Job) -> None:
         """Put the job's request into the chain it can use now; retries without lost levels."""
         msg = job.msg
-        params = SamplingParams(msg.sampling.temperature, msg.sampling.top_p, msg.sampling.top_k, msg.sampling.seed)
+        # the output starts after the job's prompt, also when resumed from prompt + committed tokens
+        params = SamplingParams.from_wire(msg.sampling).starting_at(len(msg.prompt))
         while True:
             key = self._available(job.chain_key)
             chain = self._chain(key)

@@ -27,8 +27,7 @@ MISSING = "missing context"
 
 
 def to_params(s: Sampling | None) -> SamplingParams:
-    s = s or Sampling()
-    return SamplingParams(s.temperature, s.top_p, s.top_k, s.seed)
+    return SamplingParams.from_wire(s or Sampling())
 
 
 def pack_probs(probs: torch.Tensor) -> bytes:

@@ -169,8 +169,9 @@ class RemoteRunner(Runner):
         """Take the request; its first call carries `tokens` for the replica to open it from.
 
         The returned row is unused by chains (the target's counts)."""
+        sampling = sampling.starting_at(len(tokens))
         self._sampling[request_id] = sampling
-        self.wire[request_id] = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
+        self.wire[request_id] = sampling.to_wire()
         self.mirror[request_id] = list(tokens)
         self.unopened.add(request_id)
         return torch.zeros(self.vocab_size)

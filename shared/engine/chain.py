@@ -143,6 +143,7 @@ class Chain:
             if not -1 <= value <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be -1 (none) or 0..{MAX_TOP_LOGPROBS}, got {value}")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        sampling = sampling.starting_at(len(prompt))  # every level counts the output from one place
         if rid in self.requests:
             raise ValueError(f"request {rid!r} is already running")
         req = Request(

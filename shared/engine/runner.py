@@ -9,7 +9,8 @@ architectures, and the reference the lean runner is tested against).
 
 Invariant the callers keep: a request's cache holds every token of its sequence except
 the ones the next call feeds (`feeds` / `chunks`), so `length(r)` is the position of the
-first fed token.
+first fed token. For a request with penalties the runner also keeps the tokens its cache
+holds (`penalize` needs every row's prefix), cut with the cache on rollback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from shared.engine.sampling import GREEDY, SamplingParams, choose, process_rows
+from shared.engine.sampling import GREEDY, SamplingParams, choose, penalize, process_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +51,7 @@ class Runner:
 
     def __init__(self, seed: int | None = None) -> None:
         self._sampling: dict[str, SamplingParams] = {}
+        self._tokens: dict[str, list[int]] = {}  # what the cache holds, for penalized requests
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -63,7 +65,7 @@ class Runner:
     def _open(self, request_id: str) -> None: ...
     def _close(self, request_id: str) -> None: ...
     def length(self, request_id: str) -> int: ...
-    def rollback(self, request_id: str, length: int) -> None: ...
+    def _rollback(self, request_id: str, length: int) -> None: ...
     def _logits(self, request_ids: Sequence[str], chunks: Sequence[Sequence[int]], last_only: bool) -> torch.Tensor: ...
 
     # -- the operations ----------------------------------------------------------------
@@ -74,31 +76,62 @@ class Runner:
         self.forward_s += time.perf_counter() - t0
         self.forwards += 1
         self.forward_tokens += sum(len(c) for c in chunks)
+        for rid, chunk in zip(request_ids, chunks):
+            if rid in self._tokens:
+                self._tokens[rid].extend(chunk)
         return out
+
+    def _probs(self, request_ids: Sequence[str], logits: torch.Tensor, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Distributions from `_forward`'s logits ([B, V] or [B, T, V]): each request's
+        penalties (on its rows' prefixes), then `process_rows`."""
+        params = [self._sampling[r] for r in request_ids]
+        if any(p.adjusted for p in params):
+            logits = logits.float().clone()
+            for b, (rid, p) in enumerate(zip(request_ids, params)):
+                if not p.adjusted:
+                    continue
+                held = self._tokens.get(rid, ())
+                if logits.dim() == 2:  # last_only: the row after the whole chunk
+                    logits[b] = penalize(logits[b][None], p, held)[0]
+                else:
+                    n = len(chunks[b])
+                    logits[b, :n] = penalize(logits[b, :n], p, held)
+        return process_rows(logits, params)
 
     def sampling(self, request_id: str) -> SamplingParams:
         return self._sampling[request_id]
 
-    @torch.inference_mode()
-    def prefill(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
-        """Start (or restart) a request: write `tokens`, return the next token's distribution [V]."""
+    def _start(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams) -> None:
         if len(tokens) == 0:
             raise ValueError("a prompt needs at least one token")
         self._open(request_id)
+        sampling = sampling.starting_at(len(tokens))
         self._sampling[request_id] = sampling
+        if sampling.penalized:
+            self._tokens[request_id] = []  # `_forward` writes the prompt
+        else:
+            self._tokens.pop(request_id, None)
+
+    @torch.inference_mode()
+    def prefill(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
+        """Start (or restart) a request: write `tokens`, return the next token's distribution [V]."""
+        self._start(request_id, tokens, sampling)
         logits = self._forward([request_id], [list(tokens)], last_only=True)
-        return process_rows(logits, [sampling])[0]
+        return self._probs([request_id], logits, [tokens])[0]
 
     @torch.inference_mode()
     def prefill_rows(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
         """`prefill` that returns every position's distribution [len(tokens), V]: row j predicts
         the token after tokens[j], so the rows before the last score the prompt itself."""
-        if len(tokens) == 0:
-            raise ValueError("a prompt needs at least one token")
-        self._open(request_id)
-        self._sampling[request_id] = sampling
+        self._start(request_id, tokens, sampling)
         logits = self._forward([request_id], [list(tokens)], last_only=False)  # [1, T, V]
-        return process_rows(logits, [sampling])[0]
+        return self._probs([request_id], logits, [tokens])[0]
+
+    def rollback(self, request_id: str, length: int) -> None:
+        """Cut the request's cache to its first `length` positions."""
+        self._rollback(request_id, length)
+        if request_id in self._tokens:
+            del self._tokens[request_id][length:]
 
     @torch.inference_mode()
     def propose(
@@ -147,7 +180,7 @@ class Runner:
         probability, the score the confidence threshold applies to) per request."""
         params = [self._sampling[r] for r in ids]
         logits = self._forward(ids, chunks, last_only=True)  # [B, V]
-        probs = process_rows(logits, params)
+        probs = self._probs(ids, logits, chunks)
         picked = self._choose(ids, probs, params)
         conf = probs.gather(-1, picked[:, None]).squeeze(-1).tolist()
         sampled = [not (p.greedy or p.seeded) for p in params]
@@ -169,12 +202,13 @@ class Runner:
         """One forward over each request's chunk: [len(chunk), V] distributions, row j
         predicting the token after chunk[j] (so the last row is the bonus position)."""
         logits = self._forward(request_ids, chunks, last_only=False)  # [B, T, V]
-        probs = process_rows(logits, [self._sampling[r] for r in request_ids])
+        probs = self._probs(request_ids, logits, chunks)
         return [probs[b, : len(c)] for b, c in enumerate(chunks)]
 
     def release(self, request_id: str) -> None:
         """Forget a request and free its cache."""
         self._sampling.pop(request_id, None)
+        self._tokens.pop(request_id, None)
         self._close(request_id)
 
 
@@ -201,7 +235,7 @@ class LeanRunner(Runner):
     def length(self, request_id: str) -> int:
         return self.cache.length(request_id)
 
-    def rollback(self, request_id: str, length: int) -> None:
+    def _rollback(self, request_id: str, length: int) -> None:
         self.cache.rollback(request_id, length)
 
     def _logits(self, request_ids, chunks, last_only):
@@ -253,7 +287,7 @@ class HFRunner(Runner):
     def length(self, request_id: str) -> int:
         return self._cache(request_id).get_seq_length()
 
-    def rollback(self, request_id: str, length: int) -> None:
+    def _rollback(self, request_id: str, length: int) -> None:
         current = self.length(request_id)
         if not 0 <= length <= current:
             raise ValueError(f"cannot roll request {request_id!r} back to {length}: it holds {current} positions")

@@ -3,14 +3,26 @@
 Greedy, temperature / top-k / top-p, and seeded sampling by position-keyed Gumbel-max
 noise: the token at absolute position `pos` of a seeded request is
 `argmax(log p + G(seed, pos))`, whichever model, chain, batch or machine computes it.
+
+Before those, `penalize` applies what depends on the tokens before a position, as vLLM
+does: `logit_bias`, then the repetition penalty (every token of the prompt and output so
+far: positive logits divided by it, negative ones multiplied), the frequency penalty (minus
+it times the token's count in the output so far) and the presence penalty (minus it once
+for a token in the output so far). Each row is penalized by its own prefix, so the row a
+target verifies draft position j with counts the drafts before j: the output stays the
+target alone's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from shared.messages import Sampling
 
 _MASK64 = (1 << 64) - 1
 
@@ -20,13 +32,22 @@ class SamplingParams:
     """How one request turns a model's logits into tokens.
 
     temperature 0 is greedy (argmax); top_k 0 and top_p 1 disable those filters; a seed
-    makes sampling a deterministic function of (seed, prompt, target model).
+    makes sampling a deterministic function of (seed, prompt, target model). The penalties
+    at 0 (1 for the repetition penalty) and an empty `logit_bias` change nothing;
+    `output_start` is the position of the first output token, where the presence and
+    frequency penalties start counting (-1: the prompt's length, set at prefill; a request
+    resumed from prompt + output keeps its prompt's).
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    output_start: int = -1
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -37,6 +58,21 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number (0 = off), got {value!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        for pair in self.logit_bias:
+            token, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 \
+                    or not (isinstance(bias, (int, float)) and math.isfinite(bias)):
+                raise ValueError(f"logit_bias entries must be (token id >= 0, finite bias), got {pair!r}")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError("logit_bias names a token id more than once")
+        if isinstance(self.output_start, bool) or not isinstance(self.output_start, int) or self.output_start < -1:
+            raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), got {self.output_start!r}")
 
     @property
     def greedy(self) -> bool:
@@ -47,8 +83,77 @@ class SamplingParams:
         """Sampling whose randomness is keyed by (seed, position): verified by Gumbel-max."""
         return not self.greedy and self.seed is not None
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a position's distribution depends on the tokens before it (a penalty is on)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether `penalize` changes anything."""
+        return self.penalized or bool(self.logit_bias)
+
+    def starting_at(self, prompt_len: int) -> SamplingParams:
+        """These parameters with the output starting at `prompt_len`, unless already placed."""
+        return self if self.output_start >= 0 else replace(self, output_start=prompt_len)
+
+    @classmethod
+    def from_wire(cls, s: Sampling) -> SamplingParams:
+        """From the message that carries them between services (ValueError if out of range)."""
+        if len(s.logit_bias_ids) != len(s.logit_bias_values):
+            raise ValueError(f"logit_bias needs one value per token id: {len(s.logit_bias_ids)} ids, "
+                             f"{len(s.logit_bias_values)} values")
+        return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
+                   s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start)
+
+    def to_wire(self) -> Sampling:
+        from shared.messages import Sampling
+
+        return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
+                        self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
+                        [float(b) for _, b in self.logit_bias], self.output_start)
+
 
 GREEDY = SamplingParams()
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = ()) -> torch.Tensor:
+    """Logits [T, V] (float32, a new tensor) after `logit_bias` and the penalties.
+
+    The rows are the last T positions of `tokens` (the request's sequence so far): row j
+    predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
+    to and including that one. `tokens` is needed only when `params.penalized`; tokens at
+    positions from `params.output_start` on are the output.
+    """
+    x = logits.float().clone()
+    rows, vocab = x.shape
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
+        bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
+        inside = ids < vocab
+        x[:, ids[inside]] += bias[inside].to(x.device)
+    if not params.penalized:
+        return x
+    if len(tokens) < rows:
+        raise ValueError(f"{rows} rows need at least {rows} tokens of context, got {len(tokens)}")
+    seq = torch.as_tensor(list(tokens), dtype=torch.long)
+    base = len(seq) - rows  # row 0's prefix is seq[: base + 1]
+    start = max(params.output_start, 0)
+    step = torch.zeros(rows, vocab)
+    step[torch.arange(rows), seq[base:]] = 1.0
+    seen = torch.bincount(seq[:base], minlength=vocab).float()[None] + step.cumsum(0)
+    out_step = step * (torch.arange(base, len(seq)) >= start).float()[:, None]
+    out_before = seq[min(start, base):base]
+    counts = torch.bincount(out_before, minlength=vocab).float()[None] + out_step.cumsum(0)
+    seen, counts = seen.to(x.device), counts.to(x.device)
+    if params.repetition_penalty != 1.0:
+        r = params.repetition_penalty
+        x = torch.where(seen > 0, torch.where(x > 0, x / r, x * r), x)
+    if params.frequency_penalty:
+        x = x - params.frequency_penalty * counts
+    if params.presence_penalty:
+        x = x - params.presence_penalty * (counts > 0).float()
+    return x
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Penalties and logit_bias: every chain emits what the target alone emits with them.
+
+The reference applies them by hand, from scratch, to the target's raw logits at each step
+(a Counter of the output so far), so it shares nothing with `shared.engine.sampling.penalize`
+but the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from shared.engine.sampling import SamplingParams, choose, penalize, process_logits
+from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts, run_batches  # noqa: F401 - fixtures
+
+PENALIZED = SamplingParams(presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty=1.3,
+                           logit_bias=((17, 3.0), (42, -100.0)))
+
+
+def by_hand(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """One row [V] penalized the plain way: a loop over the tokens seen and counted."""
+    x = logits.float().clone()
+    for token, bias in params.logit_bias:
+        x[token] += bias
+    for token in set(prompt) | set(output):
+        x[token] = x[token] / params.repetition_penalty if x[token] > 0 else x[token] * params.repetition_penalty
+    for token, count in Counter(output).items():
+        x[token] -= params.frequency_penalty * count + params.presence_penalty
+    return x
+
+
+def target_alone(runner, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
+    """The target decoding one token per forward from its raw logits, penalized by hand."""
+    assert len(prompt) > 1
+    plain = SamplingParams(params.temperature, params.top_p, params.top_k, params.seed)
+    runner.prefill("ref", prompt[:-1], plain)
+    out: list[int] = []
+    feed = prompt[-1]
+    for _ in range(n):
+        logits = runner._forward(["ref"], [[feed]], last_only=True)[0]
+        probs = process_logits(by_hand(logits, params, prompt, out)[None], plain)
+        feed = int(choose(probs, plain, [len(prompt) + len(out)], runner.generator)[0])
+        out.append(feed)
+    runner.release("ref")
+    return out
+
+
+def test_rows_are_penalized_by_their_own_prefix():
+    """A T-row call equals T one-row calls on each prefix; the output counts from output_start."""
+    torch.manual_seed(0)
+    tokens = [3, 5, 3, 7, 5, 5, 2, 3]
+    logits = torch.randn(4, 10)
+    params = replace(PENALIZED, logit_bias=((1, 2.0),), output_start=5)
+    rows = penalize(logits, params, tokens)
+    for j in range(4):
+        prefix = tokens[: len(tokens) - 4 + j + 1]
+        assert torch.allclose(rows[j], penalize(logits[j][None], params, prefix)[0])
+        assert torch.allclose(rows[j], by_hand(logits[j], params, prefix[:5], prefix[5:]))
+    plain = SamplingParams(logit_bias=((1, 2.0), (99, 5.0)))  # an id past the vocabulary changes nothing
+    assert torch.equal(penalize(logits, plain), logits + torch.nn.functional.one_hot(torch.tensor(1), 10) * 2.0)
+
+
+@pytest.mark.parametrize("bad", [dict(repetition_penalty=0.0), dict(presence_penalty=float("nan")),
+                                 dict(frequency_penalty=float("inf")), dict(logit_bias=((-1, 1.0),)),
+                                 dict(logit_bias=((3, 1.0), (3, 2.0))), dict(logit_bias=((3, float("inf")),)),
+                                 dict(output_start=-2)])
+def test_bad_penalties_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("spec, params", [
+    ("ngram,drafter,target", PENALIZED),
+    ("drafter,verifier,target", PENALIZED),
+    ("fused,target", replace(PENALIZED, repetition_penalty=1.0, presence_penalty=-0.5)),
+    ("drafter,target", replace(PENALIZED, temperature=0.9, top_k=40, seed=11)),
+])
+def test_penalized_chains_emit_the_target_alones_tokens(pool, prompts, spec, params):
+    subset = prompts[:4] + prompts[-4:]
+    target = pool.get("target")
+    want = [target_alone(target, p, MAX_TOKENS, params) for p in subset]
+    got = run_batches(pool.chain(spec, k=3), subset, 4, MAX_TOKENS, sampling=params)
+    assert got == want
+    assert all(42 not in out for out in got)  # a bias of -100 rules a token out
+    plain = run_batches(pool.chain(spec, k=3), subset, 4, MAX_TOKENS,
+                        sampling=SamplingParams(params.temperature, params.top_p, params.top_k, params.seed))
+    assert plain != got  # the penalties did something
+
+
+def test_a_resumed_request_keeps_counting_its_output_from_the_prompt(pool, prompts):
+    """Resumed from prompt + the tokens committed so far (as a worker does after a failure),
+    with output_start at the prompt's end, the rest is what the first run emitted."""
+    chain = pool.chain("drafter,target", k=3)
+    params = replace(PENALIZED, presence_penalty=4.0, repetition_penalty=1.0)  # only the output is penalized
+    prompt = prompts[1]
+    first = chain.generate([prompt], MAX_TOKENS, stop_at_eos=False, sampling=params)[0]
+    resumed = chain.add(prompt + first[:6], MAX_TOKENS - 6, replace(params, output_start=len(prompt)),
+                        stop_at_eos=False)
+    while not resumed.done:
+        chain.step()
+    assert first[:6] + resumed.output == first
+    restarted = chain.generate([prompt + first[:6]], MAX_TOKENS - 6, stop_at_eos=False, sampling=params)[0]
+    assert first[:6] + restarted != first  # counting from the longer prompt is another request
