@@ -10,7 +10,7 @@ import pytest
 
 from shared.messages import (
     SUBJECT_ASSIGNMENTS, SUBJECT_CANCEL, SUBJECT_COMMIT, SUBJECT_GENERATE, SUBJECT_LEVEL, SUBJECT_OUTCOME,
-    SUBJECT_PROFILE, SUBJECT_STATE_GET, SUBJECT_TOKENS, V, Commit, GenerateJob, encode,
+    SUBJECT_PROFILE, SUBJECT_STATE_GET, SUBJECT_TOKENS, V, Commit, GenerateJob, Sampling, encode,
 )
 
 pytestmark = pytest.mark.stack
@@ -80,17 +80,20 @@ def test_invalid_job_is_answered_with_an_error(stack):
 
     _, settings = stack
 
-    async def go():
+    async def go(job: GenerateJob) -> TokenBatch:
         nc = await connect(settings, "test-badjob")
         try:
             inbox: asyncio.Queue = asyncio.Queue()
-            await nc.subscribe(f"{SUBJECT_TOKENS}.bad-job-1", cb=inbox.put)
-            await nc.request(SUBJECT_GENERATE, encode(GenerateJob("bad-job-1", [1, 2], 4, chain=["target", "drafter"])),
-                             timeout=5)
+            await nc.subscribe(f"{SUBJECT_TOKENS}.{job.request_id}", cb=inbox.put)
+            await nc.request(SUBJECT_GENERATE, encode(job), timeout=5)
             return decode((await asyncio.wait_for(inbox.get(), 30)).data, TokenBatch)
         finally:
             await nc.close()
 
-    batch = asyncio.run(go())
+    batch = asyncio.run(go(GenerateJob("bad-job-1", [1, 2], 4, chain=["target", "drafter"])))
     assert batch.finished and batch.finish_reason == "error"
     assert "target" in batch.error
+    for n, (sampling, words) in enumerate([(Sampling(repetition_penalty=0.0), "repetition_penalty"),
+                                           (Sampling(logit_bias_ids=[1, 2], logit_bias_values=[3.0]), "logit_bias")]):
+        batch = asyncio.run(go(GenerateJob(f"bad-job-s{n}", [1, 2], 4, sampling=sampling)))
+        assert batch.finished and batch.finish_reason == "error" and words in batch.error
