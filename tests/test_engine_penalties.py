@@ -20,9 +20,12 @@ PENALIZED = SamplingParams(presence_penalty=0.6, frequency_penalty=0.4, repetiti
                            logit_bias=((17, 3.0), (42, -100.0)))
 
 
-def by_hand(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+def by_hand(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+            eos: int | None = None) -> torch.Tensor:
     """One row [V] penalized the plain way: a loop over the tokens seen and counted."""
     x = logits.float().clone()
+    if len(output) < params.min_tokens:
+        x[eos] = float("-inf")
     for token, bias in params.logit_bias:
         x[token] += bias
     for token in set(prompt) | set(output):
@@ -41,7 +44,7 @@ def target_alone(runner, prompt: list[int], n: int, params: SamplingParams) -> l
     feed = prompt[-1]
     for _ in range(n):
         logits = runner._forward(["ref"], [[feed]], last_only=True)[0]
-        probs = process_logits(by_hand(logits, params, prompt, out)[None], plain)
+        probs = process_logits(by_hand(logits, params, prompt, out, runner.eos_token_id)[None], plain)
         feed = int(choose(probs, plain, [len(prompt) + len(out)], runner.generator)[0])
         out.append(feed)
     runner.release("ref")
@@ -104,3 +107,20 @@ def test_a_resumed_request_keeps_counting_its_output_from_the_prompt(pool, promp
     assert first[:6] + resumed.output == first
     restarted = chain.generate([prompt + first[:6]], MAX_TOKENS - 6, stop_at_eos=False, sampling=params)[0]
     assert first[:6] + restarted != first  # counting from the longer prompt is another request
+
+
+@pytest.mark.parametrize("spec", ["ngram,drafter,target", "drafter,verifier,target"])
+def test_min_tokens_holds_off_the_end_of_sequence(pool, prompts, spec):
+    """With the end-of-sequence token pushed up by +100, it comes exactly at min_tokens,
+    never before, through every chain; without min_tokens it comes first."""
+    target = pool.get("target")
+    eos = target.eos_token_id
+    eager = SamplingParams(logit_bias=((eos, 100.0),))
+    chain = pool.chain(spec, k=3)
+    assert chain.generate(prompts[:2], MAX_TOKENS, sampling=eager) == [[eos], [eos]]
+    held = replace(eager, min_tokens=5, frequency_penalty=0.2)
+    got = chain.generate(prompts[:4], MAX_TOKENS, sampling=held)  # stops at the end of sequence
+    assert got == [target_alone(target, p, 6, held) for p in prompts[:4]]
+    assert all(len(out) == 6 and out[-1] == eos and eos not in out[:-1] for out in got)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)

@@ -231,6 +231,11 @@ async def test_penalties_and_logit_bias_reach_the_job(client, backend, tok):
     assert r.status_code == 200, r.text
     s = backend.jobs[-1].sampling
     assert (s.presence_penalty, s.repetition_penalty, s.logit_bias_ids) == (0.0, 1.0, [])
+    assert backend.jobs[-1].stop_at_eos and s.min_tokens == 0
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 9, "min_tokens": 9,
+                                                   "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].sampling.min_tokens == 9 and not backend.jobs[-1].stop_at_eos
 
 
 async def test_token_id_prompt(client, backend):
@@ -478,6 +483,9 @@ BAD = [
     ({"prompt": "x", "logit_bias": {"1000000": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": [5, 1]}, 400, "logit_bias"),
+    ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ({"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ({"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -587,7 +595,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
-          "presence_penalty", "frequency_penalty", "repetition_penalty"]
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos"]
 
 
 @pytest.fixture(scope="module")
@@ -741,10 +749,12 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert [lp.logprob for lp in reply.logprobs] == pytest.approx([-i / 10 for i in range(6)])
     assert [lp.top_token_ids[0] for lp in reply.logprobs] == list(reply.token_ids)
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
-        presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5, logit_bias={7: -100.0, 9: 2.5})))
+        presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5, logit_bias={7: -100.0, 9: 2.5},
+        min_tokens=2, ignore_eos=True)))
     s = backend.jobs[-1].sampling
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, 0.25, 1.5)
     assert dict(zip(s.logit_bias_ids, s.logit_bias_values)) == {7: -100.0, 9: 2.5}
+    assert s.min_tokens == 2 and not backend.jobs[-1].stop_at_eos
 
 
 async def test_grpc_generate_stream(grpc_gateway, tok):

@@ -161,6 +161,25 @@ def test_penalties_and_logit_bias_through_every_level_are_the_target_alones(stac
     assert seeded["drafter,verifier,target"] == seeded["target"]
 
 
+def test_min_tokens_and_ignore_eos_through_the_services(stack, tiny_family, prompts):
+    """vLLM's extensions: the end of sequence (pushed up by logit_bias) comes exactly at
+    min_tokens, through a chain whose drafts run past it; ignore_eos runs on to max_tokens."""
+    from transformers import AutoTokenizer
+
+    _, settings = stack
+    eos = AutoTokenizer.from_pretrained(str(tiny_family.path("target"))).eos_token_id
+    eager = {"logit_bias": {str(eos): 100}}
+    held = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(p, chain, min_tokens=5, **eager) for p in prompts[:3] for chain in ("target", "ngram,drafter,target")]))
+    for r in held:
+        ids = r["choices"][0]["token_ids"]
+        assert len(ids) == 6 and ids[-1] == eos and eos not in ids[:-1], ids
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 6
+    on = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(prompts[0], "drafter,target", max_tokens=8, ignore_eos=True, **eager)]))[0]["choices"][0]
+    assert on["token_ids"] == [eos] * 8 and on["finish_reason"] == "length" and on["text"] == ""
+
+
 def test_logprobs_through_the_services_are_the_target_alones(stack, prompts, reference):
     """Log-probabilities travel worker -> state -> gateway with their tokens, and a chain's are
     the target alone's (its verify forward's rows, equal up to float round-off); the OpenAI

@@ -90,6 +90,8 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # None: 1 (off)
     logit_bias: dict[str, float] | None = None  # token id (as text, as in JSON) -> bias
+    min_tokens: int | None = None  # no end of sequence before this many tokens (None: 0)
+    ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
@@ -140,6 +142,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         repetition_penalty=_ranged(req.repetition_penalty, 1.0, "repetition_penalty", 0.0, REPETITION_MAX,
                                    f"greater than 0 and at most {REPETITION_MAX:g} (1 is off)", open_low=True),
         **_logit_bias(req.logit_bias, len(tok)),
+        min_tokens=_min_tokens(req.min_tokens, max_tokens),
     )
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
@@ -162,6 +165,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     chain, k, threshold = resolve_speculation(spec, backend.chains(), settings, for_slo(assigned, slo))
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo,
+                      stop_at_eos=not _bool(req.ignore_eos, "ignore_eos"),
                       logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else -1)
     stops = _stops(req.stop)
     if (admit := getattr(backend, "admit", None)) is not None:
@@ -237,6 +241,23 @@ def _logit_bias(value: dict[str, float] | None, vocab: int) -> dict[str, list]:
         ids.append(token)
         biases.append(float(bias))
     return {"logit_bias_ids": ids, "logit_bias_values": biases}
+
+
+def _min_tokens(value: int | None, max_tokens: int) -> int:
+    if value is None:
+        return 0
+    value = _int(value, "min_tokens")
+    if not 0 <= value <= max_tokens:
+        raise invalid(f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {value}.", "min_tokens")
+    return value
+
+
+def _bool(value: bool | None, param: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"{param} must be true or false, got {value!r}.", param)
+    return value
 
 
 def _seed(value: int | None) -> int | None:

@@ -102,6 +102,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
             repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
             logit_bias={str(token): bias for token, bias in s.logit_bias.items()} or None,
+            min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
+            ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else None,
             stop=list(request.stop),
             speculation=speculation,
             logprobs=request.logprobs if request.HasField("logprobs") else -1,

@@ -2,7 +2,7 @@
 
 Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
-`repetition_penalty` (vLLM's), and `return_token_ids` (vLLM's name) for the generated token ids.
+`repetition_penalty`, `min_tokens` and `ignore_eos` (vLLM's), and `return_token_ids` (vLLM's name) for the generated token ids.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ class _Sampled(BaseModel):
                           "positive, multiplied where negative; default 1 (off).")
     logit_bias: dict[str, Any] | None = Field(
         None, description=f"Token id -> bias in [-{BIAS_MAX:g}, {BIAS_MAX:g}], added to its logit.")
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Extension (vLLM's): no end of sequence before this many tokens (at most max_tokens).")
+    ignore_eos: StrictBool | None = Field(
+        None, description="Extension (vLLM's): go on past the end-of-sequence token, up to max_tokens.")
     user: StrictStr | None = None
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")

@@ -92,10 +92,10 @@ class Runner:
                     continue
                 held = self._tokens.get(rid, ())
                 if logits.dim() == 2:  # last_only: the row after the whole chunk
-                    logits[b] = penalize(logits[b][None], p, held)[0]
+                    logits[b] = penalize(logits[b][None], p, held, self.eos_token_id)[0]
                 else:
                     n = len(chunks[b])
-                    logits[b, :n] = penalize(logits[b, :n], p, held)
+                    logits[b, :n] = penalize(logits[b, :n], p, held, self.eos_token_id)
         return process_rows(logits, params)
 
     def sampling(self, request_id: str) -> SamplingParams:

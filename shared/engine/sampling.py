@@ -10,7 +10,8 @@ far: positive logits divided by it, negative ones multiplied), the frequency pen
 it times the token's count in the output so far) and the presence penalty (minus it once
 for a token in the output so far). Each row is penalized by its own prefix, so the row a
 target verifies draft position j with counts the drafts before j: the output stays the
-target alone's.
+target alone's. `min_tokens` rules the end-of-sequence token out of every position before
+the output holds that many tokens (vLLM's `min_tokens`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     output_start: int = -1
+    min_tokens: int = 0  # no end of sequence before the output holds this many tokens
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -71,6 +73,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias entries must be (token id >= 0, finite bias), got {pair!r}")
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ValueError("logit_bias names a token id more than once")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if isinstance(self.output_start, bool) or not isinstance(self.output_start, int) or self.output_start < -1:
             raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), got {self.output_start!r}")
 
@@ -85,8 +89,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether a position's distribution depends on the tokens before it (a penalty is on)."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether a position's distribution depends on the tokens before it (a penalty or min_tokens is on)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or self.min_tokens > 0)
 
     @property
     def adjusted(self) -> bool:
@@ -104,26 +109,29 @@ class SamplingParams:
             raise ValueError(f"logit_bias needs one value per token id: {len(s.logit_bias_ids)} ids, "
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
-                   s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start)
+                   s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
+                   s.min_tokens)
 
     def to_wire(self) -> Sampling:
         from shared.messages import Sampling
 
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
-                        [float(b) for _, b in self.logit_bias], self.output_start)
+                        [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens)
 
 
 GREEDY = SamplingParams()
 
 
-def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = ()) -> torch.Tensor:
-    """Logits [T, V] (float32, a new tensor) after `logit_bias` and the penalties.
+def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = (),
+             eos_token_id: int | None = None) -> torch.Tensor:
+    """Logits [T, V] (float32, a new tensor) after `logit_bias`, the penalties and `min_tokens`.
 
     The rows are the last T positions of `tokens` (the request's sequence so far): row j
     predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
     to and including that one. `tokens` is needed only when `params.penalized`; tokens at
-    positions from `params.output_start` on are the output.
+    positions from `params.output_start` on are the output. `min_tokens` needs the model's
+    `eos_token_id` (None: nothing to rule out).
     """
     x = logits.float().clone()
     rows, vocab = x.shape
@@ -139,6 +147,11 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
     seq = torch.as_tensor(list(tokens), dtype=torch.long)
     base = len(seq) - rows  # row 0's prefix is seq[: base + 1]
     start = max(params.output_start, 0)
+    if params.min_tokens and eos_token_id is not None and 0 <= eos_token_id < vocab:
+        emitted = torch.arange(base + 1, len(seq) + 1) - start  # output tokens before each row's prediction
+        x[(emitted < params.min_tokens).to(x.device), eos_token_id] = float("-inf")
+    if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
+        return x
     step = torch.zeros(rows, vocab)
     step[torch.arange(rows), seq[base:]] = 1.0
     seen = torch.bincount(seq[:base], minlength=vocab).float()[None] + step.cumsum(0)
