@@ -66,6 +66,21 @@ def test_rows_are_penalized_by_their_own_prefix():
     assert torch.equal(penalize(logits, plain), logits + torch.nn.functional.one_hot(torch.tensor(1), 10) * 2.0)
 
 
+def test_the_numpy_and_torch_penalties_are_the_same_numbers():
+    """CPU logits take numpy's path, others torch's: the same float32 steps, bit for bit."""
+    import numpy as np
+
+    from shared.engine.sampling import _penalized
+
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((6, 40)).astype(np.float32)
+    seen = rng.random((6, 40)) > 0.5
+    counts = np.floor(rng.random((6, 40)) * 4).astype(np.float32) * seen
+    a = _penalized(xs, seen, counts, PENALIZED, np)
+    b = _penalized(torch.from_numpy(xs), torch.from_numpy(seen), torch.from_numpy(counts), PENALIZED, torch)
+    assert a.dtype == np.float32 and np.array_equal(a, b.numpy())
+
+
 @pytest.mark.parametrize("bad", [dict(repetition_penalty=0.0), dict(presence_penalty=float("nan")),
                                  dict(frequency_penalty=float("inf")), dict(logit_bias=((-1, 1.0),)),
                                  dict(logit_bias=((3, 1.0), (3, 2.0))), dict(logit_bias=((3, float("inf")),)),

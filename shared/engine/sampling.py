@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -144,29 +145,47 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
         return x
     if len(tokens) < rows:
         raise ValueError(f"{rows} rows need at least {rows} tokens of context, got {len(tokens)}")
-    seq = torch.as_tensor(list(tokens), dtype=torch.long)
+    seq = np.asarray(tokens, dtype=np.int64)  # the bookkeeping in numpy: small arrays, cheap calls
     base = len(seq) - rows  # row 0's prefix is seq[: base + 1]
     start = max(params.output_start, 0)
     if params.min_tokens and eos_token_id is not None and 0 <= eos_token_id < vocab:
-        emitted = torch.arange(base + 1, len(seq) + 1) - start  # output tokens before each row's prediction
-        x[(emitted < params.min_tokens).to(x.device), eos_token_id] = float("-inf")
+        emitted = np.arange(base + 1, len(seq) + 1) - start  # output tokens before each row's prediction
+        early = torch.from_numpy(emitted < params.min_tokens).to(x.device)
+        x[early, eos_token_id] = float("-inf")
     if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
         return x
-    step = torch.zeros(rows, vocab)
-    step[torch.arange(rows), seq[base:]] = 1.0
-    seen = torch.bincount(seq[:base], minlength=vocab).float()[None] + step.cumsum(0)
-    out_step = step * (torch.arange(base, len(seq)) >= start).float()[:, None]
-    out_before = seq[min(start, base):base]
-    counts = torch.bincount(out_before, minlength=vocab).float()[None] + out_step.cumsum(0)
-    seen, counts = seen.to(x.device), counts.to(x.device)
+    # Only the tokens the sequence holds are penalized: work on those columns alone.
+    cols, column = np.unique(seq, return_inverse=True)  # its distinct tokens, and each position's
+    width = len(cols)
+    step = np.zeros((rows, width), dtype=np.float32)
+    step[np.arange(rows), column[base:]] = 1.0  # what each row's prefix adds to the one before
+    seen = np.bincount(column[:base], minlength=width)[None] + step.cumsum(0)
+    out_step = step * (np.arange(base, len(seq)) >= start)[:, None]
+    counts = np.bincount(column[min(start, base):base], minlength=width)[None] + out_step.cumsum(0)
+    inside = cols < vocab
+    cols = cols[inside]
+    seen = seen[:, inside] > 0
+    counts = np.ascontiguousarray(counts[:, inside], dtype=np.float32)
+    if x.device.type == "cpu":  # numpy: on these few columns it costs less than torch's calls
+        x.numpy()[:, cols] = _penalized(x.numpy()[:, cols], seen, counts, params, np)
+    else:
+        index = torch.from_numpy(cols).to(x.device)
+        x[:, index] = _penalized(x[:, index], torch.from_numpy(seen).to(x.device),
+                                 torch.from_numpy(counts).to(x.device), params, torch)
+    return x
+
+
+def _penalized(xs, seen, counts, params: SamplingParams, lib):
+    """The penalties on the columns of the tokens a sequence holds ([T, n] float32 numpy
+    arrays or torch tensors; `lib` is their module): the same float32 steps in both."""
     if params.repetition_penalty != 1.0:
         r = params.repetition_penalty
-        x = torch.where(seen > 0, torch.where(x > 0, x / r, x * r), x)
+        xs = lib.where(seen, lib.where(xs > 0, xs / r, xs * r), xs)
     if params.frequency_penalty:
-        x = x - params.frequency_penalty * counts
+        xs = xs - params.frequency_penalty * counts
     if params.presence_penalty:
-        x = x - params.presence_penalty * (counts > 0).float()
-    return x
+        xs = xs - params.presence_penalty * lib.sign(counts)
+    return xs
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
