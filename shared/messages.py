@@ -222,6 +222,21 @@ class RequestState:
     # one per committed token while every commit carried them (a job that asked), else shorter
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # from the first commit, when asked
+    # In the state service's bucket: the positions of the commits whose log-probabilities are
+    # stored apart (`StoredLogprobs`, one key each); empty: any are inline above.
+    logprob_segments: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StoredLogprobs:
+    """One commit's log-probabilities as the state service stores them, apart from the
+    request's record, so a commit writes only its own (the record's size stays linear)."""
+
+    TYPE: ClassVar[str] = "stored-logprobs"
+    request_id: str
+    position: int  # of the first token they belong to
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # at position 0, when asked
 
 
 @dataclass
@@ -362,8 +377,8 @@ class Explanation:
 
 
 MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateJob, TokenBatch, Cancel, LevelCall, LevelReply, Commit,
-                                           StateQuery, RequestState, Outcome, StepProfile, Assignments,
-                                           ExplainQuery, Explanation)}
+                                           StateQuery, RequestState, StoredLogprobs, Outcome, StepProfile,
+                                           Assignments, ExplainQuery, Explanation)}
 
 
 # -- codec ------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from shared.messages import (
 from shared.settings import SERVICES, Settings
 
 ADMIN = "admin"
-KV_BUCKET = "specmesh_requests"  # the state service's JetStream key-value bucket
+KV_BUCKET = "specmesh_requests"  # the state service's JetStream key-value buckets: records,
+KV_LOGPROBS_BUCKET = "specmesh_logprobs"  # and their log-probabilities, one key per commit
 
 # user -> (may publish, may subscribe); inboxes, `$SRV` discovery and replies are added below.
 PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
@@ -40,7 +41,7 @@ PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
                [SUBJECT_GENERATE, SUBJECT_CANCEL]),
     "drafter": ([], [f"{SUBJECT_LEVEL}.>"]),
     "verifier": ([], [f"{SUBJECT_LEVEL}.>"]),
-    "state": ([f"{SUBJECT_TOKENS}.>", "$JS.API.>", f"$KV.{KV_BUCKET}.>"],
+    "state": ([f"{SUBJECT_TOKENS}.>", "$JS.API.>", f"$KV.{KV_BUCKET}.>", f"$KV.{KV_LOGPROBS_BUCKET}.>"],
               [SUBJECT_COMMIT, SUBJECT_STATE_GET, SUBJECT_CANCEL]),
     "router": ([SUBJECT_ASSIGNMENTS], [SUBJECT_OUTCOME, SUBJECT_PROFILE, SUBJECT_EXPLAIN]),
 }

@@ -246,6 +246,64 @@ def test_state_forwards_the_logprobs_of_fresh_tokens_only(stack):
     assert refused.finish_reason == "error" and "logprobs" in refused.error
 
 
+def test_a_restarted_state_service_still_has_every_logprob(stack):
+    """The record keeps its log-probabilities one key per commit: after kill -9 of the state
+    service, the new process reads them all back; finishing deletes them."""
+    from nats.js.errors import NoKeysError
+
+    from shared.messages import SUBJECT_COMMIT, SUBJECT_STATE_GET, Commit, RequestState, StateQuery, TokenLogprob
+    from shared.nats_auth import KV_LOGPROBS_BUCKET
+    from shared.service import connect
+
+    _, settings = stack
+    lp = [TokenLogprob(-t / 8, [t, t + 1], [-t / 8, -1.0]) for t in range(12)]
+    prompt_lp = [TokenLogprob(-0.5, [3], [-0.5])]
+
+    async def ask(nc, message, timeout=5.0):
+        return decode((await nc.request(SUBJECT_COMMIT if isinstance(message, Commit) else SUBJECT_STATE_GET,
+                                         encode(message), timeout=timeout)).data, RequestState)
+
+    async def commits(nc, spans, finished_last=False):
+        for i, (start, end) in enumerate(spans):
+            last = finished_last and i == len(spans) - 1
+            reply = await ask(nc, Commit("lp-restart-1", 0, start, list(range(start, end)), prompt=[7, 3],
+                                         finished=last, logprobs=lp[start:end],
+                                         prompt_logprobs=prompt_lp if start == 0 else []))
+            assert reply.error is None, reply.error
+
+    async def before():
+        nc = await connect(settings, "test-lp-restart")
+        try:
+            await commits(nc, [(0, 3), (3, 5), (5, 9)])
+        finally:
+            await nc.close()
+
+    async def after():
+        nc = await connect(settings, "test-lp-restart", user="admin")
+        try:
+            record = await ask(nc, StateQuery("lp-restart-1"), timeout=10)
+            kv = await nc.jetstream().key_value(KV_LOGPROBS_BUCKET)
+            stored = sorted(k for k in await kv.keys() if k.startswith("lp-restart-1."))
+            await commits(nc, [(9, 12)], finished_last=True)
+            await asyncio.sleep(1.0)  # the segments are deleted off the commit path
+            try:
+                left = [k for k in await kv.keys() if k.startswith("lp-restart-1.")]
+            except NoKeysError:
+                left = []
+            return record, stored, left
+        finally:
+            await nc.close()
+
+    asyncio.run(before())
+    pid = PidFile(settings.run_dir, "state").read().pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: _health(settings) == "ok" and PidFile(settings.run_dir, "state").read().pid != pid, 120, 0.5)
+    record, stored, left = asyncio.run(after())
+    assert record.committed == list(range(9)) and record.logprobs == lp[:9] and record.prompt_logprobs == prompt_lp
+    assert stored == ["lp-restart-1.0", "lp-restart-1.3", "lp-restart-1.5"]
+    assert left == []
+
+
 def test_a_batch_with_n_samples_is_its_single_requests(stack, prompts):
     """Prompts x n choices in one request run as requests of their own: choice p * n + j is
     what prompt p alone gives with seed + j, on any chain."""
