@@ -72,7 +72,8 @@ class Sampling:
     logit_bias_ids: list[int] = field(default_factory=list)  # token ids, each with the bias at its index
     logit_bias_values: list[float] = field(default_factory=list)
     output_start: int = -1  # where the output starts in the request's sequence (-1: after the prompt it is opened with)
-    min_tokens: int = 0  # no end of sequence before the output holds this many tokens
+    min_tokens: int = 0  # no end of sequence (nor stop token) before the output holds this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the output, as the end of sequence does
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)

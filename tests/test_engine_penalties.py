@@ -25,7 +25,8 @@ def by_hand(logits: torch.Tensor, params: SamplingParams, prompt: list[int], out
     """One row [V] penalized the plain way: a loop over the tokens seen and counted."""
     x = logits.float().clone()
     if len(output) < params.min_tokens:
-        x[eos] = float("-inf")
+        for token in (eos, *params.stop_token_ids):
+            x[token] = float("-inf")
     for token, bias in params.logit_bias:
         x[token] += bias
     for token in set(prompt) | set(output):
@@ -139,3 +140,19 @@ def test_min_tokens_holds_off_the_end_of_sequence(pool, prompts, spec):
     assert all(len(out) == 6 and out[-1] == eos and eos not in out[:-1] for out in got)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=-1)
+
+
+def test_stop_token_ids_end_the_output_where_the_target_alone_emits_one(pool, prompts):
+    """A stop token ends the output like the end of sequence (the chain drafts past it and
+    cuts there); with min_tokens it cannot come before, so the output runs on."""
+    target = pool.get("target")
+    free = [target_alone(target, p, MAX_TOKENS, SamplingParams()) for p in prompts[:4]]
+    chain = pool.chain("ngram,drafter,target", k=4)
+    for prompt, ref in zip(prompts[:4], free):
+        stop = ref[5]
+        got = chain.generate([prompt], MAX_TOKENS, sampling=SamplingParams(stop_token_ids=(stop, 99999)))[0]
+        assert got == ref[: ref.index(stop) + 1]
+        held = SamplingParams(stop_token_ids=(stop,), min_tokens=ref.index(stop) + 1)
+        late = chain.generate([prompt], MAX_TOKENS, sampling=held)[0]
+        assert late == target_alone(target, prompt, len(late), held) and stop not in late[: held.min_tokens]
+        assert len(late) > ref.index(stop) + 1

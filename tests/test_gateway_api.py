@@ -79,6 +79,8 @@ class FakeBackend:
         if self.fail:
             raise self.fail
         ids = self.output(job.max_tokens)
+        stop = next((i for i, t in enumerate(ids) if t in job.sampling.stop_token_ids), None)
+        ids = ids if stop is None else ids[:stop + 1]
         drafted = accepted = 0
         for pos in range(0, len(ids), self.batch):
             if self.delay_s:
@@ -88,7 +90,7 @@ class FakeBackend:
             done = pos + len(chunk) >= len(ids)
             stats = {"levels": [{"name": name, "drafted": drafted, "accepted": accepted,
                                  "accepted_per_pos": [accepted, max(0, accepted - 1)]} for name in job.chain[:-1]]}
-            reason = ("stop" if ids[-1] == self.tok.eos_token_id else "length") if done else None
+            reason = ("stop" if ids[-1] == self.tok.eos_token_id or stop is not None else "length") if done else None
             logprobs = [fake_logprob(pos + i, t, job.logprobs) for i, t in enumerate(chunk)] if job.logprobs >= 0 else []
             scored = [fake_logprob(i, t, job.prompt_logprobs) for i, t in enumerate(job.prompt[1:])]
             yield TokenBatch(request_id=job.request_id, epoch=0, position=pos, tokens=chunk, finished=done,
@@ -236,6 +238,27 @@ async def test_penalties_and_logit_bias_reach_the_job(client, backend, tok):
                                                    "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert backend.jobs[-1].sampling.min_tokens == 9 and not backend.jobs[-1].stop_at_eos
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stop_token_ends_the_output_and_is_not_text(client, backend, tok, stream):
+    ids = backend.output(20)
+    stop = ids[4]
+    end = ids.index(stop)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 20, "stop_token_ids": [stop, stop], "return_token_ids": True,
+            "stream": stream}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].sampling.stop_token_ids == [stop]
+    if stream:
+        chunks = sse_events(r.text)
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        token_ids = [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids") or []]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    else:
+        choice = r.json()["choices"][0]
+        text, token_ids, finish = choice["text"], choice["token_ids"], choice["finish_reason"]
+    assert token_ids == ids[:end + 1] and text == tok.decode(ids[:end]) and finish == "stop"
 
 
 async def test_token_id_prompt(client, backend):
@@ -486,6 +509,10 @@ BAD = [
     ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ({"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     ({"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ({"prompt": "x", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": list(range(65))}, 400, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": 5}, 400, "stop_token_ids"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -595,7 +622,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
-          "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos"]
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
+          "stop_token_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -750,11 +778,11 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert [lp.top_token_ids[0] for lp in reply.logprobs] == list(reply.token_ids)
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
         presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5, logit_bias={7: -100.0, 9: 2.5},
-        min_tokens=2, ignore_eos=True)))
+        min_tokens=2, ignore_eos=True, stop_token_ids=[3, 1])))
     s = backend.jobs[-1].sampling
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, 0.25, 1.5)
     assert dict(zip(s.logit_bias_ids, s.logit_bias_values)) == {7: -100.0, 9: 2.5}
-    assert s.min_tokens == 2 and not backend.jobs[-1].stop_at_eos
+    assert s.min_tokens == 2 and not backend.jobs[-1].stop_at_eos and s.stop_token_ids == [1, 3]
 
 
 async def test_grpc_generate_stream(grpc_gateway, tok):

@@ -161,13 +161,23 @@ def test_penalties_and_logit_bias_through_every_level_are_the_target_alones(stac
     assert seeded["drafter,verifier,target"] == seeded["target"]
 
 
-def test_min_tokens_and_ignore_eos_through_the_services(stack, tiny_family, prompts):
+def test_min_tokens_ignore_eos_and_stop_token_ids_through_the_services(stack, tiny_family, prompts, reference):
     """vLLM's extensions: the end of sequence (pushed up by logit_bias) comes exactly at
-    min_tokens, through a chain whose drafts run past it; ignore_eos runs on to max_tokens."""
+    min_tokens, through a chain whose drafts run past it; ignore_eos runs on to max_tokens;
+    a stop token ends the output where the target alone emits it, out of the text."""
     from transformers import AutoTokenizer
 
     _, settings = stack
-    eos = AutoTokenizer.from_pretrained(str(tiny_family.path("target"))).eos_token_id
+    tok = AutoTokenizer.from_pretrained(str(tiny_family.path("target")))
+    eos = tok.eos_token_id
+    stops = [ref[6] for ref in reference[:3]]
+    ended = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(p, "ngram,drafter,verifier,target", stop_token_ids=[stop]) for p, stop in zip(prompts[:3], stops)]))
+    for r, ref, stop in zip(ended, reference, stops):
+        cut = ref.index(stop)
+        choice = r["choices"][0]
+        assert choice["token_ids"] == ref[:cut + 1] and choice["finish_reason"] == "stop"
+        assert choice["text"] == tok.decode(ref[:cut], skip_special_tokens=True)
     eager = {"logit_bias": {str(eos): 100}}
     held = asyncio.run(complete_all(settings.gateway.http_url, [
         body(p, chain, min_tokens=5, **eager) for p in prompts[:3] for chain in ("target", "ngram,drafter,target")]))

@@ -25,6 +25,7 @@ log = logging.getLogger("specmesh.gateway")
 # Limits a request is checked against (the OpenAI API's where it has one).
 TEMPERATURE_MAX = 2.0
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 64
 MAX_K = 16  # the same bound as settings.speculation.k
 SLO_MAX_MS = 60_000.0  # a TPOT objective above a minute per token is a typo
 SEED_MAX = 2**63 - 1
@@ -90,7 +91,8 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # None: 1 (off)
     logit_bias: dict[str, float] | None = None  # token id (as text, as in JSON) -> bias
-    min_tokens: int | None = None  # no end of sequence before this many tokens (None: 0)
+    min_tokens: int | None = None  # no end of sequence (nor stop token) before this many tokens (None: 0)
+    stop_token_ids: list[int] | None = None  # tokens that end the output (not in its text), as vLLM's
     ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
@@ -143,6 +145,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                                    f"greater than 0 and at most {REPETITION_MAX:g} (1 is off)", open_low=True),
         **_logit_bias(req.logit_bias, len(tok)),
         min_tokens=_min_tokens(req.min_tokens, max_tokens),
+        stop_token_ids=_stop_token_ids(req.stop_token_ids, len(tok)),
     )
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
@@ -250,6 +253,18 @@ def _min_tokens(value: int | None, max_tokens: int) -> int:
     if not 0 <= value <= max_tokens:
         raise invalid(f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {value}.", "min_tokens")
     return value
+
+
+def _stop_token_ids(value: list[int] | None, vocab: int) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_STOP_TOKEN_IDS:
+        raise invalid(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids, got {value!r}.",
+                      "stop_token_ids")
+    bad = [t for t in value if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise invalid(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[0]!r}.", "stop_token_ids")
+    return sorted(set(value))
 
 
 def _bool(value: bool | None, param: str) -> bool:
@@ -611,8 +626,10 @@ class Generation:
             self._first_token_at = self._first_token_at or now
             self._last_token_at = now
         text, taken, stopped = [], [], False
-        for token in tokens:
+        for j, token in enumerate(tokens):
             taken.append(token)
+            if batch.finished and j == len(tokens) - 1 and token in self.job.sampling.stop_token_ids:
+                break  # a stop token ends the output and is not part of its text
             released, stopped = self.stops.push(self.detok.push(token))
             text.append(released)
             if stopped:

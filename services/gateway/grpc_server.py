@@ -104,6 +104,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             logit_bias={str(token): bias for token, bias in s.logit_bias.items()} or None,
             min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
             ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else None,
+            stop_token_ids=list(s.stop_token_ids) or None,
             stop=list(request.stop),
             speculation=speculation,
             logprobs=request.logprobs if request.HasField("logprobs") else -1,

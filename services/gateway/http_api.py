@@ -121,7 +121,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
-            ignore_eos=body.ignore_eos,
+            ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
         )

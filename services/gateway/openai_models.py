@@ -2,7 +2,7 @@
 
 Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
-`repetition_penalty`, `min_tokens` and `ignore_eos` (vLLM's), and `return_token_ids` (vLLM's name) for the generated token ids.
+`repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's), and `return_token_ids` (vLLM's name) for the generated token ids.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
 from services.gateway.generation import (
-    BIAS_MAX, MAX_K, MAX_STOP_STRINGS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS, TEMPERATURE_MAX, SpeculationRequest,
+    BIAS_MAX, MAX_K, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS, TEMPERATURE_MAX,
+    SpeculationRequest,
 )
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -75,6 +76,8 @@ class _Sampled(BaseModel):
         None, description="Extension (vLLM's): no end of sequence before this many tokens (at most max_tokens).")
     ignore_eos: StrictBool | None = Field(
         None, description="Extension (vLLM's): go on past the end-of-sequence token, up to max_tokens.")
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description="Extension (vLLM's): token ids that end the output (kept in token_ids, not in the text).")
     user: StrictStr | None = None
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")

@@ -370,7 +370,7 @@ class Driver:
         job.sent += len(new)
         reason = None
         if req.done:
-            reason = "length" if position + len(new) >= job.msg.max_tokens else "stop"
+            reason = "length" if position + len(new) >= job.msg.max_tokens and not req.stopped else "stop"
         merged = feedback.merged(job, req)
         stats = {"chain": list(job.chain_key), "k": list(req.k),
                  "levels": [{"name": st.name, "drafted": st.drafted, "accepted": st.accepted,

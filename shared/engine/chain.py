@@ -45,6 +45,7 @@ class Request:
     stop_at_eos: bool = True
     output: list[int] = field(default_factory=list)
     done: bool = False
+    stopped: bool = False  # ended by the end-of-sequence token or a stop token (not by max_tokens)
     logprobs: int = -1  # -1: none; n >= 0: each output token's log-probability and the n likeliest
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (the first has none), when asked
@@ -190,9 +191,13 @@ class Chain:
         """Append verified `tokens` (each drawn from its row of `probs`) to the request's output."""
         room = req.max_tokens - len(req.output)
         tokens = tokens[:room]
-        if req.stop_at_eos and self.eos_token_id is not None and self.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_token_id) + 1]
-            req.done = True
+        ends = set(req.sampling.stop_token_ids)
+        if req.stop_at_eos and self.eos_token_id is not None:
+            ends.add(self.eos_token_id)
+        end = next((j for j, t in enumerate(tokens) if t in ends), None)
+        if end is not None:
+            tokens = tokens[: end + 1]
+            req.done = req.stopped = True
         req.output.extend(tokens)
         if req.logprobs >= 0:
             req.output_logprobs.extend(logprobs_of(probs, tokens, req.logprobs))

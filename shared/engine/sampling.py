@@ -10,8 +10,8 @@ far: positive logits divided by it, negative ones multiplied), the frequency pen
 it times the token's count in the output so far) and the presence penalty (minus it once
 for a token in the output so far). Each row is penalized by its own prefix, so the row a
 target verifies draft position j with counts the drafts before j: the output stays the
-target alone's. `min_tokens` rules the end-of-sequence token out of every position before
-the output holds that many tokens (vLLM's `min_tokens`).
+target alone's. `min_tokens` rules the end-of-sequence token and `stop_token_ids` out of
+every position before the output holds that many tokens (vLLM's `min_tokens`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     output_start: int = -1
-    min_tokens: int = 0  # no end of sequence before the output holds this many tokens
+    min_tokens: int = 0  # no end of sequence (nor stop token) before the output holds this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the output, as the end of sequence does
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -76,6 +77,8 @@ class SamplingParams:
             raise ValueError("logit_bias names a token id more than once")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}")
         if isinstance(self.output_start, bool) or not isinstance(self.output_start, int) or self.output_start < -1:
             raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), got {self.output_start!r}")
 
@@ -111,14 +114,15 @@ class SamplingParams:
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
-                   s.min_tokens)
+                   s.min_tokens, tuple(s.stop_token_ids))
 
     def to_wire(self) -> Sampling:
         from shared.messages import Sampling
 
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
-                        [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens)
+                        [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
+                        list(self.stop_token_ids))
 
 
 GREEDY = SamplingParams()
@@ -131,8 +135,8 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
     The rows are the last T positions of `tokens` (the request's sequence so far): row j
     predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
     to and including that one. `tokens` is needed only when `params.penalized`; tokens at
-    positions from `params.output_start` on are the output. `min_tokens` needs the model's
-    `eos_token_id` (None: nothing to rule out).
+    positions from `params.output_start` on are the output. `min_tokens` rules out the
+    model's `eos_token_id` (if any) and `params.stop_token_ids`.
     """
     x = logits.float().clone()
     rows, vocab = x.shape
@@ -148,10 +152,11 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
     seq = np.asarray(tokens, dtype=np.int64)  # the bookkeeping in numpy: small arrays, cheap calls
     base = len(seq) - rows  # row 0's prefix is seq[: base + 1]
     start = max(params.output_start, 0)
-    if params.min_tokens and eos_token_id is not None and 0 <= eos_token_id < vocab:
+    ends = [t for t in (eos_token_id, *params.stop_token_ids) if t is not None and t < vocab]
+    if params.min_tokens and ends:
         emitted = np.arange(base + 1, len(seq) + 1) - start  # output tokens before each row's prediction
-        early = torch.from_numpy(emitted < params.min_tokens).to(x.device)
-        x[early, eos_token_id] = float("-inf")
+        early = torch.from_numpy(np.flatnonzero(emitted < params.min_tokens)).to(x.device)
+        x[early[:, None], torch.tensor(ends, device=x.device)[None]] = float("-inf")
     if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
         return x
     # Only the tokens the sequence holds are penalized: work on those columns alone.
