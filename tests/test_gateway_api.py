@@ -261,6 +261,26 @@ async def test_a_stop_token_ends_the_output_and_is_not_text(client, backend, tok
     assert token_ids == ids[:end + 1] and text == tok.decode(ids[:end]) and finish == "stop"
 
 
+async def test_tokenize_and_detokenize(client, backend, tok):
+    r = await client.post("/tokenize", json={"model": MODEL, "prompt": "Hello world"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("Hello world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == CONTEXT
+    chat = (await client.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})).json()
+    assert chat["tokens"] == tok.encode("User: Hi\nAssistant:")
+    r = await client.post("/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": "Hello world"}
+    for path, bad, param in [("/tokenize", {}, "prompt"),
+                             ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+                             ("/detokenize", {"tokens": [10**7]}, "tokens"),
+                             ("/detokenize", {"tokens": ["a"]}, "tokens")]:
+        r = await client.post(path, json={"model": MODEL} | bad)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith(param), r.text
+    assert (await client.post("/tokenize", json={"model": "gpt-4", "prompt": "x"})).status_code == 404
+    assert backend.jobs == []
+
+
 async def test_token_id_prompt(client, backend):
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2})
     assert r.status_code == 200, r.text

@@ -25,7 +25,8 @@ from services.gateway.auth import ApiKeys, http_middleware
 from services.gateway.choices import MAX_CHOICES, choice_requests, merged, plan_all, run_all
 from services.gateway.generation import ApiError, Generation, GenerationRequest, invalid, render_chat, unavailable
 from services.gateway.openai_models import (
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelList,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from services.gateway.reply import Reply
 from shared.service import ping
@@ -93,6 +94,28 @@ def create_app(settings: Settings, service) -> FastAPI:
         b = backend()
         _check_model(b, model_id)
         return model_card(b)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """vLLM's: the token ids of a prompt (or of chat messages, as the chat endpoint renders them)."""
+        b = backend()
+        _check_model(b, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise invalid("Give either prompt or messages.", "prompt")
+        text = body.prompt if body.messages is None else render_chat([(m.role, m.text()) for m in body.messages])
+        ids = list(b.tokenizer().encode(text))
+        return {"count": len(ids), "max_model_len": b.max_context, "tokens": ids}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        """vLLM's: the text of token ids."""
+        b = backend()
+        _check_model(b, body.model)
+        tok = b.tokenizer()
+        bad = [t for t in body.tokens if not 0 <= t < len(tok)]
+        if bad:
+            raise invalid(f"Token ids must be in [0, {len(tok)}); got {bad[0]}.", "tokens")
+        return {"prompt": tok.decode(body.tokens)}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
