@@ -233,7 +233,8 @@ def _logit_bias(value: dict[str, float] | None, vocab: int) -> dict[str, list]:
     if not isinstance(value, dict):
         raise invalid(f"logit_bias must be an object mapping token ids to biases, got {value!r}.", "logit_bias")
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key if isinstance(key, int) else None
+        digits = isinstance(key, str) and key.strip().isascii() and key.strip().isdigit()
+        token = int(key) if digits else key if isinstance(key, int) else None
         if isinstance(token, bool) or token is None or not 0 <= token < vocab:
             raise invalid(f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}.", "logit_bias")
         if token in ids:
@@ -259,8 +260,8 @@ def _stop_token_ids(value: list[int] | None, vocab: int) -> list[int]:
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > MAX_STOP_TOKEN_IDS:
-        raise invalid(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids, got {value!r}.",
-                      "stop_token_ids")
+        raise invalid(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids, got "
+                      f"{len(value) if isinstance(value, list) else repr(value)[:40]}.", "stop_token_ids")
     bad = [t for t in value if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
         raise invalid(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[0]!r}.", "stop_token_ids")

@@ -2,7 +2,8 @@
 
 Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
-`repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's), and `return_token_ids` (vLLM's name) for the generated token ids.
+`repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's), and
+`return_token_ids` (vLLM's name) for the generated token ids.
 """
 
 from __future__ import annotations

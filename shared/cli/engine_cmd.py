@@ -56,7 +56,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seeded sampling: same seed and prompt, same tokens, whatever the chain."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Minus this for a token already in the output."),
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Minus this per time a token is in the output."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Logits of tokens seen so far divided (positive) or multiplied (negative) by this; 1 = off."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Logits of tokens seen so far divided (positive) or multiplied (negative) by this; 1 = off."),
     confidence_threshold: float = typer.Option(0.0, "--confidence-threshold", help="Stop drafting below this confidence."),
     leniency: float = typer.Option(1.0, help="Middle-level leniency (>= 1; the target stays exact)."),
     runner: Optional[str] = typer.Option(None, help="lean | hf (default: settings)."),

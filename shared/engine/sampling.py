@@ -37,8 +37,8 @@ class SamplingParams:
     makes sampling a deterministic function of (seed, prompt, target model). The penalties
     at 0 (1 for the repetition penalty) and an empty `logit_bias` change nothing;
     `output_start` is the position of the first output token, where the presence and
-    frequency penalties start counting (-1: the prompt's length, set at prefill; a request
-    resumed from prompt + output keeps its prompt's).
+    frequency penalties and `min_tokens` start counting (-1: the prompt's length, set at
+    prefill; a request resumed from prompt + output keeps its prompt's).
     """
 
     temperature: float = 0.0
@@ -67,7 +67,8 @@ class SamplingParams:
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number (0 = off), got {value!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty < math.inf):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), "
+                             f"got {self.repetition_penalty!r}")
         for pair in self.logit_bias:
             token, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
             if isinstance(token, bool) or not isinstance(token, int) or token < 0 \
@@ -80,7 +81,8 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}")
         if isinstance(self.output_start, bool) or not isinstance(self.output_start, int) or self.output_start < -1:
-            raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), got {self.output_start!r}")
+            raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), "
+                             f"got {self.output_start!r}")
 
     @property
     def greedy(self) -> bool:
