@@ -527,6 +527,7 @@ BAD = [
     ({"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": [5, 1]}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, 400, "logit_bias"),
     ({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ({"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     ({"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),

@@ -32,6 +32,7 @@ SEED_MAX = 2**63 - 1
 PENALTY_MAX = 2.0  # presence_penalty and frequency_penalty, in [-2, 2]
 REPETITION_MAX = 2.0  # repetition_penalty in (0, 2], as vLLM
 BIAS_MAX = 100.0  # a logit_bias value, in [-100, 100]
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 TARGET_ONLY = ["target"]
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
 
@@ -230,15 +231,18 @@ def _logit_bias(value: dict[str, float] | None, vocab: int) -> dict[str, list]:
     biases: list[float] = []
     if value is None:
         return {"logit_bias_ids": ids, "logit_bias_values": biases}
-    if not isinstance(value, dict):
-        raise invalid(f"logit_bias must be an object mapping token ids to biases, got {value!r}.", "logit_bias")
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias must be an object mapping at most {MAX_LOGIT_BIAS} token ids to biases, got "
+                      f"{f'{len(value)} entries' if isinstance(value, dict) else repr(value)[:40]}.", "logit_bias")
+    seen: set[int] = set()
     for key, bias in value.items():
         digits = isinstance(key, str) and key.strip().isascii() and key.strip().isdigit()
         token = int(key) if digits else key if isinstance(key, int) else None
         if isinstance(token, bool) or token is None or not 0 <= token < vocab:
             raise invalid(f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}.", "logit_bias")
-        if token in ids:
+        if token in seen:
             raise invalid(f"logit_bias names token {token} more than once.", "logit_bias")
+        seen.add(token)
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -BIAS_MAX <= bias <= BIAS_MAX:
             raise invalid(f"logit_bias[{key!r}] must be a number between -{BIAS_MAX:g} and {BIAS_MAX:g}, got {bias!r}.",
                           "logit_bias")

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
 from services.gateway.generation import (
-    BIAS_MAX, MAX_K, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS, TEMPERATURE_MAX,
-    SpeculationRequest,
+    BIAS_MAX, MAX_K, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS,
+    TEMPERATURE_MAX, SpeculationRequest,
 )
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -72,7 +72,8 @@ class _Sampled(BaseModel):
         None, description="Extension (vLLM's): the logits of tokens in the prompt or output are divided by it where "
                           "positive, multiplied where negative; default 1 (off).")
     logit_bias: dict[str, Any] | None = Field(
-        None, description=f"Token id -> bias in [-{BIAS_MAX:g}, {BIAS_MAX:g}], added to its logit.")
+        None, description=f"Token id -> bias in [-{BIAS_MAX:g}, {BIAS_MAX:g}], added to its logit (at most "
+                          f"{MAX_LOGIT_BIAS} entries).")
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Extension (vLLM's): no end of sequence before this many tokens (at most max_tokens).")
     ignore_eos: StrictBool | None = Field(
