@@ -105,8 +105,9 @@ class SamplingParams:
         return self.penalized or bool(self.logit_bias)
 
     def starting_at(self, prompt_len: int) -> SamplingParams:
-        """These parameters with the output starting at `prompt_len`, unless already placed."""
-        return self if self.output_start >= 0 else replace(self, output_start=prompt_len)
+        """These parameters with the output starting at `prompt_len`, unless already placed
+        (or nothing counts the output: equal parameters keep `process_rows` batched)."""
+        return self if self.output_start >= 0 or not self.penalized else replace(self, output_start=prompt_len)
 
     @classmethod
     def from_wire(cls, s: Sampling) -> SamplingParams:
@@ -223,8 +224,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def process_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """`process_logits` on a batch [B, ..., V] whose rows may carry different parameters."""
     first = params[0]
-    if all(p == first for p in params):
-        return process_logits(logits, first)
+    if all((p.temperature, p.top_p, p.top_k) == (first.temperature, first.top_p, first.top_k) for p in params):
+        return process_logits(logits, first)  # what the transform reads is the same for every row
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for row, p in enumerate(params):
         out[row] = process_logits(logits[row], p)
