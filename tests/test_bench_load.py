@@ -252,6 +252,15 @@ async def test_send_turns_failures_into_errors(response, error):
     assert r.error.startswith(error) and not r.ok
 
 
+def test_sse_lines_become_chunks_and_an_error_event_raises():
+    from shared.bench.sse import StreamError, chunk_of
+
+    assert chunk_of('data: {"choices": []}') == {"choices": []}
+    assert chunk_of("data: [DONE]") is None and chunk_of("") is None and chunk_of(": keep-alive") is None
+    with pytest.raises(StreamError, match="worker died"):
+        chunk_of('data: {"error": {"message": "worker died", "type": "server_error"}}')
+
+
 async def test_run_schedule_sends_each_arrival_with_the_mode():
     seen = []
 

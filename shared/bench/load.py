@@ -33,6 +33,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from shared.bench.arrivals import Arrivals, phased_times
+from shared.bench.sse import StreamError, chunks
 from shared.bench.stats import RequestRecord, Slo
 
 ADAPTIVE = "adaptive"
@@ -186,13 +187,7 @@ async def send(client, body: dict, record: RequestRecord) -> None:
                 text = (await resp.aread()).decode(errors="replace")
                 record.error = f"HTTP {resp.status_code}: {_message(text)}"
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    record.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
-                    return
+            async for chunk in chunks(resp):
                 now = time.perf_counter() - t0
                 for choice in chunk.get("choices") or []:
                     ids = choice.get("token_ids") or []
@@ -215,6 +210,8 @@ async def send(client, body: dict, record: RequestRecord) -> None:
         record.e2e_s = last
         if last is None:
             record.error = "no token received"
+    except StreamError as exc:
+        record.error = f"stream error: {exc}"
     except asyncio.CancelledError:
         record.error = record.error or "cancelled: not finished within the drain time"
         raise

@@ -40,6 +40,7 @@ import typer
 from shared.bench.adaptive import (
     ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, tokens_per_s, verdict,
 )
+from shared.bench.sse import chunks
 from shared.bench.stats import chain_label
 
 
@@ -67,10 +68,7 @@ async def _one(client, prompt: str, config: str, max_tokens: int, domain: str = 
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"gateway answered {resp.status_code}: {(await resp.aread()).decode()[:300]}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in chunks(resp):  # an error event raises: a failed request, not a fast one
             for choice in chunk.get("choices", []):
                 ids = choice.get("token_ids") or []
                 if ids:

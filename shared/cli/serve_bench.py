@@ -17,6 +17,7 @@ import time
 
 import typer
 
+from shared.bench.sse import chunks_sync
 from shared.cli.client import api_key_header
 
 DEFAULT_CHAINS = "target;drafter,target;drafter,verifier,target"
@@ -32,10 +33,7 @@ def _stream_one(client, prompt: list[int], chain: str, k: int, max_tokens: int) 
     with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"gateway answered {resp.status_code}: {resp.read().decode()}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in chunks_sync(resp):
             for choice in chunk.get("choices", []):
                 ids = choice.get("token_ids") or []
                 if ids:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import typer
 
+from shared.bench.sse import StreamError
+from shared.bench.sse import chunks as sse_chunks
 from shared.cli.client import api_key_header
 
 CHAINS = ["target", "drafter,target", "drafter,verifier,target", "ngram,drafter,target"]
@@ -75,14 +77,11 @@ async def soak(url: str, prompts: list[str], streams: int, seconds: float, max_t
                     if resp.status_code != 200:
                         errors.append(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
                         continue
-                    async for line in resp.aiter_lines():
-                        if line.startswith("data: {"):
-                            chunk = json.loads(line[6:])
-                            if "error" in chunk:
-                                errors.append(chunk["error"].get("message", "error"))
-                                break
-                            first = first or time.perf_counter()
-                            chunks += 1
+                    async for _ in sse_chunks(resp):
+                        first = first or time.perf_counter()
+                        chunks += 1
+            except StreamError as exc:
+                errors.append(str(exc))
             except httpx.HTTPError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
