@@ -178,6 +178,10 @@ def test_min_tokens_ignore_eos_and_stop_token_ids_through_the_services(stack, ti
         choice = r["choices"][0]
         assert choice["token_ids"] == ref[:cut + 1] and choice["finish_reason"] == "stop"
         assert choice["text"] == tok.decode(ref[:cut], skip_special_tokens=True)
+    cut = reference[0].index(stops[0])  # the stop token as the last one max_tokens allows: still "stop"
+    last = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(prompts[0], "drafter,target", max_tokens=cut + 1, stop_token_ids=[stops[0]])]))[0]["choices"][0]
+    assert last["token_ids"] == reference[0][:cut + 1] and last["finish_reason"] == "stop"
     eager = {"logit_bias": {str(eos): 100}}
     held = asyncio.run(complete_all(settings.gateway.http_url, [
         body(p, chain, min_tokens=5, **eager) for p in prompts[:3] for chain in ("target", "ngram,drafter,target")]))

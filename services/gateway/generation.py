@@ -91,7 +91,7 @@ class GenerationRequest:
     presence_penalty: float | None = None  # None: 0
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # None: 1 (off)
-    logit_bias: dict[str, float] | None = None  # token id (as text, as in JSON) -> bias
+    logit_bias: dict[str | int, float] | None = None  # token id (text in JSON, an int in gRPC) -> bias
     min_tokens: int | None = None  # no end of sequence (nor stop token) before this many tokens (None: 0)
     stop_token_ids: list[int] | None = None  # tokens that end the output (not in its text), as vLLM's
     ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
@@ -225,8 +225,8 @@ def _top_k(value: int | None, vocab: int) -> int:
     return min(value, vocab)
 
 
-def _logit_bias(value: dict[str, float] | None, vocab: int) -> dict[str, list]:
-    """`Sampling`'s two logit-bias lists from OpenAI's map of token ids (JSON keys are text) to biases."""
+def _logit_bias(value: dict[str | int, float] | None, vocab: int) -> dict[str, list]:
+    """`Sampling`'s two logit-bias lists from a map of token ids (text as JSON keys are, or ints) to biases."""
     ids: list[int] = []
     biases: list[float] = []
     if value is None:

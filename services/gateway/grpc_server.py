@@ -101,7 +101,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
             frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
             repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
-            logit_bias={str(token): bias for token, bias in s.logit_bias.items()} or None,
+            logit_bias=dict(s.logit_bias) or None,
             min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
             ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else None,
             stop_token_ids=list(s.stop_token_ids) or None,

@@ -34,9 +34,7 @@ from shared.tracing import continued, fail, tracer
 
 log = logging.getLogger("specmesh.state")
 
-BUCKET = KV_BUCKET
 TTL_S = 600
-LOGPROBS_BUCKET = KV_LOGPROBS_BUCKET
 # A record lives while it is written to; a segment is written once, so it outlives the
 # longest generation (the request's timeout is a setting) by this much.
 LOGPROBS_TTL_S = 3600
@@ -48,8 +46,8 @@ class StateService(ServiceProcess):
 
     async def setup(self) -> None:
         self.js = self.nc.jetstream()
-        self.kv = await self.js.create_key_value(bucket=BUCKET, ttl=TTL_S, history=1)
-        self.logprobs_kv = await self.js.create_key_value(bucket=LOGPROBS_BUCKET, ttl=LOGPROBS_TTL_S, history=1)
+        self.kv = await self.js.create_key_value(bucket=KV_BUCKET, ttl=TTL_S, history=1)
+        self.logprobs_kv = await self.js.create_key_value(bucket=KV_LOGPROBS_BUCKET, ttl=LOGPROBS_TTL_S, history=1)
         self._cleanups: set[asyncio.Task] = set()
         self.cache: dict[str, RequestState] = {}
         self.metrics = StateMetrics(self.registry)

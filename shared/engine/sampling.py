@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from shared.messages import Sampling
+from shared.messages import Sampling
 
 _MASK64 = (1 << 64) - 1
 
@@ -120,8 +119,6 @@ class SamplingParams:
                    s.min_tokens, tuple(s.stop_token_ids))
 
     def to_wire(self) -> Sampling:
-        from shared.messages import Sampling
-
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
