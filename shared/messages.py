@@ -74,6 +74,7 @@ class Sampling:
     output_start: int = -1  # where the output starts in the request's sequence (-1: after the prompt it is opened with)
     min_tokens: int = 0  # no end of sequence (nor stop token) before the output holds this many tokens
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the output, as the end of sequence does
+    response_format: str = ""  # "json_object": the output is one JSON object (shared.engine.grammar); "": free text
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)

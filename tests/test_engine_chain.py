@@ -305,6 +305,9 @@ def test_cli_generate(engine_family, monkeypatch):
     assert "tokens/s" in result.output and "threads=" in result.output and "acceptance" in result.output
     bad = _cli(engine_family, monkeypatch, ["generate", "--chain", "target,ngram", "x"])
     assert bad.exit_code == 2 and "bottom" in bad.output
+    result = _cli(engine_family, monkeypatch, ["generate", "--json", "--max-tokens", "24", "Settings: "])
+    assert result.exit_code == 0, result.output
+    assert "Settings: {" in result.output
 
 
 def test_cli_bench_engine_json(engine_family, monkeypatch):

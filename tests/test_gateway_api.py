@@ -240,6 +240,18 @@ async def test_penalties_and_logit_bias_reach_the_job(client, backend, tok):
     assert backend.jobs[-1].sampling.min_tokens == 9 and not backend.jobs[-1].stop_at_eos
 
 
+async def test_response_format_json_object_reaches_the_job(client, backend):
+    """JSON mode on both endpoints (vLLM takes it on completions too); text is the default."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    for url, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": MODEL, "prompt": "Hi"})):
+        r = await client.post(url, json=body | {"response_format": {"type": "json_object"}})
+        assert r.status_code == 200, r.text
+        assert backend.jobs[-1].sampling.response_format == "json_object"
+        r = await client.post(url, json=body | {"response_format": {"type": "text"}})
+        assert r.status_code == 200, r.text
+        assert backend.jobs[-1].sampling.response_format == ""
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_stop_token_ends_the_output_and_is_not_text(client, backend, tok, stream):
     ids = backend.output(20)
@@ -554,6 +566,14 @@ async def test_bad_completion_requests(client, backend, fields, status, param):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
+                                                                          "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": "json_object"}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "min_tokens": 2},
+     "min_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "ignore_eos": True},
+     "ignore_eos"),
     ({"messages": [{"role": "user", "content": "x" * 2000}]}, "messages"),
 ])
 async def test_bad_chat_requests(client, fields, param):
@@ -805,6 +825,13 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, 0.25, 1.5)
     assert dict(zip(s.logit_bias_ids, s.logit_bias_values)) == {7: -100.0, 9: 2.5}
     assert s.min_tokens == 2 and not backend.jobs[-1].stop_at_eos and s.stop_token_ids == [1, 3]
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
+        response_format="json_object")))
+    assert backend.jobs[-1].sampling.response_format == "json_object"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
+            response_format="xml")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response_format" in err.value.details()
 
 
 async def test_grpc_generate_stream(grpc_gateway, tok):

@@ -161,6 +161,33 @@ def test_penalties_and_logit_bias_through_every_level_are_the_target_alones(stac
     assert seeded["drafter,verifier,target"] == seeded["target"]
 
 
+def test_json_mode_through_every_level_is_the_target_alones(stack, tiny_family, prompts):
+    """response_format json_object travels to every level and each row is constrained by its
+    own output: every chain gives the target alone's tokens under it, every text is the start
+    of a JSON object, and one pushed to close (a bias on `}`) is a whole object that parses,
+    finished by the end of sequence (finish reason stop)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    _, settings = stack
+    url = settings.gateway.http_url
+    tok = AutoTokenizer.from_pretrained(str(tiny_family.path("target")))
+    close = str(tok.convert_tokens_to_ids("}"))
+    json_mode = {"response_format": {"type": "json_object"}}
+    want = target_only(tiny_family, prompts[:6], MAX_TOKENS, response_format="json_object")
+    for chain in ["target", "ngram,drafter,target", "drafter,verifier,target"]:
+        results = asyncio.run(complete_all(url, [body(p, chain, **json_mode) for p in prompts[:6]]))
+        assert [r["choices"][0]["token_ids"] for r in results] == want, chain
+        assert all(r["choices"][0]["text"].startswith("{") for r in results)
+    closed = asyncio.run(complete_all(url, [body(p, "ngram,drafter,verifier,target", logit_bias={close: 8},
+                                                 **json_mode) for p in prompts[:3]]))
+    for r in closed:
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["token_ids"][-1] == tok.eos_token_id
+        assert isinstance(json.loads(choice["text"]), dict)
+
+
 def test_min_tokens_ignore_eos_and_stop_token_ids_through_the_services(stack, tiny_family, prompts, reference):
     """vLLM's extensions: the end of sequence (pushed up by logit_bias) comes exactly at
     min_tokens, through a chain whose drafts run past it; ignore_eos runs on to max_tokens;

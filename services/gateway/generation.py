@@ -95,6 +95,7 @@ class GenerationRequest:
     min_tokens: int | None = None  # no end of sequence (nor stop token) before this many tokens (None: 0)
     stop_token_ids: list[int] | None = None  # tokens that end the output (not in its text), as vLLM's
     ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
+    response_format: str | None = None  # "json_object": one JSON object (shared.engine.grammar); None or "": text
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
@@ -147,6 +148,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         **_logit_bias(req.logit_bias, len(tok)),
         min_tokens=_min_tokens(req.min_tokens, max_tokens),
         stop_token_ids=_stop_token_ids(req.stop_token_ids, len(tok)),
+        response_format=_response_format(req, tok),
     )
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
@@ -249,6 +251,26 @@ def _logit_bias(value: dict[str | int, float] | None, vocab: int) -> dict[str, l
         ids.append(token)
         biases.append(float(bias))
     return {"logit_bias_ids": ids, "logit_bias_values": biases}
+
+
+def _response_format(req: GenerationRequest, tok) -> str:
+    """The job's response format ("" or "json_object"), checked against what it cannot go with."""
+    fmt = req.response_format or ""
+    if fmt == "text":
+        fmt = ""
+    if fmt not in ("", "json_object"):
+        raise invalid(f"response_format must be 'text' or 'json_object', got {fmt!r}.", "response_format")
+    if not fmt:
+        return fmt
+    if req.min_tokens:
+        raise invalid("min_tokens cannot be combined with response_format json_object: the end of sequence must "
+                      "be free to follow the object.", "min_tokens")
+    if req.ignore_eos:
+        raise invalid("ignore_eos cannot be combined with response_format json_object: nothing may follow the "
+                      "object but the end of sequence.", "ignore_eos")
+    if tok.eos_token_id is None:
+        raise invalid("response_format json_object needs a model with an end-of-sequence token.", "response_format")
+    return fmt
 
 
 def _min_tokens(value: int | None, max_tokens: int) -> int:

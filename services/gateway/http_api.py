@@ -145,6 +145,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
+            response_format=body.response_format_type(),
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
         )

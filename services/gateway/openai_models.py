@@ -2,8 +2,9 @@
 
 Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
-`repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's), and
-`return_token_ids` (vLLM's name) for the generated token ids.
+`repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's),
+`return_token_ids` (vLLM's name) for the generated token ids, and `response_format` on the
+completions endpoint too (as vLLM).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class _Sampled(BaseModel):
         None, description="Extension (vLLM's): go on past the end-of-sequence token, up to max_tokens.")
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
         None, description="Extension (vLLM's): token ids that end the output (kept in token_ids, not in the text).")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'json_object'}: the output is one JSON object (OpenAI's JSON mode, enforced token "
+                          "by token at every level); {'type': 'text'} (the default): free text. No json_schema.")
     user: StrictStr | None = None
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")
@@ -92,7 +96,15 @@ class _Sampled(BaseModel):
         return None
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
-        return []  # the endpoints add theirs
+        return [("response_format", self.response_format, self.response_format_type() is not None,
+                 "the type must be 'text' or 'json_object' (any JSON object; no json_schema), with no other field")]
+
+    def response_format_type(self) -> str | None:
+        """The job's `Sampling.response_format`: "" (text) or "json_object"; None if not one of those."""
+        fmt = self.response_format
+        if fmt is None or fmt == {"type": "text"}:
+            return ""
+        return "json_object" if fmt == {"type": "json_object"} else None
 
 
 class CompletionRequest(_Sampled):
@@ -153,13 +165,11 @@ class ChatCompletionRequest(_Sampled):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description=f"With logprobs: also the likeliest tokens at each position (0..{MAX_TOP_LOGPROBS}).")
     tools: list[Any] | None = Field(None, description="Not supported.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
             ("top_logprobs", self.top_logprobs, self.logprobs is True, "it needs logprobs: true"),
             ("tools", self.tools, not self.tools, "no tool calling"),
-            ("response_format", self.response_format, self.response_format == {"type": "text"}, "only plain text"),
         ]
 
     def logprobs_wanted(self) -> int:

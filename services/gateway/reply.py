@@ -14,7 +14,8 @@ import json
 import time
 
 from services.gateway.generation import Outcome
-from services.gateway.logprobs import chat_logprobs, completion_logprobs, token_text
+from services.gateway.logprobs import chat_logprobs, completion_logprobs
+from shared.engine.token_text import token_text
 from shared.messages import GenerateJob
 
 

@@ -58,6 +58,7 @@ def generate(
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Minus this per time a token is in the output."),
     repetition_penalty: float = typer.Option(
         1.0, "--repetition-penalty", help="Logits of tokens seen so far divided (positive) or multiplied (negative) by this; 1 = off."),
+    json_object: bool = typer.Option(False, "--json", help="The output is one JSON object (response_format json_object)."),
     confidence_threshold: float = typer.Option(0.0, "--confidence-threshold", help="Stop drafting below this confidence."),
     leniency: float = typer.Option(1.0, help="Middle-level leniency (>= 1; the target stays exact)."),
     runner: Optional[str] = typer.Option(None, help="lean | hf (default: settings)."),
@@ -75,7 +76,8 @@ def generate(
     try:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                  repetition_penalty=repetition_penalty)
+                                  repetition_penalty=repetition_penalty,
+                                  response_format="json_object" if json_object else "")
         pool = _pool(family, runner, device, dtype, None)
         c = pool.chain(
             chain or settings.speculation.chain,
@@ -91,7 +93,7 @@ def generate(
     t0 = time.perf_counter()
     (out,) = c.generate([ids], max_tokens, sampling)
     seconds = time.perf_counter() - t0
-    typer.echo(prompt + tok.decode(out))
+    typer.echo(prompt + tok.decode(out, skip_special_tokens=True))
     stats = c.collect_stats()
     typer.echo("")
     for lv in stats.levels[:-1]:

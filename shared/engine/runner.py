@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from shared.engine.grammar import JsonGrammar, token_bytes
 from shared.engine.sampling import GREEDY, SamplingParams, choose, penalize, process_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +49,8 @@ class Runner:
     device: torch.device
     max_len: int
     eos_token_id: int | None = None
+    tokenizer_path: Path | None = None  # the checkpoint folder whose tokenizer a JSON response format reads
+    _grammar: JsonGrammar | None = None
 
     def __init__(self, seed: int | None = None) -> None:
         self._sampling: dict[str, SamplingParams] = {}
@@ -91,15 +94,29 @@ class Runner:
                 if not p.adjusted:
                     continue
                 held = self._tokens.get(rid, ())
+                grammar = self.grammar() if p.response_format else None
                 if logits.dim() == 2:  # last_only: the row after the whole chunk
-                    logits[b] = penalize(logits[b][None], p, held, self.eos_token_id)[0]
+                    logits[b] = penalize(logits[b][None], p, held, self.eos_token_id, grammar)[0]
                 else:
                     n = len(chunks[b])
-                    logits[b, :n] = penalize(logits[b, :n], p, held, self.eos_token_id)
+                    logits[b, :n] = penalize(logits[b, :n], p, held, self.eos_token_id, grammar)
         return process_rows(logits, params)
 
     def sampling(self, request_id: str) -> SamplingParams:
         return self._sampling[request_id]
+
+    def grammar(self) -> JsonGrammar:
+        """The JSON grammar over this model's vocabulary (its folder's tokenizer), made at the first
+        request that asks for one and kept: it memoises masks across requests."""
+        if self._grammar is None:
+            if self.tokenizer_path is None:
+                raise ValueError("a JSON response_format needs the model's tokenizer; this runner was not "
+                                 "loaded from a checkpoint folder")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+            self._grammar = JsonGrammar(token_bytes(tokenizer), self.eos_token_id)
+        return self._grammar
 
     def _start(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams) -> None:
         if len(tokens) == 0:
@@ -347,11 +364,14 @@ def load_runner(
             "%s with batches of up to %d: ragged batches in reduced precision are not batch-invariant, so a "
             "request's tokens can differ from the target alone; float32 is exact at any batch", torch_dtype, max_batch)
     model = load_hf_model(path, torch.float32)
+    made = None
     if runner == "lean":
         try:
-            return LeanRunner(model, device, torch_dtype, max_batch, max_len, seed)
+            made = LeanRunner(model, device, torch_dtype, max_batch, max_len, seed)
         except UnsupportedModel as exc:
             import logging
 
             logging.getLogger(__name__).warning("lean runner unavailable for %s (%s); using transformers", path, exc)
-    return HFRunner(model, device, torch_dtype, max_batch, max_len, seed)
+    made = made or HFRunner(model, device, torch_dtype, max_batch, max_len, seed)
+    made.tokenizer_path = Path(path)
+    return made

@@ -11,7 +11,9 @@ it times the token's count in the output so far) and the presence penalty (minus
 for a token in the output so far). Each row is penalized by its own prefix, so the row a
 target verifies draft position j with counts the drafts before j: the output stays the
 target alone's. `min_tokens` rules the end-of-sequence token and `stop_token_ids` out of
-every position before the output holds that many tokens (vLLM's `min_tokens`).
+every position before the output holds that many tokens (vLLM's `min_tokens`), and a JSON
+`response_format` every token that would take the output out of one JSON object
+(`shared.engine.grammar`), row by row the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from shared.engine.grammar import JsonGrammar
 from shared.messages import Sampling
+
+RESPONSE_FORMATS = ("", "json_object")  # "": free text
 
 _MASK64 = (1 << 64) - 1
 
@@ -51,6 +56,7 @@ class SamplingParams:
     output_start: int = -1
     min_tokens: int = 0  # no end of sequence (nor stop token) before the output holds this many tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the output, as the end of sequence does
+    response_format: str = ""  # "json_object": the output is one JSON object, then the end of sequence
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -79,6 +85,12 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {', '.join(map(repr, RESPONSE_FORMATS))}, "
+                             f"got {self.response_format!r}")
+        if self.response_format and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with a JSON response_format: the end of sequence "
+                             "must be free to follow the object")
         if isinstance(self.output_start, bool) or not isinstance(self.output_start, int) or self.output_start < -1:
             raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), "
                              f"got {self.output_start!r}")
@@ -94,9 +106,10 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether a position's distribution depends on the tokens before it (a penalty or min_tokens is on)."""
+        """Whether a position's distribution depends on the tokens before it (a penalty, min_tokens
+        or a response format is on)."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-                or self.min_tokens > 0)
+                or self.min_tokens > 0 or bool(self.response_format))
 
     @property
     def adjusted(self) -> bool:
@@ -116,27 +129,30 @@ class SamplingParams:
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
-                   s.min_tokens, tuple(s.stop_token_ids))
+                   s.min_tokens, tuple(s.stop_token_ids), s.response_format)
 
     def to_wire(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
-                        list(self.stop_token_ids))
+                        list(self.stop_token_ids), self.response_format)
 
 
 GREEDY = SamplingParams()
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = (),
-             eos_token_id: int | None = None) -> torch.Tensor:
-    """Logits [T, V] (float32, a new tensor) after `logit_bias`, the penalties and `min_tokens`.
+             eos_token_id: int | None = None, grammar: JsonGrammar | None = None) -> torch.Tensor:
+    """Logits [T, V] (float32, a new tensor) after `logit_bias`, the penalties, `min_tokens`
+    and the response format (`grammar`: the model vocabulary's, needed for a JSON one).
 
     The rows are the last T positions of `tokens` (the request's sequence so far): row j
     predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
     to and including that one. `tokens` is needed only when `params.penalized`; tokens at
     positions from `params.output_start` on are the output. `min_tokens` rules out the
-    model's `eos_token_id` (if any) and `params.stop_token_ids`.
+    model's `eos_token_id` (if any) and `params.stop_token_ids`. The response format leaves
+    each row predicting an output token only the tokens its grammar allows after that
+    row's output so far.
     """
     x = logits.float().clone()
     rows, vocab = x.shape
@@ -157,6 +173,8 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
         emitted = np.arange(base + 1, len(seq) + 1) - start  # output tokens before each row's prediction
         early = torch.from_numpy(np.flatnonzero(emitted < params.min_tokens)).to(x.device)
         x[early[:, None], torch.tensor(ends, device=x.device)[None]] = float("-inf")
+    if params.response_format:
+        _constrain(x, params, seq, base, start, grammar)
     if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
         return x
     # Only the tokens the sequence holds are penalized: work on those columns alone.
@@ -178,6 +196,22 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
         x[:, index] = _penalized(x[:, index], torch.from_numpy(seen).to(x.device),
                                  torch.from_numpy(counts).to(x.device), params, torch)
     return x
+
+
+def _constrain(x: torch.Tensor, params: SamplingParams, seq: np.ndarray, base: int, start: int,
+               grammar: JsonGrammar | None) -> None:
+    """-inf, in place, on what the response format rules out at each row that predicts an
+    output token (row j predicts position base + j + 1; the prompt's rows are left as they are)."""
+    if grammar is None:
+        raise ValueError(f"response_format {params.response_format!r} needs the model's tokenizer, and this "
+                         f"runner has none")
+    rows, vocab = x.shape
+    masks = [(j, grammar.allowed(grammar.state(seq[start:base + j + 1].tolist()), vocab))
+             for j in range(rows) if base + j + 1 >= start]
+    if masks:
+        index = torch.tensor([j for j, _ in masks], device=x.device)
+        blocked = torch.from_numpy(~np.stack([m for _, m in masks])).to(x.device)
+        x[index] = x[index].masked_fill(blocked, float("-inf"))
 
 
 def _penalized(xs, seen, counts, params: SamplingParams, lib):

@@ -1,0 +1,267 @@
+"""Constrained decoding: the tokens that keep a request's output a prefix of one JSON object.
+
+`response_format: {"type": "json_object"}` (OpenAI's JSON mode) makes every output one
+JSON object (RFC 8259, UTF-8) followed by the end of sequence. Like the penalties, the
+constraint is a function of a row's own prefix (`sampling.penalize` applies it to every
+row a level scores), so a chain still emits exactly what the target alone emits under it.
+
+A byte-level pushdown automaton (`step`) says which bytes may follow an output so far; a
+trie of the vocabulary's token bytes (`JsonGrammar`) turns an automaton state into the
+tokens whose bytes all fit, walking each shared prefix once and cutting a subtree at its
+first wrong byte. Masks are memoised per state (the body of a key at one nesting, a value
+position...) and states per output, so a request pays for a state the first time any
+request reaches it. The object starts at the first byte; whitespace is allowed where JSON
+allows it, at most `MAX_WHITESPACE` bytes in a row (a model that finds whitespace likely
+would otherwise write nothing else until max_tokens; indented JSON fits); nesting is at
+most `MAX_DEPTH` deep; once the object is closed only the end of sequence may follow.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+
+MAX_DEPTH = 32  # most objects and arrays open at once
+MAX_WHITESPACE = 20  # most whitespace bytes in a row (a newline and nine levels of two-space indent)
+STATE_CACHE = 1 << 14  # outputs whose state is kept (most recent first out)
+MASK_CACHE = 1 << 12  # automaton states whose token mask is kept
+
+# Modes of the automaton. A state is (mode, stack, aux): stack holds "o" (object) and "a"
+# (array) for each open container, innermost last; aux is what the mode needs (between
+# tokens of JSON: the whitespace bytes written since the last one, None for none).
+START, VALUE, FIRST_ITEM, FIRST_KEY, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, NUMBER, LITERAL, DONE = range(13)
+# Number sub-states (aux of NUMBER): after "-", after a leading "0", in the integer digits,
+# after ".", in the fraction, after "e", after the exponent's sign, in the exponent.
+MINUS, ZERO, INT, DOT, FRAC, EXP_MARK, EXP_SIGN, EXP = range(8)
+NUMBER_ENDS = (ZERO, INT, FRAC, EXP)  # where a number may end
+
+WHITESPACE = frozenset(b" \t\n\r")
+DIGITS = frozenset(b"0123456789")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+ESCAPES = frozenset(b'"\\/bfnrt')
+LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+INITIAL = (START, "", None)
+
+
+def _after_value(stack: str) -> tuple:
+    return (DONE, "", None) if not stack else (AFTER, stack, None)
+
+
+def _value(stack: str, b: int) -> tuple | None:
+    """The state after `b` opens a value."""
+    if b == 0x7B:  # {
+        return (FIRST_KEY, stack + "o", None) if len(stack) < MAX_DEPTH else None
+    if b == 0x5B:  # [
+        return (FIRST_ITEM, stack + "a", None) if len(stack) < MAX_DEPTH else None
+    if b == 0x22:  # "
+        return (STRING, stack, (False, 0))
+    if b == 0x2D:  # -
+        return (NUMBER, stack, MINUS)
+    if b == 0x30:
+        return (NUMBER, stack, ZERO)
+    if b in DIGITS:
+        return (NUMBER, stack, INT)
+    rest = LITERALS.get(b)
+    return (LITERAL, stack, rest) if rest else None
+
+
+def _number(stack: str, sub: int, b: int) -> tuple | None:
+    if b in DIGITS:
+        if sub in (MINUS, INT):
+            return (NUMBER, stack, INT if sub == INT or b != 0x30 else ZERO)
+        if sub in (DOT, FRAC):
+            return (NUMBER, stack, FRAC)
+        if sub in (EXP_MARK, EXP_SIGN, EXP):
+            return (NUMBER, stack, EXP)
+        return None  # a leading zero takes no digit after it
+    if b == 0x2E and sub in (ZERO, INT):  # .
+        return (NUMBER, stack, DOT)
+    if b in (0x65, 0x45) and sub in (ZERO, INT, FRAC):  # e E
+        return (NUMBER, stack, EXP_MARK)
+    if b in (0x2B, 0x2D) and sub == EXP_MARK:  # + -
+        return (NUMBER, stack, EXP_SIGN)
+    if sub in NUMBER_ENDS:  # the number ends here; the byte belongs to what follows it
+        return step(_after_value(stack), b)
+    return None
+
+
+def _string(stack: str, aux: tuple, b: int) -> tuple | None:
+    is_key, continuation = aux
+    if continuation:  # inside a multi-byte UTF-8 character
+        return (STRING, stack, (is_key, continuation - 1)) if 0x80 <= b <= 0xBF else None
+    if b == 0x22:
+        return (COLON, stack, None) if is_key else _after_value(stack)
+    if b == 0x5C:  # backslash
+        return (ESCAPE, stack, is_key)
+    if b < 0x20:
+        return None  # control characters must be escaped
+    if b < 0x80:
+        return (STRING, stack, aux)
+    for low, high, more in ((0xC2, 0xDF, 1), (0xE0, 0xEF, 2), (0xF0, 0xF4, 3)):
+        if low <= b <= high:
+            return (STRING, stack, (is_key, more))
+    return None
+
+
+def step(state: tuple, b: int) -> tuple | None:
+    """The state after byte `b`, or None if no JSON object's text continues that way."""
+    mode, stack, aux = state
+    if mode == STRING:
+        return _string(stack, aux, b)
+    if mode == NUMBER:
+        return _number(stack, aux, b)
+    if mode == LITERAL:
+        if b != aux[0]:
+            return None
+        return (LITERAL, stack, aux[1:]) if len(aux) > 1 else _after_value(stack)
+    if mode == ESCAPE:
+        if b in ESCAPES:
+            return (STRING, stack, (aux, 0))
+        return (UNICODE, stack, (aux, 4)) if b == 0x75 else None  # \uXXXX
+    if mode == UNICODE:
+        if b not in HEX:
+            return None
+        is_key, left = aux
+        return (UNICODE, stack, (is_key, left - 1)) if left > 1 else (STRING, stack, (is_key, 0))
+    if mode == DONE:
+        return None
+    if mode == START:
+        return (FIRST_KEY, "o", None) if b == 0x7B else None
+    if b in WHITESPACE:
+        run = (aux or 0) + 1
+        return (mode, stack, run) if run <= MAX_WHITESPACE else None
+    if mode == VALUE:
+        return _value(stack, b)
+    if mode == FIRST_ITEM:
+        return _after_value(stack[:-1]) if b == 0x5D else _value(stack, b)
+    if mode in (FIRST_KEY, KEY):
+        if b == 0x22:
+            return (STRING, stack, (True, 0))
+        return _after_value(stack[:-1]) if mode == FIRST_KEY and b == 0x7D else None
+    if mode == COLON:
+        return (VALUE, stack, None) if b == 0x3A else None
+    # AFTER a value inside a container
+    inner = stack[-1]
+    if b == 0x2C:  # ,
+        return (KEY if inner == "o" else VALUE, stack, None)
+    if (b == 0x7D and inner == "o") or (b == 0x5D and inner == "a"):
+        return _after_value(stack[:-1])
+    return None
+
+
+def advance(state: tuple | None, data: bytes) -> tuple | None:
+    """The state after every byte of `data` (None once one does not fit)."""
+    for b in data:
+        if state is None:
+            return None
+        state = step(state, b)
+    return state
+
+
+class _Node:
+    __slots__ = ("children", "ids")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.ids: list[int] = []
+
+
+class JsonGrammar:
+    """The JSON-object constraint over one vocabulary: `mask(output)` is the tokens that may
+    come next. `token_bytes[i]` is token i's bytes (empty for special tokens, which never
+    fit); `eos_token_id` is allowed exactly when the object is complete."""
+
+    def __init__(self, token_bytes: Sequence[bytes], eos_token_id: int | None):
+        if eos_token_id is None:
+            raise ValueError("a JSON response_format needs a model with an end-of-sequence token")
+        self.vocab_size = len(token_bytes)
+        self.eos_token_id = eos_token_id
+        self.token_bytes = list(token_bytes)
+        self.root = _Node()
+        for token, data in enumerate(self.token_bytes):
+            if not data or token == eos_token_id:
+                continue
+            node = self.root
+            for b in data:
+                node = node.children.setdefault(b, _Node())
+            node.ids.append(token)
+        self._states: OrderedDict[tuple[int, ...], tuple | None] = OrderedDict()
+        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def state(self, output: Sequence[int]) -> tuple | None:
+        """The automaton's state after `output` (token ids), None if it left the grammar."""
+        key = tuple(output)
+        found = self._states.get(key)
+        if found is not None or key in self._states:
+            self._states.move_to_end(key)
+            return found
+        start = len(key)
+        while start > 0 and key[:start] not in self._states:  # the longest output already known
+            start -= 1
+            if len(key) - start > 64:  # a long miss (a resumed request): compute it whole
+                start = 0
+                break
+        state = self._states[key[:start]] if start else INITIAL
+        for i in range(start, len(key)):
+            token = key[i]
+            state = advance(state, self.token_bytes[token]) if token < self.vocab_size else None
+            self._remember(key[:i + 1], state)
+        if not key:
+            self._remember(key, state)
+        return state
+
+    def _remember(self, key: tuple[int, ...], state: tuple | None) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        if len(self._states) > STATE_CACHE:
+            self._states.popitem(last=False)
+
+    def allowed(self, state: tuple | None, width: int) -> np.ndarray:
+        """Booleans [width]: the tokens whose bytes all fit after `state` (the end of sequence
+        only after a complete object). An output that left the grammar (a draft not verified
+        under it) may only end."""
+        mask = self._masks.get(state) if state is not None else None
+        if mask is None:
+            mask = np.zeros(self.vocab_size, dtype=bool)
+            if state is None or state[0] == DONE:
+                mask[self.eos_token_id] = True
+            else:
+                self._walk(state, mask)
+                if not mask.any():  # a vocabulary that cannot go on from here: end rather than fail
+                    mask[self.eos_token_id] = True
+            if state is not None:
+                self._masks[state] = mask
+                if len(self._masks) > MASK_CACHE:
+                    self._masks.popitem(last=False)
+        else:
+            self._masks.move_to_end(state)
+        if width == self.vocab_size:
+            return mask
+        out = np.zeros(width, dtype=bool)
+        n = min(width, self.vocab_size)
+        out[:n] = mask[:n]
+        return out
+
+    def _walk(self, state: tuple, mask: np.ndarray) -> None:
+        pending = [(self.root, state)]
+        while pending:
+            node, at = pending.pop()
+            for b, child in node.children.items():
+                nxt = step(at, b)
+                if nxt is None:
+                    continue
+                if child.ids:
+                    mask[child.ids] = True
+                if child.children:
+                    pending.append((child, nxt))
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each token id's bytes through `tokenizer` (`TokenText`), empty for its special tokens."""
+    from shared.engine.token_text import TokenText
+
+    text = TokenText(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [b"" if i in special else text.bytes(i) for i in range(len(tokenizer))]
