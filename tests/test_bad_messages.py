@@ -96,6 +96,7 @@ def test_invalid_job_is_answered_with_an_error(stack):
     for n, (sampling, words) in enumerate([(Sampling(repetition_penalty=0.0), "repetition_penalty"),
                                            (Sampling(logit_bias_ids=[1, 2], logit_bias_values=[3.0]), "logit_bias"),
                                            (Sampling(response_format="yaml"), "response_format"),
+                                           (Sampling(response_format="json_schema", json_schema="{"), "json_schema"),
                                            (Sampling(response_format="json_object", min_tokens=2), "min_tokens")]):
         batch = asyncio.run(go(GenerateJob(f"bad-job-s{n}", [1, 2], 4, sampling=sampling)))
         assert batch.finished and batch.finish_reason == "error" and words in batch.error

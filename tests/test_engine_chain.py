@@ -299,7 +299,7 @@ def _cli(engine_family, monkeypatch, args):
         get_settings.cache_clear()
 
 
-def test_cli_generate(engine_family, monkeypatch):
+def test_cli_generate(engine_family, monkeypatch, tmp_path):
     result = _cli(engine_family, monkeypatch, ["generate", "--chain", "ngram,drafter,verifier,target", "--max-tokens", "12", "def main("])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output and "threads=" in result.output and "acceptance" in result.output
@@ -308,6 +308,13 @@ def test_cli_generate(engine_family, monkeypatch):
     result = _cli(engine_family, monkeypatch, ["generate", "--json", "--max-tokens", "24", "Settings: "])
     assert result.exit_code == 0, result.output
     assert "Settings: {" in result.output
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}}')
+    result = _cli(engine_family, monkeypatch, ["generate", "--json-schema", str(schema), "--max-tokens", "24", "x"])
+    assert result.exit_code == 0 and 'x{"ok"' in result.output, result.output
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "string", "format": "date"}}}')
+    bad = _cli(engine_family, monkeypatch, ["generate", "--json-schema", str(schema), "x"])
+    assert bad.exit_code == 2 and "'format' is not supported" in bad.output
 
 
 def test_cli_bench_engine_json(engine_family, monkeypatch):

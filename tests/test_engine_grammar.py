@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.engine.grammar import DONE, INITIAL, MAX_DEPTH, MAX_WHITESPACE, JsonGrammar, advance, token_bytes
+from shared.engine.grammar import DONE, INITIAL, MAX_DEPTH, MAX_WHITESPACE, Grammar, TokenTrie, advance, token_bytes
 from shared.engine.sampling import SamplingParams, choose, penalize, process_logits
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
 from tests.test_engine_penalties import by_hand
@@ -81,7 +81,7 @@ def brute_force(state, vocab: list[bytes], eos: int) -> set[int]:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, len(VOCAB) - 1), max_size=12))
 def test_masks_are_the_tokens_whose_bytes_fit(output):
-    grammar = JsonGrammar(VOCAB, eos_token_id=0)
+    grammar = Grammar(TokenTrie(VOCAB, eos_token_id=0))
     state = grammar.state(output)
     assert state == advance(INITIAL, b"".join(VOCAB[t] for t in output))
     allowed = grammar.allowed(state, len(VOCAB) + 3)  # a model's vocabulary may be wider than its tokenizer's
@@ -90,7 +90,7 @@ def test_masks_are_the_tokens_whose_bytes_fit(output):
 
 
 def test_rows_are_constrained_by_their_own_output_and_the_prompt_is_left_alone():
-    grammar = JsonGrammar(VOCAB, eos_token_id=0)
+    grammar = Grammar(TokenTrie(VOCAB, eos_token_id=0))
     prompt, output = [5, 5, 8], [3, 5, 6, 8]  # {"a":1
     logits = torch.zeros(6, len(VOCAB))  # rows predict positions 2..7: the prompt's last token, then output
     rows = penalize(logits, replace(JSON_MODE, output_start=len(prompt)), prompt + output, eos_token_id=0,

@@ -250,6 +250,14 @@ async def test_response_format_json_object_reaches_the_job(client, backend):
         r = await client.post(url, json=body | {"response_format": {"type": "text"}})
         assert r.status_code == 200, r.text
         assert backend.jobs[-1].sampling.response_format == ""
+        schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", "y"]}},
+                  "required": ["b"]}
+        r = await client.post(url, json=body | {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "pair", "schema": schema, "strict": True}}})
+        assert r.status_code == 200, r.text
+        s = backend.jobs[-1].sampling
+        assert s.response_format == "json_schema" and json.loads(s.json_schema) == schema
+        assert list(json.loads(s.json_schema)["properties"]) == ["b", "a"]  # the schema's order is kept
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -568,6 +576,13 @@ async def test_bad_completion_requests(client, backend, fields, status, param):
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
                                                                           "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "a+"}}}}}},
+     "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string"}}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}, "extra": 1}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": "json_object"}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "min_tokens": 2},
@@ -828,6 +843,15 @@ async def test_grpc_generate(grpc_gateway, tok):
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
         response_format="json_object")))
     assert backend.jobs[-1].sampling.response_format == "json_object"
+    schema = '{"type":"object","properties":{"a":{"type":"boolean"}}}'
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
+        response_format="json_schema", json_schema=schema)))
+    assert (backend.jobs[-1].sampling.response_format, backend.jobs[-1].sampling.json_schema) == ("json_schema", schema)
+    for bad in (pb.SamplingParameters(response_format="json_schema", json_schema='{"type":"object","minimum":1}'),
+                pb.SamplingParameters(response_format="json_object", json_schema=schema)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "json_schema" in err.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
             response_format="xml")))

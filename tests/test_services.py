@@ -186,6 +186,27 @@ def test_json_mode_through_every_level_is_the_target_alones(stack, tiny_family, 
         choice = r["choices"][0]
         assert choice["finish_reason"] == "stop" and choice["token_ids"][-1] == tok.eos_token_id
         assert isinstance(json.loads(choice["text"]), dict)
+    # A schema: the same, and what closes validates against it (whitespace pushed down: the tiny
+    # models would spend the budget on it).
+    import jsonschema
+
+    from shared.engine.grammar import token_bytes
+    from shared.engine.json_schema import canonical_schema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tone": {"enum": ["warm", "cold"]},
+                                               "n": {"type": "array", "items": {"type": "null"}, "maxItems": 2}}}
+    spaces = {str(t): -10 for t, data in enumerate(token_bytes(tok)) if data and not data.strip()}
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+           "logit_bias": spaces, "max_tokens": 64}
+    want = target_only(tiny_family, prompts[:4], 64, response_format="json_schema", json_schema=canonical_schema(schema),
+                       logit_bias=tuple((int(t), -10.0) for t in spaces))
+    for chain in ["ngram,drafter,verifier,target", "fused,target"]:
+        results = asyncio.run(complete_all(url, [body(p, chain, **fmt) for p in prompts[:4]]))
+        assert [r["choices"][0]["token_ids"] for r in results] == want, chain
+    finished = [r["choices"][0] for r in results if r["choices"][0]["finish_reason"] == "stop"]
+    assert finished
+    for choice in finished:
+        jsonschema.validate(json.loads(choice["text"]), schema)
 
 
 def test_min_tokens_ignore_eos_and_stop_token_ids_through_the_services(stack, tiny_family, prompts, reference):

@@ -95,7 +95,8 @@ class GenerationRequest:
     min_tokens: int | None = None  # no end of sequence (nor stop token) before this many tokens (None: 0)
     stop_token_ids: list[int] | None = None  # tokens that end the output (not in its text), as vLLM's
     ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
-    response_format: str | None = None  # "json_object": one JSON object (shared.engine.grammar); None or "": text
+    response_format: str | None = None  # "json_object" / "json_schema": one JSON object (of `json_schema`); None: text
+    json_schema: str | None = None  # with "json_schema": the schema as JSON text
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
@@ -148,7 +149,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         **_logit_bias(req.logit_bias, len(tok)),
         min_tokens=_min_tokens(req.min_tokens, max_tokens),
         stop_token_ids=_stop_token_ids(req.stop_token_ids, len(tok)),
-        response_format=_response_format(req, tok),
+        **_response_format(req, tok),
     )
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
@@ -253,24 +254,33 @@ def _logit_bias(value: dict[str | int, float] | None, vocab: int) -> dict[str, l
     return {"logit_bias_ids": ids, "logit_bias_values": biases}
 
 
-def _response_format(req: GenerationRequest, tok) -> str:
-    """The job's response format ("" or "json_object"), checked against what it cannot go with."""
-    fmt = req.response_format or ""
+def _response_format(req: GenerationRequest, tok) -> dict:
+    """The job's `Sampling.response_format` and `json_schema`, checked (the schema compiled)
+    and against what they cannot go with."""
+    fmt, schema = req.response_format or "", req.json_schema or ""
     if fmt == "text":
         fmt = ""
-    if fmt not in ("", "json_object"):
-        raise invalid(f"response_format must be 'text' or 'json_object', got {fmt!r}.", "response_format")
-    if not fmt:
-        return fmt
-    if req.min_tokens:
-        raise invalid("min_tokens cannot be combined with response_format json_object: the end of sequence must "
-                      "be free to follow the object.", "min_tokens")
-    if req.ignore_eos:
-        raise invalid("ignore_eos cannot be combined with response_format json_object: nothing may follow the "
-                      "object but the end of sequence.", "ignore_eos")
-    if tok.eos_token_id is None:
-        raise invalid("response_format json_object needs a model with an end-of-sequence token.", "response_format")
-    return fmt
+    if fmt not in ("", "json_object", "json_schema"):
+        raise invalid(f"response_format must be 'text', 'json_object' or 'json_schema', got {fmt!r}.",
+                      "response_format")
+    if schema and fmt != "json_schema":
+        raise invalid("json_schema is only taken with response_format 'json_schema'.", "json_schema")
+    if fmt == "json_schema":
+        from shared.engine.json_schema import compile_schema
+
+        try:
+            compile_schema(schema)
+        except ValueError as exc:
+            raise invalid(f"response_format json_schema: {exc}.", "response_format") from None
+    if fmt and req.min_tokens:
+        raise invalid(f"min_tokens cannot be combined with response_format {fmt}: the end of sequence must be "
+                      f"free to follow the object.", "min_tokens")
+    if fmt and req.ignore_eos:
+        raise invalid(f"ignore_eos cannot be combined with response_format {fmt}: nothing may follow the object "
+                      f"but the end of sequence.", "ignore_eos")
+    if fmt and tok.eos_token_id is None:
+        raise invalid(f"response_format {fmt} needs a model with an end-of-sequence token.", "response_format")
+    return {"response_format": fmt, "json_schema": schema}
 
 
 def _min_tokens(value: int | None, max_tokens: int) -> int:

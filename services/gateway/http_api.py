@@ -136,6 +136,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         if refused:
             raise invalid(refused[1], refused[0])
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        response_format, json_schema = body.response_format_spec()  # a shape unsupported() let through
         max_tokens = body.max_tokens
         if kind == "chat" and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
@@ -145,7 +146,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
-            response_format=body.response_format_type(),
+            response_format=response_format, json_schema=json_schema,
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
         )

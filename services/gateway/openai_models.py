@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from shared.engine.json_schema import canonical_schema
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
 from services.gateway.generation import (
@@ -82,8 +83,10 @@ class _Sampled(BaseModel):
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
         None, description="Extension (vLLM's): token ids that end the output (kept in token_ids, not in the text).")
     response_format: dict[str, Any] | None = Field(
-        None, description="{'type': 'json_object'}: the output is one JSON object (OpenAI's JSON mode, enforced token "
-                          "by token at every level); {'type': 'text'} (the default): free text. No json_schema.")
+        None, description="{'type': 'json_object'}: the output is one JSON object (OpenAI's JSON mode); {'type': "
+                          "'json_schema', 'json_schema': {'name', 'schema', 'strict'}}: one object that validates "
+                          "against the schema (structured outputs; the keywords taken are in the gateway's README); "
+                          "enforced token by token at every level. {'type': 'text'} (the default): free text.")
     user: StrictStr | None = None
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")
@@ -96,15 +99,23 @@ class _Sampled(BaseModel):
         return None
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
-        return [("response_format", self.response_format, self.response_format_type() is not None,
-                 "the type must be 'text' or 'json_object' (any JSON object; no json_schema), with no other field")]
+        return [("response_format", self.response_format, self.response_format_spec() is not None,
+                 "it must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+                 "{'name': ..., 'schema': {...}}}")]
 
-    def response_format_type(self) -> str | None:
-        """The job's `Sampling.response_format`: "" (text) or "json_object"; None if not one of those."""
+    def response_format_spec(self) -> tuple[str, str] | None:
+        """The job's (`Sampling.response_format`, `Sampling.json_schema`): ("", "") for text; None
+        if the field is not one of the shapes taken (the schema itself is checked when planned)."""
         fmt = self.response_format
         if fmt is None or fmt == {"type": "text"}:
-            return ""
-        return "json_object" if fmt == {"type": "json_object"} else None
+            return "", ""
+        if fmt == {"type": "json_object"}:
+            return "json_object", ""
+        spec = fmt.get("json_schema")
+        if set(fmt) != {"type", "json_schema"} or fmt["type"] != "json_schema" or not isinstance(spec, dict) \
+                or not isinstance(spec.get("schema"), dict) or not set(spec) <= {"name", "schema", "strict", "description"}:
+            return None
+        return "json_schema", canonical_schema(spec["schema"])
 
 
 class CompletionRequest(_Sampled):

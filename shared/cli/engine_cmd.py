@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -59,6 +60,8 @@ def generate(
     repetition_penalty: float = typer.Option(
         1.0, "--repetition-penalty", help="Logits of tokens seen so far divided (positive) or multiplied (negative) by this; 1 = off."),
     json_object: bool = typer.Option(False, "--json", help="The output is one JSON object (response_format json_object)."),
+    json_schema: Optional[Path] = typer.Option(
+        None, "--json-schema", exists=True, dir_okay=False, help="A JSON Schema file: the output is one object that validates against it."),
     confidence_threshold: float = typer.Option(0.0, "--confidence-threshold", help="Stop drafting below this confidence."),
     leniency: float = typer.Option(1.0, help="Middle-level leniency (>= 1; the target stays exact)."),
     runner: Optional[str] = typer.Option(None, help="lean | hf (default: settings)."),
@@ -77,7 +80,8 @@ def generate(
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                   repetition_penalty=repetition_penalty,
-                                  response_format="json_object" if json_object else "")
+                                  response_format="json_schema" if json_schema else "json_object" if json_object else "",
+                                  json_schema=_schema_text(json_schema) if json_schema else "")
         pool = _pool(family, runner, device, dtype, None)
         c = pool.chain(
             chain or settings.speculation.chain,
@@ -102,6 +106,16 @@ def generate(
     top = stats.levels[-1]
     typer.echo(f"  {top.name:>14}: forwards {top.forwards}  ({len(out) / max(top.forwards, 1):.2f} tokens per target forward)")
     typer.echo(f"{len(out)} tokens in {seconds:.3f} s: {len(out) / seconds:.1f} tokens/s  (threads={n_threads}, runner={pool.kind}, {pool.device}/{pool.dtype})")
+
+
+def _schema_text(path: Path) -> str:
+    """A schema file's content as the text a request carries (ValueError if it is not JSON)."""
+    from shared.engine.json_schema import canonical_schema
+
+    try:
+        return canonical_schema(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
 
 
 def _prompts(tokenizer, n: int, prompt_chars: int) -> list[list[int]]:

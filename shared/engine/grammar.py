@@ -6,7 +6,7 @@ constraint is a function of a row's own prefix (`sampling.penalize` applies it t
 row a level scores), so a chain still emits exactly what the target alone emits under it.
 
 A byte-level pushdown automaton (`step`) says which bytes may follow an output so far; a
-trie of the vocabulary's token bytes (`JsonGrammar`) turns an automaton state into the
+trie of the vocabulary's token bytes (`TokenTrie`, `Grammar`) turns an automaton state into the
 tokens whose bytes all fit, walking each shared prefix once and cutting a subtree at its
 first wrong byte. Masks are memoised per state (the body of a key at one nesting, a value
 position...) and states per output, so a request pays for a state the first time any
@@ -151,13 +151,27 @@ def step(state: tuple, b: int) -> tuple | None:
     return None
 
 
-def advance(state: tuple | None, data: bytes) -> tuple | None:
-    """The state after every byte of `data` (None once one does not fit)."""
+def advance(state: tuple | None, data: bytes, step=step) -> tuple | None:
+    """The state after every byte of `data` under `step` (None once one does not fit)."""
     for b in data:
         if state is None:
             return None
         state = step(state, b)
     return state
+
+
+class JsonObject:
+    """The automaton of one JSON object (`response_format` json_object)."""
+
+    initial = INITIAL
+    step = staticmethod(step)
+
+    @staticmethod
+    def done(state: tuple) -> bool:
+        return state[0] == DONE
+
+
+JSON_OBJECT = JsonObject()
 
 
 class _Node:
@@ -168,10 +182,9 @@ class _Node:
         self.ids: list[int] = []
 
 
-class JsonGrammar:
-    """The JSON-object constraint over one vocabulary: `mask(output)` is the tokens that may
-    come next. `token_bytes[i]` is token i's bytes (empty for special tokens, which never
-    fit); `eos_token_id` is allowed exactly when the object is complete."""
+class TokenTrie:
+    """A vocabulary's token bytes as a trie. `token_bytes[i]` is token i's bytes (empty for
+    special tokens, which never fit a grammar); `eos_token_id` ends a finished output."""
 
     def __init__(self, token_bytes: Sequence[bytes], eos_token_id: int | None):
         if eos_token_id is None:
@@ -187,6 +200,14 @@ class JsonGrammar:
             for b in data:
                 node = node.children.setdefault(b, _Node())
             node.ids.append(token)
+
+
+class Grammar:
+    """An automaton (`initial`, `step(state, byte)`, `done(state)`) over a vocabulary:
+    `allowed(state(output), width)` is the tokens that may follow `output`."""
+
+    def __init__(self, trie: TokenTrie, automaton=JSON_OBJECT):
+        self.trie, self.automaton = trie, automaton
         self._states: OrderedDict[tuple[int, ...], tuple | None] = OrderedDict()
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
@@ -203,10 +224,11 @@ class JsonGrammar:
             if len(key) - start > 64:  # a long miss (a resumed request): compute it whole
                 start = 0
                 break
-        state = self._states[key[:start]] if start else INITIAL
+        state = self._states[key[:start]] if start else self.automaton.initial
+        trie, step = self.trie, self.automaton.step
         for i in range(start, len(key)):
             token = key[i]
-            state = advance(state, self.token_bytes[token]) if token < self.vocab_size else None
+            state = advance(state, trie.token_bytes[token], step) if token < trie.vocab_size else None
             self._remember(key[:i + 1], state)
         if not key:
             self._remember(key, state)
@@ -220,32 +242,34 @@ class JsonGrammar:
 
     def allowed(self, state: tuple | None, width: int) -> np.ndarray:
         """Booleans [width]: the tokens whose bytes all fit after `state` (the end of sequence
-        only after a complete object). An output that left the grammar (a draft not verified
+        only after a complete value). An output that left the grammar (a draft not verified
         under it) may only end."""
+        vocab, eos = self.trie.vocab_size, self.trie.eos_token_id
         mask = self._masks.get(state) if state is not None else None
         if mask is None:
-            mask = np.zeros(self.vocab_size, dtype=bool)
-            if state is None or state[0] == DONE:
-                mask[self.eos_token_id] = True
+            mask = np.zeros(vocab, dtype=bool)
+            if state is None or self.automaton.done(state):
+                mask[eos] = True
             else:
                 self._walk(state, mask)
                 if not mask.any():  # a vocabulary that cannot go on from here: end rather than fail
-                    mask[self.eos_token_id] = True
+                    mask[eos] = True
             if state is not None:
                 self._masks[state] = mask
                 if len(self._masks) > MASK_CACHE:
                     self._masks.popitem(last=False)
         else:
             self._masks.move_to_end(state)
-        if width == self.vocab_size:
+        if width == vocab:
             return mask
         out = np.zeros(width, dtype=bool)
-        n = min(width, self.vocab_size)
+        n = min(width, vocab)
         out[:n] = mask[:n]
         return out
 
     def _walk(self, state: tuple, mask: np.ndarray) -> None:
-        pending = [(self.root, state)]
+        step = self.automaton.step
+        pending = [(self.trie.root, state)]
         while pending:
             node, at = pending.pop()
             for b, child in node.children.items():

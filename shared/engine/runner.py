@@ -16,15 +16,18 @@ holds (`penalize` needs every row's prefix), cut with the cache on rollback.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from shared.engine.grammar import JsonGrammar, token_bytes
+from shared.engine.grammar import JSON_OBJECT, Grammar, TokenTrie, token_bytes
+from shared.engine.json_schema import compile_schema
 from shared.engine.sampling import GREEDY, SamplingParams, choose, penalize, process_rows
 
+GRAMMARS = 32  # response formats (a schema each) whose grammar a runner keeps
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +53,8 @@ class Runner:
     max_len: int
     eos_token_id: int | None = None
     tokenizer_path: Path | None = None  # the checkpoint folder whose tokenizer a JSON response format reads
-    _grammar: JsonGrammar | None = None
+    _trie: TokenTrie | None = None
+    _grammars: OrderedDict | None = None  # (response_format, json_schema) -> Grammar, most recent last
 
     def __init__(self, seed: int | None = None) -> None:
         self._sampling: dict[str, SamplingParams] = {}
@@ -94,7 +98,7 @@ class Runner:
                 if not p.adjusted:
                     continue
                 held = self._tokens.get(rid, ())
-                grammar = self.grammar() if p.response_format else None
+                grammar = self.grammar(p) if p.response_format else None
                 if logits.dim() == 2:  # last_only: the row after the whole chunk
                     logits[b] = penalize(logits[b][None], p, held, self.eos_token_id, grammar)[0]
                 else:
@@ -105,18 +109,28 @@ class Runner:
     def sampling(self, request_id: str) -> SamplingParams:
         return self._sampling[request_id]
 
-    def grammar(self) -> JsonGrammar:
-        """The JSON grammar over this model's vocabulary (its folder's tokenizer), made at the first
-        request that asks for one and kept: it memoises masks across requests."""
-        if self._grammar is None:
+    def grammar(self, params: SamplingParams) -> Grammar:
+        """The grammar of `params`' response format over this model's vocabulary (its folder's
+        tokenizer): made at the first request that asks for it and kept (it memoises masks across
+        requests), the last `GRAMMARS` of them."""
+        if self._trie is None:
             if self.tokenizer_path is None:
                 raise ValueError("a JSON response_format needs the model's tokenizer; this runner was not "
                                  "loaded from a checkpoint folder")
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path))
-            self._grammar = JsonGrammar(token_bytes(tokenizer), self.eos_token_id)
-        return self._grammar
+            self._trie = TokenTrie(token_bytes(tokenizer), self.eos_token_id)
+            self._grammars = OrderedDict()
+        key = (params.response_format, params.json_schema)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            automaton = compile_schema(params.json_schema) if params.response_format == "json_schema" else JSON_OBJECT
+            grammar = self._grammars[key] = Grammar(self._trie, automaton)
+            if len(self._grammars) > GRAMMARS:
+                self._grammars.popitem(last=False)
+        self._grammars.move_to_end(key)
+        return grammar
 
     def _start(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams) -> None:
         if len(tokens) == 0:

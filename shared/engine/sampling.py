@@ -12,8 +12,8 @@ for a token in the output so far). Each row is penalized by its own prefix, so t
 target verifies draft position j with counts the drafts before j: the output stays the
 target alone's. `min_tokens` rules the end-of-sequence token and `stop_token_ids` out of
 every position before the output holds that many tokens (vLLM's `min_tokens`), and a JSON
-`response_format` every token that would take the output out of one JSON object
-(`shared.engine.grammar`), row by row the same way.
+`response_format` every token that would take the output out of one JSON object (of a
+schema; `shared.engine.grammar`, `shared.engine.json_schema`), row by row the same way.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from shared.engine.grammar import JsonGrammar
+from shared.engine.grammar import Grammar
+from shared.engine.json_schema import compile_schema
 from shared.messages import Sampling
 
-RESPONSE_FORMATS = ("", "json_object")  # "": free text
+RESPONSE_FORMATS = ("", "json_object", "json_schema")  # "": free text
 
 _MASK64 = (1 << 64) - 1
 
@@ -56,7 +57,8 @@ class SamplingParams:
     output_start: int = -1
     min_tokens: int = 0  # no end of sequence (nor stop token) before the output holds this many tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the output, as the end of sequence does
-    response_format: str = ""  # "json_object": the output is one JSON object, then the end of sequence
+    response_format: str = ""  # "json_object" / "json_schema": the output is one JSON object (of `json_schema`)
+    json_schema: str = ""  # with response_format "json_schema": the schema, as JSON text (json_schema.compile_schema)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -88,6 +90,13 @@ class SamplingParams:
         if self.response_format not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be one of {', '.join(map(repr, RESPONSE_FORMATS))}, "
                              f"got {self.response_format!r}")
+        if self.response_format == "json_schema":
+            try:
+                compile_schema(self.json_schema)
+            except ValueError as exc:
+                raise ValueError(f"response_format json_schema: {exc}") from None
+        elif self.json_schema:
+            raise ValueError("a json_schema needs response_format 'json_schema'")
         if self.response_format and self.min_tokens:
             raise ValueError("min_tokens cannot be combined with a JSON response_format: the end of sequence "
                              "must be free to follow the object")
@@ -129,20 +138,20 @@ class SamplingParams:
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
-                   s.min_tokens, tuple(s.stop_token_ids), s.response_format)
+                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema)
 
     def to_wire(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
-                        list(self.stop_token_ids), self.response_format)
+                        list(self.stop_token_ids), self.response_format, self.json_schema)
 
 
 GREEDY = SamplingParams()
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = (),
-             eos_token_id: int | None = None, grammar: JsonGrammar | None = None) -> torch.Tensor:
+             eos_token_id: int | None = None, grammar: Grammar | None = None) -> torch.Tensor:
     """Logits [T, V] (float32, a new tensor) after `logit_bias`, the penalties, `min_tokens`
     and the response format (`grammar`: the model vocabulary's, needed for a JSON one).
 
@@ -199,7 +208,7 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
 
 
 def _constrain(x: torch.Tensor, params: SamplingParams, seq: np.ndarray, base: int, start: int,
-               grammar: JsonGrammar | None) -> None:
+               grammar: Grammar | None) -> None:
     """-inf, in place, on what the response format rules out at each row that predicts an
     output token (row j predicts position base + j + 1; the prompt's rows are left as they are)."""
     if grammar is None:

@@ -1,0 +1,285 @@
+"""JSON Schema as a byte automaton: `response_format` json_schema (OpenAI's structured outputs).
+
+`compile_schema(text)` turns a schema into a `SchemaAutomaton` with the interface
+`grammar.Grammar` walks (`initial`, `step(state, byte)`, `done(state)`). Everything it lets a
+model write validates against the schema. Where the schema leaves a choice, it takes one:
+an object holds every property the schema lists, once each and in the schema's order (so
+`required` holds and no other property appears), and none but those unless the schema
+lists none (then any object, or only `{}` when `additionalProperties` constrains them).
+
+Taken: `type` (a name or a list of names), `properties`, `required`,
+`additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `enum`, `const`;
+annotations (`title`, `description`, `default`, `examples`, `$schema`, `$id`,
+`$comment`...) are ignored. Any other keyword (`anyOf`, `$ref`, `pattern`, `minimum`,
+`format`...) is refused with a ValueError that names it: a constraint left out would let
+through an output the schema refuses. The root must be an object, as OpenAI asks.
+
+A state is (frames, whitespace run): one frame per value being written, innermost last.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from shared.engine.grammar import (
+    DIGITS, DONE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MAX_WHITESPACE, MINUS, NUMBER,
+    NUMBER_ENDS, STRING, WHITESPACE, ZERO, DOT, _value, step as json_step,
+)
+
+MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
+MAX_NODES = 4096  # most schema nodes after compiling
+TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
+KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+                      "enum", "const"})
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly"})
+
+
+def _encode(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class _Compiler:
+    """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free), ("array",
+    item, min, max or -1), ("string",), ("number",), ("integer",), ("enum", (bytes, ...)),
+    ("any",), ("alt", (node, ...)) whose branches start with different bytes."""
+
+    def __init__(self) -> None:
+        self.nodes: list[tuple] = []
+
+    def add(self, node: tuple) -> int:
+        if len(self.nodes) >= MAX_NODES:
+            raise ValueError(f"the json_schema is too large (more than {MAX_NODES} nodes)")
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def compile(self, schema, depth: int, where: str) -> int:
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the json_schema nests deeper than {MAX_DEPTH} levels")
+        if schema is True or schema == {}:
+            return self.add(("any",))
+        if not isinstance(schema, dict):
+            raise ValueError(f"{where}: a schema must be an object, got {schema!r}")
+        unknown = sorted(set(schema) - KEYWORDS - ANNOTATIONS)
+        if unknown:
+            raise ValueError(f"{where}: json_schema keyword {unknown[0]!r} is not supported (supported: "
+                             f"{', '.join(sorted(KEYWORDS))}; annotations are ignored)")
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}: enum must be a non-empty list")
+            return self.add(("enum", tuple(dict.fromkeys(_encode(v) for v in values))))
+        types = schema.get("type")
+        if types is None:
+            if {"properties", "additionalProperties"} & set(schema):
+                types = ["object"]
+            elif {"items", "minItems", "maxItems"} & set(schema):
+                types = ["array"]
+            else:
+                return self.add(("any",))
+        types = [types] if isinstance(types, str) else types
+        if not isinstance(types, list) or not types or any(t not in TYPES for t in types):
+            raise ValueError(f"{where}: type must be one of {', '.join(TYPES)} or a list of them, got {types!r}")
+        if "number" in types:
+            types = [t for t in types if t != "integer"]  # a number's branch writes integers too
+        branches = [self.typed(t, schema, depth, where) for t in dict.fromkeys(types)]
+        return branches[0] if len(branches) == 1 else self.add(("alt", tuple(branches)))
+
+    def typed(self, kind: str, schema: dict, depth: int, where: str) -> int:
+        if kind == "boolean":
+            return self.add(("enum", (b"true", b"false")))
+        if kind == "null":
+            return self.add(("enum", (b"null",)))
+        if kind in ("string", "number", "integer"):
+            return self.add((kind,))
+        if kind == "array":
+            items = schema.get("items", {})
+            if isinstance(items, list):
+                raise ValueError(f"{where}: items must be one schema (tuple validation is not supported)")
+            low, high = schema.get("minItems", 0), schema.get("maxItems", -1)
+            for name, value in (("minItems", low), ("maxItems", high)):
+                if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name == "minItems"):
+                    raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+            if 0 <= high < low:
+                raise ValueError(f"{where}: maxItems ({high}) is below minItems ({low})")
+            return self.add(("array", self.compile(items, depth + 1, f"{where}.items"), low, high))
+        properties = schema.get("properties", {})
+        if not isinstance(properties, dict):
+            raise ValueError(f"{where}: properties must be an object")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or any(name not in properties for name in required):
+            missing = [n for n in required if n not in properties] if isinstance(required, list) else required
+            raise ValueError(f"{where}: required names {missing!r}, which properties does not list")
+        extra = schema.get("additionalProperties")
+        free = not properties and extra in (None, True, {})
+        props = tuple((_encode(name), self.compile(sub, depth + 1, f"{where}.properties.{name}"))
+                      for name, sub in properties.items())
+        return self.add(("object", props, free))
+
+
+class SchemaAutomaton:
+    """The byte automaton of one compiled schema (see the module's docstring)."""
+
+    def __init__(self, schema: dict):
+        compiler = _Compiler()
+        root = compiler.compile(schema, 0, "$")
+        self.nodes = compiler.nodes
+        kind = self.nodes[root][0]
+        if kind != "object":
+            raise ValueError("the json_schema's root must be an object (type: object), as OpenAI's structured "
+                             "outputs ask")
+        self.initial = ((("val", root),), 0)
+
+    @staticmethod
+    def done(state: tuple) -> bool:
+        return not state[0]
+
+    def step(self, state: tuple, b: int) -> tuple | None:
+        frames, run = state
+        if not frames:
+            return None
+        if b in WHITESPACE and self._spacer(frames):
+            return (frames, run + 1) if run < MAX_WHITESPACE else None
+        out = self._step(frames, b)
+        return None if out is None else (out, 0)
+
+    @staticmethod
+    def _spacer(frames: tuple) -> bool:
+        """Whether whitespace may come here (between JSON's tokens; not before the root)."""
+        top = frames[-1]
+        kind = top[0]
+        if kind == "val":
+            return len(frames) > 1
+        if kind == "obj":
+            return top[3] in ("c", "s") or (top[3] == "k" and top[4] == 0)
+        return kind == "arr" and top[3] in ("f", "s")
+
+    def _complete(self, rest: tuple) -> tuple:
+        """Frames after the value on top of `rest` ended: its container moves on."""
+        if not rest:
+            return ()
+        parent = rest[-1]
+        if parent[0] == "obj":
+            return rest[:-1] + (("obj", parent[1], parent[2] + 1, "s", 0),)
+        return rest[:-1] + (("arr", parent[1], parent[2] + 1, "s"),)
+
+    def _step(self, frames: tuple, b: int) -> tuple | None:
+        if not frames:
+            return None
+        top, rest = frames[-1], frames[:-1]
+        kind = top[0]
+        if b in WHITESPACE and self._spacer(frames):
+            return frames  # whitespace right after a number or literal that ended on it
+        if kind == "val":
+            return self._begin(rest, top[1], b)
+        if kind == "obj":
+            _, nid, i, phase, off = top
+            props = self.nodes[nid][1]
+            if phase == "k":
+                key = props[i][0]
+                if b != key[off]:
+                    return None
+                return rest + ((("obj", nid, i, "k", off + 1) if off + 1 < len(key) else ("obj", nid, i, "c", 0)),)
+            if phase == "c":
+                return rest + (("obj", nid, i, "v", 0), ("val", props[i][1])) if b == 0x3A else None
+            if phase == "s" and i < len(props):
+                return rest + (("obj", nid, i, "k", 0),) if b == 0x2C else None
+            return self._complete(rest) if phase == "s" and b == 0x7D else None
+        if kind == "arr":
+            _, nid, count, phase = top
+            _, item, low, high = self.nodes[nid]
+            if phase == "f":
+                if b == 0x5D and low == 0:
+                    return self._complete(rest)
+                return self._begin(rest + (("arr", nid, count, "v"),), item, b) if high != 0 else None
+            if b == 0x2C and (high < 0 or count < high):
+                return rest + (("arr", nid, count, "v"), ("val", item))
+            return self._complete(rest) if b == 0x5D and count >= low else None
+        if kind in ("str", "any"):
+            inner = json_step(top[1], b)
+            if inner is None:  # a number ends on the byte after it
+                ended = kind == "any" and top[1][0] == NUMBER and top[1][1] == "" and top[1][2] in NUMBER_ENDS
+                return self._step(self._complete(rest), b) if ended else None
+            return self._complete(rest) if inner[0] == DONE else rest + ((kind, inner),)
+        if kind == "num":
+            _, integer, sub = top
+            nxt = _number(sub, b, integer)
+            if nxt is not None:
+                return rest + (("num", integer, nxt),)
+            return self._step(self._complete(rest), b) if sub in NUMBER_ENDS else None
+        return self._enum(rest, top[1], top[2], b)  # "enum"
+
+    def _begin(self, rest: tuple, nid: int, b: int) -> tuple | None:
+        """Frames after `b` starts a value of node `nid` (on top of `rest`)."""
+        node = self.nodes[nid]
+        kind = node[0]
+        if kind == "alt":
+            for option in node[1]:
+                got = self._begin(rest, option, b)
+                if got is not None:
+                    return got
+            return None
+        if kind == "object":
+            if b != 0x7B:
+                return None
+            if node[2]:
+                return rest + (("any", (FIRST_KEY, "o", None)),)
+            return rest + (("obj", nid, 0, "k" if node[1] else "s", 0),)
+        if kind == "array":
+            return rest + (("arr", nid, 0, "f"),) if b == 0x5B else None
+        if kind == "string":
+            return rest + (("str", (STRING, "", (False, 0))),) if b == 0x22 else None
+        if kind in ("number", "integer"):
+            sub = MINUS if b == 0x2D else ZERO if b == 0x30 else INT if b in DIGITS else None
+            return None if sub is None else rest + (("num", kind == "integer", sub),)
+        if kind == "enum":
+            return self._enum(rest, nid, b"", b)
+        inner = _value("", b)  # "any"
+        return None if inner is None else rest + (("any", inner),)
+
+    def _enum(self, rest: tuple, nid: int, prefix: bytes, b: int) -> tuple | None:
+        alternatives = self.nodes[nid][1]
+        grown = prefix + bytes([b])
+        longer = [a for a in alternatives if a.startswith(grown)]
+        if longer:
+            if len(longer) == 1 and longer[0] == grown:
+                return self._complete(rest)
+            return rest + (("enum", nid, grown),)
+        return self._step(self._complete(rest), b) if prefix in alternatives else None
+
+
+def _number(sub: int, b: int, integer: bool) -> int | None:
+    """A number's sub-state after `b`, None if `b` does not continue it."""
+    if b in DIGITS:
+        if sub in (MINUS, INT):
+            return INT if sub == INT or b != 0x30 else ZERO
+        if sub in (DOT, FRAC):
+            return FRAC
+        if sub in (EXP_MARK, EXP_SIGN, EXP):
+            return EXP
+        return None  # a leading zero takes no digit after it
+    if integer:
+        return None
+    if b == 0x2E and sub in (ZERO, INT):
+        return DOT
+    if b in (0x65, 0x45) and sub in (ZERO, INT, FRAC):
+        return EXP_MARK
+    return EXP_SIGN if b in (0x2B, 0x2D) and sub == EXP_MARK else None
+
+
+def canonical_schema(schema) -> str:
+    """The schema as the text a request carries (keys in their order: it is the properties' order)."""
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+
+
+@lru_cache(maxsize=64)
+def compile_schema(text: str) -> SchemaAutomaton:
+    """The automaton of the schema in `text` (JSON), made once per text (ValueError if refused)."""
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the json_schema is longer than {MAX_SCHEMA_BYTES} bytes")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the json_schema is not JSON: {exc}") from None
+    return SchemaAutomaton(schema)

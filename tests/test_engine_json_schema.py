@@ -1,0 +1,171 @@
+"""response_format json_schema: the schema automaton, its refusals, and chains under it.
+
+What the automaton completes is checked with the `jsonschema` library (a random walk over
+the bytes it allows ends in an instance that validates), what a schema's instances written
+in the schema's order look like is accepted, and chains emit the target alone's tokens
+under the schema's mask (made here by a brute-force walk of every token's bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.engine.grammar import advance, token_bytes
+from shared.engine.json_schema import canonical_schema, compile_schema
+from shared.engine.sampling import SamplingParams, choose, process_logits
+from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
+from tests.test_engine_penalties import by_hand
+
+PERSON = {"type": "object", "title": "Person", "properties": {
+    "name": {"type": "string", "description": "annotations are ignored"},
+    "age": {"type": "integer"},
+    "height": {"type": ["number", "null"]},
+    "admin": {"type": "boolean"},
+    "role": {"enum": ["user", "admin", 3, None]},
+    "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+    "address": {"type": "object", "properties": {"city": {"const": "Paris"}, "zip": {"type": "string"}},
+                "required": ["city"], "additionalProperties": False},
+    "extra": {},
+    "meta": {"type": "object"},
+    "none": {"type": "object", "additionalProperties": {"type": "integer"}},
+}, "required": ["name", "age"]}
+SMALL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
+                                          "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}}}
+SCHEMAS = [PERSON, SMALL,
+           {"type": "object", "properties": {"n": {"enum": [1, 12, 123]}, "x": {"type": "number"}}},
+           {"type": "object", "properties": {"list": {"type": "array", "items": {"type": "array",
+                                                                                  "items": {"type": "integer"}}}}},
+           {"type": "object"}, {"properties": {}}]
+
+
+def walk(automaton, rng: random.Random, limit: int = 1000) -> bytes | None:
+    """Random bytes the automaton allows, leaning towards closing, until it is done."""
+    state, out = automaton.initial, bytearray()
+    alphabet = list(range(0x20, 0x7F)) + [0x0A, 0xC3, 0xA9]
+    while not automaton.done(state):
+        if len(out) > limit:
+            return None
+        options = [b for b in alphabet if automaton.step(state, b) is not None]
+        assert options, f"a dead end after {bytes(out)!r}"
+        closers = [b for b in options if b in b'}]",0123456789eltrfnu']
+        b = rng.choice(closers if closers and rng.random() < 0.7 else options)
+        state = automaton.step(state, b)
+        out.append(b)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
+def test_what_the_automaton_completes_validates(schema):
+    automaton = compile_schema(canonical_schema(schema))
+    rng = random.Random(7)
+    done = 0
+    for _ in range(60):
+        text = walk(automaton, rng)
+        if text is None:
+            continue
+        jsonschema.validate(json.loads(text), schema)
+        done += 1
+    assert done >= 20
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(max_size=8), age=st.integers(-10**6, 10**6), height=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+       admin=st.booleans(), role=st.sampled_from(["user", "admin", 3, None]), tags=st.lists(st.text(max_size=4), min_size=1, max_size=3),
+       indent=st.sampled_from([None, 2]))
+def test_instances_in_the_schemas_order_are_accepted(name, age, height, admin, role, tags, indent):
+    instance = {"name": name, "age": age, "height": height, "admin": admin, "role": role, "tags": tags,
+                "address": {"city": "Paris", "zip": "75001"}, "extra": [1, {"a": None}], "meta": {"k": "v"}, "none": {}}
+    automaton = compile_schema(canonical_schema(PERSON))
+    state = advance(automaton.initial, json.dumps(instance, indent=indent, ensure_ascii=False).encode(), automaton.step)
+    assert state is not None and automaton.done(state)
+
+
+@pytest.mark.parametrize("text", [
+    '{"name":"a","age":1.5}',  # an integer property takes no fraction
+    '{"age":1,"name":"a"}',  # the schema's order
+    '{"name":"a"}',  # every property, once
+    '{"name":"a","age":1,"height":null,"admin":true,"role":"root"}',  # not in the enum
+    '{"name":"a","age":1,"height":null,"admin":true,"role":3,"tags":[]}',  # minItems
+    '{"name":"a","age":1,"height":null,"admin":true,"role":3,"tags":["a","b","c","d"]}',  # maxItems
+    '{"name":"a","age":1,"height":null,"admin":true,"role":12}',
+])
+def test_what_breaks_the_schema_is_refused(text):
+    automaton = compile_schema(canonical_schema(PERSON))
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert state is None or not automaton.done(state)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}, "'pattern'"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}, "'anyOf'"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/x"}}}, "'$ref'"),
+    ({"type": "array"}, "root must be an object"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
+    ({"type": "object", "properties": {"a": {"type": "date"}}}, "type must be"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "maxItems"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": [{}]}}}, "tuple"),
+    ({"type": "object", "properties": {"a": {"enum": []}}}, "enum"),
+])
+def test_unsupported_schemas_are_refused_with_the_keyword(schema, words):
+    with pytest.raises(ValueError, match=words.replace("$", "\\$")):
+        SamplingParams(response_format="json_schema", json_schema=canonical_schema(schema))
+    with pytest.raises(ValueError, match="not JSON"):
+        compile_schema("{nope")
+    with pytest.raises(ValueError, match="json_schema"):
+        SamplingParams(json_schema=canonical_schema(SMALL))  # a schema without its response format
+
+
+def schema_target_alone(runner, vocab, automaton, prompt, n, params):
+    """The target alone under the schema, one token per forward, masked by brute force."""
+    plain = SamplingParams(params.temperature, params.top_p, params.top_k, params.seed)
+    eos = runner.eos_token_id
+    runner.prefill("ref", prompt[:-1], plain)
+    out, state, feed = [], automaton.initial, prompt[-1]
+    for _ in range(n):
+        logits = by_hand(runner._forward(["ref"], [[feed]], last_only=True)[0], params, prompt, out)
+        if automaton.done(state):
+            allowed = [eos]
+        else:
+            allowed = [t for t, data in enumerate(vocab) if t != eos and data and advance(state, data, automaton.step)]
+        blocked = torch.ones_like(logits, dtype=torch.bool)
+        blocked[allowed] = False
+        probs = process_logits(logits.masked_fill(blocked, float("-inf"))[None], plain)
+        feed = int(choose(probs, plain, [len(prompt) + len(out)], runner.generator)[0])
+        out.append(feed)
+        if feed == eos:
+            break
+        state = advance(state, vocab[feed], automaton.step)
+    runner.release("ref")
+    return out
+
+
+
+@pytest.mark.parametrize("spec, params", [
+    ("ngram,drafter,target", {}),
+    ("drafter,verifier,target", {"temperature": 0.8, "seed": 3}),
+])
+def test_chains_under_a_schema_emit_the_target_alones_tokens_and_valid_objects(pool, prompts, spec, params):
+    text = canonical_schema(SMALL)
+    vocab = token_bytes(pool.tokenizer())
+    spaces = tuple((t, -10.0) for t, data in enumerate(vocab) if data and not data.strip())  # the tiny models love them
+    sampling = SamplingParams(response_format="json_schema", json_schema=text, logit_bias=spaces, **params)
+    target = pool.get("target")
+    automaton = compile_schema(text)
+    subset = prompts[:2] + prompts[-2:]
+    budget = 8 * MAX_TOKENS
+    got = pool.chain(spec, k=3).generate(subset, budget, sampling=sampling)
+    assert got == [schema_target_alone(target, vocab, automaton, p, budget, sampling) for p in subset]
+    finished = [out for out in got if out[-1] == target.eos_token_id]
+    assert finished, "no output closed its object within the budget"
+    for out in finished:
+        jsonschema.validate(json.loads(b"".join(vocab[t] for t in out[:-1])), SMALL)
+    other = replace(sampling, json_schema=canonical_schema(PERSON))  # another schema, another grammar
+    assert pool.chain(spec, k=3).generate(subset[:1], 8, sampling=other)[0] != got[0][:8]
