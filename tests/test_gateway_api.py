@@ -165,6 +165,9 @@ def test_stop_matcher_holds_back_a_possible_stop_and_cuts_before_it():
     m = StopMatcher(["ab", "b"])
     assert m.push("xab") == ("x", True)  # the earliest stop wins
     assert StopMatcher([]).push("anything") == ("anything", False)
+    kept = StopMatcher(["EN", "END"], include=True)  # vLLM's include_stop_str_in_output
+    assert kept.push("abc E") == ("abc ", False) and kept.push("NDx") == ("END", True)  # the longest at the first hit
+    assert kept.text == "abc END"
 
 
 def test_speculation_report_reads_both_shapes_and_skips_junk():
@@ -326,6 +329,19 @@ async def test_stop_string_truncates_and_cancels(client, backend, tok):
     assert n < 40 and "fox" in tok.decode(backend.output(n)) and "fox" not in tok.decode(backend.output(n - 1))
     await asyncio.sleep(0.05)
     assert backend.cancelled == [body["id"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_include_stop_str_in_output_keeps_the_stop_string(client, backend, tok, stream):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 40, "stop": ["fox"],
+                                                   "include_stop_str_in_output": True, "stream": stream})
+    assert r.status_code == 200, r.text
+    full = text_of(tok, 40, backend)
+    if stream:
+        text = "".join(c["choices"][0]["text"] for c in sse_events(r.text) if c["choices"])
+    else:
+        text = r.json()["choices"][0]["text"]
+    assert text == full[:full.index("fox") + 3]
 
 
 async def test_eos_finishes_with_stop_and_is_not_text(client, backend, tok):
@@ -828,6 +844,11 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert reply.timings.total_ms > 0
     job = backend.jobs[-1]
     assert job.sampling.temperature == 0.0 and job.sampling.seed == 3 and job.logprobs == -1
+    full = text_of(tok, 40, backend)
+    for include in (False, True):
+        kept = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=40, stop=["fox"],
+                                                                   include_stop_str_in_output=include))
+        assert kept.text == full[:full.index("fox") + 3 * include] and kept.finish_reason == pb.FINISH_REASON_STOP
     assert list(reply.logprobs) == []
     reply = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=6, logprobs=2))
     assert backend.jobs[-1].logprobs == 2 and len(reply.logprobs) == 6

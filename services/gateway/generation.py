@@ -447,10 +447,12 @@ class Detokenizer:
 
 
 class StopMatcher:
-    """Cuts the text before the first stop string; holds back a tail that may begin one."""
+    """Cuts the text before the first stop string (after it with `include`, vLLM's
+    `include_stop_str_in_output`); holds back a tail that may begin one."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include: bool = False):
         self.stops = list(stops)
+        self.include = include
         self.longest = max((len(s) for s in self.stops), default=0)
         self.text = ""
         self.sent = 0
@@ -462,9 +464,10 @@ class StopMatcher:
             out, self.sent = self.text[self.sent:], len(self.text)
             return out, False
         # A stop string cannot begin in released text: any tail that could begin one was held.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        hits = [(i, -len(s)) for i, s in ((self.text.find(s, self.sent), s) for s in self.stops) if i >= 0]
         if hits:
-            end = min(hits)
+            at, minus_length = min(hits)  # the first stop string in the text (the longest of those starting there)
+            end = at - minus_length if self.include else at
             out, self.sent = self.text[self.sent:end], end
             self.text = self.text[:end]
             return out, True
@@ -571,7 +574,7 @@ class Generation:
     """
 
     def __init__(self, backend, job: GenerateJob, stops: Sequence[str], *, timeout_s: float,
-                 started: float | None = None, operation: str = "text_completion"):
+                 started: float | None = None, operation: str = "text_completion", include_stop: bool = False):
         self.backend, self.job = backend, job
         self.operation = operation  # gen_ai.operation.name of the request's span
         self.span = None  # the request's span, open while `deltas` runs
@@ -579,7 +582,7 @@ class Generation:
         self.deadline = self.started + timeout_s
         self.timeout_s = timeout_s
         self.detok = Detokenizer(backend.tokenizer(), job.prompt)
-        self.stops = StopMatcher(stops)
+        self.stops = StopMatcher(stops, include_stop)
         self.outcome = Outcome(prompt_tokens=len(job.prompt))
         self._text: list[str] = []
         self._stats: dict = {}

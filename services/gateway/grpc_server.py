@@ -112,6 +112,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             logprobs=request.logprobs if request.HasField("logprobs") else -1,
         ))
         return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
+                          include_stop=request.include_stop_str_in_output,
                           started=arrived)
 
     @_replies_errors

@@ -155,6 +155,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         try:
             planned = plan_all(b, settings, choice_requests(request, prompts, body.n or 1))
             generations = [Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
+                                      include_stop=bool(body.include_stop_str_in_output),
                                       operation="chat" if kind == "chat" else "text_completion")
                            for job, stops in planned]
             reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts)

@@ -3,8 +3,8 @@
 Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
 `repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's),
-`return_token_ids` (vLLM's name) for the generated token ids, and `response_format` on the
-completions endpoint too (as vLLM).
+`include_stop_str_in_output` (vLLM's), `return_token_ids` (vLLM's name) for the generated
+token ids, and `response_format` on the completions endpoint too (as vLLM).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class _Sampled(BaseModel):
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = Field(None, description="Seed for sampling.")
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings; the output is cut before the first one found.")
+    include_stop_str_in_output: StrictBool | None = Field(
+        None, description="Extension (vLLM's): keep the stop string that ended the output at its end.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = Field(

@@ -25,8 +25,8 @@ import numpy as np
 
 MAX_DEPTH = 32  # most objects and arrays open at once
 MAX_WHITESPACE = 20  # most whitespace bytes in a row (a newline and nine levels of two-space indent)
-STATE_CACHE = 1 << 14  # outputs whose state is kept (most recent first out)
-MASK_CACHE = 1 << 12  # automaton states whose token mask is kept
+STATE_CACHE = 1 << 12  # outputs whose state is kept (the least recently used go first)
+MASK_BYTES = 64 << 20  # the token masks a grammar keeps, one byte per token each (at least 64 masks)
 
 # Modes of the automaton. A state is (mode, stack, aux): stack holds "o" (object) and "a"
 # (array) for each open container, innermost last; aux is what the mode needs (between
@@ -210,6 +210,7 @@ class Grammar:
         self.trie, self.automaton = trie, automaton
         self._states: OrderedDict[tuple[int, ...], tuple | None] = OrderedDict()
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._mask_limit = max(64, MASK_BYTES // max(trie.vocab_size, 1))
 
     def state(self, output: Sequence[int]) -> tuple | None:
         """The automaton's state after `output` (token ids), None if it left the grammar."""
@@ -256,7 +257,7 @@ class Grammar:
                     mask[eos] = True
             if state is not None:
                 self._masks[state] = mask
-                if len(self._masks) > MASK_CACHE:
+                if len(self._masks) > self._mask_limit:
                     self._masks.popitem(last=False)
         else:
             self._masks.move_to_end(state)
