@@ -39,7 +39,14 @@ PERSON = {"type": "object", "title": "Person", "properties": {
 }, "required": ["name", "age"]}
 SMALL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
                                           "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}}}
-SCHEMAS = [PERSON, SMALL,
+TREE = {"$defs": {"Node": {"type": "object", "properties": {
+    "label": {"type": "string", "minLength": 1, "maxLength": 3},
+    "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}, "maxItems": 2}}}},
+    "$ref": "#/$defs/Node"}
+SCHEMAS = [PERSON, SMALL, TREE,
+           {"type": "object", "properties": {"maybe": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "null"}]},
+                                             "one": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
+                                             "all": {"allOf": [{"enum": ["x", "y"]}]}}},
            {"type": "object", "properties": {"n": {"enum": [1, 12, 123]}, "x": {"type": "number"}}},
            {"type": "object", "properties": {"list": {"type": "array", "items": {"type": "array",
                                                                                   "items": {"type": "integer"}}}}},
@@ -98,15 +105,78 @@ def test_instances_in_the_schemas_order_are_accepted(name, age, height, admin, r
     '{"name":"a","age":1,"height":null,"admin":true,"role":12}',
 ])
 def test_what_breaks_the_schema_is_refused(text):
+    """Each breaks PERSON in one place."""
     automaton = compile_schema(canonical_schema(PERSON))
     state = advance(automaton.initial, text.encode(), automaton.step)
     assert state is None or not automaton.done(state)
 
 
+@pytest.mark.parametrize("text, ok", [
+    ('{"label":"ab","children":[{"label":"c","children":[]}]}', True),
+    ('{"label":"","children":[]}', False),  # minLength
+    ('{"label":"abcd","children":[]}', False),  # maxLength
+    (r'{"label":"\u00e9","children":[]}', False),  # no \u escapes under a length bound
+    (r'{"label":"\néx","children":[]}', True),  # an escape and a two-byte character count once each
+    ('{"label":"a","children":[{},{},{}]}', False),
+])
+def test_a_recursive_schema_and_string_lengths(text, ok):
+    automaton = compile_schema(canonical_schema(TREE))
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok
+    if ok:
+        jsonschema.validate(json.loads(text), TREE)
+
+
+def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
+    """What `model_json_schema()` writes ($defs and $ref, Optional as anyOf with null, Literal
+    and Enum as enum, lengths): walks of its automaton validate and parse as the model."""
+    import enum
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, Field
+
+    class Color(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Address(BaseModel):
+        city: str = Field(max_length=8)
+        zip: Optional[str] = None
+
+    class User(BaseModel):
+        name: str = Field(min_length=1, max_length=6, description="the user's name")
+        age: int
+        score: float | None = None
+        tags: list[str] = Field(max_length=2)
+        address: Address
+        role: Literal["admin", "user"]
+        color: Color
+        friends: list["User"] = Field(default_factory=list, max_length=1)
+
+    schema = User.model_json_schema()
+    automaton = compile_schema(canonical_schema(schema))
+    rng = random.Random(3)
+    done = 0
+    for _ in range(40):
+        text = walk(automaton, rng, limit=3000)
+        if text is None:
+            continue
+        jsonschema.validate(json.loads(text), schema)
+        User.model_validate_json(text)
+        done += 1
+    assert done >= 10
+
+
 @pytest.mark.parametrize("schema, words", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}, "'pattern'"),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}}, "'anyOf'"),
-    ({"type": "object", "properties": {"a": {"$ref": "#/x"}}}, "'$ref'"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"properties": {}}]}}}, "start alike"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "start alike"),
+    ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"maxLength": 3}]}}}, "allOf"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}], "type": "string"}}}, "anyOf"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "names nothing"),
+    ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "only local"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/b", "maxLength": 2}}, "$defs": {"b": {}}}, "beside"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}}, "maxLength"),
     ({"type": "array"}, "root must be an object"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "date"}}}, "type must be"),

@@ -8,11 +8,15 @@ an object holds every property the schema lists, once each and in the schema's o
 lists none (then any object, or only `{}` when `additionalProperties` constrains them).
 
 Taken: `type` (a name or a list of names), `properties`, `required`,
-`additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `enum`, `const`;
-annotations (`title`, `description`, `default`, `examples`, `$schema`, `$id`,
-`$comment`...) are ignored. Any other keyword (`anyOf`, `$ref`, `pattern`, `minimum`,
-`format`...) is refused with a ValueError that names it: a constraint left out would let
-through an output the schema refuses. The root must be an object, as OpenAI asks.
+`additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `minLength`,
+`maxLength` (a string so constrained takes no `\\u` escapes, so every character counts
+once), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
+included), `anyOf` / `oneOf` whose branches start with different bytes (a string or
+null...), `allOf` of one schema: what pydantic's `model_json_schema()` writes for models
+without formats or numeric bounds. Annotations (`title`, `description`, `default`,
+`examples`, `$schema`, `$id`, `$comment`...) are ignored. Any other keyword (`pattern`,
+`minimum`, `format`...) is refused with a ValueError that names it: a constraint left out
+would let through an output the schema refuses. The root must be an object, as OpenAI asks.
 
 A state is (frames, whitespace run): one frame per value being written, innermost last.
 """
@@ -23,7 +27,7 @@ import json
 from functools import lru_cache
 
 from shared.engine.grammar import (
-    DIGITS, DONE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MAX_WHITESPACE, MINUS, NUMBER,
+    DIGITS, DONE, ESCAPE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MAX_WHITESPACE, MINUS, NUMBER,
     NUMBER_ENDS, STRING, WHITESPACE, ZERO, DOT, _value, step as json_step,
 )
 
@@ -31,7 +35,9 @@ MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
 MAX_NODES = 4096  # most schema nodes after compiling
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const"})
+                      "minLength", "maxLength", "enum", "const", "$ref", "$defs", "definitions", "anyOf", "oneOf",
+                      "allOf"})
+VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can start with
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly"})
 
@@ -42,11 +48,64 @@ def _encode(value) -> bytes:
 
 class _Compiler:
     """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free), ("array",
-    item, min, max or -1), ("string",), ("number",), ("integer",), ("enum", (bytes, ...)),
-    ("any",), ("alt", (node, ...)) whose branches start with different bytes."""
+    item, min, max or -1), ("string", min, max or -1), ("number",), ("integer",), ("enum",
+    (bytes, ...)), ("any",), ("alt", (node, ...)) whose branches start with different bytes,
+    ("ref", node) for a `$ref` (compiled once, so a schema may refer to itself)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: dict) -> None:
+        self.root = root
         self.nodes: list[tuple] = []
+        self.refs: dict[str, int] = {}
+
+    def resolve(self, ref, where: str):
+        """The schema a local `$ref` ("#/$defs/Name", a JSON pointer into the root) names."""
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ValueError(f"{where}: only local $ref (#/...) are supported, got {ref!r}")
+        target = self.root
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise ValueError(f"{where}: $ref {ref!r} names nothing in the schema")
+            target = target[part]
+        return target
+
+    def reference(self, schema: dict, depth: int, where: str) -> int:
+        extra = sorted(set(schema) - ANNOTATIONS - {"$ref", "$defs", "definitions"})
+        if extra:
+            raise ValueError(f"{where}: keywords beside $ref ({extra[0]!r}) are not supported")
+        ref = schema["$ref"]
+        if ref in self.refs:
+            return self.refs[ref]
+        nid = self.refs[ref] = self.add(("ref", -1))
+        self.nodes[nid] = ("ref", self.compile(self.resolve(ref, where), depth + 1, ref))
+        return nid
+
+    def first_bytes(self, nid: int, seen: frozenset = frozenset()) -> frozenset:
+        """The bytes a value of node `nid` can start with."""
+        node = self.nodes[nid]
+        kind = node[0]
+        if kind in ("ref", "alt"):
+            targets = (node[1],) if kind == "ref" else node[1]
+            if nid in seen:
+                return frozenset()
+            return frozenset().union(*(self.first_bytes(t, seen | {nid}) for t in targets))
+        starts = {"object": b"{", "array": b"[", "string": b'"', "number": b"-0123456789", "integer": b"-0123456789"}
+        if kind in starts:
+            return frozenset(starts[kind])
+        if kind == "enum":
+            return frozenset(a[0] for a in node[1])
+        return VALUE_STARTS
+
+    def check_alternatives(self) -> None:
+        """Every `alt` node's branches start with different bytes (the automaton picks one by its first byte)."""
+        for node in self.nodes:
+            if node[0] != "alt":
+                continue
+            firsts = [self.first_bytes(b) for b in node[1]]
+            if sum(len(f) for f in firsts) != len(frozenset().union(*firsts)):
+                raise ValueError("anyOf / oneOf / a list of types whose branches can start alike (two objects, two "
+                                 "strings...) are not supported: the branches must differ in their first byte, "
+                                 "such as a string or null")
 
     def add(self, node: tuple) -> int:
         if len(self.nodes) >= MAX_NODES:
@@ -65,6 +124,20 @@ class _Compiler:
         if unknown:
             raise ValueError(f"{where}: json_schema keyword {unknown[0]!r} is not supported (supported: "
                              f"{', '.join(sorted(KEYWORDS))}; annotations are ignored)")
+        if "$ref" in schema:
+            return self.reference(schema, depth, where)
+        for name in ("anyOf", "oneOf", "allOf"):
+            if name not in schema:
+                continue
+            options = schema[name]
+            extra = sorted(set(schema) - ANNOTATIONS - {name, "$defs", "definitions"})
+            if not isinstance(options, list) or not options or extra:
+                raise ValueError(f"{where}: {name} must be a non-empty list of schemas with no other keyword beside "
+                                 f"it{f' (found {extra[0]!r})' if extra else ''}")
+            if name == "allOf" and len(options) > 1:
+                raise ValueError(f"{where}: allOf of more than one schema is not supported")
+            branches = [self.compile(option, depth + 1, f"{where}.{name}[{i}]") for i, option in enumerate(options)]
+            return branches[0] if len(branches) == 1 else self.add(("alt", tuple(branches)))
         if "const" in schema or "enum" in schema:
             values = [schema["const"]] if "const" in schema else schema["enum"]
             if not isinstance(values, list) or not values:
@@ -91,7 +164,15 @@ class _Compiler:
             return self.add(("enum", (b"true", b"false")))
         if kind == "null":
             return self.add(("enum", (b"null",)))
-        if kind in ("string", "number", "integer"):
+        if kind == "string":
+            low, high = schema.get("minLength", 0), schema.get("maxLength", -1)
+            for name, value in (("minLength", low), ("maxLength", high)):
+                if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name == "minLength"):
+                    raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+            if 0 <= high < low:
+                raise ValueError(f"{where}: maxLength ({high}) is below minLength ({low})")
+            return self.add(("string", low, high))
+        if kind in ("number", "integer"):
             return self.add((kind,))
         if kind == "array":
             items = schema.get("items", {})
@@ -122,11 +203,13 @@ class SchemaAutomaton:
     """The byte automaton of one compiled schema (see the module's docstring)."""
 
     def __init__(self, schema: dict):
-        compiler = _Compiler()
+        compiler = _Compiler(schema)
         root = compiler.compile(schema, 0, "$")
+        compiler.check_alternatives()
         self.nodes = compiler.nodes
-        kind = self.nodes[root][0]
-        if kind != "object":
+        while self.nodes[root][0] == "ref":
+            root = self.nodes[root][1]
+        if self.nodes[root][0] != "object":
             raise ValueError("the json_schema's root must be an object (type: object), as OpenAI's structured "
                              "outputs ask")
         self.initial = ((("val", root),), 0)
@@ -142,7 +225,9 @@ class SchemaAutomaton:
         if b in WHITESPACE and self._spacer(frames):
             return (frames, run + 1) if run < MAX_WHITESPACE else None
         out = self._step(frames, b)
-        return None if out is None else (out, 0)
+        if out is None or len(out) > 2 * MAX_DEPTH:  # a schema that refers to itself nests no deeper than JSON mode
+            return None
+        return (out, 0)
 
     @staticmethod
     def _spacer(frames: tuple) -> bool:
@@ -196,12 +281,14 @@ class SchemaAutomaton:
             if b == 0x2C and (high < 0 or count < high):
                 return rest + (("arr", nid, count, "v"), ("val", item))
             return self._complete(rest) if b == 0x5D and count >= low else None
-        if kind in ("str", "any"):
+        if kind == "str":
+            return self._string(rest, top, b)
+        if kind == "any":
             inner = json_step(top[1], b)
             if inner is None:  # a number ends on the byte after it
-                ended = kind == "any" and top[1][0] == NUMBER and top[1][1] == "" and top[1][2] in NUMBER_ENDS
+                ended = top[1][0] == NUMBER and top[1][1] == "" and top[1][2] in NUMBER_ENDS
                 return self._step(self._complete(rest), b) if ended else None
-            return self._complete(rest) if inner[0] == DONE else rest + ((kind, inner),)
+            return self._complete(rest) if inner[0] == DONE else rest + (("any", inner),)
         if kind == "num":
             _, integer, sub = top
             nxt = _number(sub, b, integer)
@@ -210,10 +297,33 @@ class SchemaAutomaton:
             return self._step(self._complete(rest), b) if sub in NUMBER_ENDS else None
         return self._enum(rest, top[1], top[2], b)  # "enum"
 
+    def _string(self, rest: tuple, top: tuple, b: int) -> tuple | None:
+        """A string's frame ("str", JSON automaton state, node, characters so far, capped where
+        the bounds stop telling counts apart) after `b`."""
+        _, inner, nid, count = top
+        _, low, high = self.nodes[nid]
+        if low or high >= 0:
+            if inner[0] == STRING and inner[2][1] == 0:  # between characters
+                if b == 0x22:
+                    if count < low:
+                        return None
+                elif high >= 0 and count >= high:
+                    return None
+                else:
+                    count = min(count + 1, max(low, high))
+            elif inner[0] == ESCAPE and b == 0x75:
+                return None  # no \\u escapes: a surrogate pair would count twice
+        inner = json_step(inner, b)
+        if inner is None:
+            return None
+        return self._complete(rest) if inner[0] == DONE else rest + (("str", inner, nid, count),)
+
     def _begin(self, rest: tuple, nid: int, b: int) -> tuple | None:
         """Frames after `b` starts a value of node `nid` (on top of `rest`)."""
         node = self.nodes[nid]
         kind = node[0]
+        if kind == "ref":
+            return self._begin(rest, node[1], b)
         if kind == "alt":
             for option in node[1]:
                 got = self._begin(rest, option, b)
@@ -229,7 +339,7 @@ class SchemaAutomaton:
         if kind == "array":
             return rest + (("arr", nid, 0, "f"),) if b == 0x5B else None
         if kind == "string":
-            return rest + (("str", (STRING, "", (False, 0))),) if b == 0x22 else None
+            return rest + (("str", (STRING, "", (False, 0)), nid, 0),) if b == 0x22 else None
         if kind in ("number", "integer"):
             sub = MINUS if b == 0x2D else ZERO if b == 0x30 else INT if b in DIGITS else None
             return None if sub is None else rest + (("num", kind == "integer", sub),)
