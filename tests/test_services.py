@@ -427,6 +427,35 @@ def test_openai_client_completions_and_chat(stack):
     assert "".join(parts) == chat.choices[0].message.content
 
 
+def test_openai_client_parses_structured_outputs_into_a_pydantic_model(stack, tiny_family):
+    """The OpenAI SDK's `chat.completions.parse(response_format=Model)` (strict json_schema):
+    the answer parses as the model (whitespace pushed down: the tiny models would spend
+    max_tokens on it)."""
+    from typing import Literal
+
+    from openai import OpenAI
+    from pydantic import BaseModel, Field
+    from transformers import AutoTokenizer
+
+    from shared.engine.grammar import token_bytes
+
+    class Mood(BaseModel):
+        ok: bool
+        tone: Literal["warm", "cold"]
+        words: list[Literal["a", "b"]] = Field(max_length=2)
+
+    _, settings = stack
+    client = OpenAI(base_url=f"{settings.gateway.http_url}/v1", api_key="dev")
+    tok = AutoTokenizer.from_pretrained(str(tiny_family.path("target")))
+    spaces = {str(t): -10 for t, data in enumerate(token_bytes(tok)) if data and not data.strip()}
+    parsed = [client.chat.completions.parse(model="specmesh", messages=[{"role": "user", "content": text}],
+                                            response_format=Mood, max_tokens=96, temperature=0,
+                                            extra_body={"logit_bias": spaces})
+              for text in ("How is it?", "Say something.")]
+    for answer in parsed:
+        assert isinstance(answer.choices[0].message.parsed, Mood), answer.choices[0].message.content
+
+
 def test_grpc_generate_and_stream(stack):
     import grpc
 
