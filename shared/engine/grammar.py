@@ -43,6 +43,11 @@ HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 INITIAL = (START, "", None)
+# UTF-8 (RFC 3629): lead byte -> (continuation bytes, the range of the first: no overlong
+# forms, no surrogates, nothing past U+10FFFF); the others are 0x80-0xBF.
+UTF8_LEADS = {b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)} | {b: (2, 0x80, 0xBF) for b in range(0xE1, 0xF0)} \
+    | {0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F), 0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)} \
+    | {b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}
 
 
 def _after_value(stack: str) -> tuple:
@@ -88,9 +93,12 @@ def _number(stack: str, sub: int, b: int) -> tuple | None:
 
 
 def _string(stack: str, aux: tuple, b: int) -> tuple | None:
-    is_key, continuation = aux
+    """aux: (is_key, 0) between characters; (is_key, bytes left, range of the next) inside one."""
+    is_key, continuation = aux[0], aux[1]
     if continuation:  # inside a multi-byte UTF-8 character
-        return (STRING, stack, (is_key, continuation - 1)) if 0x80 <= b <= 0xBF else None
+        if not aux[2] <= b <= aux[3]:
+            return None
+        return (STRING, stack, (is_key, continuation - 1, 0x80, 0xBF) if continuation > 1 else (is_key, 0))
     if b == 0x22:
         return (COLON, stack, None) if is_key else _after_value(stack)
     if b == 0x5C:  # backslash
@@ -99,10 +107,8 @@ def _string(stack: str, aux: tuple, b: int) -> tuple | None:
         return None  # control characters must be escaped
     if b < 0x80:
         return (STRING, stack, aux)
-    for low, high, more in ((0xC2, 0xDF, 1), (0xE0, 0xEF, 2), (0xF0, 0xF4, 3)):
-        if low <= b <= high:
-            return (STRING, stack, (is_key, more))
-    return None
+    lead = UTF8_LEADS.get(b)
+    return None if lead is None else (STRING, stack, (is_key, *lead))
 
 
 def step(state: tuple, b: int) -> tuple | None:

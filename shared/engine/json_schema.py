@@ -9,14 +9,19 @@ lists none (then any object, or only `{}` when `additionalProperties` constrains
 
 Taken: `type` (a name or a list of names), `properties`, `required`,
 `additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `minLength`,
-`maxLength` (a string so constrained takes no `\\u` escapes, so every character counts
-once), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
+`maxLength`, `pattern` (a regular expression, searched as JSON Schema says unless
+anchored with ^ and $; through interegular's automata), `format` (date, time, date-time,
+uuid, ipv4, email: each a regular expression here; dates stop at day 28, so every one
+exists), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
 included), `anyOf` / `oneOf` whose branches start with different bytes (a string or
 null...), `allOf` of one schema: what pydantic's `model_json_schema()` writes for models
-without formats or numeric bounds. Annotations (`title`, `description`, `default`,
-`examples`, `$schema`, `$id`, `$comment`...) are ignored. Any other keyword (`pattern`,
-`minimum`, `format`...) is refused with a ValueError that names it: a constraint left out
-would let through an output the schema refuses. The root must be an object, as OpenAI asks.
+without numeric bounds. Annotations (`title`, `description`, `default`, `examples`,
+`$schema`, `$id`, `$comment`...) are ignored. A string whose length, pattern or format is
+constrained takes no `\\u` escapes (a surrogate pair would count as two characters); a
+pattern or format does not go with a length bound (the two could leave no way to close
+the string). Any other keyword (`minimum`, `multipleOf`, another format...) is refused
+with a ValueError that names it: a constraint left out would let through an output the
+schema refuses. The root must be an object, as OpenAI asks.
 
 A state is (frames, whitespace run): one frame per value being written, innermost last.
 """
@@ -28,18 +33,98 @@ from functools import lru_cache
 
 from shared.engine.grammar import (
     DIGITS, DONE, ESCAPE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MAX_WHITESPACE, MINUS, NUMBER,
-    NUMBER_ENDS, STRING, WHITESPACE, ZERO, DOT, _value, step as json_step,
+    NUMBER_ENDS, STRING, UTF8_LEADS, WHITESPACE, ZERO, DOT, _value, step as json_step,
 )
 
 MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
 MAX_NODES = 4096  # most schema nodes after compiling
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "minLength", "maxLength", "enum", "const", "$ref", "$defs", "definitions", "anyOf", "oneOf",
-                      "allOf"})
-VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can start with
+                      "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
+                      "anyOf", "oneOf", "allOf"})
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly"})
+VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can start with
+_DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+FORMATS = {  # format -> a regular expression every match of which is valid
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": _DATE + "T" + _TIME,
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+    "ipv4": rf"({_OCTET}\.){{3}}{_OCTET}",
+    "email": r"[a-z0-9]+([._+-][a-z0-9]+)*@[a-z0-9]+(-[a-z0-9]+)*(\.[a-z0-9]+(-[a-z0-9]+)*)*\.[a-z]{2,}",
+}
+UNESCAPED = {ord('"'): '"', ord("\\"): "\\", ord("/"): "/", ord("b"): "\b", ord("f"): "\f", ord("n"): "\n",
+             ord("r"): "\r", ord("t"): "\t"}
+
+
+class Pattern:
+    """A regular expression as a character automaton (interegular's FSM), kept to the states
+    from which a match can still end: `step` refuses a character that would leave none."""
+
+    def __init__(self, regex: str, where: str):
+        import interegular
+
+        try:
+            fsm = interegular.parse_pattern(regex).to_fsm()
+        except Exception as exc:  # interegular's errors have no common base
+            raise ValueError(f"{where}: pattern {regex!r} is not supported ({exc})") from None
+        back: dict[int, set[int]] = {}
+        for state, row in fsm.map.items():
+            for target in row.values():
+                back.setdefault(target, set()).add(state)
+        live, pending = set(fsm.finals), list(fsm.finals)
+        while pending:
+            for state in back.get(pending.pop(), ()):
+                if state not in live:
+                    live.add(state)
+                    pending.append(state)
+        if fsm.initial not in live:
+            raise ValueError(f"{where}: pattern {regex!r} matches nothing")
+        self.fsm, self.live, self.initial, self.finals = fsm, frozenset(live), fsm.initial, fsm.finals
+        self.named = sorted(ord(c) for c in fsm.alphabet._symbol_mapping if isinstance(c, str) and len(c) == 1)
+        self._ranges: dict[tuple[int, int, int], bool] = {}
+
+    def step(self, state: int, char: str) -> int | None:
+        symbol = self.fsm.alphabet[char]
+        target = self.fsm.map.get(state, {}).get(symbol) if symbol is not None else None
+        return target if target in self.live else None
+
+    def any_in(self, state: int, low: int, high: int) -> bool:
+        """Whether some character in code points low..high steps `state` (a multi-byte
+        character begun: its bytes so far leave this range)."""
+        key = (state, low, high)
+        if key not in self._ranges:
+            from bisect import bisect_left, bisect_right
+
+            named = self.named[bisect_left(self.named, low):bisect_right(self.named, high)]
+            found = any(self.step(state, chr(c)) is not None for c in named)
+            if not found and len(named) < high - low + 1:  # a character the pattern does not name
+                taken = set(named)
+                other = next(c for c in range(low, high + 1) if c not in taken)
+                found = self.step(state, chr(other)) is not None
+            self._ranges[key] = found
+        return self._ranges[key]
+
+
+def _code_points(begun: bytes, low: int, high: int, left: int) -> tuple[int, int]:
+    """The code points a character can still be: `begun` so far, the next byte in low..high,
+    `left` bytes after the next (0x80-0xBF each)."""
+    first = (begun + bytes([low]) + b"\x80" * left).decode()
+    last = (begun + bytes([high]) + b"\xbf" * left).decode()
+    return ord(first), ord(last)
+
+
+def _searched(pattern: str) -> str:
+    """JSON Schema's `pattern` matches anywhere in the string unless anchored (^ ... $)."""
+    start = pattern.startswith("^")
+    end = pattern.endswith("$") and not pattern.endswith("\\$")
+    body = pattern[int(start): len(pattern) - int(end)]
+    return ("" if start else r"[\s\S]*") + f"({body})" + ("" if end else r"[\s\S]*")
+
+
 
 
 def _encode(value) -> bytes:
@@ -48,7 +133,7 @@ def _encode(value) -> bytes:
 
 class _Compiler:
     """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free), ("array",
-    item, min, max or -1), ("string", min, max or -1), ("number",), ("integer",), ("enum",
+    item, min, max or -1), ("string", min, max or -1, pattern index or -1), ("number",), ("integer",), ("enum",
     (bytes, ...)), ("any",), ("alt", (node, ...)) whose branches start with different bytes,
     ("ref", node) for a `$ref` (compiled once, so a schema may refer to itself)."""
 
@@ -56,6 +141,7 @@ class _Compiler:
         self.root = root
         self.nodes: list[tuple] = []
         self.refs: dict[str, int] = {}
+        self.patterns: list[Pattern] = []
 
     def resolve(self, ref, where: str):
         """The schema a local `$ref` ("#/$defs/Name", a JSON pointer into the root) names."""
@@ -171,7 +257,22 @@ class _Compiler:
                     raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
             if 0 <= high < low:
                 raise ValueError(f"{where}: maxLength ({high}) is below minLength ({low})")
-            return self.add(("string", low, high))
+            regex = schema.get("pattern")
+            fmt = schema.get("format")
+            if fmt is not None:
+                if regex is not None:
+                    raise ValueError(f"{where}: pattern and format together are not supported")
+                if fmt not in FORMATS:
+                    raise ValueError(f"{where}: format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+                regex = "^" + FORMATS[fmt] + "$"
+            if regex is None:
+                return self.add(("string", low, high, -1))
+            if not isinstance(regex, str):
+                raise ValueError(f"{where}: pattern must be a string, got {regex!r}")
+            if low or high >= 0:
+                raise ValueError(f"{where}: a pattern or format with minLength / maxLength is not supported")
+            self.patterns.append(Pattern(_searched(regex), where))
+            return self.add(("string", 0, -1, len(self.patterns) - 1))
         if kind in ("number", "integer"):
             return self.add((kind,))
         if kind == "array":
@@ -206,7 +307,7 @@ class SchemaAutomaton:
         compiler = _Compiler(schema)
         root = compiler.compile(schema, 0, "$")
         compiler.check_alternatives()
-        self.nodes = compiler.nodes
+        self.nodes, self.patterns = compiler.nodes, compiler.patterns
         while self.nodes[root][0] == "ref":
             root = self.nodes[root][1]
         if self.nodes[root][0] != "object":
@@ -298,25 +399,55 @@ class SchemaAutomaton:
         return self._enum(rest, top[1], top[2], b)  # "enum"
 
     def _string(self, rest: tuple, top: tuple, b: int) -> tuple | None:
-        """A string's frame ("str", JSON automaton state, node, characters so far, capped where
-        the bounds stop telling counts apart) after `b`."""
-        _, inner, nid, count = top
-        _, low, high = self.nodes[nid]
-        if low or high >= 0:
-            if inner[0] == STRING and inner[2][1] == 0:  # between characters
+        """A string's frame after `b`: ("str", JSON automaton state, node, characters so far
+        (capped where the bounds stop telling counts apart), pattern state, the bytes of a
+        character begun); the last three only for a constrained string."""
+        _, inner, nid, count, match, begun = top
+        _, low, high, pattern_index = self.nodes[nid]
+        pattern = self.patterns[pattern_index] if pattern_index >= 0 else None
+        if low or high >= 0 or pattern:
+            mode = inner[0]
+            char = None
+            if mode == STRING and inner[2][1] == 0:  # between characters
                 if b == 0x22:
-                    if count < low:
+                    if count < low or (pattern and match not in pattern.finals):
                         return None
                 elif high >= 0 and count >= high:
                     return None
                 else:
                     count = min(count + 1, max(low, high))
-            elif inner[0] == ESCAPE and b == 0x75:
-                return None  # no \\u escapes: a surrogate pair would count twice
+                    if b < 0x80 and b != 0x5C:
+                        char = chr(b)
+                    elif b == 0x5C:
+                        if pattern and all(pattern.step(match, c) is None for c in UNESCAPED.values()):
+                            return None  # no escaped character could come next
+                    else:
+                        begun = bytes([b])
+                        lead = UTF8_LEADS.get(b)
+                        if pattern and lead and not pattern.any_in(match, *_code_points(begun, lead[1], lead[2],
+                                                                                         lead[0] - 1)):
+                            return None
+            elif mode == ESCAPE:
+                if b == 0x75:
+                    return None  # no \\u escapes: a surrogate pair would count twice
+                char = UNESCAPED.get(b)
+            elif mode == STRING:  # inside a multi-byte character
+                if not inner[2][2] <= b <= inner[2][3]:
+                    return None
+                begun += bytes([b])
+                left = inner[2][1] - 1
+                if not left:
+                    char, begun = begun.decode(), b""
+                elif pattern and not pattern.any_in(match, *_code_points(begun, 0x80, 0xBF, left - 1)):
+                    return None
+            if pattern and char is not None:
+                match = pattern.step(match, char)
+                if match is None:
+                    return None
         inner = json_step(inner, b)
         if inner is None:
             return None
-        return self._complete(rest) if inner[0] == DONE else rest + (("str", inner, nid, count),)
+        return self._complete(rest) if inner[0] == DONE else rest + (("str", inner, nid, count, match, begun),)
 
     def _begin(self, rest: tuple, nid: int, b: int) -> tuple | None:
         """Frames after `b` starts a value of node `nid` (on top of `rest`)."""
@@ -339,7 +470,9 @@ class SchemaAutomaton:
         if kind == "array":
             return rest + (("arr", nid, 0, "f"),) if b == 0x5B else None
         if kind == "string":
-            return rest + (("str", (STRING, "", (False, 0)), nid, 0),) if b == 0x22 else None
+            pattern_index = node[3]
+            match = self.patterns[pattern_index].initial if pattern_index >= 0 else None
+            return rest + (("str", (STRING, "", (False, 0)), nid, 0, match, b""),) if b == 0x22 else None
         if kind in ("number", "integer"):
             sub = MINUS if b == 0x2D else ZERO if b == 0x30 else INT if b in DIGITS else None
             return None if sub is None else rest + (("num", kind == "integer", sub),)
