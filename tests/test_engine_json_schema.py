@@ -275,3 +275,19 @@ def test_chains_under_a_schema_emit_the_target_alones_tokens_and_valid_objects(p
         jsonschema.validate(json.loads(b"".join(vocab[t] for t in out[:-1])), SMALL)
     other = replace(sampling, json_schema=canonical_schema(PERSON))  # another schema, another grammar
     assert pool.chain(spec, k=3).generate(subset[:1], 8, sampling=other)[0] != got[0][:8]
+
+
+def test_unbounded_arrays_and_strings_revisit_their_states():
+    """Counts are kept only as far as a bound tells them apart, so masks memoised per state
+    serve every item of an unbounded array and every character of a free string."""
+    lists = {"type": "object", "properties": {"list": {"type": "array", "items": {"type": "array",
+                                                                               "items": {"type": "integer"}}}}}
+    automaton = compile_schema(canonical_schema(lists))
+    state, seen = advance(automaton.initial, b'{"list":[', automaton.step), set()
+    for i in range(50):
+        state = advance(state, b"[1]," if i < 49 else b"[1]", automaton.step)
+        seen.add(state)
+    assert len(seen) == 2 and automaton.done(advance(state, b"]}", automaton.step))
+    free = compile_schema(canonical_schema(SMALL | {"properties": {"s": {"type": "string"}}}))
+    state = advance(free.initial, b'{"s":"', free.step)
+    assert advance(state, b"abc", free.step) == advance(state, b"abcdefgh", free.step)

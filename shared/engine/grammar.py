@@ -54,7 +54,7 @@ def _after_value(stack: str) -> tuple:
     return (DONE, "", None) if not stack else (AFTER, stack, None)
 
 
-def _value(stack: str, b: int) -> tuple | None:
+def value_start(stack: str, b: int) -> tuple | None:
     """The state after `b` opens a value."""
     if b == 0x7B:  # {
         return (FIRST_KEY, stack + "o", None) if len(stack) < MAX_DEPTH else None
@@ -139,9 +139,9 @@ def step(state: tuple, b: int) -> tuple | None:
         run = (aux or 0) + 1
         return (mode, stack, run) if run <= MAX_WHITESPACE else None
     if mode == VALUE:
-        return _value(stack, b)
+        return value_start(stack, b)
     if mode == FIRST_ITEM:
-        return _after_value(stack[:-1]) if b == 0x5D else _value(stack, b)
+        return _after_value(stack[:-1]) if b == 0x5D else value_start(stack, b)
     if mode in (FIRST_KEY, KEY):
         if b == 0x22:
             return (STRING, stack, (True, 0))

@@ -33,7 +33,7 @@ from functools import lru_cache
 
 from shared.engine.grammar import (
     DIGITS, DONE, ESCAPE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MAX_WHITESPACE, MINUS, NUMBER,
-    NUMBER_ENDS, STRING, UTF8_LEADS, WHITESPACE, ZERO, DOT, _value, step as json_step,
+    NUMBER_ENDS, STRING, UTF8_LEADS, WHITESPACE, ZERO, DOT, step as json_step, value_start,
 )
 
 MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
@@ -348,7 +348,8 @@ class SchemaAutomaton:
         parent = rest[-1]
         if parent[0] == "obj":
             return rest[:-1] + (("obj", parent[1], parent[2] + 1, "s", 0),)
-        return rest[:-1] + (("arr", parent[1], parent[2] + 1, "s"),)
+        _, _, low, high = self.nodes[parent[1]]  # an array's count, capped where its bounds stop telling counts apart
+        return rest[:-1] + (("arr", parent[1], min(parent[2] + 1, max(low, high)), "s"),)
 
     def _step(self, frames: tuple, b: int) -> tuple | None:
         if not frames:
@@ -478,7 +479,7 @@ class SchemaAutomaton:
             return None if sub is None else rest + (("num", kind == "integer", sub),)
         if kind == "enum":
             return self._enum(rest, nid, b"", b)
-        inner = _value("", b)  # "any"
+        inner = value_start("", b)  # "any"
         return None if inner is None else rest + (("any", inner),)
 
     def _enum(self, rest: tuple, nid: int, prefix: bytes, b: int) -> tuple | None:
