@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.engine.grammar import DONE, INITIAL, MAX_DEPTH, MAX_WHITESPACE, Grammar, TokenTrie, advance, token_bytes
+from shared.engine.grammar import DONE, INITIAL, MAX_DEPTH, MAX_INDENT, Grammar, TokenTrie, advance, token_bytes
 from shared.engine.sampling import SamplingParams, choose, penalize, process_logits
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
 from tests.test_engine_penalties import by_hand
@@ -57,7 +57,7 @@ def test_what_the_automaton_completes_parses_as_an_object(text):
 @pytest.mark.parametrize("bad", ['[1]', '"x"', '1', '{"a":01}', '{"a":1,}', '{,}', '{"a" 1}', "{'a':1}",
                                  '{"a":tru}', '{"a":"\x01"}', '{"a":"\\x"}', '{"a":1.}', '{"a":-}', '{"a":1e}',
                                  '{"a":[1 2]}', '{"a":1}}', '{"a":1} ', '{"a":NaN}', '{"a":"\\u12G4"}', ' {}',
-                                 '{' + ' ' * (MAX_WHITESPACE + 1) + '}'])
+                                 '{  }', '{\n\n}', '{\t}', '{\n' + ' ' * (MAX_INDENT + 1) + '}'])
 def test_what_is_not_one_json_object_is_refused(bad):
     assert not complete(bad.encode())
 

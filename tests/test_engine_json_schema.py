@@ -291,3 +291,14 @@ def test_unbounded_arrays_and_strings_revisit_their_states():
     free = compile_schema(canonical_schema(SMALL | {"properties": {"s": {"type": "string"}}}))
     state = advance(free.initial, b'{"s":"', free.step)
     assert advance(state, b"abc", free.step) == advance(state, b"abcdefgh", free.step)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"n": 12 , "x": 1.5e3\n  }', True), ('{"n":12\n\t,"x":1}', True), ('{"n":12  ,"x":1}', False),
+    ('{"n":12\t,"x":1}', False), ('{"n":1\n\n,"x":1}', False), ('{ "n":1,"x":1}', True),
+])
+def test_whitespace_after_numbers_and_literals_follows_the_same_rule(text, ok):
+    """A space, or a newline and an indent, between tokens; a number ends on the space after it."""
+    automaton = compile_schema(canonical_schema(SCHEMAS[5]))  # {"n": enum 1/12/123, "x": number}
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok

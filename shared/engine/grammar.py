@@ -10,10 +10,12 @@ trie of the vocabulary's token bytes (`TokenTrie`, `Grammar`) turns an automaton
 tokens whose bytes all fit, walking each shared prefix once and cutting a subtree at its
 first wrong byte. Masks are memoised per state (the body of a key at one nesting, a value
 position...) and states per output, so a request pays for a state the first time any
-request reaches it. The object starts at the first byte; whitespace is allowed where JSON
-allows it, at most `MAX_WHITESPACE` bytes in a row (a model that finds whitespace likely
-would otherwise write nothing else until max_tokens; indented JSON fits); nesting is at
-most `MAX_DEPTH` deep; once the object is closed only the end of sequence may follow.
+request reaches it. The object starts at the first byte; between JSON's tokens the
+whitespace is a single space, or a newline and up to `MAX_INDENT` spaces or tabs (what
+`json.dumps` writes, compact or indented): a model that finds whitespace likely would
+otherwise write little else until max_tokens (vLLM's xgrammar users met it as
+`disable_any_whitespace`). Nesting is at most `MAX_DEPTH` deep; once the object is closed
+only the end of sequence may follow.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from typing import Sequence
 import numpy as np
 
 MAX_DEPTH = 32  # most objects and arrays open at once
-MAX_WHITESPACE = 20  # most whitespace bytes in a row (a newline and nine levels of two-space indent)
+MAX_INDENT = 16  # most spaces or tabs after a newline between JSON's tokens (eight levels of two)
 STATE_CACHE = 1 << 12  # outputs whose state is kept (the least recently used go first)
 MASK_BYTES = 64 << 20  # the token masks a grammar keeps, one byte per token each (at least 64 masks)
 
 # Modes of the automaton. A state is (mode, stack, aux): stack holds "o" (object) and "a"
 # (array) for each open container, innermost last; aux is what the mode needs (between
-# tokens of JSON: the whitespace bytes written since the last one, None for none).
+# tokens of JSON: the whitespace since the last one, `after_whitespace`'s run; None for none).
 START, VALUE, FIRST_ITEM, FIRST_KEY, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, NUMBER, LITERAL, DONE = range(13)
 # Number sub-states (aux of NUMBER): after "-", after a leading "0", in the integer digits,
 # after ".", in the fraction, after "e", after the exponent's sign, in the exponent.
@@ -48,6 +50,16 @@ INITIAL = (START, "", None)
 UTF8_LEADS = {b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)} | {b: (2, 0x80, 0xBF) for b in range(0xE1, 0xF0)} \
     | {0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F), 0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)} \
     | {b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}
+
+
+def after_whitespace(run: int, b: int) -> int | None:
+    """The whitespace run between two of JSON's tokens after byte `b`, None if refused: 0
+    none yet, -1 a space (nothing may follow it), n > 0 a newline and n - 1 spaces or tabs."""
+    if run == 0:
+        return -1 if b == 0x20 else 1 if b == 0x0A else None
+    if run > 0 and b in (0x20, 0x09) and run <= MAX_INDENT:
+        return run + 1
+    return None
 
 
 def _after_value(stack: str) -> tuple:
@@ -136,8 +148,8 @@ def step(state: tuple, b: int) -> tuple | None:
     if mode == START:
         return (FIRST_KEY, "o", None) if b == 0x7B else None
     if b in WHITESPACE:
-        run = (aux or 0) + 1
-        return (mode, stack, run) if run <= MAX_WHITESPACE else None
+        run = after_whitespace(aux or 0, b)
+        return None if run is None else (mode, stack, run)
     if mode == VALUE:
         return value_start(stack, b)
     if mode == FIRST_ITEM:

@@ -32,8 +32,8 @@ import json
 from functools import lru_cache
 
 from shared.engine.grammar import (
-    DIGITS, DONE, ESCAPE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MAX_WHITESPACE, MINUS, NUMBER,
-    NUMBER_ENDS, STRING, UTF8_LEADS, WHITESPACE, ZERO, DOT, step as json_step, value_start,
+    DIGITS, DONE, ESCAPE, EXP, EXP_MARK, EXP_SIGN, FIRST_KEY, FRAC, INT, MAX_DEPTH, MINUS, NUMBER,
+    NUMBER_ENDS, STRING, UTF8_LEADS, WHITESPACE, ZERO, DOT, after_whitespace, step as json_step, value_start,
 )
 
 MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
@@ -324,11 +324,23 @@ class SchemaAutomaton:
         if not frames:
             return None
         if b in WHITESPACE and self._spacer(frames):
-            return (frames, run + 1) if run < MAX_WHITESPACE else None
+            run = after_whitespace(run, b)
+            return None if run is None else (frames, run)
         out = self._step(frames, b)
         if out is None or len(out) > 2 * MAX_DEPTH:  # a schema that refers to itself nests no deeper than JSON mode
             return None
+        if b in WHITESPACE and self._ended_by(frames[-1], b):  # the space after a number or literal
+            run = after_whitespace(0, b)
+            return None if run is None else (out, run)
         return (out, 0)
+
+    def _ended_by(self, top: tuple, b: int) -> bool:
+        """Whether `b` ends the value on top (a number or literal ends on the byte after it)."""
+        if top[0] == "num":
+            return True
+        if top[0] == "enum":
+            return not any(a.startswith(top[2] + bytes([b])) for a in self.nodes[top[1]][1])
+        return top[0] == "any" and top[1][0] == NUMBER and top[1][1] == ""
 
     @staticmethod
     def _spacer(frames: tuple) -> bool:
