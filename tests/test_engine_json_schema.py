@@ -138,7 +138,7 @@ def test_a_recursive_schema_and_string_lengths(text, ok):
 
 def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
     """What `model_json_schema()` writes ($defs and $ref, Optional as anyOf with null, Literal
-    and Enum as enum, lengths, formats): walks of its automaton validate and parse as the model."""
+    and Enum as enum, lengths, formats, bounds): walks of its automaton validate and parse as the model."""
     import datetime
     import enum
     import uuid
@@ -164,6 +164,8 @@ def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
         color: Color
         born: datetime.date
         key: uuid.UUID
+        count: int = Field(ge=-3, lt=40)
+        ratio: float = Field(ge=0)
         friends: list["User"] = Field(default_factory=list, max_length=1)
 
     schema = User.model_json_schema()
@@ -204,7 +206,9 @@ def test_formats_and_patterns(value, field, ok):
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}, "pattern"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "uri"}}}, "'uri' is not supported"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 10}}}, "minLength"),
-    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum'"),
+    ({"type": "object", "properties": {"a": {"type": "number", "maximum": 3}}}, "a number's bounds"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 3, "maximum": 2}}}, "no integer"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"properties": {}}]}}}, "start alike"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "start alike"),
     ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"maxLength": 3}]}}}, "allOf"),
@@ -302,3 +306,32 @@ def test_whitespace_after_numbers_and_literals_follows_the_same_rule(text, ok):
     automaton = compile_schema(canonical_schema(SCHEMAS[5]))  # {"n": enum 1/12/123, "x": number}
     state = advance(automaton.initial, text.encode(), automaton.step)
     assert (state is not None and automaton.done(state)) == ok
+
+
+@pytest.mark.parametrize("bounds", [{"minimum": 0}, {"minimum": -7, "maximum": 120}, {"exclusiveMinimum": 9.5},
+                                    {"maximum": -3}, {"exclusiveMinimum": -2, "exclusiveMaximum": 2}, {"minimum": 100}])
+def test_integer_bounds_take_exactly_the_integers_in_range(bounds):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", **bounds}}}
+    automaton = compile_schema(canonical_schema(schema))
+    validator = jsonschema.Draft202012Validator(schema)
+    for value in range(-300, 300):
+        for close in (b"}", b" }", b"\n}"):
+            state = advance(automaton.initial, b'{"n":' + str(value).encode() + close, automaton.step)
+            assert (state is not None and automaton.done(state)) == validator.is_valid({"n": value}), (value, close)
+    for junk in (b"-0", b"01", b"1.0", b"1e2"):
+        state = advance(automaton.initial, b'{"n":' + junk + b"}", automaton.step)
+        assert state is None or not automaton.done(state)
+
+
+@pytest.mark.parametrize("bounds, good, bad", [
+    ({"minimum": 0}, ["0", "0.5", "12e-3", "3.25E+2"], ["-1", "-0.5", "-0"]),
+    ({"exclusiveMinimum": 0}, ["0.5", "12", "0.001"], ["0", "0.0", "-1", "0e5"]),
+])
+def test_a_numbers_lower_bound_of_zero(bounds, good, bad):
+    schema = {"type": "object", "properties": {"x": {"type": "number", **bounds}}}
+    automaton = compile_schema(canonical_schema(schema))
+    for text, ok in [(g, True) for g in good] + [(b, False) for b in bad]:
+        state = advance(automaton.initial, b'{"x":' + text.encode() + b"}", automaton.step)
+        assert (state is not None and automaton.done(state)) == ok, text
+        if ok:
+            jsonschema.validate(json.loads(b'{"x":' + text.encode() + b"}"), schema)

@@ -593,7 +593,7 @@ async def test_bad_completion_requests(client, backend, fields, status, param):
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
                                                                           "json_schema": {"name": "x"}}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0}}}}}},
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "number", "maximum": 0}}}}}},
      "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string"}}}}, "response_format"),

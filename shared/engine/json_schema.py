@@ -9,17 +9,19 @@ lists none (then any object, or only `{}` when `additionalProperties` constrains
 
 Taken: `type` (a name or a list of names), `properties`, `required`,
 `additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `minLength`,
-`maxLength`, `pattern` (a regular expression, searched as JSON Schema says unless
+`maxLength`, `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any on an
+integer, through a regular expression of the range; on a number only a lower bound of 0),
+`pattern` (a regular expression, searched as JSON Schema says unless
 anchored with ^ and $; through interegular's automata), `format` (date, time, date-time,
 uuid, ipv4, email: each a regular expression here; dates stop at day 28, so every one
 exists), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
 included), `anyOf` / `oneOf` whose branches start with different bytes (a string or
-null...), `allOf` of one schema: what pydantic's `model_json_schema()` writes for models
-without numeric bounds. Annotations (`title`, `description`, `default`, `examples`,
+null...), `allOf` of one schema: what pydantic's `model_json_schema()` writes for most
+models. Annotations (`title`, `description`, `default`, `examples`,
 `$schema`, `$id`, `$comment`...) are ignored. A string whose length, pattern or format is
 constrained takes no `\\u` escapes (a surrogate pair would count as two characters); a
 pattern or format does not go with a length bound (the two could leave no way to close
-the string). Any other keyword (`minimum`, `multipleOf`, another format...) is refused
+the string). Any other keyword (`multipleOf`, a number's upper bound, another format...) is refused
 with a ValueError that names it: a constraint left out would let through an output the
 schema refuses. The root must be an object, as OpenAI asks.
 
@@ -41,7 +43,10 @@ MAX_NODES = 4096  # most schema nodes after compiling
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
-                      "anyOf", "oneOf", "allOf"})
+                      "anyOf", "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+NON_NEGATIVE = r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"  # a number >= 0 as JSON writes it
+POSITIVE = r"[1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*"  # a number > 0 (no exponent: 0e5 is 0)
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly"})
 VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can start with
@@ -133,7 +138,8 @@ def _encode(value) -> bytes:
 
 class _Compiler:
     """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free), ("array",
-    item, min, max or -1), ("string", min, max or -1, pattern index or -1), ("number",), ("integer",), ("enum",
+    item, min, max or -1), ("string", min, max or -1, pattern index or -1), ("number", pattern index
+    or -1), ("integer", pattern index or -1) (the pattern of its bounds), ("enum",
     (bytes, ...)), ("any",), ("alt", (node, ...)) whose branches start with different bytes,
     ("ref", node) for a `$ref` (compiled once, so a schema may refer to itself)."""
 
@@ -274,7 +280,11 @@ class _Compiler:
             self.patterns.append(Pattern(_searched(regex), where))
             return self.add(("string", 0, -1, len(self.patterns) - 1))
         if kind in ("number", "integer"):
-            return self.add((kind,))
+            regex = _bounded(kind, {k: schema[k] for k in BOUNDS if k in schema}, where)
+            if regex is None:
+                return self.add((kind, -1))
+            self.patterns.append(Pattern(regex, where))  # an automaton matches whole texts
+            return self.add((kind, len(self.patterns) - 1))
         if kind == "array":
             items = schema.get("items", {})
             if isinstance(items, list):
@@ -404,11 +414,18 @@ class SchemaAutomaton:
                 return self._step(self._complete(rest), b) if ended else None
             return self._complete(rest) if inner[0] == DONE else rest + (("any", inner),)
         if kind == "num":
-            _, integer, sub = top
+            _, integer, sub, pattern_index, match = top
             nxt = _number(sub, b, integer)
+            pattern = self.patterns[pattern_index] if pattern_index >= 0 else None
             if nxt is not None:
-                return rest + (("num", integer, nxt),)
-            return self._step(self._complete(rest), b) if sub in NUMBER_ENDS else None
+                if pattern:
+                    match = pattern.step(match, chr(b))
+                    if match is None:
+                        return None
+                return rest + (("num", integer, nxt, pattern_index, match),)
+            if sub not in NUMBER_ENDS or (pattern and match not in pattern.finals):
+                return None
+            return self._step(self._complete(rest), b)
         return self._enum(rest, top[1], top[2], b)  # "enum"
 
     def _string(self, rest: tuple, top: tuple, b: int) -> tuple | None:
@@ -488,7 +505,16 @@ class SchemaAutomaton:
             return rest + (("str", (STRING, "", (False, 0)), nid, 0, match, b""),) if b == 0x22 else None
         if kind in ("number", "integer"):
             sub = MINUS if b == 0x2D else ZERO if b == 0x30 else INT if b in DIGITS else None
-            return None if sub is None else rest + (("num", kind == "integer", sub),)
+            if sub is None:
+                return None
+            pattern_index = node[1]
+            match = None
+            if pattern_index >= 0:
+                pattern = self.patterns[pattern_index]
+                match = pattern.step(pattern.initial, chr(b))
+                if match is None:
+                    return None
+            return rest + (("num", kind == "integer", sub, pattern_index, match),)
         if kind == "enum":
             return self._enum(rest, nid, b"", b)
         inner = value_start("", b)  # "any"
@@ -522,6 +548,77 @@ def _number(sub: int, b: int, integer: bool) -> int | None:
     if b in (0x65, 0x45) and sub in (ZERO, INT, FRAC):
         return EXP_MARK
     return EXP_SIGN if b in (0x2B, 0x2D) and sub == EXP_MARK else None
+
+
+def _bounded(kind: str, bounds: dict, where: str) -> str | None:
+    """A regular expression for the numbers `bounds` allow (None without bounds): any integer
+    range; for a number, only minimum 0 or exclusiveMinimum 0 (else ValueError)."""
+    if not bounds:
+        return None
+    for name, value in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
+    if kind == "number":
+        if bounds in ({"minimum": 0}, {"exclusiveMinimum": 0}):
+            return NON_NEGATIVE if "minimum" in bounds else POSITIVE
+        raise ValueError(f"{where}: a number's bounds are taken only as minimum 0 or exclusiveMinimum 0 (an integer "
+                         f"takes any); got {bounds}")
+    import math
+
+    lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
+    lows += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
+    highs = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
+    highs += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
+    low, high = max(lows, default=None), min(highs, default=None)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{where}: no integer is within {bounds}")
+    return integer_range(low, high)
+
+
+def integer_range(low: int | None, high: int | None) -> str:
+    """A regular expression matching exactly the integers in low..high (None: unbounded) as
+    JSON writes them (no leading zeros, no "-0")."""
+    parts = []
+    if high is None or high >= 0:
+        parts += _naturals(max(low, 0) if low is not None else 0, high)
+    if low is None or low < 0:
+        parts += ["-(" + p + ")" for p in _naturals(max(-high, 1) if high is not None and high < 0 else 1,
+                                                      -low if low is not None else None)]
+    return "|".join(f"({p})" for p in parts)
+
+
+def _naturals(low: int, high: int | None) -> list[str]:
+    """Alternatives matching the integers low..high (>= 0; None: no end), one per digit count."""
+    out = []
+    digits = len(str(low))
+    while high is None or (10 ** (digits - 1) if digits > 1 else 0) <= high:
+        first = max(low, 10 ** (digits - 1) if digits > 1 else 0)
+        last = 10 ** digits - 1 if high is None else min(high, 10 ** digits - 1)
+        if high is None and first == 10 ** (digits - 1) and digits > 1:
+            out.append(f"[1-9][0-9]{{{digits - 1},}}")  # every longer number too
+            break
+        out.append(_same_length(str(first), str(last)))
+        if high is None and digits >= 1 and first == 0 and last == 9:
+            out.append("[1-9][0-9]+")
+            break
+        digits += 1
+    return out
+
+
+def _same_length(low: str, high: str) -> str:
+    """A regular expression for the digit strings low..high, both of one length."""
+    if low == high:
+        return low
+    if len(low) == 1:
+        return f"[{low}-{high}]"
+    if low[0] == high[0]:
+        return low[0] + "(" + _same_length(low[1:], high[1:]) + ")"
+    rest = len(low) - 1
+    parts = [low[0] + "(" + _same_length(low[1:], "9" * rest) + ")"]
+    if int(high[0]) - int(low[0]) > 1:
+        parts.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}][0-9]{{{rest}}}")
+    parts.append(high[0] + "(" + _same_length("0" * rest, high[1:]) + ")")
+    return "|".join(f"({p})" for p in parts)
 
 
 def canonical_schema(schema) -> str:
