@@ -330,6 +330,17 @@ def test_cli_bench_engine_json(engine_family, monkeypatch):
         assert {"tokens_per_s", "speedup", "acceptance", "theoretical_speedup", "efficiency"} <= set(r)
 
 
+def test_cli_bench_engine_under_a_json_schema(engine_family, monkeypatch, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}, "ok": {"type": "boolean"}}}')
+    result = _cli(engine_family, monkeypatch, ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "12",
+                                               "--chains", "ngram,drafter,target", "--json-schema", str(schema)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{\n"):])
+    assert data["response_format"] == "json_schema" and "hf_assisted_tokens_per_s" not in data
+    assert data["chains"]["ngram,drafter,target"]["identical_to_target"] is True
+
+
 @pytest.mark.slow
 def test_cli_bench_engine_with_transformers_assisted(engine_family, monkeypatch):
     result = _cli(engine_family, monkeypatch, ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "16"])

@@ -126,12 +126,14 @@ def _prompts(tokenizer, n: int, prompt_chars: int) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-def _run(chain, prompts, max_tokens, batch: int = 1) -> tuple[list[list[int]], float]:
+def _run(chain, prompts, max_tokens, batch: int = 1, sampling=None) -> tuple[list[list[int]], float]:
+    from shared.engine.sampling import GREEDY
+
     chain.reset_stats()
     outs = []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        outs.extend(chain.generate(prompts[i : i + batch], max_tokens))
+        outs.extend(chain.generate(prompts[i : i + batch], max_tokens, sampling or GREEDY))
     return outs, time.perf_counter() - t0
 
 
@@ -149,11 +151,23 @@ def bench_engine(
     threads: Optional[int] = typer.Option(None, help="torch threads (default: settings.engine.threads)."),
     profile: bool = typer.Option(False, "--profile", help="Also print where the time of each chain goes (cProfile, top functions)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Measure transformers assisted generation on the drafter/target pair."),
+    json_object: bool = typer.Option(False, "--json-object", help="Every run in JSON mode (response_format json_object; no transformers run)."),
+    json_schema: Optional[Path] = typer.Option(
+        None, "--json-schema", exists=True, dir_okay=False, help="Every run under this JSON Schema (no transformers run)."),
 ) -> None:
     """Greedy: target alone, each chain, and transformers assisted generation (batch 1)."""
+    from shared.engine.sampling import GREEDY, SamplingParams
     from shared.engine.stats import theoretical_speedup
 
     n_threads = _threads(threads)
+    try:
+        sampling = GREEDY if not (json_object or json_schema) else SamplingParams(
+            response_format="json_schema" if json_schema else "json_object",
+            json_schema=_schema_text(json_schema) if json_schema else "")
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    hf = hf and sampling is GREEDY  # transformers' assisted generation takes no grammar
     pool = _pool(family, runner, None, None, None)
     tok = pool.tokenizer()
     ps = _prompts(tok, prompts, prompt_chars)
@@ -161,9 +175,9 @@ def bench_engine(
     built = {"target": pool.chain("target")}
     built.update({s: pool.chain(s, k=k) for s in specs})
     for c in built.values():  # warm up every runner and code path
-        c.generate([ps[0][:16]], 4)
+        c.generate([ps[0][:16]], 4, sampling)
 
-    ref, secs = _run(built["target"], ps, max_tokens, batch)
+    ref, secs = _run(built["target"], ps, max_tokens, batch, sampling)
     base = built["target"].collect_stats()
     n_tokens = sum(len(o) for o in ref)
     target_tps = n_tokens / secs
@@ -178,6 +192,7 @@ def bench_engine(
         "max_tokens": max_tokens,
         "k": k,
         "batch": batch,
+        "response_format": sampling.response_format or "text",
         "target_only": {"tokens": n_tokens, "seconds": round(secs, 4), "tokens_per_s": round(target_tps, 2), "step_ms": round(target_step * 1e3, 4)},
         "chains": {},
     }
@@ -189,7 +204,7 @@ def bench_engine(
 
             prof = cProfile.Profile()
             prof.enable()
-        outs, secs = _run(c, ps, max_tokens, batch)
+        outs, secs = _run(c, ps, max_tokens, batch, sampling)
         if profile:
             prof.disable()
             typer.echo(f"--- profile of {spec}", err=True)
@@ -219,7 +234,7 @@ def bench_engine(
     t = result["target_only"]
     typer.echo(
         f"family={result['family']} threads={n_threads} runner={pool.kind} {pool.dtype} prompts={len(ps)} "
-        f"max_tokens={max_tokens} k={k} batch={batch}\n"
+        f"max_tokens={max_tokens} k={k} batch={batch} response_format={result['response_format']}\n"
         f"target alone: {t['tokens_per_s']:.1f} tokens/s (step {t['step_ms']:.2f} ms)"
     )
     typer.echo(f"{'chain':<32}{'tok/s':>8}{'speedup':>9}{'theory':>8}{'effic.':>8}  identical  acceptance")
