@@ -74,22 +74,26 @@ def walk(automaton, rng: random.Random, limit: int = 2000) -> bytes | None:
     return bytes(out)
 
 
+def finished_walks(automaton, seed: int, tries: int, limit: int, enough: int) -> list[bytes]:
+    """The walks (of `tries`) that close their object within `limit` bytes, at most `enough`."""
+    rng, texts = random.Random(seed), []
+    for _ in range(tries):
+        text = walk(automaton, rng, limit)
+        if text is not None:
+            texts.append(text)
+            if len(texts) == enough:
+                break
+    return texts
+
+
 @pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
 def test_what_the_automaton_completes_validates(schema):
     """With formats asserted: jsonschema's checker for date, time, date-time, uuid, ipv4, email."""
-    automaton = compile_schema(canonical_schema(schema))
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    rng = random.Random(7)
-    done = 0
-    for _ in range(60):
-        text = walk(automaton, rng, limit=600)
-        if text is None:
-            continue
+    texts = finished_walks(compile_schema(canonical_schema(schema)), seed=7, tries=60, limit=600, enough=12)
+    for text in texts:
         jsonschema.validate(json.loads(text), schema, format_checker=checker)
-        done += 1
-        if done == 12:
-            break
-    assert done >= 5
+    assert len(texts) >= 5
 
 
 @settings(max_examples=200, deadline=None)
@@ -169,17 +173,11 @@ def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
         friends: list["User"] = Field(default_factory=list, max_length=1)
 
     schema = User.model_json_schema()
-    automaton = compile_schema(canonical_schema(schema))
-    rng = random.Random(3)
-    done = 0
-    for _ in range(40):
-        text = walk(automaton, rng, limit=3000)
-        if text is None:
-            continue
+    texts = finished_walks(compile_schema(canonical_schema(schema)), seed=3, tries=40, limit=3000, enough=40)
+    for text in texts:
         jsonschema.validate(json.loads(text), schema)
         User.model_validate_json(text)
-        done += 1
-    assert done >= 10
+    assert len(texts) >= 10
 
 
 @pytest.mark.parametrize("value, field, ok", [
@@ -217,6 +215,8 @@ def test_formats_and_patterns(value, field, ok):
     ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "only local"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/b", "maxLength": 2}}, "$defs": {"b": {}}}, "beside"),
     ({"type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}}, "maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "maxLength": -2}}}, "maxLength must be"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 1.5}}}, "minItems must be"),
     ({"type": "array"}, "root must be an object"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "date"}}}, "type must be"),

@@ -257,12 +257,7 @@ class _Compiler:
         if kind == "null":
             return self.add(("enum", (b"null",)))
         if kind == "string":
-            low, high = schema.get("minLength", 0), schema.get("maxLength", -1)
-            for name, value in (("minLength", low), ("maxLength", high)):
-                if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name == "minLength"):
-                    raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
-            if 0 <= high < low:
-                raise ValueError(f"{where}: maxLength ({high}) is below minLength ({low})")
+            low, high = _counts(schema, "minLength", "maxLength", where)
             regex = schema.get("pattern")
             fmt = schema.get("format")
             if fmt is not None:
@@ -289,12 +284,7 @@ class _Compiler:
             items = schema.get("items", {})
             if isinstance(items, list):
                 raise ValueError(f"{where}: items must be one schema (tuple validation is not supported)")
-            low, high = schema.get("minItems", 0), schema.get("maxItems", -1)
-            for name, value in (("minItems", low), ("maxItems", high)):
-                if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name == "minItems"):
-                    raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
-            if 0 <= high < low:
-                raise ValueError(f"{where}: maxItems ({high}) is below minItems ({low})")
+            low, high = _counts(schema, "minItems", "maxItems", where)
             return self.add(("array", self.compile(items, depth + 1, f"{where}.items"), low, high))
         properties = schema.get("properties", {})
         if not isinstance(properties, dict):
@@ -548,6 +538,17 @@ def _number(sub: int, b: int, integer: bool) -> int | None:
     if b in (0x65, 0x45) and sub in (ZERO, INT, FRAC):
         return EXP_MARK
     return EXP_SIGN if b in (0x2B, 0x2D) and sub == EXP_MARK else None
+
+
+def _counts(schema: dict, low_name: str, high_name: str, where: str) -> tuple[int, int]:
+    """A count's bounds (minLength / maxLength, minItems / maxItems): (low, high or -1 for none)."""
+    low, high = schema.get(low_name, 0), schema.get(high_name)
+    for name, value in ((low_name, low), (high_name, high)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+    if high is not None and high < low:
+        raise ValueError(f"{where}: {high_name} ({high}) is below {low_name} ({low})")
+    return low, -1 if high is None else high
 
 
 def _bounded(kind: str, bounds: dict, where: str) -> str | None:
