@@ -202,6 +202,7 @@ def test_formats_and_patterns(value, field, ok):
 
 @pytest.mark.parametrize("schema, words", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}, "pattern"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "a.{30}"}}}, "more than 4096 states"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "uri"}}}, "'uri' is not supported"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 10}}}, "minLength"),
     ({"type": "object", "properties": {"a": {"type": "number", "maximum": 3}}}, "a number's bounds"),

@@ -65,13 +65,64 @@ UNESCAPED = {ord('"'): '"', ord("\\"): "\\", ord("/"): "/", ord("b"): "\b", ord(
              ord("r"): "\r", ord("t"): "\t"}
 
 
+MAX_PATTERN_STATES = 4096  # most states of the automaton one pattern's construction may make
+
+
+class PatternTooLarge(Exception):
+    pass
+
+
+def _bounded_crawl(alphabet, initial, final, follow):
+    """interegular's `fsm.crawl` (the one routine every automaton of it is built by), with a
+    state index and a bound: a request's pattern such as `a.{30}`, searched, would take
+    2^30 states and hold the process for good."""
+    from interegular.fsm import FSM, OblivionError
+
+    states, index, finals, table = [initial], {_frozen(initial): 0}, set(), {}
+    i = 0
+    while i < len(states):
+        state = states[i]
+        if final(state):
+            finals.add(i)
+        table[i] = {}
+        for transition in alphabet.by_transition:
+            try:
+                nxt = follow(state, transition)
+            except OblivionError:
+                continue
+            key = _frozen(nxt)
+            j = index.get(key)
+            if j is None:
+                if len(states) >= MAX_PATTERN_STATES:
+                    raise PatternTooLarge(f"its automaton needs more than {MAX_PATTERN_STATES} states")
+                j = index[key] = len(states)
+                states.append(nxt)
+            table[i][transition] = j
+        i += 1
+    return FSM(alphabet=alphabet, states=range(len(states)), initial=0, finals=finals, map=table,
+               __no_validation__=True)
+
+
+def _frozen(state):
+    """A hashable stand-in for one of interegular's crawl states (sets, tuples and lists of them)."""
+    if isinstance(state, (set, frozenset)):
+        return frozenset(_frozen(s) for s in state)
+    if isinstance(state, (list, tuple)):
+        return (type(state) is list, tuple(_frozen(s) for s in state))
+    if isinstance(state, dict):
+        return frozenset((k, _frozen(v)) for k, v in state.items())
+    return state
+
+
 class Pattern:
     """A regular expression as a character automaton (interegular's FSM), kept to the states
     from which a match can still end: `step` refuses a character that would leave none."""
 
     def __init__(self, regex: str, where: str):
         import interegular
+        import interegular.fsm
 
+        interegular.fsm.crawl = _bounded_crawl  # see _bounded_crawl; same automata, bounded
         try:
             fsm = interegular.parse_pattern(regex).to_fsm()
         except Exception as exc:  # interegular's errors have no common base
