@@ -118,7 +118,7 @@ class Pattern:
     """A regular expression as a character automaton (interegular's FSM), kept to the states
     from which a match can still end: `step` refuses a character that would leave none."""
 
-    def __init__(self, regex: str, where: str):
+    def __init__(self, regex: str, where: str, shown: str | None = None):
         import interegular
         import interegular.fsm
 
@@ -126,7 +126,7 @@ class Pattern:
         try:
             fsm = interegular.parse_pattern(regex).to_fsm()
         except Exception as exc:  # interegular's errors have no common base
-            raise ValueError(f"{where}: pattern {regex!r} is not supported ({exc})") from None
+            raise ValueError(f"{where}: pattern {(shown or regex)!r} is not supported ({exc})") from None
         back: dict[int, set[int]] = {}
         for state, row in fsm.map.items():
             for target in row.values():
@@ -138,7 +138,7 @@ class Pattern:
                     live.add(state)
                     pending.append(state)
         if fsm.initial not in live:
-            raise ValueError(f"{where}: pattern {regex!r} matches nothing")
+            raise ValueError(f"{where}: pattern {(shown or regex)!r} matches nothing")
         self.fsm, self.live, self.initial, self.finals = fsm, frozenset(live), fsm.initial, fsm.finals
         self.named = sorted(ord(c) for c in fsm.alphabet._symbol_mapping if isinstance(c, str) and len(c) == 1)
         self._ranges: dict[tuple[int, int, int], bool] = {}
@@ -323,7 +323,7 @@ class _Compiler:
                 raise ValueError(f"{where}: pattern must be a string, got {regex!r}")
             if low or high >= 0:
                 raise ValueError(f"{where}: a pattern or format with minLength / maxLength is not supported")
-            self.patterns.append(Pattern(_searched(regex), where))
+            self.patterns.append(Pattern(_searched(regex), where, shown=schema.get("format") or regex))
             return self.add(("string", 0, -1, len(self.patterns) - 1))
         if kind in ("number", "integer"):
             regex = _bounded(kind, {k: schema[k] for k in BOUNDS if k in schema}, where)
