@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.engine.grammar import DONE, INITIAL, MAX_DEPTH, MAX_INDENT, Grammar, TokenTrie, advance, token_bytes
+from shared.engine.grammar import DONE, INITIAL, JSON_OBJECT, MAX_DEPTH, MAX_INDENT, Grammar, TokenTrie, advance, token_bytes
 from shared.engine.sampling import SamplingParams, choose, penalize, process_logits
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
 from tests.test_engine_penalties import by_hand
@@ -72,10 +72,12 @@ VOCAB = [b"", b"{", b"}", b'{"', b'"', b"a", b'":', b" ", b"1", b"12", b".5", b"
          b"\xc3", b"\xa9", b"x}", b"}}", b"\\", b"u00e9"]  # token 0 is the end of sequence
 
 
-def brute_force(state, vocab: list[bytes], eos: int) -> set[int]:
-    if state is None or state[0] == DONE:
+def brute_force(state, vocab: list[bytes], eos: int, automaton=JSON_OBJECT) -> set[int]:
+    """The tokens whose bytes all fit after `state`, each walked on its own (no trie)."""
+    if state is None or automaton.done(state):
         return {eos}
-    return {t for t, data in enumerate(vocab) if t != eos and data and advance(state, data) is not None}
+    return {t for t, data in enumerate(vocab)
+            if t != eos and data and advance(state, data, automaton.step) is not None}
 
 
 @settings(max_examples=200, deadline=None)
@@ -109,9 +111,10 @@ def test_bad_response_formats_are_refused(bad):
         SamplingParams(**bad)
 
 
-def json_target_alone(runner, vocab: list[bytes], prompt: list[int], n: int, params: SamplingParams) -> list[int]:
-    """The target alone under the JSON constraint, one token per forward, penalized by hand and
-    masked by brute force."""
+def json_target_alone(runner, vocab: list[bytes], prompt: list[int], n: int, params: SamplingParams,
+                      automaton=JSON_OBJECT) -> list[int]:
+    """The target alone under `automaton` (JSON mode's, or a schema's), one token per forward,
+    penalized by hand and masked by brute force."""
     plain = SamplingParams(params.temperature, params.top_p, params.top_k, params.seed)
     eos = runner.eos_token_id
     runner.prefill("ref", prompt[:-1], plain)
@@ -119,7 +122,8 @@ def json_target_alone(runner, vocab: list[bytes], prompt: list[int], n: int, par
     feed = prompt[-1]
     for _ in range(n):
         logits = by_hand(runner._forward(["ref"], [[feed]], last_only=True)[0], params, prompt, out)
-        allowed = brute_force(advance(INITIAL, b"".join(vocab[t] for t in out)), vocab, eos)
+        state = advance(automaton.initial, b"".join(vocab[t] for t in out), automaton.step)
+        allowed = brute_force(state, vocab, eos, automaton)
         blocked = torch.ones_like(logits, dtype=torch.bool)
         blocked[sorted(allowed)] = False
         probs = process_logits(logits.masked_fill(blocked, float("-inf"))[None], plain)

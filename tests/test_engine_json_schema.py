@@ -14,15 +14,14 @@ from dataclasses import replace
 
 import jsonschema
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.engine.grammar import advance, token_bytes
 from shared.engine.json_schema import canonical_schema, compile_schema
-from shared.engine.sampling import SamplingParams, choose, process_logits
+from shared.engine.sampling import SamplingParams
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
-from tests.test_engine_penalties import by_hand
+from tests.test_engine_grammar import json_target_alone
 
 PERSON = {"type": "object", "title": "Person", "properties": {
     "name": {"type": "string", "description": "annotations are ignored"},
@@ -234,31 +233,6 @@ def test_unsupported_schemas_are_refused_with_the_keyword(schema, words):
         SamplingParams(json_schema=canonical_schema(SMALL))  # a schema without its response format
 
 
-def schema_target_alone(runner, vocab, automaton, prompt, n, params):
-    """The target alone under the schema, one token per forward, masked by brute force."""
-    plain = SamplingParams(params.temperature, params.top_p, params.top_k, params.seed)
-    eos = runner.eos_token_id
-    runner.prefill("ref", prompt[:-1], plain)
-    out, state, feed = [], automaton.initial, prompt[-1]
-    for _ in range(n):
-        logits = by_hand(runner._forward(["ref"], [[feed]], last_only=True)[0], params, prompt, out)
-        if automaton.done(state):
-            allowed = [eos]
-        else:
-            allowed = [t for t, data in enumerate(vocab) if t != eos and data and advance(state, data, automaton.step)]
-        blocked = torch.ones_like(logits, dtype=torch.bool)
-        blocked[allowed] = False
-        probs = process_logits(logits.masked_fill(blocked, float("-inf"))[None], plain)
-        feed = int(choose(probs, plain, [len(prompt) + len(out)], runner.generator)[0])
-        out.append(feed)
-        if feed == eos:
-            break
-        state = advance(state, vocab[feed], automaton.step)
-    runner.release("ref")
-    return out
-
-
-
 @pytest.mark.parametrize("spec, params", [
     ("ngram,drafter,target", {}),
     ("drafter,verifier,target", {"temperature": 0.8, "seed": 3}),
@@ -273,7 +247,7 @@ def test_chains_under_a_schema_emit_the_target_alones_tokens_and_valid_objects(p
     subset = prompts[:2] + prompts[-2:]
     budget = 8 * MAX_TOKENS
     got = pool.chain(spec, k=3).generate(subset, budget, sampling=sampling)
-    assert got == [schema_target_alone(target, vocab, automaton, p, budget, sampling) for p in subset]
+    assert got == [json_target_alone(target, vocab, p, budget, sampling, automaton) for p in subset]
     finished = [out for out in got if out[-1] == target.eos_token_id]
     assert finished, "no output closed its object within the budget"
     for out in finished:

@@ -103,6 +103,17 @@ def _bounded_crawl(alphabet, initial, final, follow):
                __no_validation__=True)
 
 
+@lru_cache(maxsize=1)
+def _interegular():
+    """interegular, imported when a schema first needs a pattern, its automata built by
+    `_bounded_crawl` (every construction of it goes through `fsm.crawl`)."""
+    import interegular
+    import interegular.fsm
+
+    interegular.fsm.crawl = _bounded_crawl
+    return interegular
+
+
 def _frozen(state):
     """A hashable stand-in for one of interegular's crawl states (sets, tuples and lists of them)."""
     if isinstance(state, (set, frozenset)):
@@ -119,12 +130,8 @@ class Pattern:
     from which a match can still end: `step` refuses a character that would leave none."""
 
     def __init__(self, regex: str, where: str, shown: str | None = None):
-        import interegular
-        import interegular.fsm
-
-        interegular.fsm.crawl = _bounded_crawl  # see _bounded_crawl; same automata, bounded
         try:
-            fsm = interegular.parse_pattern(regex).to_fsm()
+            fsm = _interegular().parse_pattern(regex).to_fsm()
         except Exception as exc:  # interegular's errors have no common base
             raise ValueError(f"{where}: pattern {(shown or regex)!r} is not supported ({exc})") from None
         back: dict[int, set[int]] = {}
