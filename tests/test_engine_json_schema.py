@@ -54,7 +54,18 @@ SCHEMAS = [PERSON, SMALL, TREE, FORMATTED,
            {"type": "object", "properties": {"n": {"enum": [1, 12, 123]}, "x": {"type": "number"}}},
            {"type": "object", "properties": {"list": {"type": "array", "items": {"type": "array",
                                                                                   "items": {"type": "integer"}}}}},
-           {"type": "object"}, {"properties": {}}]
+           {"type": "object"}, {"properties": {}},
+           {"type": "object", "properties": {  # overlapping anyOf: the automaton follows every branch that fits
+               "pet": {"anyOf": [{"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}}},
+                                 {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}},
+                                 {"type": "object", "properties": {"kind": {"const": "cow"}}}]},
+               "n": {"anyOf": [{"type": "integer", "minimum": 10}, {"type": "number", "minimum": 0}]},
+               "s": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "string", "pattern": "^x+$"}]}}},
+           {"type": "array", "minItems": 1, "items": {"anyOf": [  # a root list, as tool calls are
+               {"type": "object", "properties": {"name": {"const": "add"}, "arguments": {
+                   "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+               {"type": "object", "properties": {"name": {"const": "add_all"}, "arguments": {
+                   "type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}}}}}}]}}]
 
 
 def walk(automaton, rng: random.Random, limit: int = 2000) -> bytes | None:
@@ -207,7 +218,7 @@ def test_formats_and_patterns(value, field, ok):
     ({"type": "object", "properties": {"a": {"type": "number", "maximum": 3}}}, "a number's bounds"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 3, "maximum": 2}}}, "no integer"),
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"properties": {}}]}}}, "start alike"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "object"}, {"properties": {}}]}}}, "start alike"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "start alike"),
     ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"maxLength": 3}]}}}, "allOf"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}], "type": "string"}}}, "anyOf"),
@@ -217,7 +228,8 @@ def test_formats_and_patterns(value, field, ok):
     ({"type": "object", "properties": {"a": {"type": "string", "minLength": 3, "maxLength": 2}}}, "maxLength"),
     ({"type": "object", "properties": {"a": {"type": "string", "maxLength": -2}}}, "maxLength must be"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 1.5}}}, "minItems must be"),
-    ({"type": "array"}, "root must be an object"),
+    ({"type": "string"}, "root must be an object"),
+    ({"anyOf": [{"type": "object"}, {"type": "array"}]}, "root must be an object"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "date"}}}, "type must be"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "maxItems"),
@@ -310,3 +322,38 @@ def test_a_numbers_lower_bound_of_zero(bounds, good, bad):
         assert (state is not None and automaton.done(state)) == ok, text
         if ok:
             jsonschema.validate(json.loads(b'{"x":' + text.encode() + b"}"), schema)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"pet":{"kind":"cat","lives":9},"n":12,"s":"xxxx"}', True),
+    ('{"pet":{"kind":"dog","good":true},"n":1.5,"s":"ab"}', True),
+    ('{"pet":{"kind":"cow"},"n":0,"s":""}', True),
+    ('{"pet":{"kind":"cat","good":true},"n":1,"s":"a"}', False),  # a cat's property after a dog's kind
+    ('{"pet":{"kind":"cow","lives":1},"n":1,"s":"a"}', False),
+    ('{"pet":{"kind":"cat","lives":9},"n":-1,"s":"a"}', False),
+    ('{"pet":{"kind":"cat","lives":9},"n":1,"s":"abc"}', False),  # too long for one branch, not all x for the other
+])
+def test_an_overlapping_any_of_takes_what_one_branch_takes(text, ok):
+    schema = SCHEMAS[-2]
+    automaton = compile_schema(canonical_schema(schema))
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok
+    assert not ok or jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))  # stricter: only listed properties
+
+
+def test_many_alike_branches_are_followed_up_to_a_bound_and_every_output_still_validates():
+    branches = [{"type": "object", "properties": {"k": {"const": f"v{i:02d}"}, f"p{i}": {"type": "integer"}}}
+                for i in range(40)]
+    schema = {"type": "object", "properties": {"x": {"anyOf": branches}}}
+    automaton = compile_schema(canonical_schema(schema))
+    state = advance(automaton.initial, b'{"x":{"k":"v', automaton.step)
+    assert 1 <= len(state) <= 16
+    for text in finished_walks(automaton, seed=5, tries=30, limit=400, enough=10):
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_loop_of_references_and_any_of_starts_nothing():
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/$defs/L"}},
+              "$defs": {"L": {"anyOf": [{"$ref": "#/$defs/L"}, {"type": "boolean"}]}}}
+    automaton = compile_schema(canonical_schema(schema))
+    assert automaton.done(advance(automaton.initial, b'{"a":true}', automaton.step))

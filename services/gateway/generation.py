@@ -269,9 +269,12 @@ def _response_format(req: GenerationRequest, tok) -> dict:
         from shared.engine.json_schema import compile_schema
 
         try:
-            compile_schema(schema)
+            automaton = compile_schema(schema)
         except ValueError as exc:
             raise invalid(f"response_format json_schema: {exc}.", "response_format") from None
+        if automaton.root_kind != "object" and not req.tool_calls:  # tool calls are a list (tools.py)
+            raise invalid("response_format json_schema: the schema's root must be an object (type: object), as "
+                          "OpenAI's structured outputs ask.", "response_format")
     if fmt and req.min_tokens:
         raise invalid(f"min_tokens cannot be combined with response_format {fmt}: the end of sequence must be "
                       f"free to follow the object.", "min_tokens")

@@ -15,9 +15,9 @@ integer, through a regular expression of the range; on a number only a lower bou
 anchored with ^ and $; through interegular's automata), `format` (date, time, date-time,
 uuid, ipv4, email: each a regular expression here; dates stop at day 28, so every one
 exists), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
-included), `anyOf` / `oneOf` whose branches start with different bytes (a string or
-null...), `allOf` of one schema: what pydantic's `model_json_schema()` writes for most
-models. Annotations (`title`, `description`, `default`, `examples`,
+included), `anyOf` (any branches: two objects, two arrays...), `oneOf` whose branches start
+with different bytes (a string or null...: so no output matches two), `allOf` of one
+schema: what pydantic's `model_json_schema()` writes for most models. Annotations (`title`, `description`, `default`, `examples`,
 `$schema`, `$id`, `$comment`...) are ignored. A string whose length, pattern or format is
 constrained takes no `\\u` escapes (a surrogate pair would count as two characters); a
 pattern or format does not go with a length bound (the two could leave no way to close
@@ -25,7 +25,10 @@ the string). Any other keyword (`multipleOf`, a number's upper bound, another fo
 with a ValueError that names it: a constraint left out would let through an output the
 schema refuses. The root must be an object, as OpenAI asks.
 
-A state is (frames, whitespace run): one frame per value being written, innermost last.
+A state is the readings of the output so far that can still finish: a tuple of (frames,
+whitespace run), one frame per value being written, innermost last. One reading, unless an
+anyOf's branches start alike (two objects): then one per branch the output still fits, until
+it fits one; at most MAX_STACKS (dropping a reading only narrows what may be written).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from shared.engine.grammar import (
 
 MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
 MAX_NODES = 4096  # most schema nodes after compiling
+MAX_STACKS = 16  # most readings of one output an automaton state follows (anyOf's branches; beyond: dropped)
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
                       "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
@@ -198,7 +202,7 @@ class _Compiler:
     """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free), ("array",
     item, min, max or -1), ("string", min, max or -1, pattern index or -1), ("number", pattern index
     or -1), ("integer", pattern index or -1) (the pattern of its bounds), ("enum",
-    (bytes, ...)), ("any",), ("alt", (node, ...)) whose branches start with different bytes,
+    (bytes, ...)), ("any",), ("alt", (node, ...), exclusive) (a oneOf's branches start with different bytes),
     ("ref", node) for a `$ref` (compiled once, so a schema may refer to itself)."""
 
     def __init__(self, root: dict) -> None:
@@ -247,15 +251,16 @@ class _Compiler:
         return VALUE_STARTS
 
     def check_alternatives(self) -> None:
-        """Every `alt` node's branches start with different bytes (the automaton picks one by its first byte)."""
+        """Every oneOf's branches start with different bytes, so no output matches two of them
+        (anyOf's may overlap: the automaton follows every branch an output still fits)."""
         for node in self.nodes:
-            if node[0] != "alt":
+            if node[0] != "alt" or not node[2]:
                 continue
             firsts = [self.first_bytes(b) for b in node[1]]
             if sum(len(f) for f in firsts) != len(frozenset().union(*firsts)):
-                raise ValueError("anyOf / oneOf / a list of types whose branches can start alike (two objects, two "
-                                 "strings...) are not supported: the branches must differ in their first byte, "
-                                 "such as a string or null")
+                raise ValueError("oneOf whose branches can start alike (two objects, two strings...) is not "
+                                 "supported: an output could match two of them; the branches must differ in their "
+                                 "first byte, such as a string or null (anyOf may overlap)")
 
     def add(self, node: tuple) -> int:
         if len(self.nodes) >= MAX_NODES:
@@ -287,7 +292,7 @@ class _Compiler:
             if name == "allOf" and len(options) > 1:
                 raise ValueError(f"{where}: allOf of more than one schema is not supported")
             branches = [self.compile(option, depth + 1, f"{where}.{name}[{i}]") for i, option in enumerate(options)]
-            return branches[0] if len(branches) == 1 else self.add(("alt", tuple(branches)))
+            return branches[0] if len(branches) == 1 else self.add(("alt", tuple(branches), name == "oneOf"))
         if "const" in schema or "enum" in schema:
             values = [schema["const"]] if "const" in schema else schema["enum"]
             if not isinstance(values, list) or not values:
@@ -307,7 +312,7 @@ class _Compiler:
         if "number" in types:
             types = [t for t in types if t != "integer"]  # a number's branch writes integers too
         branches = [self.typed(t, schema, depth, where) for t in dict.fromkeys(types)]
-        return branches[0] if len(branches) == 1 else self.add(("alt", tuple(branches)))
+        return branches[0] if len(branches) == 1 else self.add(("alt", tuple(branches), False))
 
     def typed(self, kind: str, schema: dict, depth: int, where: str) -> int:
         if kind == "boolean":
@@ -368,29 +373,42 @@ class SchemaAutomaton:
         self.nodes, self.patterns = compiler.nodes, compiler.patterns
         while self.nodes[root][0] == "ref":
             root = self.nodes[root][1]
-        if self.nodes[root][0] != "object":
-            raise ValueError("the json_schema's root must be an object (type: object), as OpenAI's structured "
-                             "outputs ask")
-        self.initial = ((("val", root),), 0)
+        self.root_kind = self.nodes[root][0]
+        if self.root_kind not in ("object", "array"):  # a number at the root would never end
+            raise ValueError("the json_schema's root must be an object (type: object)")
+        self.initial = (((("val", root),), 0),)
 
     @staticmethod
     def done(state: tuple) -> bool:
-        return not state[0]
+        return any(not frames for frames, _ in state)
 
     def step(self, state: tuple, b: int) -> tuple | None:
-        frames, run = state
+        out: dict[tuple, None] = {}
+        for frames, run in state:
+            for nxt in self._advance(frames, run, b):
+                out[nxt] = None
+                if len(out) >= MAX_STACKS:  # fewer ways to go on: every one left is still valid
+                    break
+        return tuple(out) or None
+
+    def _advance(self, frames: tuple, run: int, b: int) -> list[tuple]:
+        """The (frames, whitespace run) one way of reading the output goes to after `b`."""
         if not frames:
-            return None
+            return []
         if b in WHITESPACE and self._spacer(frames):
             run = after_whitespace(run, b)
-            return None if run is None else (frames, run)
-        out = self._step(frames, b)
-        if out is None or len(out) > 2 * MAX_DEPTH:  # a schema that refers to itself nests no deeper than JSON mode
-            return None
-        if b in WHITESPACE and self._ended_by(frames[-1], b):  # the space after a number or literal
-            run = after_whitespace(0, b)
-            return None if run is None else (out, run)
-        return (out, 0)
+            return [] if run is None else [(frames, run)]
+        out = []
+        for nxt in self._step(frames, b):
+            if len(nxt) > 2 * MAX_DEPTH:  # a schema that refers to itself nests no deeper than JSON mode
+                continue
+            if b in WHITESPACE and self._ended_by(frames[-1], b):  # the space after a number or literal
+                spaced = after_whitespace(0, b)
+                if spaced is not None:
+                    out.append((nxt, spaced))
+            else:
+                out.append((nxt, 0))
+        return out
 
     def _ended_by(self, top: tuple, b: int) -> bool:
         """Whether `b` ends the value on top (a number or literal ends on the byte after it)."""
@@ -421,13 +439,14 @@ class SchemaAutomaton:
         _, _, low, high = self.nodes[parent[1]]  # an array's count, capped where its bounds stop telling counts apart
         return rest[:-1] + (("arr", parent[1], min(parent[2] + 1, max(low, high)), "s"),)
 
-    def _step(self, frames: tuple, b: int) -> tuple | None:
+    def _step(self, frames: tuple, b: int) -> list[tuple]:
+        """The frames after `b`: one per way of reading it (several only inside an anyOf)."""
         if not frames:
-            return None
+            return []
         top, rest = frames[-1], frames[:-1]
         kind = top[0]
         if b in WHITESPACE and self._spacer(frames):
-            return frames  # whitespace right after a number or literal that ended on it
+            return [frames]  # whitespace right after a number or literal that ended on it
         if kind == "val":
             return self._begin(rest, top[1], b)
         if kind == "obj":
@@ -436,31 +455,31 @@ class SchemaAutomaton:
             if phase == "k":
                 key = props[i][0]
                 if b != key[off]:
-                    return None
-                return rest + ((("obj", nid, i, "k", off + 1) if off + 1 < len(key) else ("obj", nid, i, "c", 0)),)
+                    return []
+                return [rest + ((("obj", nid, i, "k", off + 1) if off + 1 < len(key) else ("obj", nid, i, "c", 0)),)]
             if phase == "c":
-                return rest + (("obj", nid, i, "v", 0), ("val", props[i][1])) if b == 0x3A else None
+                return [rest + (("obj", nid, i, "v", 0), ("val", props[i][1]))] if b == 0x3A else []
             if phase == "s" and i < len(props):
-                return rest + (("obj", nid, i, "k", 0),) if b == 0x2C else None
-            return self._complete(rest) if phase == "s" and b == 0x7D else None
+                return [rest + (("obj", nid, i, "k", 0),)] if b == 0x2C else []
+            return [self._complete(rest)] if phase == "s" and b == 0x7D else []
         if kind == "arr":
             _, nid, count, phase = top
             _, item, low, high = self.nodes[nid]
             if phase == "f":
                 if b == 0x5D and low == 0:
-                    return self._complete(rest)
-                return self._begin(rest + (("arr", nid, count, "v"),), item, b) if high != 0 else None
+                    return [self._complete(rest)]
+                return self._begin(rest + (("arr", nid, count, "v"),), item, b) if high != 0 else []
             if b == 0x2C and (high < 0 or count < high):
-                return rest + (("arr", nid, count, "v"), ("val", item))
-            return self._complete(rest) if b == 0x5D and count >= low else None
+                return [rest + (("arr", nid, count, "v"), ("val", item))]
+            return [self._complete(rest)] if b == 0x5D and count >= low else []
         if kind == "str":
             return self._string(rest, top, b)
         if kind == "any":
             inner = json_step(top[1], b)
             if inner is None:  # a number ends on the byte after it
                 ended = top[1][0] == NUMBER and top[1][1] == "" and top[1][2] in NUMBER_ENDS
-                return self._step(self._complete(rest), b) if ended else None
-            return self._complete(rest) if inner[0] == DONE else rest + (("any", inner),)
+                return self._step(self._complete(rest), b) if ended else []
+            return [self._complete(rest) if inner[0] == DONE else rest + (("any", inner),)]
         if kind == "num":
             _, integer, sub, pattern_index, match = top
             nxt = _number(sub, b, integer)
@@ -469,14 +488,14 @@ class SchemaAutomaton:
                 if pattern:
                     match = pattern.step(match, chr(b))
                     if match is None:
-                        return None
-                return rest + (("num", integer, nxt, pattern_index, match),)
+                        return []
+                return [rest + (("num", integer, nxt, pattern_index, match),)]
             if sub not in NUMBER_ENDS or (pattern and match not in pattern.finals):
-                return None
+                return []
             return self._step(self._complete(rest), b)
         return self._enum(rest, top[1], top[2], b)  # "enum"
 
-    def _string(self, rest: tuple, top: tuple, b: int) -> tuple | None:
+    def _string(self, rest: tuple, top: tuple, b: int) -> list[tuple]:
         """A string's frame after `b`: ("str", JSON automaton state, node, characters so far
         (capped where the bounds stop telling counts apart), pattern state, the bytes of a
         character begun); the last three only for a constrained string."""
@@ -489,94 +508,92 @@ class SchemaAutomaton:
             if mode == STRING and inner[2][1] == 0:  # between characters
                 if b == 0x22:
                     if count < low or (pattern and match not in pattern.finals):
-                        return None
+                        return []
                 elif high >= 0 and count >= high:
-                    return None
+                    return []
                 else:
                     count = min(count + 1, max(low, high))
                     if b < 0x80 and b != 0x5C:
                         char = chr(b)
                     elif b == 0x5C:
                         if pattern and all(pattern.step(match, c) is None for c in UNESCAPED.values()):
-                            return None  # no escaped character could come next
+                            return []  # no escaped character could come next
                     else:
                         begun = bytes([b])
                         lead = UTF8_LEADS.get(b)
                         if pattern and lead and not pattern.any_in(match, *_code_points(begun, lead[1], lead[2],
                                                                                          lead[0] - 1)):
-                            return None
+                            return []
             elif mode == ESCAPE:
                 if b == 0x75:
-                    return None  # no \\u escapes: a surrogate pair would count twice
+                    return []  # no \\u escapes: a surrogate pair would count twice
                 char = UNESCAPED.get(b)
             elif mode == STRING:  # inside a multi-byte character
                 if not inner[2][2] <= b <= inner[2][3]:
-                    return None
+                    return []
                 begun += bytes([b])
                 left = inner[2][1] - 1
                 if not left:
                     char, begun = begun.decode(), b""
                 elif pattern and not pattern.any_in(match, *_code_points(begun, 0x80, 0xBF, left - 1)):
-                    return None
+                    return []
             if pattern and char is not None:
                 match = pattern.step(match, char)
                 if match is None:
-                    return None
+                    return []
         inner = json_step(inner, b)
         if inner is None:
-            return None
-        return self._complete(rest) if inner[0] == DONE else rest + (("str", inner, nid, count, match, begun),)
+            return []
+        return [self._complete(rest) if inner[0] == DONE else rest + (("str", inner, nid, count, match, begun),)]
 
-    def _begin(self, rest: tuple, nid: int, b: int) -> tuple | None:
-        """Frames after `b` starts a value of node `nid` (on top of `rest`)."""
+    def _begin(self, rest: tuple, nid: int, b: int, seen: frozenset = frozenset()) -> list[tuple]:
+        """Frames after `b` starts a value of node `nid` (on top of `rest`): one per branch of
+        an anyOf that `b` can start (`seen`: the refs and anyOfs passed, a loop of them starts nothing)."""
         node = self.nodes[nid]
         kind = node[0]
-        if kind == "ref":
-            return self._begin(rest, node[1], b)
-        if kind == "alt":
-            for option in node[1]:
-                got = self._begin(rest, option, b)
-                if got is not None:
-                    return got
-            return None
+        if kind in ("ref", "alt"):
+            if nid in seen:
+                return []
+            options = (node[1],) if kind == "ref" else node[1]
+            return [got for option in options for got in self._begin(rest, option, b, seen | {nid})]
         if kind == "object":
             if b != 0x7B:
-                return None
+                return []
             if node[2]:
-                return rest + (("any", (FIRST_KEY, "o", None)),)
-            return rest + (("obj", nid, 0, "k" if node[1] else "s", 0),)
+                return [rest + (("any", (FIRST_KEY, "o", None)),)]
+            return [rest + (("obj", nid, 0, "k" if node[1] else "s", 0),)]
         if kind == "array":
-            return rest + (("arr", nid, 0, "f"),) if b == 0x5B else None
+            return [rest + (("arr", nid, 0, "f"),)] if b == 0x5B else []
         if kind == "string":
             pattern_index = node[3]
             match = self.patterns[pattern_index].initial if pattern_index >= 0 else None
-            return rest + (("str", (STRING, "", (False, 0)), nid, 0, match, b""),) if b == 0x22 else None
+            return [rest + (("str", (STRING, "", (False, 0)), nid, 0, match, b""),)] if b == 0x22 else []
         if kind in ("number", "integer"):
             sub = MINUS if b == 0x2D else ZERO if b == 0x30 else INT if b in DIGITS else None
             if sub is None:
-                return None
+                return []
             pattern_index = node[1]
             match = None
             if pattern_index >= 0:
                 pattern = self.patterns[pattern_index]
                 match = pattern.step(pattern.initial, chr(b))
                 if match is None:
-                    return None
-            return rest + (("num", kind == "integer", sub, pattern_index, match),)
+                    return []
+            return [rest + (("num", kind == "integer", sub, pattern_index, match),)]
         if kind == "enum":
             return self._enum(rest, nid, b"", b)
         inner = value_start("", b)  # "any"
-        return None if inner is None else rest + (("any", inner),)
+        return [] if inner is None else [rest + (("any", inner),)]
 
-    def _enum(self, rest: tuple, nid: int, prefix: bytes, b: int) -> tuple | None:
+    def _enum(self, rest: tuple, nid: int, prefix: bytes, b: int) -> list[tuple]:
         alternatives = self.nodes[nid][1]
         grown = prefix + bytes([b])
         longer = [a for a in alternatives if a.startswith(grown)]
         if longer:
             if len(longer) == 1 and longer[0] == grown:
-                return self._complete(rest)
-            return rest + (("enum", nid, grown),)
-        return self._step(self._complete(rest), b) if prefix in alternatives else None
+                return [self._complete(rest)]
+            return [rest + (("enum", nid, grown),)]
+        return self._step(self._complete(rest), b) if prefix in alternatives else []
 
 
 def _number(sub: int, b: int, integer: bool) -> int | None:
