@@ -209,6 +209,66 @@ def test_json_mode_through_every_level_is_the_target_alones(stack, tiny_family, 
         jsonschema.validate(json.loads(choice["text"]), schema)
 
 
+def test_tool_calls_through_every_level_are_the_target_alones(stack, tiny_family):
+    """tool_choice "required": the output is constrained to the call list at every level, so
+    each chain gives the target alone's tokens under the same schema; what finishes comes
+    back as tool_calls whose arguments validate against the function's parameters (also
+    through the OpenAI SDK)."""
+
+    import jsonschema
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from services.gateway.generation import render_chat
+    from services.gateway.openai_models import ChatCompletionRequest
+    from services.gateway.tools import chat_messages, tool_plan
+    from shared.engine.grammar import token_bytes
+
+    _, settings = stack
+    url = settings.gateway.http_url
+    tok = AutoTokenizer.from_pretrained(str(tiny_family.path("target")))
+    spaces = {str(t): -10 for t, data in enumerate(token_bytes(tok)) if data and not data.strip()}
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "unit": {"enum": ["C", "F"]}},
+               "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "clock"}}]
+    questions = ["Weather in Paris?", "def add(a, b):", "What time is it?"]
+    chats = [{"model": "specmesh", "messages": [{"role": "user", "content": q}], "tools": tools,
+              "tool_choice": "required", "max_tokens": 80, "temperature": 0, "logit_bias": spaces,
+              "return_token_ids": True} for q in questions]
+    plans = [ChatCompletionRequest(**c) for c in chats]
+    plan = tool_plan(plans[0].tools, plans[0].tool_choice, plans[0].parallel_tool_calls)
+    prompts = [list(tok.encode(render_chat(chat_messages(c.messages, plan)))) for c in plans]
+    want = target_only(tiny_family, prompts, 80, response_format="json_schema", json_schema=plan.schema(),
+                       logit_bias=tuple((int(t), -10.0) for t in spaces))
+
+    async def ask(chain: str) -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=c | {
+                "speculation": {"chain": chain, "k": 3}}) for c in chats))
+        assert all(r.status_code == 200 for r in replies), replies[0].text
+        return [r.json()["choices"][0] for r in replies]
+
+    for chain in ["ngram,drafter,target", "drafter,verifier,target"]:
+        choices = asyncio.run(ask(chain))
+        assert [c["token_ids"] for c in choices] == want, chain
+    called = [c for c in choices if c["finish_reason"] == "tool_calls"]
+    assert called, [c["message"] for c in choices]
+    for choice in called:
+        for call in choice["message"]["tool_calls"]:
+            arguments = json.loads(call["function"]["arguments"])
+            if call["function"]["name"] == "weather":
+                jsonschema.validate(arguments, weather)
+            else:
+                assert arguments == {}
+    client = OpenAI(base_url=f"{url}/v1", api_key="dev")
+    done = client.chat.completions.create(model="specmesh", messages=[{"role": "user", "content": "Time?"}],
+                                          tools=tools, tool_choice={"type": "function", "function": {"name": "clock"}},
+                                          max_tokens=80, temperature=0, extra_body={"logit_bias": spaces})
+    assert done.choices[0].finish_reason == "stop", done.choices[0].message
+    assert [(c.function.name, c.function.arguments) for c in done.choices[0].message.tool_calls] == [("clock", "{}")]
+
+
 def test_min_tokens_ignore_eos_and_stop_token_ids_through_the_services(stack, tiny_family, prompts, reference):
     """vLLM's extensions: the end of sequence (pushed up by logit_bias) comes exactly at
     min_tokens, through a chain whose drafts run past it; ignore_eos runs on to max_tokens;

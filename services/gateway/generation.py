@@ -37,7 +37,8 @@ TARGET_ONLY = ["target"]
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
 
 # The chat template (the family's tokenizer has none): one line per message, then the cue.
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+CHAT_ROLES = {"tools": "Tools", "system": "System", "developer": "System", "user": "User", "assistant": "Assistant",
+              "tool": "Tool"}
 CHAT_CUE = "Assistant:"
 
 
@@ -97,6 +98,7 @@ class GenerationRequest:
     ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
     response_format: str | None = None  # "json_object" / "json_schema": one JSON object (of `json_schema`); None: text
     json_schema: str | None = None  # with "json_schema": the schema as JSON text
+    tool_calls: bool = False  # the schema is a list of tool calls (tools.py), not response_format's object
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
     prompt_param: str = "prompt"  # where the prompt came from, for error messages

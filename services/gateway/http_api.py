@@ -29,6 +29,7 @@ from services.gateway.openai_models import (
     DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from services.gateway.reply import Reply
+from services.gateway.tools import ToolPlan, ToolStream, chat_messages, tool_plan
 from shared.service import ping
 from shared.settings import SERVICES, Settings
 from shared.tracing import trace_id
@@ -102,7 +103,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         _check_model(b, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise invalid("Give either prompt or messages.", "prompt")
-        text = body.prompt if body.messages is None else render_chat([(m.role, m.text()) for m in body.messages])
+        text = body.prompt if body.messages is None else render_chat(chat_messages(body.messages, None))
         ids = list(b.tokenizer().encode(text))
         return {"count": len(ids), "max_model_len": b.max_context, "tokens": ids}
 
@@ -124,11 +125,12 @@ def create_app(settings: Settings, service) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        """Chat completion: the messages become one prompt (`generation.render_chat`)."""
-        prompt = render_chat([(m.role, m.text()) for m in body.messages])
-        return await serve(request, body, "chat", [prompt], "messages")
+        """Chat completion: the messages (and tools) become one prompt (`generation.render_chat`)."""
+        tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+        prompt = render_chat(chat_messages(body.messages, tools))
+        return await serve(request, body, "chat", [prompt], "messages", tools)
 
-    async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str):
+    async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None):
         arrived = time.monotonic()
         b = backend()
         _check_model(b, body.model)
@@ -137,6 +139,13 @@ def create_app(settings: Settings, service) -> FastAPI:
             raise invalid(refused[1], refused[0])
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         response_format, json_schema = body.response_format_spec()  # a shape unsupported() let through
+        if tools and tools.constrained:
+            for param, value in (("response_format", response_format), ("min_tokens", body.min_tokens),
+                                 ("ignore_eos", body.ignore_eos)):
+                if value:
+                    raise invalid(f"{param} cannot be combined with tool_choice {tools.choice!r}: the output is the "
+                                  f"list of calls, then the end of sequence.", param)
+            response_format, json_schema = "json_schema", tools.schema()
         max_tokens = body.max_tokens
         if kind == "chat" and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
@@ -146,7 +155,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
-            response_format=response_format, json_schema=json_schema,
+            response_format=response_format, json_schema=json_schema, tool_calls=bool(tools and tools.constrained),
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
         )
@@ -158,7 +167,8 @@ def create_app(settings: Settings, service) -> FastAPI:
                                       include_stop=bool(body.include_stop_str_in_output),
                                       operation="chat" if kind == "chat" else "text_completion")
                            for job, stops in planned]
-            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts)
+            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts,
+                          tools)
             if body.stream:
                 return await stream(generations, reply, headers)
             outcomes = await _unless_disconnected(http, run_all(generations))
@@ -180,6 +190,8 @@ def create_app(settings: Settings, service) -> FastAPI:
                         yield reply.sse(reply.chunk(index, {"role": "assistant", "content": ""}))
                 pending = [first] if first is not None else []
                 echoed: set[int] = set()
+                calls = {i: ToolStream(reply.tools) for i in range(len(generations))} \
+                    if reply.kind == "chat" and reply.tools and reply.tools.parses else {}
                 while True:
                     item = pending.pop() if pending else await anext(deltas, None)
                     if item is None:
@@ -189,11 +201,20 @@ def create_app(settings: Settings, service) -> FastAPI:
                         echoed.add(index)
                         yield reply.sse(reply.prompt_chunk(index, generations[index].outcome))
                     if delta is None:  # this choice has ended
-                        yield reply.sse(reply.finish_chunk(index, generations[index].outcome))
+                        out, made = generations[index].outcome, None
+                        if index in calls:  # what was held back: text, or the calls
+                            held, made = calls[index].finish(out.finish_reason)
+                            for part in held:
+                                yield reply.sse(reply.chunk(index, part.text, part.token_ids, logprobs=part.logprobs))
+                            if made:
+                                yield reply.sse(reply.tool_chunk(index, made))
+                        yield reply.sse(reply.finish_chunk(index, out, made))
                     elif reply.echo_only:
                         continue  # the prompt alone was asked for
-                    elif delta.text or (delta.token_ids and (reply.token_ids or reply.logprobs)):
-                        yield reply.sse(reply.chunk(index, delta.text, delta.token_ids, logprobs=delta.logprobs))
+                    else:
+                        for part in calls[index].feed(delta) if index in calls else [delta]:
+                            if part.text or (part.token_ids and (reply.token_ids or reply.logprobs)):
+                                yield reply.sse(reply.chunk(index, part.text, part.token_ids, logprobs=part.logprobs))
                 if reply.include_usage:
                     yield reply.sse(reply.usage_chunk([g.outcome for g in generations]))
             except ApiError as exc:

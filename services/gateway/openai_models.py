@@ -159,15 +159,55 @@ class ContentPart(BaseModel):
     text: StrictStr
 
 
+FunctionName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCall(BaseModel):
+    name: FunctionName
+    arguments: StrictStr = Field(description="The arguments as JSON text (an object).")
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant message made (rendered into the prompt)."""
+
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: StrictStr | None = Field(None, description="A tool message: the call it answers.")
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(BaseModel):
+    name: FunctionName
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema of the arguments (an object); "
+                                                                "the keywords taken are response_format's.")
+    strict: StrictBool | None = Field(None, description="Accepted; constrained calls always follow the schema.")
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(_Sampled):
@@ -177,12 +217,15 @@ class ChatCompletionRequest(_Sampled):
     logprobs: StrictBool | None = Field(None, description="true: each token's log-probability.")
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description=f"With logprobs: also the likeliest tokens at each position (0..{MAX_TOP_LOGPROBS}).")
-    tools: list[Any] | None = Field(None, description="Not supported.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call (services/gateway/tools.py).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'auto' (the default with tools): calls when the output is a call list; 'required' or a "
+                          "named function: the output is constrained to calls; 'none': text.")
+    parallel_tool_calls: StrictBool | None = Field(None, description="false: at most one call (default true).")
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
             ("top_logprobs", self.top_logprobs, self.logprobs is True, "it needs logprobs: true"),
-            ("tools", self.tools, not self.tools, "no tool calling"),
         ]
 
     def logprobs_wanted(self) -> int:
@@ -249,9 +292,16 @@ class CompletionResponse(BaseModel):
     timings: Timings | None = None
 
 
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The text (null when the output is tool calls).")
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -273,7 +323,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     token_ids: list[int] | None = None
 
 

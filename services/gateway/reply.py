@@ -15,6 +15,7 @@ import time
 
 from services.gateway.generation import Outcome
 from services.gateway.logprobs import chat_logprobs, completion_logprobs
+from services.gateway.tools import ToolPlan
 from shared.engine.token_text import token_text
 from shared.messages import GenerateJob
 
@@ -23,8 +24,9 @@ class Reply:
     """Builds one request's response bodies (whole or chunks)."""
 
     def __init__(self, kind: str, request_id: str, model: str, body, tokenizer, jobs: list[GenerateJob],
-                 prompts: list):
+                 prompts: list, tools: ToolPlan | None = None):
         self.kind, self.request_id, self.model = kind, request_id, model
+        self.tools = tools if tools and tools.parses else None  # chat: outputs read for tool calls
         self.created = int(time.time())
         self.token_ids = body.return_token_ids
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -67,7 +69,9 @@ class Reply:
         """The speculation report and timings: the response's, or with several choices each choice's own."""
         (choice if self.several else body).update(speculation=out.speculation, timings=out.timings)
 
-    def _finish_reason(self, out: Outcome) -> str:
+    def _finish_reason(self, out: Outcome, calls: list[dict] | None = None) -> str:
+        if self.tools:
+            return self.tools.finish_reason(calls, out.finish_reason)
         return "length" if self.echo_only else out.finish_reason
 
     def _head(self, obj: str) -> dict:
@@ -79,9 +83,11 @@ class Reply:
         body = head | {"choices": [], "usage": self.usage(outcomes)}
         for index, out in enumerate(outcomes):
             ids, logprobs, text = (out.token_ids, out.logprobs, out.text) if not self.echo_only else ([], [], "")
-            choice = {"index": index}
+            choice, calls = {"index": index}, None
             if self.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": text}
+                calls = self.tools.calls(text) if self.tools and out.finish_reason == "stop" else None
+                choice["message"] = {"role": "assistant", "content": text} if calls is None else \
+                    {"role": "assistant", "content": None, "tool_calls": calls}
                 choice["logprobs"] = self._logprobs(index, ids, logprobs)
             elif self.echo:
                 choice["text"] = self._prompt_text(index) + text
@@ -91,7 +97,7 @@ class Reply:
             else:
                 choice["text"] = text
                 choice["logprobs"] = self._logprobs(index, ids, logprobs)
-            choice["finish_reason"] = self._finish_reason(out)
+            choice["finish_reason"] = self._finish_reason(out, calls)
             if self.token_ids:
                 choice["token_ids"] = ids
             self._report(choice, body, out)
@@ -122,8 +128,12 @@ class Reply:
         """The echoed prompt, first in each choice's stream (its log-probabilities came with the first tokens)."""
         return self._chunk(index, self._prompt_text(index), self._prompt_logprobs(index, out), None)[0]
 
-    def finish_chunk(self, index: int, out: Outcome) -> dict:
-        body, choice = self._chunk(index, None, None, self._finish_reason(out))
+    def tool_chunk(self, index: int, calls: list[dict]) -> dict:
+        """A chat choice's tool calls, whole, in one chunk (`tools.ToolStream` held them to the end)."""
+        return self._chunk(index, {"tool_calls": [{"index": j} | call for j, call in enumerate(calls)]}, None, None)[0]
+
+    def finish_chunk(self, index: int, out: Outcome, calls: list[dict] | None = None) -> dict:
+        body, choice = self._chunk(index, None, None, self._finish_reason(out, calls))
         self._report(choice, body, out)
         return body
 

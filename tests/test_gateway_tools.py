@@ -1,0 +1,223 @@
+"""Tool calling on the chat endpoint (services/gateway/tools.py) against the in-memory backend:
+what reaches the job (the prompt's tools line, the constraint), how outputs come back
+(tool_calls, finish reasons, streamed), and every refusal. The real models under the
+constraint: tests/test_services.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from types import SimpleNamespace
+
+import openai
+import pytest
+import uvicorn
+
+from services.gateway.generation import render_chat
+from services.gateway.http_api import create_app
+from shared.engine.grammar import advance
+from shared.engine.json_schema import compile_schema
+from tests.test_gateway_api import MODEL, FakeBackend, client, make_settings, service, sse_events, tok  # noqa: F401
+
+CONTEXT = 4096  # the tools line is long for the test tokenizer's 300 tokens
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+CALLS = '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}, {"name": "get_time", "arguments": {}}]'
+
+
+@pytest.fixture
+def backend(tok):
+    found = FakeBackend(tok)
+    found.max_context = CONTEXT
+    return found
+
+
+@pytest.fixture
+async def oai(backend):
+    app = create_app(make_settings(), SimpleNamespace(backend=backend))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(srv.serve(sockets=[sock]))
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    yield openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="unused", max_retries=0)
+    srv.should_exit = True
+    await task
+
+
+def chat(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 400,
+            "temperature": 0, "tools": [WEATHER, TIME]} | extra
+
+
+def answer_with(backend, text: str) -> None:
+    """The fake backend answers `text`, then the end of sequence."""
+    backend.reply = backend.tok.encode(text)
+    backend.eos_after = len(backend.reply)
+
+
+def accepts(schema: str, text: str) -> bool:
+    """Whether the job's schema takes `text` whole."""
+    automaton = compile_schema(schema)
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    return state is not None and automaton.done(state)
+
+
+def prompt_of(backend) -> str:
+    return backend.tok.decode(backend.jobs[-1].prompt)
+
+
+async def test_required_constrains_the_output_to_a_call_list_and_returns_the_calls(client, backend):
+    answer_with(backend, CALLS)
+    r = await client.post("/v1/chat/completions", json=chat(tool_choice="required"))
+    assert r.status_code == 200, r.text
+    job = backend.jobs[-1]
+    assert job.sampling.response_format == "json_schema"
+    assert accepts(job.sampling.json_schema, CALLS)
+    assert not accepts(job.sampling.json_schema, '[{"name": "get_weather", "arguments": {"unit": "C"}}]')  # no city
+    assert not accepts(job.sampling.json_schema, "[]")  # one call at least
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    assert "Tools: [" in prompt_of(backend) and '"get_weather"' in prompt_of(backend)
+
+
+async def test_one_call_without_parallel_tool_calls_and_a_named_function(client, backend):
+    answer_with(backend, '[{"name": "get_time", "arguments": {}}]')
+    r = await client.post("/v1/chat/completions", json=chat(tool_choice="required", parallel_tool_calls=False))
+    assert r.status_code == 200, r.text
+    one = '{"name":"get_time","arguments":{}}'
+    assert accepts(backend.jobs[-1].sampling.json_schema, f"[{one}]")
+    assert not accepts(backend.jobs[-1].sampling.json_schema, f"[{one},{one}]")
+    r = await client.post("/v1/chat/completions", json=chat(tool_choice={"type": "function",
+                                                                         "function": {"name": "get_time"}}))
+    assert r.status_code == 200, r.text
+    other = '[{"name":"get_weather","arguments":{"city":"x","unit":"F"}}]'
+    assert not accepts(backend.jobs[-1].sampling.json_schema, other)  # only the named function
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop"  # as OpenAI answers a forced function
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
+
+
+@pytest.mark.parametrize("text, called", [
+    (CALLS, True),
+    ("  " + CALLS, True),
+    ("It is sunny in Paris.", False),
+    ('[{"name": "nope", "arguments": {}}]', False),  # not one of the tools: text
+    ('[{"name": "get_time", "arguments": {}}', False),  # not JSON: text
+])
+async def test_auto_returns_calls_only_when_the_whole_output_is_a_call_list(client, backend, text, called):
+    answer_with(backend, text)
+    r = await client.post("/v1/chat/completions", json=chat())  # auto: the default with tools
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].sampling.response_format == ""  # free
+    choice = r.json()["choices"][0]
+    if called:
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert len(choice["message"]["tool_calls"]) == 2
+    else:
+        assert choice["finish_reason"] == "stop" and choice["message"]["content"] == text
+        assert "tool_calls" not in choice["message"]
+    r = await client.post("/v1/chat/completions", json=chat(tool_choice="none"))
+    assert r.json()["choices"][0]["message"].get("tool_calls") is None  # none: always text
+
+
+async def test_a_call_list_cut_by_max_tokens_is_text_with_finish_length(client, backend):
+    answer_with(backend, CALLS)
+    r = await client.post("/v1/chat/completions", json=chat(tool_choice="required", max_tokens=5))
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] and "tool_calls" not in choice["message"]
+
+
+async def test_streamed_calls_come_whole_in_one_chunk(client, backend):
+    answer_with(backend, CALLS)
+    for choice in ("required", "auto"):
+        r = await client.post("/v1/chat/completions", json=chat(tool_choice=choice, stream=True))
+        events = sse_events(r.text)
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert not any(d.get("content") for d in deltas), choice  # nothing of the list went out as text
+        calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+        assert len(calls) == 1 and [c["index"] for c in calls[0]] == [0, 1]
+        assert json.loads(calls[0][0]["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    answer_with(backend, "It is sunny. " * 3)
+    r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    deltas = [e["choices"][0]["delta"] for e in sse_events(r.text)]
+    texts = [d["content"] for d in deltas if d.get("content")]
+    assert len(texts) > 1 and "".join(texts) == "It is sunny. " * 3  # text streams as it comes
+    answer_with(backend, "[1, 2]")  # starts like a list, is not calls: sent as text at the end
+    r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    events = sse_events(r.text)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "[1, 2]"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_history_with_calls_and_results_is_rendered(client, backend):
+    answer_with(backend, "Sunny.")
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"}]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    assert r.status_code == 200, r.text
+    assert prompt_of(backend).endswith(
+        'User: Weather?\nAssistant: [{"name": "get_weather", "arguments": {"city": "Oslo"}}]\nTool: -3 C, snow\nAssistant:')
+    assert render_chat([("tools", "[]"), ("user", "x")]) == "Tools: []\nUser: x\nAssistant:"
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": []}, "tools", "at least one"),
+    ({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice", "does not hold"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "twice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "n": {"type": "integer", "multipleOf": 2}}}}}]}, "tools[0].function.parameters", "multipleOf"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     "tools[0].function.parameters", "object"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name", "pattern"),
+    ({"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools[0].type", None),
+    ({"tool_choice": "sometimes"}, "tool_choice", None),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format", "tool_choice"),
+    ({"tool_choice": "required", "min_tokens": 3}, "min_tokens", "tool_choice"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "not json"}}]}]}, "messages[0].tool_calls", "JSON object"),
+])
+async def test_bad_tools_are_refused_and_nothing_runs(client, backend, extra, param, words):
+    before = len(backend.jobs)
+    r = await client.post("/v1/chat/completions", json=chat(**extra))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert words is None or words in error["message"], error
+    assert len(backend.jobs) == before
+
+
+async def test_openai_client_tool_calls(oai, backend):
+    answer_with(backend, CALLS)
+    done = await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                             tools=[WEATHER, TIME], tool_choice="required", max_tokens=400)
+    message = done.choices[0].message
+    assert done.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert [c.function.name for c in message.tool_calls] == ["get_weather", "get_time"]
+    assert json.loads(message.tool_calls[0].function.arguments)["city"] == "Paris"
+    named = []
+    async for chunk in await oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Paris?"}], tools=[WEATHER, TIME], max_tokens=400,
+            stream=True):
+        named += [call.function.name for c in chunk.choices for call in c.delta.tool_calls or []]
+    assert named == ["get_weather", "get_time"]
+    with pytest.raises(openai.BadRequestError):
+        await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          tools=[WEATHER], tool_choice={"type": "function",
+                                                                        "function": {"name": "nope"}})
