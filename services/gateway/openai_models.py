@@ -4,7 +4,8 @@ Extensions beyond OpenAI's fields: `speculation` (request: chain, k, enabled,
 confidence_threshold; response: chain, k and acceptance per level), `timings`, `top_k`,
 `repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` (vLLM's),
 `include_stop_str_in_output` (vLLM's), `return_token_ids` (vLLM's name) for the generated
-token ids, and `response_format` on the completions endpoint too (as vLLM).
+token ids, and `response_format` on the completions endpoint too (as vLLM). Tool calling:
+`tools`, `tool_choice`, `parallel_tool_calls` (services/gateway/tools.py).
 """
 
 from __future__ import annotations
