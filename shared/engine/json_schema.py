@@ -16,7 +16,8 @@ anchored with ^ and $; through interegular's automata), `format` (date, time, da
 uuid, ipv4, email: each a regular expression here; dates stop at day 28, so every one
 exists), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
 included), `anyOf` (any branches: two objects, two arrays...), `oneOf` whose branches start
-with different bytes (a string or null...: so no output matches two), `allOf` of one
+with different bytes (a string or null...) or are objects told apart by a property's
+constant (pydantic's discriminated unions): so no output matches two, `allOf` of one
 schema: what pydantic's `model_json_schema()` writes for most models. Annotations (`title`, `description`, `default`, `examples`,
 `$schema`, `$id`, `$comment`...) are ignored. A string whose length, pattern or format is
 constrained takes no `\\u` escapes (a surrogate pair would count as two characters); a
@@ -33,6 +34,7 @@ it fits one; at most MAX_STACKS (dropping a reading only narrows what may be wri
 
 from __future__ import annotations
 
+import itertools
 import json
 from functools import lru_cache
 
@@ -52,7 +54,7 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 NON_NEGATIVE = r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"  # a number >= 0 as JSON writes it
 POSITIVE = r"[1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*"  # a number > 0 (no exponent: 0e5 is 0)
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-                         "readOnly", "writeOnly"})
+                         "readOnly", "writeOnly", "discriminator"})  # discriminator: OpenAPI's, held by the consts
 VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can start with
 _DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
@@ -251,16 +253,33 @@ class _Compiler:
         return VALUE_STARTS
 
     def check_alternatives(self) -> None:
-        """Every oneOf's branches start with different bytes, so no output matches two of them
-        (anyOf's may overlap: the automaton follows every branch an output still fits)."""
+        """No output matches two branches of a oneOf: every two of them start with different
+        bytes, or are objects told apart by a property each fixes to its own constant (a
+        discriminated union: `kind: "cat"` / `kind: "dog"`; the automaton writes every
+        listed property, so each output holds its branch's). anyOf's may overlap: the
+        automaton follows every branch an output still fits."""
         for node in self.nodes:
             if node[0] != "alt" or not node[2]:
                 continue
             firsts = [self.first_bytes(b) for b in node[1]]
-            if sum(len(f) for f in firsts) != len(frozenset().union(*firsts)):
-                raise ValueError("oneOf whose branches can start alike (two objects, two strings...) is not "
-                                 "supported: an output could match two of them; the branches must differ in their "
-                                 "first byte, such as a string or null (anyOf may overlap)")
+            for i, j in itertools.combinations(range(len(firsts)), 2):
+                if firsts[i] & firsts[j] and not self.told_apart(node[1][i], node[1][j]):
+                    raise ValueError("oneOf whose branches can start alike (two strings, two objects without a "
+                                     "property fixed to a different constant in each...) is not supported: an "
+                                     "output could match two of them (anyOf may overlap)")
+
+    def told_apart(self, a: int, b: int) -> bool:
+        """Whether nodes `a` and `b` are objects with a property that each fixes to a different constant."""
+        fixed = []
+        for nid in (a, b):
+            while self.nodes[nid][0] == "ref":
+                nid = self.nodes[nid][1]
+            node = self.nodes[nid]
+            if node[0] != "object":
+                return False
+            fixed.append({key: self.nodes[sub][1][0] for key, sub in node[1]
+                          if self.nodes[sub][0] == "enum" and len(self.nodes[sub][1]) == 1})
+        return any(fixed[1].get(key, value) != value for key, value in fixed[0].items() if key in fixed[1])
 
     def add(self, node: tuple) -> int:
         if len(self.nodes) >= MAX_NODES:
