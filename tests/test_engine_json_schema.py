@@ -158,7 +158,7 @@ def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
     import uuid
     from typing import Literal, Optional
 
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, HttpUrl
 
     class Color(enum.Enum):
         RED = "red"
@@ -190,19 +190,52 @@ def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
         kind: Literal["dog"]
         good: bool
 
+    class Link(BaseModel):
+        site: HttpUrl  # format uri, minLength 1, maxLength 2083
+        code: str = Field(pattern=r"^[a-z]+[0-9]*$", max_length=4)
+
     class Owner(BaseModel):
         pet: Cat | Dog = Field(discriminator="kind")  # oneOf told apart by kind, with OpenAPI's discriminator
         other: Cat | Dog | None = None  # anyOf of two objects that start alike, and null
 
-    for model in (User, Owner):
+    for model in (User, Owner, Link):
         schema = model.model_json_schema()
         texts = finished_walks(compile_schema(canonical_schema(schema)), seed=3, tries=40, limit=3000, enough=40)
         for text in texts:
             jsonschema.validate(json.loads(text), schema)
             model.model_validate_json(text)
         assert len(texts) >= 10
-    kinds = {(type(o.pet).__name__, type(o.other).__name__) for o in map(Owner.model_validate_json, texts)}
+        if model is Owner:
+            kinds = {(type(o.pet).__name__, type(o.other).__name__) for o in map(Owner.model_validate_json, texts)}
     assert {"Cat", "Dog"} <= {k for pair in kinds for k in pair}  # both branches are written
+
+
+LINKS = {"type": "object", "properties": {
+    "site": {"type": "string", "format": "uri"}, "host": {"type": "string", "format": "hostname"},
+    "code": {"type": "string", "pattern": "^[a-z]+[0-9]*$", "maxLength": 4},
+    "name": {"type": "string", "pattern": "é", "maxLength": 3}}}
+
+
+@pytest.mark.parametrize("value, field, ok", [
+    ("https://example.com/a/b-c?x=1&y=", "site", True), ("http://a:8080/", "site", True),
+    ("ftp://a.b", "site", False), ("http://-a.com", "site", False), ("http://a..b", "site", False),
+    ("x-1.example", "host", True), ("a" * 63 + ".b", "host", True), ("a" * 64 + ".b", "host", False),
+    (".".join(["a" * 50] * 5), "host", False),  # 254 characters: over a hostname's 253
+    ("ab12", "code", True), ("abc12", "code", False), ("a", "code", True), ("1a", "code", False),
+    ("aéb", "name", True), ("é", "name", True), ("abcé", "name", False), ("abc", "name", False),
+])
+def test_patterns_and_formats_with_a_length_bound(value, field, ok):
+    """maxLength beside a pattern or format: a character is taken only if a match can still
+    end within the length left (formats carry their own: hostname 253, uri 2083)."""
+    good = {"site": "http://a", "host": "a", "code": "a", "name": "é"}
+    text = json.dumps(good | {field: value}, ensure_ascii=False)
+    automaton = compile_schema(canonical_schema(LINKS))
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok
+    if ok:
+        jsonschema.validate(json.loads(text), LINKS)
+    for text in finished_walks(automaton, seed=11, tries=40, limit=800, enough=15):  # no dead end on the way
+        jsonschema.validate(json.loads(text), LINKS)
 
 
 @pytest.mark.parametrize("value, field, ok", [
@@ -228,8 +261,9 @@ def test_formats_and_patterns(value, field, ok):
 @pytest.mark.parametrize("schema, words", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}, "pattern"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "a.{30}"}}}, "more than 4096 states"),
-    ({"type": "object", "properties": {"a": {"type": "string", "format": "uri"}}}, "'uri' is not supported"),
-    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 10}}}, "minLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "iri"}}}, "'iri' is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 9}}}, "below"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^a+$", "minLength": 2}}}, "minLength 2"),
     ({"type": "object", "properties": {"a": {"type": "number", "maximum": 3}}}, "a number's bounds"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 3, "maximum": 2}}}, "no integer"),
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),

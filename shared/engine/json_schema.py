@@ -13,18 +13,21 @@ Taken: `type` (a name or a list of names), `properties`, `required`,
 integer, through a regular expression of the range; on a number only a lower bound of 0),
 `pattern` (a regular expression, searched as JSON Schema says unless
 anchored with ^ and $; through interegular's automata), `format` (date, time, date-time,
-uuid, ipv4, email: each a regular expression here; dates stop at day 28, so every one
-exists), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
+uuid, ipv4, email, hostname, uri (http and https URLs): each a regular expression here;
+dates stop at day 28, so every one exists), `enum`, `const`, `$ref` to the schema's own `$defs` / `definitions` (recursion
 included), `anyOf` (any branches: two objects, two arrays...), `oneOf` whose branches start
 with different bytes (a string or null...) or are objects told apart by a property's
 constant (pydantic's discriminated unions): so no output matches two, `allOf` of one
 schema: what pydantic's `model_json_schema()` writes for most models. Annotations (`title`, `description`, `default`, `examples`,
 `$schema`, `$id`, `$comment`...) are ignored. A string whose length, pattern or format is
-constrained takes no `\\u` escapes (a surrogate pair would count as two characters); a
-pattern or format does not go with a length bound (the two could leave no way to close
-the string). Any other keyword (`multipleOf`, a number's upper bound, another format...) is refused
+constrained takes no `\\u` escapes (a surrogate pair would count as two characters).
+Beside a pattern or format, `maxLength` is kept by taking a character only while a match
+can still end within the length left (each automaton state's distance to a match; hostname
+and uri carry their own 253 and 2083), and `minLength` only up to the shortest match (so
+every match meets it). Any other keyword (`multipleOf`, a number's upper bound, another format...) is refused
 with a ValueError that names it: a constraint left out would let through an output the
-schema refuses. The root must be an object, as OpenAI asks.
+schema refuses. The root is an object or an array (the gateway asks response_format for an
+object, as OpenAI does; tool calls are a list).
 
 A state is the readings of the output so far that can still finish: a tuple of (frames,
 whitespace run), one frame per value being written, innermost last. One reading, unless an
@@ -59,6 +62,8 @@ VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can s
 _DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"  # a DNS label: at most 63 characters, no hyphen at either end
+_HOST = rf"{_LABEL}(\.{_LABEL})*"
 FORMATS = {  # format -> a regular expression every match of which is valid
     "date": _DATE,
     "time": _TIME,
@@ -66,7 +71,11 @@ FORMATS = {  # format -> a regular expression every match of which is valid
     "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
     "ipv4": rf"({_OCTET}\.){{3}}{_OCTET}",
     "email": r"[a-z0-9]+([._+-][a-z0-9]+)*@[a-z0-9]+(-[a-z0-9]+)*(\.[a-z0-9]+(-[a-z0-9]+)*)*\.[a-z]{2,}",
+    "hostname": _HOST,
+    "uri": rf"https?://{_HOST}(:[1-9][0-9]{{0,3}})?(/[A-Za-z0-9._~-]+)*/?(\?[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*"
+           rf"(&[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*)*)?",
 }
+FORMAT_MAX_LENGTH = {"hostname": 253, "uri": 2083}  # a hostname's limit; a URL's as browsers and pydantic keep it
 UNESCAPED = {ord('"'): '"', ord("\\"): "\\", ord("/"): "/", ord("b"): "\b", ord("f"): "\f", ord("n"): "\n",
              ord("r"): "\r", ord("t"): "\t"}
 
@@ -152,28 +161,44 @@ class Pattern:
                     pending.append(state)
         if fsm.initial not in live:
             raise ValueError(f"{where}: pattern {(shown or regex)!r} matches nothing")
+        # The fewest characters from each live state to a match (a breadth-first walk back from the ends).
+        dist, frontier = dict.fromkeys(fsm.finals, 0), list(fsm.finals)
+        while frontier:
+            nxt = []
+            for state in frontier:
+                for before in back.get(state, ()):
+                    if before not in dist:
+                        dist[before] = dist[state] + 1
+                        nxt.append(before)
+            frontier = nxt
         self.fsm, self.live, self.initial, self.finals = fsm, frozenset(live), fsm.initial, fsm.finals
+        self.dist = dist
+        self.shortest = dist[fsm.initial]  # the shortest match's length
         self.named = sorted(ord(c) for c in fsm.alphabet._symbol_mapping if isinstance(c, str) and len(c) == 1)
-        self._ranges: dict[tuple[int, int, int], bool] = {}
+        self._ranges: dict[tuple[int, int, int, int], bool] = {}
 
-    def step(self, state: int, char: str) -> int | None:
+    def step(self, state: int, char: str, within: int = -1) -> int | None:
+        """The state after `char`, None unless a match can still end from it (within `within`
+        more characters, when that is >= 0: the string's maxLength left)."""
         symbol = self.fsm.alphabet[char]
         target = self.fsm.map.get(state, {}).get(symbol) if symbol is not None else None
-        return target if target in self.live else None
+        if target not in self.live or (within >= 0 and self.dist[target] > within):
+            return None
+        return target
 
-    def any_in(self, state: int, low: int, high: int) -> bool:
+    def any_in(self, state: int, low: int, high: int, within: int = -1) -> bool:
         """Whether some character in code points low..high steps `state` (a multi-byte
         character begun: its bytes so far leave this range)."""
-        key = (state, low, high)
+        key = (state, low, high, within)
         if key not in self._ranges:
             from bisect import bisect_left, bisect_right
 
             named = self.named[bisect_left(self.named, low):bisect_right(self.named, high)]
-            found = any(self.step(state, chr(c)) is not None for c in named)
+            found = any(self.step(state, chr(c), within) is not None for c in named)
             if not found and len(named) < high - low + 1:  # a character the pattern does not name
                 taken = set(named)
                 other = next(c for c in range(low, high + 1) if c not in taken)
-                found = self.step(state, chr(other)) is not None
+                found = self.step(state, chr(other), within) is not None
             self._ranges[key] = found
         return self._ranges[key]
 
@@ -352,10 +377,17 @@ class _Compiler:
                 return self.add(("string", low, high, -1))
             if not isinstance(regex, str):
                 raise ValueError(f"{where}: pattern must be a string, got {regex!r}")
-            if low or high >= 0:
-                raise ValueError(f"{where}: a pattern or format with minLength / maxLength is not supported")
-            self.patterns.append(Pattern(_searched(regex), where, shown=schema.get("format") or regex))
-            return self.add(("string", 0, -1, len(self.patterns) - 1))
+            pattern = Pattern(_searched(regex), where, shown=fmt or regex)
+            high = min(h for h in (high, FORMAT_MAX_LENGTH.get(fmt, -1)) if h >= 0) \
+                if max(high, FORMAT_MAX_LENGTH.get(fmt, -1)) >= 0 else -1
+            if low > pattern.shortest:  # every match would have to be checked for it: not taken
+                raise ValueError(f"{where}: minLength {low} with a {'format' if fmt else 'pattern'} whose shortest "
+                                 f"match is {pattern.shortest} characters is not supported")
+            if 0 <= high < pattern.shortest:
+                raise ValueError(f"{where}: maxLength {high} is below the {'format' if fmt else 'pattern'}'s "
+                                 f"shortest match ({pattern.shortest} characters)")
+            self.patterns.append(pattern)
+            return self.add(("string", 0, high, len(self.patterns) - 1))
         if kind in ("number", "integer"):
             regex = _bounded(kind, {k: schema[k] for k in BOUNDS if k in schema}, where)
             if regex is None:
@@ -532,16 +564,17 @@ class SchemaAutomaton:
                     return []
                 else:
                     count = min(count + 1, max(low, high))
+                    within = high - count if high >= 0 else -1  # characters a pattern may still take after this one
                     if b < 0x80 and b != 0x5C:
                         char = chr(b)
                     elif b == 0x5C:
-                        if pattern and all(pattern.step(match, c) is None for c in UNESCAPED.values()):
+                        if pattern and all(pattern.step(match, c, within) is None for c in UNESCAPED.values()):
                             return []  # no escaped character could come next
                     else:
                         begun = bytes([b])
                         lead = UTF8_LEADS.get(b)
-                        if pattern and lead and not pattern.any_in(match, *_code_points(begun, lead[1], lead[2],
-                                                                                         lead[0] - 1)):
+                        if pattern and lead and not pattern.any_in(
+                                match, *_code_points(begun, lead[1], lead[2], lead[0] - 1), within):
                             return []
             elif mode == ESCAPE:
                 if b == 0x75:
@@ -554,10 +587,11 @@ class SchemaAutomaton:
                 left = inner[2][1] - 1
                 if not left:
                     char, begun = begun.decode(), b""
-                elif pattern and not pattern.any_in(match, *_code_points(begun, 0x80, 0xBF, left - 1)):
+                elif pattern and not pattern.any_in(match, *_code_points(begun, 0x80, 0xBF, left - 1),
+                                                    high - count if high >= 0 else -1):
                     return []
             if pattern and char is not None:
-                match = pattern.step(match, char)
+                match = pattern.step(match, char, high - count if high >= 0 else -1)
                 if match is None:
                     return []
         inner = json_step(inner, b)
