@@ -121,7 +121,10 @@ def test_instances_in_the_schemas_order_are_accepted(name, age, height, admin, r
 @pytest.mark.parametrize("text", [
     '{"name":"a","age":1.5}',  # an integer property takes no fraction
     '{"age":1,"name":"a"}',  # the schema's order
-    '{"name":"a"}',  # every property, once
+    '{"name":"a"}',  # age is required
+    '{"age":1}',  # so is name
+    '{"name":"a","age":1,}',  # a comma needs a key after it
+    '{"name":"a","age":1,"admin":true,"admin":false}',  # once each
     '{"name":"a","age":1,"height":null,"admin":true,"role":"root"}',  # not in the enum
     '{"name":"a","age":1,"height":null,"admin":true,"role":3,"tags":[]}',  # minItems
     '{"name":"a","age":1,"height":null,"admin":true,"role":3,"tags":["a","b","c","d"]}',  # maxItems
@@ -132,6 +135,32 @@ def test_what_breaks_the_schema_is_refused(text):
     automaton = compile_schema(canonical_schema(PERSON))
     state = advance(automaton.initial, text.encode(), automaton.step)
     assert state is None or not automaton.done(state)
+
+
+@pytest.mark.parametrize("schema, text, ok", [
+    (PERSON, '{"name":"a","age":1}', True),  # the optional properties left out
+    (PERSON, '{"name":"a","age":1,"admin":true,"none":{}}', True),  # some of them
+    (PERSON, '{"name":"a","age":1,"address":{"city":"Paris"}}', True),
+    (PERSON, '{"name":"a","age":1,"address":{"zip":"1"}}', False),  # city is required
+    (SMALL, "{}", True), (SMALL, "{ }", True), (SMALL, '{"color":"red"}', True), (SMALL, "{,}", False),
+    (SMALL, '{"color":"red","ok":true}', False),  # in the schema's order only
+])
+def test_optional_properties_may_be_left_out(schema, text, ok):
+    automaton = compile_schema(canonical_schema(schema))
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok
+    if ok:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_keys_that_start_alike_are_told_apart_by_their_bytes():
+    schema = {"type": "object", "properties": {"ab": {"type": "integer"}, "abc": {"type": "boolean"},
+                                               "a": {"type": "null"}}}
+    automaton = compile_schema(canonical_schema(schema))
+    for text, ok in [('{"ab":1,"abc":true,"a":null}', True), ('{"abc":true}', True), ('{"a":null}', True),
+                     ('{"ab":true}', False), ('{"abc":1}', False), ('{"ab":1,"ab":2}', False)]:
+        state = advance(automaton.initial, text.encode(), automaton.step)
+        assert (state is not None and automaton.done(state)) == ok, text
 
 
 @pytest.mark.parametrize("text, ok", [

@@ -3,9 +3,9 @@
 `compile_schema(text)` turns a schema into a `SchemaAutomaton` with the interface
 `grammar.Grammar` walks (`initial`, `step(state, byte)`, `done(state)`). Everything it lets a
 model write validates against the schema. Where the schema leaves a choice, it takes one:
-an object holds every property the schema lists, once each and in the schema's order (so
-`required` holds and no other property appears), and none but those unless the schema
-lists none (then any object, or only `{}` when `additionalProperties` constrains them).
+an object's properties come in the schema's order, each at most once, the required ones
+always and the others as the model chooses, and none but those unless the schema lists
+none (then any object, or only `{}` when `additionalProperties` constrains them).
 
 Taken: `type` (a name or a list of names), `properties`, `required`,
 `additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `minLength`,
@@ -280,8 +280,8 @@ class _Compiler:
     def check_alternatives(self) -> None:
         """No output matches two branches of a oneOf: every two of them start with different
         bytes, or are objects told apart by a property each fixes to its own constant (a
-        discriminated union: `kind: "cat"` / `kind: "dog"`; the automaton writes every
-        listed property, so each output holds its branch's). anyOf's may overlap: the
+        discriminated union: `kind: "cat"` / `kind: "dog"`; the property is required, so
+        each output holds its branch's). anyOf's may overlap: the
         automaton follows every branch an output still fits."""
         for node in self.nodes:
             if node[0] != "alt" or not node[2]:
@@ -294,7 +294,7 @@ class _Compiler:
                                      "output could match two of them (anyOf may overlap)")
 
     def told_apart(self, a: int, b: int) -> bool:
-        """Whether nodes `a` and `b` are objects with a property that each fixes to a different constant."""
+        """Whether nodes `a` and `b` are objects with a required property that each fixes to a different constant."""
         fixed = []
         for nid in (a, b):
             while self.nodes[nid][0] == "ref":
@@ -302,8 +302,8 @@ class _Compiler:
             node = self.nodes[nid]
             if node[0] != "object":
                 return False
-            fixed.append({key: self.nodes[sub][1][0] for key, sub in node[1]
-                          if self.nodes[sub][0] == "enum" and len(self.nodes[sub][1]) == 1})
+            fixed.append({key: self.nodes[sub][1][0] for (key, sub), needed in zip(node[1], node[3])
+                          if needed and self.nodes[sub][0] == "enum" and len(self.nodes[sub][1]) == 1})
         return any(fixed[1].get(key, value) != value for key, value in fixed[0].items() if key in fixed[1])
 
     def add(self, node: tuple) -> int:
@@ -411,7 +411,7 @@ class _Compiler:
         free = not properties and extra in (None, True, {})
         props = tuple((_encode(name), self.compile(sub, depth + 1, f"{where}.properties.{name}"))
                       for name, sub in properties.items())
-        return self.add(("object", props, free))
+        return self.add(("object", props, free, tuple(name in required for name in properties)))
 
 
 class SchemaAutomaton:
@@ -477,7 +477,7 @@ class SchemaAutomaton:
         if kind == "val":
             return len(frames) > 1
         if kind == "obj":
-            return top[3] in ("c", "s") or (top[3] == "k" and top[4] == 0)
+            return top[3] in ("c", "s") or (top[3] == "k" and top[4] == 0) or (top[3] == "K" and not top[4])
         return kind == "arr" and top[3] in ("f", "s")
 
     def _complete(self, rest: tuple) -> tuple:
@@ -508,11 +508,13 @@ class SchemaAutomaton:
                 if b != key[off]:
                     return []
                 return [rest + ((("obj", nid, i, "k", off + 1) if off + 1 < len(key) else ("obj", nid, i, "c", 0)),)]
+            if phase == "K":  # a key of several that may come next, `off` its bytes so far
+                return self._key(rest, nid, i, off, b)
             if phase == "c":
                 return [rest + (("obj", nid, i, "v", 0), ("val", props[i][1]))] if b == 0x3A else []
-            if phase == "s" and i < len(props):
-                return [rest + (("obj", nid, i, "k", 0),)] if b == 0x2C else []
-            return [self._complete(rest)] if phase == "s" and b == 0x7D else []
+            if phase == "s" and b == 0x2C and i < len(props):
+                return [rest + (self._next_key(nid, i),)]
+            return [self._complete(rest)] if phase == "s" and b == 0x7D and not any(self.nodes[nid][3][i:]) else []
         if kind == "arr":
             _, nid, count, phase = top
             _, item, low, high = self.nodes[nid]
@@ -614,7 +616,7 @@ class SchemaAutomaton:
                 return []
             if node[2]:
                 return [rest + (("any", (FIRST_KEY, "o", None)),)]
-            return [rest + (("obj", nid, 0, "k" if node[1] else "s", 0),)]
+            return [rest + (self._next_key(nid, 0) if node[1] else ("obj", nid, 0, "s", 0),)]
         if kind == "array":
             return [rest + (("arr", nid, 0, "f"),)] if b == 0x5B else []
         if kind == "string":
@@ -637,6 +639,34 @@ class SchemaAutomaton:
             return self._enum(rest, nid, b"", b)
         inner = value_start("", b)  # "any"
         return [] if inner is None else [rest + (("any", inner),)]
+
+    def _next_key(self, nid: int, i: int) -> tuple:
+        """The frame before the key of property `i` or one after it that may come instead:
+        properties are written in the schema's order, an optional one may be left out."""
+        if self.nodes[nid][3][i]:
+            return ("obj", nid, i, "k", 0)  # this key and no other
+        return ("obj", nid, i, "K", b"")
+
+    def _key(self, rest: tuple, nid: int, lo: int, prefix: bytes, b: int) -> list[tuple]:
+        """After `b` in a key that may be property `lo`'s or a later one's, up to the first
+        required; `}` right away if none of them is required."""
+        _, props, _, required = self.nodes[nid]
+        if not prefix and b == 0x7D and lo == 0 and not any(required):  # right after `{` (after a comma, lo > 0)
+            return [self._complete(rest)]
+        grown = prefix + bytes([b])
+        fits = []
+        for j in range(lo, len(props)):
+            if props[j][0].startswith(grown):
+                fits.append(j)
+            if required[j]:
+                break
+        if not fits:
+            return []
+        if len(fits) > 1:
+            return [rest + (("obj", nid, fits[0], "K", grown),)]
+        j = fits[0]
+        key = props[j][0]
+        return [rest + (("obj", nid, j, "c", 0) if key == grown else ("obj", nid, j, "k", len(grown)),)]
 
     def _enum(self, rest: tuple, nid: int, prefix: bytes, b: int) -> list[tuple]:
         alternatives = self.nodes[nid][1]
