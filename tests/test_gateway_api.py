@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings as hsettings, strategies as st
 
 from services.gateway.backend import GenerationError
-from services.gateway.generation import Detokenizer, StopMatcher, render_chat, speculation_report
+from services.gateway.chat import render_chat
+from services.gateway.generation import Detokenizer, StopMatcher, speculation_report
 from services.gateway.grpc_server import start_grpc
 from services.gateway.http_api import MAX_BODY_BYTES, create_app
 from services.gateway.proto import generate_pb2 as pb

@@ -14,7 +14,7 @@ import openai
 import pytest
 import uvicorn
 
-from services.gateway.generation import render_chat
+from services.gateway.chat import render_chat
 from services.gateway.http_api import create_app
 from shared.engine.grammar import advance
 from shared.engine.json_schema import compile_schema
@@ -132,6 +132,35 @@ async def test_auto_returns_calls_only_when_the_whole_output_is_a_call_list(clie
     assert r.json()["choices"][0]["message"].get("tool_calls") is None  # none: always text
 
 
+HERMES = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n' \
+         '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+
+
+@pytest.mark.parametrize("text, content, names", [
+    (HERMES, "Let me check.\n", ["get_weather", "get_time"]),
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', None, ["get_time"]),
+    ('Hmm <tool_call>{"name": "get_time", "arguments": {}}', None, None),  # not closed: text
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and more', None, None),  # text after: text
+    ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>', None, None),
+])
+async def test_auto_reads_hermes_tool_call_blocks(client, backend, text, content, names):
+    """What checkpoints trained on the Hermes format write (Qwen, Hermes...): text, then
+    `<tool_call>` blocks; streamed, the text before them goes out as it comes."""
+    answer_with(backend, text)
+    r = await client.post("/v1/chat/completions", json=chat())
+    choice = r.json()["choices"][0]
+    if names is None:
+        assert choice["message"] == {"role": "assistant", "content": text} and choice["finish_reason"] == "stop"
+    else:
+        assert choice["message"]["content"] == content and choice["finish_reason"] == "tool_calls"
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == names
+    r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    deltas = [e["choices"][0]["delta"] for e in sse_events(r.text)]
+    streamed = "".join(d.get("content") or "" for d in deltas)
+    calls = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])]
+    assert (streamed, calls) == ((content or "", names) if names else (text, []))
+
+
 async def test_a_call_list_cut_by_max_tokens_is_text_with_finish_length(client, backend):
     answer_with(backend, CALLS)
     r = await client.post("/v1/chat/completions", json=chat(tool_choice="required", max_tokens=5))
@@ -221,3 +250,39 @@ async def test_openai_client_tool_calls(oai, backend):
         await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                           tools=[WEATHER], tool_choice={"type": "function",
                                                                         "function": {"name": "nope"}})
+
+
+CHATML = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+          "{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+          "{{ raise_exception('the system message must come first') }}{% endif %}"
+          "<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
+          "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+async def test_a_checkpoints_own_chat_template_renders_the_chat(client, backend, tok, monkeypatch):
+    """A tokenizer with a chat template: the prompt is its `apply_chat_template` (token ids, so
+    no second beginning of sequence), with the tools and earlier calls as it expects them;
+    `/tokenize` renders the same; a template's own refusal is a 400."""
+    monkeypatch.setattr(tok, "chat_template", CHATML)
+    answer_with(backend, "Sunny.")
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    assert r.status_code == 200, r.text
+    prompt = backend.jobs[-1].prompt
+    text = tok.decode(prompt)
+    assert text.startswith('<|im_start|>system\nTools: [{"type": "function", "function": {"name": "get_weather", '
+                           '"description": "The weather in a city."')
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in text
+    assert text.endswith("<|im_start|>tool\n-3 C<|im_end|>\n<|im_start|>assistant\n")
+    r = await client.post("/tokenize", json={"model": MODEL, "messages": messages})  # no tools: no system line
+    assert tok.decode(r.json()["tokens"]) == text[text.index("<|im_start|>user"):]
+    before = len(backend.jobs)
+    r = await client.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": "x"},
+                                                                      {"role": "system", "content": "late"}]))
+    assert r.status_code == 400 and "must come first" in r.json()["error"]["message"]
+    assert len(backend.jobs) == before

@@ -219,9 +219,9 @@ def test_tool_calls_through_every_level_are_the_target_alones(stack, tiny_family
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from services.gateway.generation import render_chat
+    from services.gateway.chat import chat_prompt
     from services.gateway.openai_models import ChatCompletionRequest
-    from services.gateway.tools import chat_messages, tool_plan
+    from services.gateway.tools import tool_plan
     from shared.engine.grammar import token_bytes
 
     _, settings = stack
@@ -238,7 +238,7 @@ def test_tool_calls_through_every_level_are_the_target_alones(stack, tiny_family
               "return_token_ids": True} for q in questions]
     plans = [ChatCompletionRequest(**c) for c in chats]
     plan = tool_plan(plans[0].tools, plans[0].tool_choice, plans[0].parallel_tool_calls)
-    prompts = [list(tok.encode(render_chat(chat_messages(c.messages, plan)))) for c in plans]
+    prompts = [list(tok.encode(chat_prompt(tok, c.messages, plan))) for c in plans]
     want = target_only(tiny_family, prompts, 80, response_format="json_schema", json_schema=plan.schema(),
                        logit_bias=tuple((int(t), -10.0) for t in spaces))
 

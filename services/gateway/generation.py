@@ -36,12 +36,6 @@ MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 TARGET_ONLY = ["target"]
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
 
-# The chat template (the family's tokenizer has none): one line per message, then the cue.
-CHAT_ROLES = {"tools": "Tools", "system": "System", "developer": "System", "user": "User", "assistant": "Assistant",
-              "tool": "Tool"}
-CHAT_CUE = "Assistant:"
-
-
 class ApiError(Exception):
     """An error reply with a message a user can act on, in the OpenAI error vocabulary.
 
@@ -104,16 +98,6 @@ class GenerationRequest:
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
     logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the n likeliest (validated by the API)
     echo: bool = False  # the prompt's tokens too (with `logprobs`, theirs); max_tokens may then be 0
-
-
-def render_chat(messages: Sequence[tuple[str, str]]) -> str:
-    """The prompt for a chat: `Role: content` per message, one per line, then `Assistant:`.
-
-    >>> render_chat([("system", "Be brief."), ("user", "Hi")])
-    'System: Be brief.\\nUser: Hi\\nAssistant:'
-    """
-    lines = [f"{CHAT_ROLES[role]}: {content}" for role, content in messages]
-    return "\n".join([*lines, CHAT_CUE])
 
 
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:

@@ -23,13 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.auth import ApiKeys, http_middleware
 from services.gateway.choices import MAX_CHOICES, choice_requests, merged, plan_all, run_all
-from services.gateway.generation import ApiError, Generation, GenerationRequest, invalid, render_chat, unavailable
+from services.gateway.chat import chat_prompt
+from services.gateway.generation import ApiError, Generation, GenerationRequest, invalid, unavailable
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from services.gateway.reply import Reply
-from services.gateway.tools import ToolPlan, ToolStream, chat_messages, tool_plan
+from services.gateway.tools import ToolPlan, ToolStream, tool_plan
 from shared.service import ping
 from shared.settings import SERVICES, Settings
 from shared.tracing import trace_id
@@ -103,8 +104,8 @@ def create_app(settings: Settings, service) -> FastAPI:
         _check_model(b, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise invalid("Give either prompt or messages.", "prompt")
-        text = body.prompt if body.messages is None else render_chat(chat_messages(body.messages, None))
-        ids = list(b.tokenizer().encode(text))
+        prompt = body.prompt if body.messages is None else chat_prompt(b.tokenizer(), body.messages)
+        ids = list(b.tokenizer().encode(prompt)) if isinstance(prompt, str) else prompt
         return {"count": len(ids), "max_model_len": b.max_context, "tokens": ids}
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
@@ -125,9 +126,9 @@ def create_app(settings: Settings, service) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        """Chat completion: the messages (and tools) become one prompt (`generation.render_chat`)."""
+        """Chat completion: the messages (and tools) become one prompt (`chat.chat_prompt`)."""
         tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
-        prompt = render_chat(chat_messages(body.messages, tools))
+        prompt = chat_prompt(backend().tokenizer(), body.messages, tools)
         return await serve(request, body, "chat", [prompt], "messages", tools)
 
     async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None):

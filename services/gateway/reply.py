@@ -85,9 +85,10 @@ class Reply:
             ids, logprobs, text = (out.token_ids, out.logprobs, out.text) if not self.echo_only else ([], [], "")
             choice, calls = {"index": index}, None
             if self.kind == "chat":
-                calls = self.tools.calls(text) if self.tools and out.finish_reason == "stop" else None
-                choice["message"] = {"role": "assistant", "content": text} if calls is None else \
-                    {"role": "assistant", "content": None, "tool_calls": calls}
+                found = self.tools.read(text) if self.tools and out.finish_reason == "stop" else None
+                calls = found and found[1]
+                choice["message"] = {"role": "assistant", "content": text} if found is None else \
+                    {"role": "assistant", "content": found[0], "tool_calls": calls}
                 choice["logprobs"] = self._logprobs(index, ids, logprobs)
             elif self.echo:
                 choice["text"] = self._prompt_text(index) + text

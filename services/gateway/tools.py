@@ -1,14 +1,16 @@
 """Tool calling on the chat endpoint: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
 
-The family's chat template (generation.render_chat) has a line for the tools and writes a
+The family's chat template (services/gateway/chat.py) has a line for the tools and writes a
 turn that calls tools as one JSON list, `[{"name": ..., "arguments": {...}}, ...]`; an
 assistant message's `tool_calls` are rendered that way too, so a model tuned on the template
-sees its own calls in the form it writes them. What `tool_choice` does:
+sees its own calls in the form it writes them. A checkpoint with its own chat template gets
+the tools through it. What `tool_choice` does:
 
 - "none": the tools are in the prompt; the output is text.
-- "auto" (the default with tools): the output is free; when, whole, it is such a list of
-  calls to the request's tools, it is returned as `tool_calls` (finish_reason
-  "tool_calls"), otherwise as text (vLLM's auto tool choice, with this template's parser).
+- "auto" (the default with tools): the output is free; when it calls the request's tools
+  (whole, such a list; or `<tool_call>{...}</tool_call>` blocks after any text, as
+  checkpoints trained on the Hermes format write), it is returned as `tool_calls`
+  (finish_reason "tool_calls"), otherwise as text (vLLM's auto tool choice, with these parsers).
 - "required": the output is constrained, token by token at every level of the chain, to
   that list (one call or more, at most one without `parallel_tool_calls`), each call's
   arguments to its function's `parameters` schema (the automaton of response_format
@@ -27,12 +29,13 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from services.gateway.generation import invalid
+from services.gateway.generation import Delta, invalid
 from shared.engine.json_schema import canonical_schema, compile_schema
 
 MAX_TOOLS = 128  # OpenAI's limit
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 CALLS_START = '[{"name"'  # how a call list starts, whitespace aside
+TAG, END_TAG = "<tool_call>", "</tool_call>"  # around each call, as the Hermes format writes them
 
 
 @dataclass(frozen=True)
@@ -68,25 +71,48 @@ class ToolPlan:
         one = self.choice == "named" or not self.parallel
         return canonical_schema({"type": "array", "items": items, "minItems": 1} | ({"maxItems": 1} if one else {}))
 
-    def calls(self, text: str) -> list[dict] | None:
-        """The output as OpenAI `tool_calls` when it is a list of calls to these tools (None if not)."""
-        try:
-            found = json.loads(text)
-        except ValueError:
+    def read(self, text: str) -> tuple[str | None, list[dict]] | None:
+        """(the text before the calls or None, OpenAI `tool_calls`) when the output calls these
+        tools: whole, a call list (the family's template); or text, then `<tool_call>{"name":
+        ..., "arguments": {...}}</tool_call>` blocks (what Hermes, Qwen and others are trained
+        on, asked for by their templates). None if it calls nothing, or anything else."""
+        stripped = text.strip()
+        if stripped.startswith("["):
+            content, found = None, _json(stripped)
+        elif TAG in text:
+            content = text[:text.index(TAG)]
+            blocks = text[len(content):].strip()
+            found = []
+            while blocks.startswith(TAG):
+                end = blocks.find(END_TAG)
+                if end < 0:
+                    return None
+                found.append(_json(blocks[len(TAG):end].strip()))
+                blocks = blocks[end + len(END_TAG):].strip()
+            if blocks:
+                return None
+            content = content if content.strip() else None  # as it came (vLLM's Hermes parser too)
+        else:
             return None
         names = {f["name"] for f in self.functions}
         if not isinstance(found, list) or not found or not all(
                 isinstance(c, dict) and set(c) == {"name", "arguments"} and c["name"] in names
                 and isinstance(c["arguments"], dict) for c in found):
             return None
-        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                for c in found]
+        return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {
+            "name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}} for c in found]
 
     def finish_reason(self, calls: list[dict] | None, finish_reason: str) -> str:
         if calls is None or self.choice == "named":
             return finish_reason
         return "tool_calls"
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def tool_plan(tools: list | None, tool_choice, parallel_tool_calls: bool | None) -> ToolPlan | None:
@@ -128,60 +154,47 @@ def tool_plan(tools: list | None, tool_choice, parallel_tool_calls: bool | None)
     return ToolPlan(tuple(functions), choice, name, parallel_tool_calls is not False)
 
 
-def chat_messages(messages, tools: ToolPlan | None) -> list[tuple[str, str]]:
-    """(role, text) per line of the template: the tools first, then each message; an
-    assistant message's tool calls written as the list the model writes."""
-    lines = [("tools", tools.prompt_line())] if tools else []
-    for i, m in enumerate(messages):
-        text = m.text()
-        if m.role == "assistant" and m.tool_calls:
-            calls = []
-            for j, call in enumerate(m.tool_calls):
-                try:
-                    arguments = json.loads(call.function.arguments)
-                except ValueError:
-                    arguments = None
-                if not isinstance(arguments, dict):
-                    raise invalid(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object as text, "
-                                  f"got {call.function.arguments[:40]!r}.", f"messages[{i}].tool_calls")
-                calls.append({"name": call.function.name, "arguments": arguments})
-            text = " ".join(filter(None, [text, json.dumps(calls, ensure_ascii=False)]))
-        lines.append((m.role, text))
-    return lines
-
-
 class ToolStream:
-    """One streamed choice under tools: text goes out as it comes unless it may be a call
-    list, which is held until the output ends (then sent as calls, or as text if it is not one)."""
+    """One streamed choice under tools. Text goes out as it comes, but for what may be calls:
+    an output that starts like a call list, or from a `<tool_call>` tag on, is held until
+    the output ends, then sent as calls (with any text before the tag), or as text if it is
+    none. A delta whose text ends in what may be the start of a tag waits for the next."""
 
     def __init__(self, tools: ToolPlan):
         self.tools = tools
-        self.held: list = []  # the deltas held back
-        self.text = ""
-        self.open = tools.constrained  # None: undecided; True: held to the end; False: text, sent as it comes
-        self.decided = tools.constrained
+        self.held: list = []  # deltas not sent yet
+        self.text = ""  # the output so far
+        self.sent = 0  # characters of it sent
+        self.holding = tools.constrained  # held to the end
 
     def feed(self, delta) -> list:
         """The deltas to send now for `delta`."""
-        if self.decided and not self.open:
-            return [delta]
         self.held.append(delta)
         self.text += delta.text
-        if self.decided:
+        if self.holding:
             return []
-        head = "".join(self.text.split())
-        if CALLS_START.startswith(head):  # nothing yet, or the start of a call list: wait
+        unsent = self.text[self.sent:]
+        if not self.sent:
+            head = "".join(unsent.split())
+            if head.startswith(CALLS_START) or TAG in unsent:
+                self.holding = True
+                return []
+            if CALLS_START.startswith(head):  # nothing yet, or the start of a call list: wait
+                return []
+        if TAG in unsent:
+            self.holding = True
             return []
-        self.decided, self.open = True, head.startswith(CALLS_START)
-        if self.open:
+        if any(unsent.endswith(TAG[:n]) for n in range(1, len(TAG))):  # a tag may be starting
             return []
-        held, self.held = self.held, []
+        held, self.held, self.sent = self.held, [], len(self.text)
         return held
 
     def finish(self, finish_reason: str) -> tuple[list, list[dict] | None]:
-        """(the held deltas to send as text, the calls) when the output ends."""
-        calls = self.tools.calls(self.text) if self.held and finish_reason == "stop" else None
-        if calls is not None:
-            return [], calls
-        held, self.held = self.held, []
-        return held, None
+        """(the deltas to send as text, the calls) when the output ends."""
+        found = self.tools.read(self.text) if self.held and finish_reason == "stop" else None
+        if found is None:
+            held, self.held = self.held, []
+            return held, None
+        content, calls = found
+        rest = (content or "")[self.sent:]  # the text before the calls not sent yet (content starts the output)
+        return ([Delta(rest, [])] if rest else []), calls
