@@ -286,3 +286,27 @@ async def test_a_checkpoints_own_chat_template_renders_the_chat(client, backend,
                                                                       {"role": "system", "content": "late"}]))
     assert r.status_code == 400 and "must come first" in r.json()["error"]["message"]
     assert len(backend.jobs) == before
+    r = await client.post("/v1/chat/completions", json=chat(
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}],
+        add_generation_prompt=False, continue_final_message=True, tools=None, chat_template_kwargs={"flavour": 1}))
+    assert r.status_code == 200, r.text
+    assert tok.decode(backend.jobs[-1].prompt).endswith("<|im_start|>assistant\nHel")  # left open
+
+
+async def test_continue_final_message_and_add_generation_prompt(client, backend):
+    """vLLM's extensions on the family's template: no cue, or the last assistant message left open."""
+    answer_with(backend, "lo")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages, tools=None, add_generation_prompt=False,
+                                                            continue_final_message=True))
+    assert r.status_code == 200, r.text
+    assert prompt_of(backend) == "User: Hi\nAssistant: Hel"
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages[:1], tools=None,
+                                                            add_generation_prompt=False))
+    assert prompt_of(backend) == "User: Hi"
+    for extra, words in [({"continue_final_message": True}, "add_generation_prompt: false"),
+                         ({"continue_final_message": True, "add_generation_prompt": False,
+                           "messages": messages[:1]}, "assistant message last"),
+                         ({"chat_template_kwargs": {"tools": []}}, "may not set 'tools'")]:
+        r = await client.post("/v1/chat/completions", json=chat(**({"messages": messages, "tools": None} | extra)))
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from services.gateway.generation import invalid
 
@@ -32,12 +33,41 @@ def render_chat(messages: Sequence[tuple[str, str]]) -> str:
     return "\n".join([*lines, CUE])
 
 
-def chat_prompt(tokenizer, messages, tools=None) -> str | list[int]:
+@dataclass(frozen=True)
+class Rendering:
+    """vLLM's chat extensions: how the messages end the prompt."""
+
+    add_generation_prompt: bool = True  # the assistant's cue after the messages
+    continue_final_message: bool = False  # the last (assistant) message left open, to be continued
+    template_kwargs: dict = field(default_factory=dict)  # passed to the checkpoint's template (e.g. enable_thinking)
+
+    def check(self, messages) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise invalid("continue_final_message needs add_generation_prompt: false (the last message is "
+                          "continued, no new one is cued).", "continue_final_message")
+        if self.continue_final_message and messages[-1].role != "assistant":
+            raise invalid("continue_final_message needs an assistant message last.", "continue_final_message")
+        taken = sorted(set(self.template_kwargs) & RESERVED)
+        if taken:
+            raise invalid(f"chat_template_kwargs may not set {taken[0]!r} (a field of the request).",
+                          "chat_template_kwargs")
+
+
+RESERVED = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                      "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def chat_prompt(tokenizer, messages, tools=None, rendering: Rendering = Rendering()) -> str | list[int]:
     """The prompt of a chat request's `messages` (ChatMessage models) and `tools` (a ToolPlan or None)."""
+    rendering.check(messages)
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         lines = [("tools", tools.prompt_line())] if tools else []
-        return render_chat(lines + [(m.role, _family_text(i, m)) for i, m in enumerate(messages)])
+        text = render_chat(lines + [(m.role, _family_text(i, m)) for i, m in enumerate(messages)])
+        if not rendering.add_generation_prompt:
+            text = text[:-len(CUE) - 1]  # the cue and the newline before it
+        return text
     turns = []
     for i, m in enumerate(messages):
         turn = {"role": m.role, "content": m.text()}
@@ -51,7 +81,9 @@ def chat_prompt(tokenizer, messages, tools=None) -> str | list[int]:
         turns.append(turn)
     functions = [{"type": "function", "function": f} for f in tools.functions] if tools else None
     try:
-        ids = tokenizer.apply_chat_template(turns, tools=functions, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(turns, tools=functions, add_generation_prompt=rendering.add_generation_prompt,
+                                            continue_final_message=rendering.continue_final_message, tokenize=True,
+                                            **rendering.template_kwargs)
     except Exception as exc:  # noqa: BLE001 - a template's own refusal (jinja's raise_exception) or error
         raise invalid(f"The model's chat template refused these messages: {exc}", "messages") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers answer a BatchEncoding

@@ -128,7 +128,7 @@ def create_app(settings: Settings, service) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Chat completion: the messages (and tools) become one prompt (`chat.chat_prompt`)."""
         tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
-        prompt = chat_prompt(backend().tokenizer(), body.messages, tools)
+        prompt = chat_prompt(backend().tokenizer(), body.messages, tools, body.rendering())
         return await serve(request, body, "chat", [prompt], "messages", tools)
 
     async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from services.gateway.chat import Rendering
 from shared.engine.json_schema import canonical_schema
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
@@ -223,6 +224,15 @@ class ChatCompletionRequest(_Sampled):
         None, description="'auto' (the default with tools): calls when the output is a call list; 'required' or a "
                           "named function: the output is constrained to calls; 'none': text.")
     parallel_tool_calls: StrictBool | None = Field(None, description="false: at most one call (default true).")
+    add_generation_prompt: StrictBool = Field(True, description="Extension (vLLM's): the assistant's cue after the "
+                                                                "messages.")
+    continue_final_message: StrictBool = Field(False, description="Extension (vLLM's): continue the last (assistant) "
+                                                                  "message; needs add_generation_prompt: false.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension (vLLM's): variables for the checkpoint's own chat template (e.g. enable_thinking).")
+
+    def rendering(self) -> Rendering:
+        return Rendering(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {})
 
     def _checks(self) -> list[tuple[str, Any, bool, str]]:
         return super()._checks() + [
