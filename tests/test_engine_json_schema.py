@@ -55,6 +55,9 @@ SCHEMAS = [PERSON, SMALL, TREE, FORMATTED,
            {"type": "object", "properties": {"list": {"type": "array", "items": {"type": "array",
                                                                                   "items": {"type": "integer"}}}}},
            {"type": "object"}, {"properties": {}},
+           {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1},
+                                             "t": {"type": "number", "exclusiveMinimum": -273.15},
+                                             "d": {"type": "number", "minimum": 0.25, "exclusiveMaximum": 0.5}}},
            {"type": "object", "properties": {  # overlapping anyOf: the automaton follows every branch that fits
                "pet": {"anyOf": [{"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}}},
                                  {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}},
@@ -209,6 +212,8 @@ def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
         key: uuid.UUID
         count: int = Field(ge=-3, lt=40)
         ratio: float = Field(ge=0)
+        confidence: float = Field(ge=0, le=1)
+        temperature: float = Field(gt=-273.15, lt=1e4)
         friends: list["User"] = Field(default_factory=list, max_length=1)
 
     class Cat(BaseModel):
@@ -293,7 +298,9 @@ def test_formats_and_patterns(value, field, ok):
     ({"type": "object", "properties": {"a": {"type": "string", "format": "iri"}}}, "'iri' is not supported"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 9}}}, "below"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^a+$", "minLength": 2}}}, "minLength 2"),
-    ({"type": "object", "properties": {"a": {"type": "number", "maximum": 3}}}, "a number's bounds"),
+    ({"type": "object", "properties": {"a": {"type": "number", "minimum": 3, "exclusiveMaximum": 3}}},
+     "no number is within"),
+    ({"type": "object", "properties": {"a": {"type": "number", "maximum": "3"}}}, "finite number"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 3, "maximum": 2}}}, "no integer"),
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "object"}, {"properties": {}}]}}}, "start alike"),
@@ -437,3 +444,46 @@ def test_a_loop_of_references_and_any_of_starts_nothing():
               "$defs": {"L": {"anyOf": [{"$ref": "#/$defs/L"}, {"type": "boolean"}]}}}
     automaton = compile_schema(canonical_schema(schema))
     assert automaton.done(advance(automaton.initial, b'{"a":true}', automaton.step))
+
+
+def _number_text(sign: bool, whole: int, fraction: str) -> str:
+    return ("-" if sign else "") + str(whole) + (f".{fraction}" if fraction else "")
+
+
+BOUND = st.decimals(min_value=-60, max_value=60, places=2, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(low=st.none() | BOUND, high=st.none() | BOUND, low_open=st.booleans(), high_open=st.booleans(),
+       as_float=st.booleans(), values=st.lists(st.tuples(st.booleans(), st.integers(0, 99),
+                                                          st.text("0123456789", max_size=4)), min_size=1, max_size=8))
+def test_a_numbers_bounds_take_exactly_the_numbers_within(low, high, low_open, high_open, as_float, values):
+    """minimum / maximum / exclusive ones on a number: a number written without an exponent is
+    taken exactly when it is within (compared as decimals, as written)."""
+    from decimal import Decimal
+
+    def bound(value):
+        return float(value) if as_float else int(value) if value == value.to_integral_value() else float(value)
+
+    bounds = {}
+    if low is not None:
+        bounds["exclusiveMinimum" if low_open else "minimum"] = bound(low)
+    if high is not None:
+        bounds["exclusiveMaximum" if high_open else "maximum"] = bound(high)
+    schema = {"type": "object", "properties": {"x": {"type": "number"} | bounds}, "required": ["x"]}
+    try:
+        automaton = compile_schema(canonical_schema(schema))
+    except ValueError as exc:
+        assert "no number is within" in str(exc)
+        lo, hi = Decimal(repr(bounds.get("minimum", bounds.get("exclusiveMinimum")))), \
+            Decimal(repr(bounds.get("maximum", bounds.get("exclusiveMaximum"))))
+        assert lo > hi or (lo == hi and (low_open or high_open))
+        return
+    for sign, whole, fraction in values:
+        text = _number_text(sign and (whole or fraction.strip("0")), whole, fraction)
+        x = Decimal(text)
+        within = all({"minimum": x >= Decimal(repr(v)), "exclusiveMinimum": x > Decimal(repr(v)),
+                      "maximum": x <= Decimal(repr(v)), "exclusiveMaximum": x < Decimal(repr(v))}[k]
+                     for k, v in bounds.items())
+        state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
+        assert (state is not None and automaton.done(state)) == within, (bounds, text)

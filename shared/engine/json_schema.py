@@ -9,8 +9,9 @@ none (then any object, or only `{}` when `additionalProperties` constrains them)
 
 Taken: `type` (a name or a list of names), `properties`, `required`,
 `additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `minLength`,
-`maxLength`, `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any on an
-integer, through a regular expression of the range; on a number only a lower bound of 0),
+`maxLength`, `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any, on an
+integer or a number: a regular expression per bound, compared digit by digit as the bound
+is written; a bounded number is written without an exponent, but for a bound of 0),
 `pattern` (a regular expression, searched as JSON Schema says unless
 anchored with ^ and $; through interegular's automata), `format` (date, time, date-time,
 uuid, ipv4, email, hostname, uri (http and https URLs): each a regular expression here;
@@ -24,7 +25,7 @@ constrained takes no `\\u` escapes (a surrogate pair would count as two characte
 Beside a pattern or format, `maxLength` is kept by taking a character only while a match
 can still end within the length left (each automaton state's distance to a match; hostname
 and uri carry their own 253 and 2083), and `minLength` only up to the shortest match (so
-every match meets it). Any other keyword (`multipleOf`, a number's upper bound, another format...) is refused
+every match meets it). Any other keyword (`multipleOf`, another format...) is refused
 with a ValueError that names it: a constraint left out would let through an output the
 schema refuses. The root is an object or an array (the gateway asks response_format for an
 object, as OpenAI does; tool calls are a list).
@@ -54,8 +55,6 @@ KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", 
                       "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
                       "anyOf", "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-NON_NEGATIVE = r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"  # a number >= 0 as JSON writes it
-POSITIVE = r"[1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*"  # a number > 0 (no exponent: 0e5 is 0)
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "discriminator"})  # discriminator: OpenAPI's, held by the consts
 VALUE_STARTS = frozenset(b'{["-0123456789tfn')  # the bytes any JSON value can start with
@@ -144,9 +143,13 @@ class Pattern:
     """A regular expression as a character automaton (interegular's FSM), kept to the states
     from which a match can still end: `step` refuses a character that would leave none."""
 
-    def __init__(self, regex: str, where: str, shown: str | None = None):
+    def __init__(self, regex: str | list[str], where: str, shown: str | None = None):
+        """`regex`, or a list of them that a match must all match whole (intersected)."""
         try:
-            fsm = _interegular().parse_pattern(regex).to_fsm()
+            fsm = None
+            for one in [regex] if isinstance(regex, str) else regex:
+                made = _interegular().parse_pattern(one).to_fsm()
+                fsm = made if fsm is None else fsm & made
         except Exception as exc:  # interegular's errors have no common base
             raise ValueError(f"{where}: pattern {(shown or regex)!r} is not supported ({exc})") from None
         back: dict[int, set[int]] = {}
@@ -392,7 +395,13 @@ class _Compiler:
             regex = _bounded(kind, {k: schema[k] for k in BOUNDS if k in schema}, where)
             if regex is None:
                 return self.add((kind, -1))
-            self.patterns.append(Pattern(regex, where))  # an automaton matches whole texts
+            bounds = {k: schema[k] for k in BOUNDS if k in schema}
+            try:
+                self.patterns.append(Pattern(regex, where, shown=str(bounds)))  # an automaton matches whole texts
+            except ValueError as exc:
+                if "matches nothing" in str(exc):
+                    raise ValueError(f"{where}: no {kind} is within {bounds}") from None
+                raise
             return self.add((kind, len(self.patterns) - 1))
         if kind == "array":
             items = schema.get("items", {})
@@ -709,19 +718,17 @@ def _counts(schema: dict, low_name: str, high_name: str, where: str) -> tuple[in
     return low, -1 if high is None else high
 
 
-def _bounded(kind: str, bounds: dict, where: str) -> str | None:
-    """A regular expression for the numbers `bounds` allow (None without bounds): any integer
-    range; for a number, only minimum 0 or exclusiveMinimum 0 (else ValueError)."""
+def _bounded(kind: str, bounds: dict, where: str) -> str | list[str] | None:
+    """A regular expression for the numbers `bounds` allow (None without bounds): an integer
+    range; for a number one per bound (a match matches them all), written without an exponent."""
     if not bounds:
         return None
     for name, value in bounds.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
     if kind == "number":
-        if bounds in ({"minimum": 0}, {"exclusiveMinimum": 0}):
-            return NON_NEGATIVE if "minimum" in bounds else POSITIVE
-        raise ValueError(f"{where}: a number's bounds are taken only as minimum 0 or exclusiveMinimum 0 (an integer "
-                         f"takes any); got {bounds}")
+        return [_at_least(value, name == "exclusiveMinimum") if name in ("minimum", "exclusiveMinimum")
+                else _at_most(value, name == "exclusiveMaximum") for name, value in bounds.items()]
     import math
 
     lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
@@ -732,6 +739,73 @@ def _bounded(kind: str, bounds: dict, where: str) -> str | None:
     if low is not None and high is not None and low > high:
         raise ValueError(f"{where}: no integer is within {bounds}")
     return integer_range(low, high)
+
+
+UNSIGNED = r"(0|[1-9][0-9]*)(\.[0-9]+)?"  # a number >= 0 as JSON writes it, without an exponent
+EXPONENT = r"([eE][+-]?[0-9]+)?"
+POSITIVE = r"([1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)"  # a number > 0 (0e5 is 0)
+ANY_FRACTION = r"(\.[0-9]+)?"
+
+
+def _decimal(value) -> tuple[int, str]:
+    """|value| as its integer part and its fraction's digits (no trailing zeros), exactly as written."""
+    from decimal import Decimal
+
+    whole, _, fraction = format(abs(Decimal(repr(value) if isinstance(value, float) else value)), "f").partition(".")
+    return int(whole), fraction.rstrip("0")
+
+
+def _alternatives(parts: list[str]) -> str | None:
+    return "|".join(f"({p})" for p in parts) or None
+
+
+def _fraction(cmp: str, digits: str, strict: bool) -> tuple[str | None, bool]:
+    """The fraction digits t with 0.t >= 0.digits (cmp "ge") or <= (cmp "le"), strictly if
+    `strict`: (a regular expression for those with at least one digit or None, whether
+    none at all, t = "", is one)."""
+    if not digits:  # against 0
+        if cmp == "ge":
+            return (r"0*[1-9][0-9]*" if strict else r"[0-9]+"), not strict
+        return (None if strict else "0+"), not strict
+    c = int(digits[0])
+    then, ends = _fraction(cmp, digits[1:], strict)
+    parts = ([f"[{c + 1}-9][0-9]*"] if c < 9 else []) if cmp == "ge" else ([f"[0-{c - 1}][0-9]*"] if c > 0 else [])
+    if then is not None or ends:
+        parts.append(f"{c}({then})?" if then is not None and ends else f"{c}({then})" if then is not None else str(c))
+    return _alternatives(parts), cmp == "le"  # t = "" is 0: below any non-zero digits
+
+
+def _magnitude(cmp: str, value, strict: bool) -> str | None:
+    """A regular expression for the numbers m >= 0 with m >= |value| (cmp "ge") or m <= |value|
+    ("le"), strictly if `strict` (None: there is none)."""
+    whole, digits = _decimal(value)
+    fraction, bare = _fraction(cmp, digits, strict)
+    suffix = [r"\." + f"({fraction})"] if fraction is not None else []
+    parts = [f"{whole}" + (f"({suffix[0]})?" if bare else suffix[0])] if suffix else [str(whole)] if bare else []
+    if cmp == "ge":
+        parts.append(f"({integer_range(whole + 1, None)}){ANY_FRACTION}")
+    elif whole >= 1:
+        parts.append(f"({integer_range(0, whole - 1)}){ANY_FRACTION}")
+    return _alternatives(parts)
+
+
+def _at_least(value, strict: bool) -> str:
+    """The numbers x >= value (x > value if `strict`), without an exponent (but for value 0)."""
+    if value == 0:  # an exponent moves no number across 0
+        return (POSITIVE if strict else UNSIGNED) + EXPONENT
+    if value > 0:
+        return _magnitude("ge", value, strict)
+    below = _magnitude("le", value, strict)  # x = -m >= value: m <= -value
+    return f"({UNSIGNED})|-({below})"
+
+
+def _at_most(value, strict: bool) -> str:
+    """The numbers x <= value (x < value if `strict`), without an exponent ("-0" only where 0 is)."""
+    if value < 0:
+        return f"-({_magnitude('ge', value, strict)})"  # x = -m <= value: m >= -value
+    negatives = f"-({_magnitude('ge', 0, True)})" if value == 0 and strict else f"-({UNSIGNED})"
+    up = _magnitude("le", value, strict)
+    return negatives if up is None else f"{negatives}|({up})"
 
 
 def integer_range(low: int | None, high: int | None) -> str:
