@@ -485,6 +485,12 @@ def test_openai_client_completions_and_chat(stack):
         model="specmesh", messages=[{"role": "user", "content": "Hello"}], max_tokens=10, temperature=0,
         stream=True) if c.choices]
     assert "".join(parts) == chat.choices[0].message.content
+    answered = client.responses.create(model="specmesh", input="Hello", max_output_tokens=10, temperature=0)
+    assert answered.output_text == chat.choices[0].message.content  # the Responses API is the same chat
+    streamed = "".join(e.delta for e in client.responses.create(model="specmesh", input="Hello", max_output_tokens=10,
+                                                                temperature=0, stream=True)
+                       if e.type == "response.output_text.delta")
+    assert streamed == answered.output_text
 
 
 def test_openai_client_parses_structured_outputs_into_a_pydantic_model(stack, tiny_family):

@@ -30,6 +30,7 @@ from services.gateway.openai_models import (
     DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from services.gateway.reply import Reply
+from services.gateway.responses import ResponsesReply, ResponsesRequest
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
 from shared.service import ping
 from shared.settings import SERVICES, Settings
@@ -38,7 +39,7 @@ from shared.tracing import trace_id
 log = logging.getLogger("specmesh.gateway")
 
 MAX_BODY_BYTES = 1 << 20  # a context's worth of text is far smaller
-DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128}
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128, "responses": 128}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 504)}
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
@@ -131,14 +132,23 @@ def create_app(settings: Settings, service) -> FastAPI:
         prompt = chat_prompt(backend().tokenizer(), body.messages, tools, body.rendering())
         return await serve(request, body, "chat", [prompt], "messages", tools)
 
-    async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None):
+    @app.post("/v1/responses", responses=ERRORS)
+    async def responses(body: ResponsesRequest, request: Request):
+        """OpenAI's Responses API over the chat machinery (`responses.py`); `stream: true` for its events."""
+        chat = body.to_chat()
+        tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
+        prompt = chat_prompt(backend().tokenizer(), chat.messages, tools)
+        return await serve(request, chat, "responses", [prompt], "input", tools, body)
+
+    async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None,
+                    original: ResponsesRequest | None = None):
         arrived = time.monotonic()
         b = backend()
         _check_model(b, body.model)
         refused = body.unsupported()
         if refused:
             raise invalid(refused[1], refused[0])
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        request_id = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_"}[kind] + uuid.uuid4().hex
         response_format, json_schema = body.response_format_spec()  # a shape unsupported() let through
         if tools and tools.constrained:
             for param, value in (("response_format", response_format), ("min_tokens", body.min_tokens),
@@ -148,7 +158,7 @@ def create_app(settings: Settings, service) -> FastAPI:
                                   f"list of calls, then the end of sequence.", param)
             response_format, json_schema = "json_schema", tools.schema()
         max_tokens = body.max_tokens
-        if kind == "chat" and body.max_completion_tokens is not None:
+        if getattr(body, "max_completion_tokens", None) is not None:  # chat's newer name
             max_tokens = body.max_completion_tokens
         request = GenerationRequest(
             request_id=request_id, prompt=prompts[0], max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
@@ -166,12 +176,17 @@ def create_app(settings: Settings, service) -> FastAPI:
             planned = plan_all(b, settings, choice_requests(request, prompts, body.n or 1))
             generations = [Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
                                       include_stop=bool(body.include_stop_str_in_output),
-                                      operation="chat" if kind == "chat" else "text_completion")
+                                      operation="text_completion" if kind == "completion" else "chat")
                            for job, stops in planned]
-            reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts,
-                          tools)
-            if body.stream:
-                return await stream(generations, reply, headers)
+            if kind == "responses":
+                reply = ResponsesReply(request_id, b.model_name, original, tools)
+                if body.stream:
+                    return await stream_response(generations[0], reply, headers)
+            else:
+                reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts,
+                              tools)
+                if body.stream:
+                    return await stream(generations, reply, headers)
             outcomes = await _unless_disconnected(http, run_all(generations))
             if outcomes is None:
                 return Response(status_code=499)  # nobody to read it; the generation was cancelled
@@ -224,6 +239,58 @@ def create_app(settings: Settings, service) -> FastAPI:
                 log.exception("request %s failed mid-stream", reply.request_id)
                 yield reply.sse(ApiError(500, "Internal error; see the gateway's log.", type="server_error").body())
             yield "data: [DONE]\n\n"
+
+        return SSEResponse(events(), deltas, headers=headers | {"cache-control": "no-cache"})
+
+    async def stream_response(generation: Generation, reply: ResponsesReply, headers: dict) -> StreamingResponse:
+        deltas = merged([generation])
+        first = await anext(deltas, None)  # errors before the first token still get their status code
+
+        async def events() -> AsyncIterator[str]:
+            text, opened = "", False
+
+            def written(part) -> list[str]:
+                nonlocal text, opened
+                out = [] if opened or not part.text else reply.text_opened()
+                opened = opened or bool(part.text)
+                text += part.text
+                return out + ([reply.text_delta(part.text)] if part.text else [])
+
+            try:
+                for event in reply.start():
+                    yield event
+                calls = ToolStream(reply.tools) if reply.tools else None
+                pending = [first] if first is not None else []
+                while True:
+                    item = pending.pop() if pending else await anext(deltas, None)
+                    if item is None or item[1] is None:
+                        break
+                    for part in calls.feed(item[1]) if calls else [item[1]]:
+                        for event in written(part):
+                            yield event
+                out, made = generation.outcome, None
+                if calls:
+                    held, made = calls.finish(out.finish_reason)
+                    for part in held:
+                        for event in written(part):
+                            yield event
+                status = "completed" if out.finish_reason == "stop" else "incomplete"
+                items = []
+                if opened:
+                    for event in reply.text_closed(text, status):
+                        yield event
+                    items.append(reply.message(text, status))
+                if made:
+                    made_events, made_items = reply.calls(made, len(items))
+                    for event in made_events:
+                        yield event
+                    items += made_items
+                yield reply.finish(out, items, status)
+            except ApiError as exc:
+                yield reply.failed(exc.body()["error"])
+            except Exception:
+                log.exception("request %s failed mid-stream", reply.request_id)
+                yield reply.failed({"message": "Internal error; see the gateway's log.", "code": "server_error"})
 
         return SSEResponse(events(), deltas, headers=headers | {"cache-control": "no-cache"})
 
