@@ -76,6 +76,7 @@ class Sampling:
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the output, as the end of sequence does
     response_format: str = ""  # "json_object": the output is one JSON object (shared.engine.grammar); "": free text
     json_schema: str = ""  # response_format "json_schema": the schema (JSON text) the object follows (shared.engine.json_schema)
+    regex: str = ""  # response_format "regex": the expression the whole output matches (shared.engine.regex)
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)

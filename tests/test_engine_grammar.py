@@ -73,11 +73,12 @@ VOCAB = [b"", b"{", b"}", b'{"', b'"', b"a", b'":', b" ", b"1", b"12", b".5", b"
 
 
 def brute_force(state, vocab: list[bytes], eos: int, automaton=JSON_OBJECT) -> set[int]:
-    """The tokens whose bytes all fit after `state`, each walked on its own (no trie)."""
-    if state is None or automaton.done(state):
+    """The tokens whose bytes all fit after `state`, each walked on its own (no trie), and the
+    end of sequence where the output is complete (or nothing fits)."""
+    if state is None:
         return {eos}
-    return {t for t, data in enumerate(vocab)
-            if t != eos and data and advance(state, data, automaton.step) is not None}
+    fits = {t for t, data in enumerate(vocab) if t != eos and data and advance(state, data, automaton.step) is not None}
+    return fits | {eos} if automaton.done(state) or not fits else fits
 
 
 @settings(max_examples=200, deadline=None)

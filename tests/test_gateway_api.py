@@ -594,7 +594,7 @@ async def test_bad_completion_requests(client, backend, fields, status, param):
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
                                                                           "json_schema": {"name": "x"}}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "number", "maximum": 0}}}}}},
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}}}}},
      "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string"}}}}, "response_format"),
@@ -878,6 +878,13 @@ async def test_grpc_generate(grpc_gateway, tok):
         await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
             response_format="xml")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response_format" in err.value.details()
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
+        response_format="regex", regex="[a-z]+")))
+    assert (backend.jobs[-1].sampling.response_format, backend.jobs[-1].sampling.regex) == ("regex", "[a-z]+")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParameters(
+            response_format="regex", regex="a(?=b)")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "lookaround" in err.value.details()
 
 
 async def test_grpc_generate_stream(grpc_gateway, tok):

@@ -209,6 +209,25 @@ def test_json_mode_through_every_level_is_the_target_alones(stack, tiny_family, 
         jsonschema.validate(json.loads(choice["text"]), schema)
 
 
+def test_guided_choice_and_regex_through_every_level_are_the_target_alones(stack, tiny_family, prompts):
+    """vLLM's guided_choice and guided_regex: every chain gives the target alone's tokens under
+    the expression, and each answer is one of the choices (then the end of sequence)."""
+    from shared.engine.regex import choice_regex
+
+    _, settings = stack
+    url = settings.gateway.http_url
+    choices = ["return x", "def f(x):", "pass", "print(x)"]
+    want = target_only(tiny_family, prompts[:4], MAX_TOKENS, response_format="regex", regex=choice_regex(choices))
+    for chain in ["ngram,drafter,target", "drafter,verifier,target"]:
+        results = asyncio.run(complete_all(url, [body(p, chain, guided_choice=choices) for p in prompts[:4]]))
+        assert [r["choices"][0]["token_ids"] for r in results] == want, chain
+        assert all(r["choices"][0]["text"] in choices and r["choices"][0]["finish_reason"] == "stop" for r in results)
+    regex = r"[a-z]{1,6}_[0-9]{2}"
+    want = target_only(tiny_family, prompts[:4], MAX_TOKENS, response_format="regex", regex=regex)
+    results = asyncio.run(complete_all(url, [body(p, "ngram,drafter,target", guided_regex=regex) for p in prompts[:4]]))
+    assert [r["choices"][0]["token_ids"] for r in results] == want
+
+
 def test_tool_calls_through_every_level_are_the_target_alones(stack, tiny_family):
     """tool_choice "required": the output is constrained to the call list at every level, so
     each chain gives the target alone's tokens under the same schema; what finishes comes

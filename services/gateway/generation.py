@@ -92,6 +92,7 @@ class GenerationRequest:
     ignore_eos: bool | None = None  # True: generate past the end-of-sequence token, up to max_tokens
     response_format: str | None = None  # "json_object" / "json_schema": one JSON object (of `json_schema`); None: text
     json_schema: str | None = None  # with "json_schema": the schema as JSON text
+    regex: str | None = None  # with "regex": the expression the whole output matches
     tool_calls: bool = False  # the schema is a list of tool calls (tools.py), not response_format's object
     stop: str | list[str] | None = None
     speculation: SpeculationRequest | None = None
@@ -243,14 +244,23 @@ def _logit_bias(value: dict[str | int, float] | None, vocab: int) -> dict[str, l
 def _response_format(req: GenerationRequest, tok) -> dict:
     """The job's `Sampling.response_format` and `json_schema`, checked (the schema compiled)
     and against what they cannot go with."""
-    fmt, schema = req.response_format or "", req.json_schema or ""
+    fmt, schema, regex = req.response_format or "", req.json_schema or "", req.regex or ""
     if fmt == "text":
         fmt = ""
-    if fmt not in ("", "json_object", "json_schema"):
-        raise invalid(f"response_format must be 'text', 'json_object' or 'json_schema', got {fmt!r}.",
+    if fmt not in ("", "json_object", "json_schema", "regex"):
+        raise invalid(f"response_format must be 'text', 'json_object', 'json_schema' or 'regex', got {fmt!r}.",
                       "response_format")
     if schema and fmt != "json_schema":
         raise invalid("json_schema is only taken with response_format 'json_schema'.", "json_schema")
+    if regex and fmt != "regex":
+        raise invalid("regex is only taken with response_format 'regex'.", "regex")
+    if fmt == "regex":
+        from shared.engine.regex import compile_regex
+
+        try:
+            compile_regex(regex)
+        except ValueError as exc:
+            raise invalid(f"guided_regex: {exc}.", "guided_regex") from None
     if fmt == "json_schema":
         from shared.engine.json_schema import compile_schema
 
@@ -269,7 +279,7 @@ def _response_format(req: GenerationRequest, tok) -> dict:
                       f"but the end of sequence.", "ignore_eos")
     if fmt and tok.eos_token_id is None:
         raise invalid(f"response_format {fmt} needs a model with an end-of-sequence token.", "response_format")
-    return {"response_format": fmt, "json_schema": schema}
+    return {"response_format": fmt, "json_schema": schema, "regex": regex}
 
 
 def _min_tokens(value: int | None, max_tokens: int) -> int:

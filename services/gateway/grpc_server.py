@@ -107,6 +107,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             stop_token_ids=list(s.stop_token_ids) or None,
             response_format=s.response_format if s.HasField("response_format") else None,
             json_schema=s.json_schema if s.HasField("json_schema") else None,
+            regex=s.regex if s.HasField("regex") else None,
             stop=list(request.stop),
             speculation=speculation,
             logprobs=request.logprobs if request.HasField("logprobs") else -1,

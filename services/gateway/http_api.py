@@ -149,14 +149,14 @@ def create_app(settings: Settings, service) -> FastAPI:
         if refused:
             raise invalid(refused[1], refused[0])
         request_id = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_"}[kind] + uuid.uuid4().hex
-        response_format, json_schema = body.response_format_spec()  # a shape unsupported() let through
+        response_format, json_schema, regex = body.response_format_spec()  # a shape unsupported() let through
         if tools and tools.constrained:
             for param, value in (("response_format", response_format), ("min_tokens", body.min_tokens),
                                  ("ignore_eos", body.ignore_eos)):
                 if value:
                     raise invalid(f"{param} cannot be combined with tool_choice {tools.choice!r}: the output is the "
                                   f"list of calls, then the end of sequence.", param)
-            response_format, json_schema = "json_schema", tools.schema()
+            response_format, json_schema, regex = "json_schema", tools.schema(), ""
         max_tokens = body.max_tokens
         if getattr(body, "max_completion_tokens", None) is not None:  # chat's newer name
             max_tokens = body.max_completion_tokens
@@ -166,7 +166,8 @@ def create_app(settings: Settings, service) -> FastAPI:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
-            response_format=response_format, json_schema=json_schema, tool_calls=bool(tools and tools.constrained),
+            response_format=response_format, json_schema=json_schema, regex=regex,
+            tool_calls=bool(tools and tools.constrained),
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
         )

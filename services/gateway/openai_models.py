@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from services.gateway.chat import Rendering
 from shared.engine.json_schema import canonical_schema
+from shared.engine.regex import choice_regex
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
 from services.gateway.generation import (
@@ -48,6 +49,26 @@ class SpeculationOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = Field(False, description="Send a last chunk with `usage` (and empty `choices`).")
+
+
+MAX_CHOICE_STRINGS = 256
+Choices = Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICE_STRINGS)]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one constraint of the output."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    regex: StrictStr | None = None
+    choice: Choices | None = None
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    json_object: StrictBool | None = None
+    grammar: StrictStr | None = Field(None, description="Not supported.")
+
+    def one(self) -> bool:
+        given = [self.regex, self.choice, self.json_, self.json_object or None, self.grammar]
+        return sum(v is not None for v in given) == 1 and self.grammar is None
 
 
 class _Sampled(BaseModel):
@@ -91,6 +112,14 @@ class _Sampled(BaseModel):
                           "'json_schema', 'json_schema': {'name', 'schema', 'strict'}}: one object that validates "
                           "against the schema (structured outputs; the keywords taken are in the gateway's README); "
                           "enforced token by token at every level. {'type': 'text'} (the default): free text.")
+    guided_regex: StrictStr | None = Field(
+        None, description="Extension (vLLM's): the whole output matches this regular expression.")
+    guided_choice: Choices | None = Field(None, description="Extension (vLLM's): the output is one of these strings.")
+    guided_json: dict[str, Any] | None = Field(
+        None, description="Extension (vLLM's): the output is one JSON object of this schema (as response_format "
+                          "json_schema).")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="Extension (vLLM's newer name for the guided_ fields): {regex | choice | json | json_object}.")
     user: StrictStr | None = None
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")
@@ -102,14 +131,25 @@ class _Sampled(BaseModel):
                 return param, f"{param}={value!r} is not supported: {why}."
         return None
 
-    def _checks(self) -> list[tuple[str, Any, bool, str]]:
-        return [("response_format", self.response_format, self.response_format_spec() is not None,
-                 "it must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
-                 "{'name': ..., 'schema': {...}}}")]
+    def _constraints(self) -> list[str]:
+        """The fields that constrain the output (one at most)."""
+        named = [name for name in ("guided_regex", "guided_choice", "guided_json", "structured_outputs")
+                 if getattr(self, name) is not None]
+        return named + (["response_format"] if self.response_format not in (None, {"type": "text"}) else [])
 
-    def response_format_spec(self) -> tuple[str, str] | None:
-        """The job's (`Sampling.response_format`, `Sampling.json_schema`): ("", "") for text; None
-        if the field is not one of the shapes taken (the schema itself is checked when planned)."""
+    def _checks(self) -> list[tuple[str, Any, bool, str]]:
+        constraints = self._constraints()
+        return [("response_format", self.response_format, self._response_format() is not None,
+                 "it must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+                 "{'name': ..., 'schema': {...}}}"),
+                (constraints[-1] if constraints else "", " and ".join(constraints), len(constraints) <= 1,
+                 "give one of response_format, guided_json, guided_regex, guided_choice, structured_outputs"),
+                ("structured_outputs", self.structured_outputs,
+                 self.structured_outputs is None or self.structured_outputs.one(),
+                 "it must hold exactly one of regex, choice, json, json_object (grammar is not supported)")]
+
+    def _response_format(self) -> tuple[str, str] | None:
+        """`response_format` as (format, schema); None if not one of the shapes taken."""
         fmt = self.response_format
         if fmt is None or fmt == {"type": "text"}:
             return "", ""
@@ -120,6 +160,24 @@ class _Sampled(BaseModel):
                 or not isinstance(spec.get("schema"), dict) or not set(spec) <= {"name", "schema", "strict", "description"}:
             return None
         return "json_schema", canonical_schema(spec["schema"])
+
+    def response_format_spec(self) -> tuple[str, str, str]:
+        """The job's (`Sampling.response_format`, `json_schema`, `regex`), from whichever field
+        constrains the output (`unsupported()` has refused two, or a shape not taken; the schema
+        or expression itself is checked when planned)."""
+        so = self.structured_outputs
+        regex = self.guided_regex if self.guided_regex is not None else so.regex if so else None
+        choice = self.guided_choice if self.guided_choice is not None else so.choice if so else None
+        schema = self.guided_json if self.guided_json is not None else so.json_ if so else None
+        if regex is not None:
+            return "regex", "", regex
+        if choice is not None:
+            return "regex", "", choice_regex(choice)
+        if schema is not None:
+            return "json_schema", canonical_schema(schema), ""
+        if so is not None and so.json_object:
+            return "json_object", "", ""
+        return (*self._response_format(), "")
 
 
 class CompletionRequest(_Sampled):

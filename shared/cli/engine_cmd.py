@@ -62,6 +62,7 @@ def generate(
     json_object: bool = typer.Option(False, "--json", help="The output is one JSON object (response_format json_object)."),
     json_schema: Optional[Path] = typer.Option(
         None, "--json-schema", exists=True, dir_okay=False, help="A JSON Schema file: the output is one object that validates against it."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="The whole output matches this regular expression (vLLM's guided_regex)."),
     confidence_threshold: float = typer.Option(0.0, "--confidence-threshold", help="Stop drafting below this confidence."),
     leniency: float = typer.Option(1.0, help="Middle-level leniency (>= 1; the target stays exact)."),
     runner: Optional[str] = typer.Option(None, help="lean | hf (default: settings)."),
@@ -77,11 +78,14 @@ def generate(
     n_threads = _threads(threads)
     settings = get_settings()
     try:
+        if sum(map(bool, (json_object, json_schema, regex))) > 1:
+            raise ValueError("give one of --json, --json-schema, --regex")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                   repetition_penalty=repetition_penalty,
-                                  response_format="json_schema" if json_schema else "json_object" if json_object else "",
-                                  json_schema=_schema_text(json_schema) if json_schema else "")
+                                  response_format="json_schema" if json_schema else "json_object" if json_object
+                                  else "regex" if regex else "",
+                                  json_schema=_schema_text(json_schema) if json_schema else "", regex=regex or "")
         pool = _pool(family, runner, device, dtype, None)
         c = pool.chain(
             chain or settings.speculation.chain,

@@ -260,18 +260,18 @@ class Grammar:
             self._states.popitem(last=False)
 
     def allowed(self, state: tuple | None, width: int) -> np.ndarray:
-        """Booleans [width]: the tokens whose bytes all fit after `state` (the end of sequence
-        only after a complete value). An output that left the grammar (a draft not verified
-        under it) may only end."""
+        """Booleans [width]: the tokens whose bytes all fit after `state`, and the end of
+        sequence where the output is complete (`done`). An output that left the grammar (a
+        draft not verified under it) may only end."""
         vocab, eos = self.trie.vocab_size, self.trie.eos_token_id
         mask = self._masks.get(state) if state is not None else None
         if mask is None:
             mask = np.zeros(vocab, dtype=bool)
-            if state is None or self.automaton.done(state):
+            if state is None:
                 mask[eos] = True
             else:
-                self._walk(state, mask)
-                if not mask.any():  # a vocabulary that cannot go on from here: end rather than fail
+                self._walk(state, mask)  # nothing after a closed JSON object; a regex's match may go on
+                if self.automaton.done(state) or not mask.any():  # (a vocabulary that cannot go on: end, not fail)
                     mask[eos] = True
             if state is not None:
                 self._masks[state] = mask

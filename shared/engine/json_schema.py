@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from functools import lru_cache
 
 from shared.engine.grammar import (
@@ -80,6 +81,7 @@ UNESCAPED = {ord('"'): '"', ord("\\"): "\\", ord("/"): "/", ord("b"): "\b", ord(
 
 
 MAX_PATTERN_STATES = 4096  # most states of the automaton one pattern's construction may make
+LOOKAROUND = re.compile(r"(?<!\\)\(\?<?[=!]")  # (?= (?! (?<= (?<! not after a backslash
 
 
 class PatternTooLarge(Exception):
@@ -145,6 +147,9 @@ class Pattern:
 
     def __init__(self, regex: str | list[str], where: str, shown: str | None = None):
         """`regex`, or a list of them that a match must all match whole (intersected)."""
+        if any(LOOKAROUND.search(one) for one in ([regex] if isinstance(regex, str) else regex)):
+            raise ValueError(f"{where}: pattern {(shown or regex)!r} is not supported (lookarounds: interegular "
+                             f"reads them as its own intersections, not as Python or ECMA do)")
         try:
             fsm = None
             for one in [regex] if isinstance(regex, str) else regex:

@@ -25,6 +25,7 @@ import torch
 
 from shared.engine.grammar import JSON_OBJECT, Grammar, TokenTrie, token_bytes
 from shared.engine.json_schema import compile_schema
+from shared.engine.regex import compile_regex
 from shared.engine.sampling import GREEDY, SamplingParams, choose, penalize, process_rows
 
 GRAMMARS = 32  # response formats (a schema each) whose grammar a runner keeps
@@ -122,10 +123,11 @@ class Runner:
             tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path))
             self._trie = TokenTrie(token_bytes(tokenizer), self.eos_token_id)
             self._grammars = OrderedDict()
-        key = (params.response_format, params.json_schema)
+        key = (params.response_format, params.json_schema, params.regex)
         grammar = self._grammars.get(key)
         if grammar is None:
-            automaton = compile_schema(params.json_schema) if params.response_format == "json_schema" else JSON_OBJECT
+            automaton = compile_schema(params.json_schema) if params.response_format == "json_schema" else \
+                compile_regex(params.regex) if params.response_format == "regex" else JSON_OBJECT
             grammar = self._grammars[key] = Grammar(self._trie, automaton)
             if len(self._grammars) > GRAMMARS:
                 self._grammars.popitem(last=False)

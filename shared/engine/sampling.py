@@ -11,9 +11,10 @@ it times the token's count in the output so far) and the presence penalty (minus
 for a token in the output so far). Each row is penalized by its own prefix, so the row a
 target verifies draft position j with counts the drafts before j: the output stays the
 target alone's. `min_tokens` rules the end-of-sequence token and `stop_token_ids` out of
-every position before the output holds that many tokens (vLLM's `min_tokens`), and a JSON
+every position before the output holds that many tokens (vLLM's `min_tokens`), and a
 `response_format` every token that would take the output out of one JSON object (of a
-schema; `shared.engine.grammar`, `shared.engine.json_schema`), row by row the same way.
+schema; `shared.engine.grammar`, `shared.engine.json_schema`) or out of a regular
+expression's matches (`shared.engine.regex`), row by row the same way.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 
 from shared.engine.grammar import Grammar
 from shared.engine.json_schema import compile_schema
+from shared.engine.regex import compile_regex
 from shared.messages import Sampling
 
-RESPONSE_FORMATS = ("", "json_object", "json_schema")  # "": free text
+RESPONSE_FORMATS = ("", "json_object", "json_schema", "regex")  # "": free text
 
 _MASK64 = (1 << 64) - 1
 
@@ -57,8 +59,9 @@ class SamplingParams:
     output_start: int = -1
     min_tokens: int = 0  # no end of sequence (nor stop token) before the output holds this many tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the output, as the end of sequence does
-    response_format: str = ""  # "json_object" / "json_schema": the output is one JSON object (of `json_schema`)
+    response_format: str = ""  # "json_object" / "json_schema": the output is one JSON object (of `json_schema`); "regex"
     json_schema: str = ""  # with response_format "json_schema": the schema, as JSON text (json_schema.compile_schema)
+    regex: str = ""  # with response_format "regex": the expression the whole output matches (regex.compile_regex)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -97,9 +100,16 @@ class SamplingParams:
                 raise ValueError(f"response_format json_schema: {exc}") from None
         elif self.json_schema:
             raise ValueError("a json_schema needs response_format 'json_schema'")
+        if self.response_format == "regex":
+            try:
+                compile_regex(self.regex)
+            except ValueError as exc:
+                raise ValueError(f"response_format regex: {exc}") from None
+        elif self.regex:
+            raise ValueError("a regex needs response_format 'regex'")
         if self.response_format and self.min_tokens:
-            raise ValueError("min_tokens cannot be combined with a JSON response_format: the end of sequence "
-                             "must be free to follow the object")
+            raise ValueError("min_tokens cannot be combined with a response_format: the end of sequence "
+                             "must be free to follow the object (or match)")
         if isinstance(self.output_start, bool) or not isinstance(self.output_start, int) or self.output_start < -1:
             raise ValueError(f"output_start must be a position >= 0 (-1: the prompt's length), "
                              f"got {self.output_start!r}")
@@ -138,13 +148,13 @@ class SamplingParams:
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
-                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema)
+                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema, s.regex)
 
     def to_wire(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
-                        list(self.stop_token_ids), self.response_format, self.json_schema)
+                        list(self.stop_token_ids), self.response_format, self.json_schema, self.regex)
 
 
 GREEDY = SamplingParams()
@@ -153,7 +163,7 @@ GREEDY = SamplingParams()
 def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = (),
              eos_token_id: int | None = None, grammar: Grammar | None = None) -> torch.Tensor:
     """Logits [T, V] (float32, a new tensor) after `logit_bias`, the penalties, `min_tokens`
-    and the response format (`grammar`: the model vocabulary's, needed for a JSON one).
+    and the response format (`grammar`: the model vocabulary's, needed for one).
 
     The rows are the last T positions of `tokens` (the request's sequence so far): row j
     predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
