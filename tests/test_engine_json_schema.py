@@ -228,11 +228,16 @@ def test_a_pydantic_models_schema_is_taken_and_its_outputs_parse_back():
         site: HttpUrl  # format uri, minLength 1, maxLength 2083
         code: str = Field(pattern=r"^[a-z]+[0-9]*$", max_length=4)
 
+    class Shape(BaseModel):
+        pair: tuple[int, str]  # prefixItems, minItems = maxItems = 2
+        point: tuple[float, float, float]
+        many: tuple[bool, ...]  # items
+
     class Owner(BaseModel):
         pet: Cat | Dog = Field(discriminator="kind")  # oneOf told apart by kind, with OpenAPI's discriminator
         other: Cat | Dog | None = None  # anyOf of two objects that start alike, and null
 
-    for model in (User, Owner, Link):
+    for model in (User, Owner, Link, Shape):
         schema = model.model_json_schema()
         texts = finished_walks(compile_schema(canonical_schema(schema)), seed=3, tries=40, limit=3000, enough=40)
         for text in texts:
@@ -320,7 +325,8 @@ def test_formats_and_patterns(value, field, ok):
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "date"}}}, "type must be"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 1}}}, "maxItems"),
-    ({"type": "object", "properties": {"a": {"type": "array", "items": [{}]}}}, "tuple"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": [{}]}}}, "prefixItems"),
+    ({"type": "object", "properties": {"a": {"prefixItems": [{}], "items": False, "minItems": 2}}}, "items false"),
     ({"type": "object", "properties": {"a": {"enum": []}}}, "enum"),
 ])
 def test_unsupported_schemas_are_refused_with_the_keyword(schema, words):
@@ -487,3 +493,20 @@ def test_a_numbers_bounds_take_exactly_the_numbers_within(low, high, low_open, h
                      for k, v in bounds.items())
         state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
         assert (state is not None and automaton.done(state)) == within, (bounds, text)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"t":[1,"a"]}', True), ('{"t":[1]}', True), ('{"t":[]}', True), ('{"t":[1,"a",true,false]}', True),
+    ('{"t":["a",1]}', False), ('{"t":[1,"a",3]}', False),  # after the prefix, booleans
+    ('{"u":[1,2]}', True), ('{"u":[1,2,3]}', False), ('{"u":[1]}', False),  # items false, minItems 2
+])
+def test_prefix_items_are_a_tuple(text, ok):
+    schema = {"type": "object", "properties": {
+        "t": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": {"type": "boolean"}},
+        "u": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "integer"}], "items": False,
+              "minItems": 2}}}
+    automaton = compile_schema(canonical_schema(schema))
+    state = advance(automaton.initial, text.encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok
+    if ok:
+        jsonschema.validate(json.loads(text), schema)

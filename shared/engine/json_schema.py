@@ -8,7 +8,7 @@ always and the others as the model chooses, and none but those unless the schema
 none (then any object, or only `{}` when `additionalProperties` constrains them).
 
 Taken: `type` (a name or a list of names), `properties`, `required`,
-`additionalProperties`, `items` (one schema), `minItems`, `maxItems`, `minLength`,
+`additionalProperties`, `items` (one schema, or false), `prefixItems` (a tuple's), `minItems`, `maxItems`, `minLength`,
 `maxLength`, `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum` (any, on an
 integer or a number: a regular expression per bound, compared digit by digit as the bound
 is written; a bounded number is written without an exponent, but for a bound of 0),
@@ -52,8 +52,8 @@ MAX_SCHEMA_BYTES = 1 << 16  # most bytes of schema text a request may send
 MAX_NODES = 4096  # most schema nodes after compiling
 MAX_STACKS = 16  # most readings of one output an automaton state follows (anyOf's branches; beyond: dropped)
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
-KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
+KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "prefixItems",
+                      "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
                       "anyOf", "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
@@ -234,8 +234,8 @@ def _encode(value) -> bytes:
 
 
 class _Compiler:
-    """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free), ("array",
-    item, min, max or -1), ("string", min, max or -1, pattern index or -1), ("number", pattern index
+    """Schema -> node table. Nodes: ("object", ((key bytes, node), ...), free, required flags),
+    ("array", item or -1 (none), min, max or -1, (prefix item, ...)), ("string", min, max or -1, pattern index or -1), ("number", pattern index
     or -1), ("integer", pattern index or -1) (the pattern of its bounds), ("enum",
     (bytes, ...)), ("any",), ("alt", (node, ...), exclusive) (a oneOf's branches start with different bytes),
     ("ref", node) for a `$ref` (compiled once, so a schema may refer to itself)."""
@@ -354,7 +354,7 @@ class _Compiler:
         if types is None:
             if {"properties", "additionalProperties"} & set(schema):
                 types = ["object"]
-            elif {"items", "minItems", "maxItems"} & set(schema):
+            elif {"items", "prefixItems", "minItems", "maxItems"} & set(schema):
                 types = ["array"]
             else:
                 return self.add(("any",))
@@ -411,9 +411,19 @@ class _Compiler:
         if kind == "array":
             items = schema.get("items", {})
             if isinstance(items, list):
-                raise ValueError(f"{where}: items must be one schema (tuple validation is not supported)")
+                raise ValueError(f"{where}: items must be one schema or false (a tuple is prefixItems)")
+            prefix = schema.get("prefixItems", [])
+            if not isinstance(prefix, list):
+                raise ValueError(f"{where}: prefixItems must be a list of schemas")
             low, high = _counts(schema, "minItems", "maxItems", where)
-            return self.add(("array", self.compile(items, depth + 1, f"{where}.items"), low, high))
+            if items is False:  # nothing after the prefix
+                high = len(prefix) if high < 0 else min(high, len(prefix))
+                if high < low:
+                    raise ValueError(f"{where}: minItems ({low}) is above the {len(prefix)} prefixItems with items "
+                                     f"false")
+            firsts = tuple(self.compile(sub, depth + 1, f"{where}.prefixItems[{i}]") for i, sub in enumerate(prefix))
+            rest = -1 if items is False else self.compile(items, depth + 1, f"{where}.items")
+            return self.add(("array", rest, low, high, firsts))
         properties = schema.get("properties", {})
         if not isinstance(properties, dict):
             raise ValueError(f"{where}: properties must be an object")
@@ -501,8 +511,8 @@ class SchemaAutomaton:
         parent = rest[-1]
         if parent[0] == "obj":
             return rest[:-1] + (("obj", parent[1], parent[2] + 1, "s", 0),)
-        _, _, low, high = self.nodes[parent[1]]  # an array's count, capped where its bounds stop telling counts apart
-        return rest[:-1] + (("arr", parent[1], min(parent[2] + 1, max(low, high)), "s"),)
+        _, _, low, high, firsts = self.nodes[parent[1]]  # an array's count, capped where nothing tells counts apart
+        return rest[:-1] + (("arr", parent[1], min(parent[2] + 1, max(low, high, len(firsts))), "s"),)
 
     def _step(self, frames: tuple, b: int) -> list[tuple]:
         """The frames after `b`: one per way of reading it (several only inside an anyOf)."""
@@ -531,13 +541,14 @@ class SchemaAutomaton:
             return [self._complete(rest)] if phase == "s" and b == 0x7D and not any(self.nodes[nid][3][i:]) else []
         if kind == "arr":
             _, nid, count, phase = top
-            _, item, low, high = self.nodes[nid]
+            _, item, low, high, firsts = self.nodes[nid]
             if phase == "f":
                 if b == 0x5D and low == 0:
                     return [self._complete(rest)]
-                return self._begin(rest + (("arr", nid, count, "v"),), item, b) if high != 0 else []
-            if b == 0x2C and (high < 0 or count < high):
-                return [rest + (("arr", nid, count, "v"), ("val", item))]
+                return self._begin(rest + (("arr", nid, count, "v"),), firsts[0] if firsts else item, b) \
+                    if high != 0 else []
+            if b == 0x2C and (high < 0 or count < high):  # item `count` next (a prefix's, then `items`)
+                return [rest + (("arr", nid, count, "v"), ("val", firsts[count] if count < len(firsts) else item))]
             return [self._complete(rest)] if b == 0x5D and count >= low else []
         if kind == "str":
             return self._string(rest, top, b)
