@@ -57,7 +57,9 @@ SCHEMAS = [PERSON, SMALL, TREE, FORMATTED,
            {"type": "object"}, {"properties": {}},
            {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1},
                                              "t": {"type": "number", "exclusiveMinimum": -273.15},
-                                             "d": {"type": "number", "minimum": 0.25, "exclusiveMaximum": 0.5}}},
+                                             "d": {"type": "number", "minimum": 0.25, "exclusiveMaximum": 0.5},
+                                             "m": {"type": "integer", "multipleOf": 7, "minimum": -50, "maximum": 50},
+                                             "q": {"type": "number", "multipleOf": 0.25}}},
            {"type": "object", "properties": {  # overlapping anyOf: the automaton follows every branch that fits
                "pet": {"anyOf": [{"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}}},
                                  {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}},
@@ -307,7 +309,10 @@ def test_formats_and_patterns(value, field, ok):
      "no number is within"),
     ({"type": "object", "properties": {"a": {"type": "number", "maximum": "3"}}}, "finite number"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 3, "maximum": 2}}}, "no integer"),
-    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 0}}}, "multipleOf must be"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 9973}}}, "4096 states"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2, "minimum": 3, "maximum": 3}}},
+     "no integer is within"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "object"}, {"properties": {}}]}}}, "start alike"),
     ({"type": "object", "properties": {"a": {"oneOf": [  # a constant in one branch only tells nothing apart
         {"properties": {"k": {"const": 1}}}, {"properties": {"k": {"type": "integer"}}}]}}}, "start alike"),
@@ -510,3 +515,38 @@ def test_prefix_items_are_a_tuple(text, ok):
     assert (state is not None and automaton.done(state)) == ok
     if ok:
         jsonschema.validate(json.loads(text), schema)
+
+
+@settings(max_examples=150, deadline=None)
+@given(step=st.sampled_from([1, 3, 7, 12, 0.5, 0.25, 0.05, 2.5, 0.1, 1e-3]), integer=st.booleans(),
+       bounded=st.booleans(), values=st.lists(st.tuples(st.booleans(), st.integers(0, 400),
+                                                          st.text("0123456789", max_size=4)), min_size=1, max_size=8))
+def test_multiple_of_takes_exactly_the_multiples(step, integer, bounded, values):
+    """multipleOf on integers and numbers (with bounds too): a number written without an
+    exponent is taken exactly when it is a multiple, compared as decimals."""
+    from decimal import Decimal
+
+    schema = {"type": "integer" if integer else "number", "multipleOf": step} | ({"maximum": 100} if bounded else {})
+    automaton = compile_schema(canonical_schema({"type": "object", "properties": {"x": schema}, "required": ["x"]}))
+    for sign, whole, fraction in values:
+        fraction = "" if integer else fraction
+        text = _number_text(sign and (whole or fraction.strip("0")), whole, fraction)
+        x = Decimal(text)
+        want = x % Decimal(repr(step)) == 0 and (not bounded or x <= 100)
+        state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
+        assert (state is not None and automaton.done(state)) == want, (schema, text)
+
+
+@pytest.mark.parametrize("sub, text, ok", [
+    ({"minimum": 3}, "4", True), ({"minimum": 3}, "2", False), ({"multipleOf": 2}, "3", False),
+    ({"maxLength": 2}, '"ab"', True), ({"maxLength": 2}, '"abc"', False), ({"pattern": "^a$"}, '"b"', False),
+    ({"minItems": 1}, "[]", False),
+])
+def test_keywords_without_a_type_constrain_the_type_they_name(sub, text, ok):
+    """`{"minimum": 3}` alone: any value, but a number must be >= 3; the output is taken to be
+    a number (narrower, so what it writes validates)."""
+    schema = {"type": "object", "properties": {"x": sub}, "required": ["x"]}
+    automaton = compile_schema(canonical_schema(schema))
+    state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
+    assert (state is not None and automaton.done(state)) == ok
+    assert jsonschema.Draft202012Validator(schema).is_valid(json.loads('{"x":' + text + "}")) or not ok

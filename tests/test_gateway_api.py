@@ -594,7 +594,7 @@ async def test_bad_completion_requests(client, backend, fields, status, param):
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
                                                                           "json_schema": {"name": "x"}}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}}}}},
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "object", "patternProperties": {}}}}}}},
      "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string"}}}}, "response_format"),
@@ -869,7 +869,7 @@ async def test_grpc_generate(grpc_gateway, tok):
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
         response_format="json_schema", json_schema=schema)))
     assert (backend.jobs[-1].sampling.response_format, backend.jobs[-1].sampling.json_schema) == ("json_schema", schema)
-    for bad in (pb.SamplingParameters(response_format="json_schema", json_schema='{"type":"object","multipleOf":1}'),
+    for bad in (pb.SamplingParameters(response_format="json_schema", json_schema='{"type":"object","patternProperties":{}}'),
                 pb.SamplingParameters(response_format="json_object", json_schema=schema)):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", sampling=bad))

@@ -211,7 +211,7 @@ async def test_history_with_calls_and_results_is_rendered(client, backend):
     ({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice", "does not hold"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "twice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "n": {"type": "integer", "multipleOf": 2}}}}}]}, "tools[0].function.parameters", "multipleOf"),
+        "n": {"type": "object", "patternProperties": {}}}}}}]}, "tools[0].function.parameters", "patternProperties"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
      "tools[0].function.parameters", "object"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name", "pattern"),

@@ -25,7 +25,8 @@ constrained takes no `\\u` escapes (a surrogate pair would count as two characte
 Beside a pattern or format, `maxLength` is kept by taking a character only while a match
 can still end within the length left (each automaton state's distance to a match; hostname
 and uri carry their own 253 and 2083), and `minLength` only up to the shortest match (so
-every match meets it). Any other keyword (`multipleOf`, another format...) is refused
+every match meets it). `multipleOf` (integers and numbers): an automaton of the remainder
+modulo the step's digits. Any other keyword (`patternProperties`, another format...) is refused
 with a ValueError that names it: a constraint left out would let through an output the
 schema refuses. The root is an object or an array (the gateway asks response_format for an
 object, as OpenAI does; tool calls are a list).
@@ -53,7 +54,7 @@ MAX_NODES = 4096  # most schema nodes after compiling
 MAX_STACKS = 16  # most readings of one output an automaton state follows (anyOf's branches; beyond: dropped)
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "items", "prefixItems",
-                      "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
+                      "minItems", "maxItems", "multipleOf", "minLength", "maxLength", "pattern", "format", "enum", "const", "$ref", "$defs", "definitions",
                       "anyOf", "oneOf", "allOf", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
@@ -145,15 +146,15 @@ class Pattern:
     """A regular expression as a character automaton (interegular's FSM), kept to the states
     from which a match can still end: `step` refuses a character that would leave none."""
 
-    def __init__(self, regex: str | list[str], where: str, shown: str | None = None):
-        """`regex`, or a list of them that a match must all match whole (intersected)."""
-        if any(LOOKAROUND.search(one) for one in ([regex] if isinstance(regex, str) else regex)):
+    def __init__(self, regex, where: str, shown: str | None = None):
+        """`regex`, or a list of them (or of interegular FSMs) that a match must all match whole (intersected)."""
+        if any(isinstance(one, str) and LOOKAROUND.search(one) for one in ([regex] if isinstance(regex, str) else regex)):
             raise ValueError(f"{where}: pattern {(shown or regex)!r} is not supported (lookarounds: interegular "
                              f"reads them as its own intersections, not as Python or ECMA do)")
         try:
             fsm = None
             for one in [regex] if isinstance(regex, str) else regex:
-                made = _interegular().parse_pattern(one).to_fsm()
+                made = _interegular().parse_pattern(one).to_fsm() if isinstance(one, str) else one
                 fsm = made if fsm is None else fsm & made
         except Exception as exc:  # interegular's errors have no common base
             raise ValueError(f"{where}: pattern {(shown or regex)!r} is not supported ({exc})") from None
@@ -351,11 +352,15 @@ class _Compiler:
                 raise ValueError(f"{where}: enum must be a non-empty list")
             return self.add(("enum", tuple(dict.fromkeys(_encode(v) for v in values))))
         types = schema.get("type")
-        if types is None:
-            if {"properties", "additionalProperties"} & set(schema):
+        if types is None:  # the type the keywords constrain (a narrower schema: what it lets through validates)
+            if {"properties", "additionalProperties", "required"} & set(schema):
                 types = ["object"]
             elif {"items", "prefixItems", "minItems", "maxItems"} & set(schema):
                 types = ["array"]
+            elif {*BOUNDS, "multipleOf"} & set(schema):
+                types = ["number"]
+            elif {"minLength", "maxLength", "pattern", "format"} & set(schema):
+                types = ["string"]
             else:
                 return self.add(("any",))
         types = [types] if isinstance(types, str) else types
@@ -397,12 +402,16 @@ class _Compiler:
             self.patterns.append(pattern)
             return self.add(("string", 0, high, len(self.patterns) - 1))
         if kind in ("number", "integer"):
-            regex = _bounded(kind, {k: schema[k] for k in BOUNDS if k in schema}, where)
-            if regex is None:
-                return self.add((kind, -1))
             bounds = {k: schema[k] for k in BOUNDS if k in schema}
+            regex = _bounded(kind, bounds, where)
+            regexes = [] if regex is None else [regex] if isinstance(regex, str) else regex
+            if "multipleOf" in schema:
+                regexes.append(_multiples(schema["multipleOf"], kind == "integer", where))
+                bounds["multipleOf"] = schema["multipleOf"]
+            if not regexes:
+                return self.add((kind, -1))
             try:
-                self.patterns.append(Pattern(regex, where, shown=str(bounds)))  # an automaton matches whole texts
+                self.patterns.append(Pattern(regexes, where, shown=str(bounds)))  # an automaton matches whole texts
             except ValueError as exc:
                 if "matches nothing" in str(exc):
                     raise ValueError(f"{where}: no {kind} is within {bounds}") from None
@@ -822,6 +831,55 @@ def _at_most(value, strict: bool) -> str:
     negatives = f"-({_magnitude('ge', 0, True)})" if value == 0 and strict else f"-({UNSIGNED})"
     up = _magnitude("le", value, strict)
     return negatives if up is None else f"{negatives}|({up})"
+
+
+def _multiples(step, integer: bool, where: str):
+    """An interegular automaton of the numbers (integers) that are multiples of `step`, written
+    without an exponent: step = m / 10^d, so a number is one when its digits up to the d-th
+    after the point, as an integer, are a multiple of m, and every later digit is 0. States:
+    the remainder modulo m so far, and how many digits after the point."""
+    from decimal import Decimal
+    from math import gcd
+
+    from interegular.fsm import FSM, Alphabet, anything_else
+
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < float("inf"):
+        raise ValueError(f"{where}: multipleOf must be a number > 0, got {step!r}")
+    exponent = Decimal(repr(step) if isinstance(step, float) else step).normalize().as_tuple()
+    m = int("".join(map(str, exponent.digits))) * 10 ** max(exponent.exponent, 0)
+    d = max(-exponent.exponent, 0)
+    if integer:  # x = k * m / 10^d is an integer: m / gcd(m, 10^d) divides it
+        m, d = m // gcd(m, 10 ** d), 0
+    if m * (d + 3) > MAX_PATTERN_STATES:
+        raise ValueError(f"{where}: multipleOf {step} needs more than {MAX_PATTERN_STATES} states")
+    _interegular()
+    alphabet = Alphabet.from_groups(*({c} for c in "0123456789-."), {anything_else})
+    digit = {c: alphabet[c] for c in "0123456789"}
+    # State ids: 0 start, 1 after "-", 2 + r in the integer part, then per (r, used) after the point, then (r) past d digits.
+    part = lambda r: 2 + r  # noqa: E731
+    fraction = lambda r, used: 2 + m + r * (d + 1) + used  # noqa: E731 - used in 0..d (0: the point, no digit yet)
+    past = lambda r: 2 + m + m * (d + 1) + r  # noqa: E731
+    table: dict[int, dict] = {0: {alphabet["-"]: 1}, 1: {}}
+    finals = set()
+    for r in range(m):
+        table[part(r)] = {digit[c]: part((r * 10 + int(c)) % m) for c in digit}
+        if d or not integer:
+            table[part(r)][alphabet["."]] = fraction(r, 0)
+        if r * 10 ** d % m == 0:
+            finals.add(part(r))
+        for used in range(d + 1):
+            row = table[fraction(r, used)] = {}
+            for c in digit:
+                row[digit[c]] = fraction((r * 10 + int(c)) % m, used + 1) if used < d else past(r) if c == "0" else None
+            table[fraction(r, used)] = {k: v for k, v in row.items() if v is not None}
+            if used and r * 10 ** (d - used) % m == 0:
+                finals.add(fraction(r, used))
+        table[past(r)] = {digit["0"]: past(r)}
+        if r == 0:
+            finals.add(past(r))
+    for start in (0, 1):
+        table[start].update({digit[c]: part(int(c) % m) for c in digit})
+    return FSM(alphabet=alphabet, states=set(table), initial=0, finals=finals, map=table)
 
 
 def integer_range(low: int | None, high: int | None) -> str:
