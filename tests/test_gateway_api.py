@@ -780,6 +780,23 @@ async def test_openai_client_chat(oai, server, tok):
     assert "".join(parts) == expected
 
 
+async def test_a_gateway_at_its_limit_answers_429_with_retry_after(tok):
+    """gateway.max_concurrent_requests: past it a request (each choice counts) is a 429 with
+    Retry-After and runs nothing; below it, it runs."""
+    backend = FakeBackend(tok)
+    backend.in_flight = {"a": 0.0, "b": 0.0}  # what the NATS backend counts (admit / release)
+    app = create_app(make_settings(max_concurrent_requests=3), SimpleNamespace(backend=backend))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        backend.in_flight["c"] = 0.0
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and "x-request-id" in r.headers
+        assert r.json()["error"]["code"] == "too_many_requests" and "max_concurrent_requests" in r.text
+    assert len(backend.jobs) == 1
+
+
 async def test_openai_client_errors(oai):
     with pytest.raises(openai.BadRequestError) as bad:
         await oai.completions.create(model=MODEL, prompt="x", temperature=9)

@@ -55,6 +55,13 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(400, message, param=param, code=code)
 
 
+def overloaded(limit: int) -> ApiError:
+    error = ApiError(429, f"This gateway is running its limit of {limit} generations; retry shortly "
+                          f"(gateway.max_concurrent_requests).", type="rate_limit_error", code="too_many_requests")
+    error.headers = {"retry-after": "1"}
+    return error
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type="service_unavailable", code="service_unavailable")
 
@@ -162,6 +169,9 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                       stop_at_eos=not _bool(req.ignore_eos, "ignore_eos"),
                       logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else -1)
     stops = _stops(req.stop)
+    limit = settings.gateway.max_concurrent_requests
+    if len(getattr(backend, "in_flight", ())) >= limit:
+        raise overloaded(limit)
     if (admit := getattr(backend, "admit", None)) is not None:
         admit(job.request_id)  # in flight from its assignment (no await since) until its generation ends
     return job, stops

@@ -40,7 +40,7 @@ log = logging.getLogger("specmesh.gateway")
 
 MAX_BODY_BYTES = 1 << 20  # a context's worth of text is far smaller
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128, "responses": 128}
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 503, 504)}
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
     "prompt": f"a string, a list of token ids, or a list of up to {MAX_CHOICES} of either",
@@ -192,7 +192,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             if outcomes is None:
                 return Response(status_code=499)  # nobody to read it; the generation was cancelled
         except ApiError as exc:
-            exc.headers = headers
+            exc.headers = headers | (getattr(exc, "headers", None) or {})
             raise
         return JSONResponse(reply.whole(outcomes) | ({"trace_id": tid} if tid else {}), headers=headers)
 
