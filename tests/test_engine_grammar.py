@@ -72,6 +72,12 @@ VOCAB = [b"", b"{", b"}", b'{"', b'"', b"a", b'":', b" ", b"1", b"12", b".5", b"
          b"\xc3", b"\xa9", b"x}", b"}}", b"\\", b"u00e9"]  # token 0 is the end of sequence
 
 
+def takes(automaton, text: str | bytes) -> bool:
+    """Whether `automaton` takes `text` whole (every byte, then complete)."""
+    state = advance(automaton.initial, text.encode() if isinstance(text, str) else text, automaton.step)
+    return state is not None and automaton.done(state)
+
+
 def brute_force(state, vocab: list[bytes], eos: int, automaton=JSON_OBJECT) -> set[int]:
     """The tokens whose bytes all fit after `state`, each walked on its own (no trie), and the
     end of sequence where the output is complete (or nothing fits)."""

@@ -21,7 +21,7 @@ from shared.engine.grammar import advance, token_bytes
 from shared.engine.json_schema import canonical_schema, compile_schema
 from shared.engine.sampling import SamplingParams
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
-from tests.test_engine_grammar import json_target_alone
+from tests.test_engine_grammar import json_target_alone, takes
 
 PERSON = {"type": "object", "title": "Person", "properties": {
     "name": {"type": "string", "description": "annotations are ignored"},
@@ -119,8 +119,7 @@ def test_instances_in_the_schemas_order_are_accepted(name, age, height, admin, r
     instance = {"name": name, "age": age, "height": height, "admin": admin, "role": role, "tags": tags,
                 "address": {"city": "Paris", "zip": "75001"}, "extra": [1, {"a": None}], "meta": {"k": "v"}, "none": {}}
     automaton = compile_schema(canonical_schema(PERSON))
-    state = advance(automaton.initial, json.dumps(instance, indent=indent, ensure_ascii=False).encode(), automaton.step)
-    assert state is not None and automaton.done(state)
+    assert takes(automaton, json.dumps(instance, indent=indent, ensure_ascii=False))
 
 
 @pytest.mark.parametrize("text", [
@@ -138,8 +137,7 @@ def test_instances_in_the_schemas_order_are_accepted(name, age, height, admin, r
 def test_what_breaks_the_schema_is_refused(text):
     """Each breaks PERSON in one place."""
     automaton = compile_schema(canonical_schema(PERSON))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert state is None or not automaton.done(state)
+    assert not takes(automaton, text)
 
 
 @pytest.mark.parametrize("schema, text, ok", [
@@ -152,8 +150,7 @@ def test_what_breaks_the_schema_is_refused(text):
 ])
 def test_optional_properties_may_be_left_out(schema, text, ok):
     automaton = compile_schema(canonical_schema(schema))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
     if ok:
         jsonschema.validate(json.loads(text), schema)
 
@@ -164,8 +161,7 @@ def test_keys_that_start_alike_are_told_apart_by_their_bytes():
     automaton = compile_schema(canonical_schema(schema))
     for text, ok in [('{"ab":1,"abc":true,"a":null}', True), ('{"abc":true}', True), ('{"a":null}', True),
                      ('{"ab":true}', False), ('{"abc":1}', False), ('{"ab":1,"ab":2}', False)]:
-        state = advance(automaton.initial, text.encode(), automaton.step)
-        assert (state is not None and automaton.done(state)) == ok, text
+        assert takes(automaton, text) == ok, text
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -178,8 +174,7 @@ def test_keys_that_start_alike_are_told_apart_by_their_bytes():
 ])
 def test_a_recursive_schema_and_string_lengths(text, ok):
     automaton = compile_schema(canonical_schema(TREE))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
     if ok:
         jsonschema.validate(json.loads(text), TREE)
 
@@ -271,8 +266,7 @@ def test_patterns_and_formats_with_a_length_bound(value, field, ok):
     good = {"site": "http://a", "host": "a", "code": "a", "name": "é"}
     text = json.dumps(good | {field: value}, ensure_ascii=False)
     automaton = compile_schema(canonical_schema(LINKS))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
     if ok:
         jsonschema.validate(json.loads(text), LINKS)
     for text in finished_walks(automaton, seed=11, tries=40, limit=800, enough=15):  # no dead end on the way
@@ -293,8 +287,7 @@ def test_formats_and_patterns(value, field, ok):
             "ip": "1.2.3.4", "mail": "a@b.io", "code": "AA-1", "free": "b"}
     text = json.dumps(good | {field: value}, ensure_ascii=False)
     automaton = compile_schema(canonical_schema(FORMATTED))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
     if ok:
         jsonschema.validate(json.loads(text), FORMATTED, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
@@ -389,8 +382,7 @@ def test_unbounded_arrays_and_strings_revisit_their_states():
 def test_whitespace_after_numbers_and_literals_follows_the_same_rule(text, ok):
     """A space, or a newline and an indent, between tokens; a number ends on the space after it."""
     automaton = compile_schema(canonical_schema(SCHEMAS[5]))  # {"n": enum 1/12/123, "x": number}
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
 
 
 @pytest.mark.parametrize("bounds", [{"minimum": 0}, {"minimum": -7, "maximum": 120}, {"exclusiveMinimum": 9.5},
@@ -401,11 +393,10 @@ def test_integer_bounds_take_exactly_the_integers_in_range(bounds):
     validator = jsonschema.Draft202012Validator(schema)
     for value in range(-300, 300):
         for close in (b"}", b" }", b"\n}"):
-            state = advance(automaton.initial, b'{"n":' + str(value).encode() + close, automaton.step)
-            assert (state is not None and automaton.done(state)) == validator.is_valid({"n": value}), (value, close)
+            assert takes(automaton, b'{"n":' + str(value).encode() + close) == validator.is_valid({"n": value}), \
+                (value, close)
     for junk in (b"-0", b"01", b"1.0", b"1e2"):
-        state = advance(automaton.initial, b'{"n":' + junk + b"}", automaton.step)
-        assert state is None or not automaton.done(state)
+        assert not takes(automaton, b'{"n":' + junk + b"}")
 
 
 @pytest.mark.parametrize("bounds, good, bad", [
@@ -416,8 +407,7 @@ def test_a_numbers_lower_bound_of_zero(bounds, good, bad):
     schema = {"type": "object", "properties": {"x": {"type": "number", **bounds}}}
     automaton = compile_schema(canonical_schema(schema))
     for text, ok in [(g, True) for g in good] + [(b, False) for b in bad]:
-        state = advance(automaton.initial, b'{"x":' + text.encode() + b"}", automaton.step)
-        assert (state is not None and automaton.done(state)) == ok, text
+        assert takes(automaton, b'{"x":' + text.encode() + b"}") == ok, text
         if ok:
             jsonschema.validate(json.loads(b'{"x":' + text.encode() + b"}"), schema)
 
@@ -434,8 +424,7 @@ def test_a_numbers_lower_bound_of_zero(bounds, good, bad):
 def test_an_overlapping_any_of_takes_what_one_branch_takes(text, ok):
     schema = SCHEMAS[-2]
     automaton = compile_schema(canonical_schema(schema))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
     assert not ok or jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))  # stricter: only listed properties
 
 
@@ -496,8 +485,7 @@ def test_a_numbers_bounds_take_exactly_the_numbers_within(low, high, low_open, h
         within = all({"minimum": x >= Decimal(repr(v)), "exclusiveMinimum": x > Decimal(repr(v)),
                       "maximum": x <= Decimal(repr(v)), "exclusiveMaximum": x < Decimal(repr(v))}[k]
                      for k, v in bounds.items())
-        state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
-        assert (state is not None and automaton.done(state)) == within, (bounds, text)
+        assert takes(automaton, ('{"x":' + text + "}")) == within, (bounds, text)
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -511,8 +499,7 @@ def test_prefix_items_are_a_tuple(text, ok):
         "u": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "integer"}], "items": False,
               "minItems": 2}}}
     automaton = compile_schema(canonical_schema(schema))
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, text) == ok
     if ok:
         jsonschema.validate(json.loads(text), schema)
 
@@ -533,8 +520,7 @@ def test_multiple_of_takes_exactly_the_multiples(step, integer, bounded, values)
         text = _number_text(sign and (whole or fraction.strip("0")), whole, fraction)
         x = Decimal(text)
         want = x % Decimal(repr(step)) == 0 and (not bounded or x <= 100)
-        state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
-        assert (state is not None and automaton.done(state)) == want, (schema, text)
+        assert takes(automaton, ('{"x":' + text + "}")) == want, (schema, text)
 
 
 @pytest.mark.parametrize("sub, text, ok", [
@@ -547,6 +533,5 @@ def test_keywords_without_a_type_constrain_the_type_they_name(sub, text, ok):
     a number (narrower, so what it writes validates)."""
     schema = {"type": "object", "properties": {"x": sub}, "required": ["x"]}
     automaton = compile_schema(canonical_schema(schema))
-    state = advance(automaton.initial, ('{"x":' + text + "}").encode(), automaton.step)
-    assert (state is not None and automaton.done(state)) == ok
+    assert takes(automaton, ('{"x":' + text + "}")) == ok
     assert jsonschema.Draft202012Validator(schema).is_valid(json.loads('{"x":' + text + "}")) or not ok

@@ -15,23 +15,18 @@ from shared.engine.grammar import Grammar, TokenTrie, advance, token_bytes
 from shared.engine.regex import choice_regex, compile_regex
 from shared.engine.sampling import SamplingParams
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
-from tests.test_engine_grammar import brute_force, json_target_alone
+from tests.test_engine_grammar import json_target_alone, takes
 
 REGEXES = [r"[0-9]{3}-[a-zé]+", r"(yes|no|maybe)", r"a+b*", r"\d+(\.\d{1,2})?", r"(ab|é|日本)*x?", r"[^a]{2,4}",
            r"(red|green|blue) (car|bike)s?"]
 ALPHABET = "ab01x9.-é日本 rdn"
 
 
-def matches(automaton, text: str) -> bool:
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    return state is not None and automaton.done(state)
-
-
 @settings(max_examples=300, deadline=None)
 @given(regex=st.sampled_from(REGEXES), text=st.text(ALPHABET, max_size=8))
 def test_a_regex_takes_exactly_its_full_matches(regex, text):
     automaton = compile_regex(regex)
-    assert matches(automaton, text) == bool(re.fullmatch(regex, text))
+    assert takes(automaton, text) == bool(re.fullmatch(regex, text))
     # A prefix is taken exactly when some match goes on from it (a mask never leaves nothing to write).
     state = advance(automaton.initial, text.encode(), automaton.step)
     if state is not None:
@@ -58,9 +53,9 @@ def test_a_choice_is_exactly_its_strings():
     choices = ["yes", "no", "a.b (c)?", "[x]|y", "été", "no!"]
     automaton = compile_regex(choice_regex(choices))
     for text in choices:
-        assert matches(automaton, text)
+        assert takes(automaton, text)
     for text in ["ye", "yesno", "a-b (c)?", "x", "été!", "no!!", ""]:
-        assert not matches(automaton, text)
+        assert not takes(automaton, text)
 
 
 def test_the_end_of_sequence_comes_where_a_match_ends_and_bytes_may_go_on():

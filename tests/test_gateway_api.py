@@ -8,6 +8,7 @@ worker's, with cumulative speculation stats. Run: `.venv/bin/pytest -q tests/tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from types import SimpleNamespace
@@ -726,9 +727,9 @@ async def test_openapi_schema_builds(client):
 
 
 # -- HTTP, a real server and the official client ------------------------------------------
-@pytest.fixture(scope="module")
-async def server(tok):
-    backend = FakeBackend(tok, delay_s=0.002)
+@contextlib.asynccontextmanager
+async def serving(backend):
+    """The gateway's app over `backend` on a real uvicorn server on a free port; yields its URL."""
     app = create_app(make_settings(), SimpleNamespace(backend=backend))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -736,9 +737,18 @@ async def server(tok):
     task = asyncio.create_task(srv.serve(sockets=[sock]))
     while not srv.started:
         await asyncio.sleep(0.01)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", backend=backend)
-    srv.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="module")
+async def server(tok):
+    backend = FakeBackend(tok, delay_s=0.002)
+    async with serving(backend) as url:
+        yield SimpleNamespace(url=url, backend=backend)
 
 
 @pytest.fixture
@@ -810,16 +820,9 @@ async def test_openai_client_errors(oai):
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_cancels_the_generation(tok, stream):
     backend = FakeBackend(tok, batch=1, delay_s=0.02)
-    app = create_app(make_settings(), SimpleNamespace(backend=backend))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(srv.serve(sockets=[sock]))
-    while not srv.started:
-        await asyncio.sleep(0.01)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 80, "stream": stream}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as c:
+    async with serving(backend) as url:
+        async with httpx.AsyncClient(base_url=url) as c:
             if stream:
                 async with c.stream("POST", "/v1/completions", json=body) as r:
                     async for line in r.aiter_lines():
@@ -833,9 +836,6 @@ async def test_client_disconnect_cancels_the_generation(tok, stream):
                 break
             await asyncio.sleep(0.02)
         assert backend.cancelled == [backend.jobs[0].request_id]
-    finally:
-        srv.should_exit = True
-        await task
 
 
 # -- gRPC ---------------------------------------------------------------------------------

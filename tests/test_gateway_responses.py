@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.test_gateway_api import MODEL, FakeBackend, client, make_settings, service, sse_events, tok  # noqa: F401
+from tests.test_gateway_api import MODEL, client, service, tok  # noqa: F401
 from tests.test_gateway_tools import CALLS, TIME, WEATHER, accepts, answer_with, backend, oai, prompt_of  # noqa: F401
 
 FLAT = [{"type": "function"} | t["function"] for t in (WEATHER, TIME)]  # the Responses API's flat tools

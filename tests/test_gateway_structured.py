@@ -9,7 +9,7 @@ import json
 import pytest
 
 from shared.engine.regex import compile_regex
-from tests.test_engine_regex import matches
+from tests.test_engine_grammar import takes
 from tests.test_gateway_api import MODEL, backend, client, service, tok  # noqa: F401
 
 BODIES = {"/v1/completions": {"model": MODEL, "prompt": "Hi"},
@@ -28,7 +28,7 @@ async def test_guided_fields_reach_the_job(client, backend, url):
     for extra in ({"guided_choice": ["yes", "no (really)"]}, {"structured_outputs": {"choice": ["yes", "no (really)"]}}):
         s = await sampling(**extra)
         automaton = compile_regex(s.regex)
-        assert s.response_format == "regex" and matches(automaton, "no (really)") and not matches(automaton, "no")
+        assert s.response_format == "regex" and takes(automaton, "no (really)") and not takes(automaton, "no")
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     for extra in ({"guided_json": schema}, {"structured_outputs": {"json": schema}}):
         s = await sampling(**extra)

@@ -5,20 +5,15 @@ constraint: tests/test_services.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-from types import SimpleNamespace
 
 import openai
 import pytest
-import uvicorn
 
 from services.gateway.chat import render_chat
-from services.gateway.http_api import create_app
-from shared.engine.grammar import advance
 from shared.engine.json_schema import compile_schema
-from tests.test_gateway_api import MODEL, FakeBackend, client, make_settings, service, sse_events, tok  # noqa: F401
+from tests.test_engine_grammar import takes
+from tests.test_gateway_api import MODEL, FakeBackend, client, serving, service, sse_events, tok  # noqa: F401
 
 CONTEXT = 4096  # the tools line is long for the test tokenizer's 300 tokens
 
@@ -39,16 +34,8 @@ def backend(tok):
 
 @pytest.fixture
 async def oai(backend):
-    app = create_app(make_settings(), SimpleNamespace(backend=backend))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(srv.serve(sockets=[sock]))
-    while not srv.started:
-        await asyncio.sleep(0.01)
-    yield openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="unused", max_retries=0)
-    srv.should_exit = True
-    await task
+    async with serving(backend) as url:
+        yield openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def chat(**extra) -> dict:
@@ -64,9 +51,7 @@ def answer_with(backend, text: str) -> None:
 
 def accepts(schema: str, text: str) -> bool:
     """Whether the job's schema takes `text` whole."""
-    automaton = compile_schema(schema)
-    state = advance(automaton.initial, text.encode(), automaton.step)
-    return state is not None and automaton.done(state)
+    return takes(compile_schema(schema), text)
 
 
 def prompt_of(backend) -> str:
