@@ -845,9 +845,9 @@ def _multiples(step, integer: bool, where: str):
 
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < float("inf"):
         raise ValueError(f"{where}: multipleOf must be a number > 0, got {step!r}")
-    exponent = Decimal(repr(step) if isinstance(step, float) else step).normalize().as_tuple()
-    m = int("".join(map(str, exponent.digits))) * 10 ** max(exponent.exponent, 0)
-    d = max(-exponent.exponent, 0)
+    written = Decimal(repr(step) if isinstance(step, float) else step).normalize().as_tuple()
+    m = int("".join(map(str, written.digits))) * 10 ** max(written.exponent, 0)
+    d = max(-written.exponent, 0)
     if integer:  # x = k * m / 10^d is an integer: m / gcd(m, 10^d) divides it
         m, d = m // gcd(m, 10 ** d), 0
     if m * (d + 3) > MAX_PATTERN_STATES:
@@ -855,10 +855,18 @@ def _multiples(step, integer: bool, where: str):
     _interegular()
     alphabet = Alphabet.from_groups(*({c} for c in "0123456789-."), {anything_else})
     digit = {c: alphabet[c] for c in "0123456789"}
-    # State ids: 0 start, 1 after "-", 2 + r in the integer part, then per (r, used) after the point, then (r) past d digits.
-    part = lambda r: 2 + r  # noqa: E731
-    fraction = lambda r, used: 2 + m + r * (d + 1) + used  # noqa: E731 - used in 0..d (0: the point, no digit yet)
-    past = lambda r: 2 + m + m * (d + 1) + r  # noqa: E731
+
+    # State ids: 0 the start, 1 after "-", then by remainder r: in the integer part; after the
+    # point with `used` digits (0..d; 0: the point, no digit yet); past the d-th digit (zeros only).
+    def part(r: int) -> int:
+        return 2 + r
+
+    def fraction(r: int, used: int) -> int:
+        return 2 + m + r * (d + 1) + used
+
+    def past(r: int) -> int:
+        return 2 + m + m * (d + 1) + r
+
     table: dict[int, dict] = {0: {alphabet["-"]: 1}, 1: {}}
     finals = set()
     for r in range(m):
@@ -868,10 +876,8 @@ def _multiples(step, integer: bool, where: str):
         if r * 10 ** d % m == 0:
             finals.add(part(r))
         for used in range(d + 1):
-            row = table[fraction(r, used)] = {}
-            for c in digit:
-                row[digit[c]] = fraction((r * 10 + int(c)) % m, used + 1) if used < d else past(r) if c == "0" else None
-            table[fraction(r, used)] = {k: v for k, v in row.items() if v is not None}
+            table[fraction(r, used)] = {digit[c]: fraction((r * 10 + int(c)) % m, used + 1) for c in digit} \
+                if used < d else {digit["0"]: past(r)}
             if used and r * 10 ** (d - used) % m == 0:
                 finals.add(fraction(r, used))
         table[past(r)] = {digit["0"]: past(r)}
