@@ -23,14 +23,15 @@ ROLES = {"tools": "Tools", "system": "System", "developer": "System", "user": "U
 CUE = "Assistant:"
 
 
-def render_chat(messages: Sequence[tuple[str, str]]) -> str:
-    """The family's template: `Role: content` per message, one per line, then `Assistant:`.
+def render_chat(messages: Sequence[tuple[str, str]], cue: bool = True) -> str:
+    """The family's template: `Role: content` per message, one per line, then `Assistant:`
+    (unless `cue` is false).
 
     >>> render_chat([("system", "Be brief."), ("user", "Hi")])
     'System: Be brief.\\nUser: Hi\\nAssistant:'
     """
     lines = [f"{ROLES[role]}: {content}" for role, content in messages]
-    return "\n".join([*lines, CUE])
+    return "\n".join([*lines, CUE] if cue else lines)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,8 @@ def chat_prompt(tokenizer, messages, tools=None, rendering: Rendering = Renderin
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         lines = [("tools", tools.prompt_line())] if tools else []
-        text = render_chat(lines + [(m.role, _family_text(i, m)) for i, m in enumerate(messages)])
-        if not rendering.add_generation_prompt:
-            text = text[:-len(CUE) - 1]  # the cue and the newline before it
-        return text
+        return render_chat(lines + [(m.role, _family_text(i, m)) for i, m in enumerate(messages)],
+                           cue=rendering.add_generation_prompt)
     turns = []
     for i, m in enumerate(messages):
         turn = {"role": m.role, "content": m.text()}
