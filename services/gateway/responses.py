@@ -166,8 +166,6 @@ def _id(prefix: str) -> str:
 class ResponsesReply:
     """One response's bodies: the whole `response` object, or its stream of events."""
 
-    kind = "responses"
-
     def __init__(self, request_id: str, model: str, body: ResponsesRequest, tools: ToolPlan | None):
         self.request_id, self.model, self.body = request_id, model, body
         self.tools = tools if tools and tools.parses else None
