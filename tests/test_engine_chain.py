@@ -343,6 +343,11 @@ def test_cli_bench_engine_under_a_json_schema(engine_family, monkeypatch, tmp_pa
     data = json.loads(result.output[result.output.index("{\n"):])
     assert data["response_format"] == "json_schema" and "hf_assisted_tokens_per_s" not in data
     assert data["chains"]["ngram,drafter,target"]["identical_to_target"] is True
+    result = _cli(engine_family, monkeypatch, ["bench", "engine", "--json", "--prompts", "2", "--max-tokens", "12",
+                                               "--chains", "drafter,target", "--regex", " [a-z]+( [a-z]+)*"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{\n"):])
+    assert data["response_format"] == "regex" and data["chains"]["drafter,target"]["identical_to_target"] is True
 
 
 @pytest.mark.slow

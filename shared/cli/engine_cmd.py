@@ -158,6 +158,7 @@ def bench_engine(
     json_object: bool = typer.Option(False, "--json-object", help="Every run in JSON mode (response_format json_object; no transformers run)."),
     json_schema: Optional[Path] = typer.Option(
         None, "--json-schema", exists=True, dir_okay=False, help="Every run under this JSON Schema (no transformers run)."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Every run under this regular expression (guided_regex; no transformers run)."),
 ) -> None:
     """Greedy: target alone, each chain, and transformers assisted generation (batch 1)."""
     from shared.engine.sampling import GREEDY, SamplingParams
@@ -165,9 +166,11 @@ def bench_engine(
 
     n_threads = _threads(threads)
     try:
-        sampling = GREEDY if not (json_object or json_schema) else SamplingParams(
-            response_format="json_schema" if json_schema else "json_object",
-            json_schema=_schema_text(json_schema) if json_schema else "")
+        if sum(map(bool, (json_object, json_schema, regex))) > 1:
+            raise ValueError("give one of --json-object, --json-schema, --regex")
+        sampling = GREEDY if not (json_object or json_schema or regex) else SamplingParams(
+            response_format="json_schema" if json_schema else "regex" if regex else "json_object",
+            json_schema=_schema_text(json_schema) if json_schema else "", regex=regex or "")
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
