@@ -146,6 +146,18 @@ async def test_auto_reads_hermes_tool_call_blocks(client, backend, text, content
     assert (streamed, calls) == ((content or "", names) if names else (text, []))
 
 
+async def test_parameters_left_out_take_no_arguments_and_empty_ones_any(client, backend):
+    free = {"type": "function", "function": {"name": "anything", "parameters": {}}}
+    answer_with(backend, '[{"name": "anything", "arguments": {"a": [1]}}]')
+    r = await client.post("/v1/chat/completions", json=chat(tools=[free, TIME], tool_choice="required"))
+    assert r.status_code == 200, r.text
+    schema = backend.jobs[-1].sampling.json_schema
+    assert accepts(schema, '[{"name": "anything", "arguments": {"a": [1]}}]')
+    assert accepts(schema, '[{"name": "get_time", "arguments": {}}]')
+    assert not accepts(schema, '[{"name": "get_time", "arguments": {"a": 1}}]')
+    assert not accepts(schema, '[{"name": "anything", "arguments": [1]}]')
+
+
 async def test_a_call_list_cut_by_max_tokens_is_text_with_finish_length(client, backend):
     answer_with(backend, CALLS)
     r = await client.post("/v1/chat/completions", json=chat(tool_choice="required", max_tokens=5))

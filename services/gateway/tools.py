@@ -128,7 +128,7 @@ def tool_plan(tools: list | None, tool_choice, parallel_tool_calls: bool | None)
     functions: list[dict] = []
     for i, tool in enumerate(tools):
         f = tool.function
-        parameters = f.parameters if f.parameters is not None else NO_ARGUMENTS
+        parameters = NO_ARGUMENTS if f.parameters is None else f.parameters or {"type": "object"}  # {}: any arguments
         try:
             automaton = compile_schema(canonical_schema(parameters))
         except ValueError as exc:
