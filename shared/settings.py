@@ -65,6 +65,7 @@ class GatewaySettings(BaseModel):
     port: int = Field(18000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     grpc_port: int = Field(18001, ge=1, le=65535, description="gRPC port.")
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a single generation may take.")
+    reasoning_parser: Literal["none", "think"] = Field("none", description="\"think\": a reasoning checkpoint's <think>...</think> comes back apart from the answer (message.reasoning_content; a Responses reasoning item), as vLLM's --reasoning-parser for DeepSeek-R1 and Qwen3.")
     max_concurrent_requests: int = Field(1024, ge=1, description="Generations one gateway runs at once (each choice counts); beyond, a 429 with Retry-After (TGI's max_concurrent_requests): a burst past what the targets can queue gets a clear answer, not a timeout.")
     api_keys: list[SecretStr] = Field(default_factory=list, description='Accepted API keys, a JSON list (`["sk-..."]`); clients send `Authorization: Bearer <key>`.')
     dev_mode: bool = Field(False, description="Accept requests without an API key (development only; `make up` turns it on and says so).")

@@ -29,6 +29,7 @@ from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
 )
+from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.reply import Reply
 from services.gateway.responses import ResponsesReply, ResponsesRequest
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
@@ -132,6 +133,12 @@ def create_app(settings: Settings, service) -> FastAPI:
         prompt = chat_prompt(backend().tokenizer(), body.messages, tools, body.rendering())
         return await serve(request, body, "chat", [prompt], "messages", tools)
 
+    def thinking(prompt: str | list[int]) -> Thinking | None:
+        """How a chat's output splits into thinking and answer (`gateway.reasoning_parser`)."""
+        if settings.gateway.reasoning_parser == "none":
+            return None
+        return Thinking.after(prompt if isinstance(prompt, str) else backend().tokenizer().decode(prompt[-8:]))
+
     @app.post("/v1/responses", responses=ERRORS)
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API over the chat machinery (`responses.py`); `stream: true` for its events."""
@@ -180,12 +187,12 @@ def create_app(settings: Settings, service) -> FastAPI:
                                       operation="text_completion" if kind == "completion" else "chat")
                            for job, stops in planned]
             if kind == "responses":
-                reply = ResponsesReply(request_id, b.model_name, original, tools)
+                reply = ResponsesReply(request_id, b.model_name, original, tools, thinking(prompts[0]))
                 if body.stream:
                     return await stream_response(generations[0], reply, headers)
             else:
                 reply = Reply(kind, request_id, b.model_name, body, b.tokenizer, [job for job, _ in planned], prompts,
-                              tools)
+                              tools, thinking(prompts[0]) if kind == "chat" else None)
                 if body.stream:
                     return await stream(generations, reply, headers)
             outcomes = await _unless_disconnected(http, run_all(generations))
@@ -209,6 +216,24 @@ def create_app(settings: Settings, service) -> FastAPI:
                 echoed: set[int] = set()
                 calls = {i: ToolStream(reply.tools) for i in range(len(generations))} \
                     if reply.kind == "chat" and reply.tools and reply.tools.parses else {}
+                thoughts = {i: ThinkingStream(reply.thinking) for i in range(len(generations))} if reply.thinking else {}
+
+                def sent(index: int, parts) -> list[str]:
+                    """The chunks of these (kind, delta) parts: thinking as reasoning_content, the
+                    answer as content (or held by the tool calls' stream)."""
+                    out = []
+                    for kind, part in parts:
+                        if kind == "reasoning":
+                            if part.text or (part.token_ids and (reply.token_ids or reply.logprobs)):
+                                out.append(reply.sse(reply.chunk(index, {"reasoning_content": part.text},
+                                                                 part.token_ids, logprobs=part.logprobs)))
+                            continue
+                        for answer in calls[index].feed(part) if index in calls else [part]:
+                            if answer.text or (answer.token_ids and (reply.token_ids or reply.logprobs)):
+                                out.append(reply.sse(reply.chunk(index, answer.text, answer.token_ids,
+                                                                 logprobs=answer.logprobs)))
+                    return out
+
                 while True:
                     item = pending.pop() if pending else await anext(deltas, None)
                     if item is None:
@@ -219,6 +244,8 @@ def create_app(settings: Settings, service) -> FastAPI:
                         yield reply.sse(reply.prompt_chunk(index, generations[index].outcome))
                     if delta is None:  # this choice has ended
                         out, made = generations[index].outcome, None
+                        for chunk in sent(index, thoughts[index].finish()) if index in thoughts else []:
+                            yield chunk
                         if index in calls:  # what was held back: text, or the calls
                             held, made = calls[index].finish(out.finish_reason)
                             for part in held:
@@ -229,9 +256,8 @@ def create_app(settings: Settings, service) -> FastAPI:
                     elif reply.echo_only:
                         continue  # the prompt alone was asked for
                     else:
-                        for part in calls[index].feed(delta) if index in calls else [delta]:
-                            if part.text or (part.token_ids and (reply.token_ids or reply.logprobs)):
-                                yield reply.sse(reply.chunk(index, part.text, part.token_ids, logprobs=part.logprobs))
+                        for chunk in sent(index, thoughts[index].feed(delta) if index in thoughts else [("content", delta)]):
+                            yield chunk
                 if reply.include_usage:
                     yield reply.sse(reply.usage_chunk([g.outcome for g in generations]))
             except ApiError as exc:
@@ -249,34 +275,58 @@ def create_app(settings: Settings, service) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             text, opened = "", False
+            thought, thinking = "", None  # None: no reasoning item; False: open; True: closed
+            calls = ToolStream(reply.tools) if reply.tools else None
 
-            def written(part) -> list[str]:
-                nonlocal text, opened
-                out = [] if opened or not part.text else reply.text_opened()
-                opened = opened or bool(part.text)
-                text += part.text
-                return out + ([reply.text_delta(part.text)] if part.text else [])
+            def written(parts, through_calls: bool = True) -> list[str]:
+                """The events of these (kind, delta) parts: the reasoning item's, then the message's
+                (the answer through the tool calls' stream, unless it comes back from there)."""
+                nonlocal text, opened, thought, thinking
+                out = []
+                for kind, part in parts:
+                    if kind == "reasoning":
+                        if thinking is None:
+                            thinking = False
+                            out.append(reply.thinking_opened())
+                        thought += part.text
+                        out += [reply.thinking_delta(part.text)] if part.text else []
+                        continue
+                    if thinking is False and part.text:  # the answer begins: the thinking is done
+                        thinking = True
+                        out += reply.thinking_closed(thought)
+                    for answer in calls.feed(part) if calls and through_calls else [part]:
+                        if answer.text and not opened:
+                            opened = True
+                            out += reply.text_opened()
+                        text += answer.text
+                        out += [reply.text_delta(answer.text)] if answer.text else []
+                return out
 
             try:
                 for event in reply.start():
                     yield event
-                calls = ToolStream(reply.tools) if reply.tools else None
+                split = ThinkingStream(reply.thinking) if reply.thinking else None
                 pending = [first] if first is not None else []
                 while True:
                     item = pending.pop() if pending else await anext(deltas, None)
                     if item is None or item[1] is None:
                         break
-                    for part in calls.feed(item[1]) if calls else [item[1]]:
-                        for event in written(part):
-                            yield event
+                    for event in written(split.feed(item[1]) if split else [("content", item[1])]):
+                        yield event
                 out, made = generation.outcome, None
+                for event in written(split.finish()) if split else []:
+                    yield event
+                items = []
+                if thinking is not None:
+                    if thinking is False:
+                        for event in reply.thinking_closed(thought):
+                            yield event
+                    items.append(reply.reasoning(thought))
                 if calls:
                     held, made = calls.finish(out.finish_reason)
-                    for part in held:
-                        for event in written(part):
-                            yield event
+                    for event in written([("content", part) for part in held], through_calls=False):
+                        yield event
                 status = "completed" if out.finish_reason == "stop" else "incomplete"
-                items = []
                 if opened:
                     for event in reply.text_closed(text, status):
                         yield event

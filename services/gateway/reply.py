@@ -15,6 +15,7 @@ import time
 
 from services.gateway.generation import Outcome
 from services.gateway.logprobs import chat_logprobs, completion_logprobs
+from services.gateway.reasoning import Thinking
 from services.gateway.tools import ToolPlan
 from shared.engine.token_text import token_text
 from shared.messages import GenerateJob
@@ -24,9 +25,10 @@ class Reply:
     """Builds one request's response bodies (whole or chunks)."""
 
     def __init__(self, kind: str, request_id: str, model: str, body, tokenizer, jobs: list[GenerateJob],
-                 prompts: list, tools: ToolPlan | None = None):
+                 prompts: list, tools: ToolPlan | None = None, thinking: Thinking | None = None):
         self.kind, self.request_id, self.model = kind, request_id, model
         self.tools = tools if tools and tools.parses else None  # chat: outputs read for tool calls
+        self.thinking = thinking  # chat: the thinking apart from the answer (reasoning.py)
         self.created = int(time.time())
         self.token_ids = body.return_token_ids
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -85,10 +87,13 @@ class Reply:
             ids, logprobs, text = (out.token_ids, out.logprobs, out.text) if not self.echo_only else ([], [], "")
             choice, calls = {"index": index}, None
             if self.kind == "chat":
+                reasoning, text = self.thinking.split(text) if self.thinking else (None, text)
                 found = self.tools.read(text) if self.tools and out.finish_reason == "stop" else None
                 calls = found and found[1]
                 choice["message"] = {"role": "assistant", "content": text} if found is None else \
                     {"role": "assistant", "content": found[0], "tool_calls": calls}
+                if reasoning is not None:
+                    choice["message"]["reasoning_content"] = reasoning
                 choice["logprobs"] = self._logprobs(index, ids, logprobs)
             elif self.echo:
                 choice["text"] = self._prompt_text(index) + text

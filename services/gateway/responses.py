@@ -24,6 +24,7 @@ from services.gateway.generation import Outcome, invalid
 from services.gateway.openai_models import (
     ChatCompletionRequest, FunctionName, SpeculationOptions,
 )
+from services.gateway.reasoning import Thinking
 from services.gateway.tools import ToolPlan
 
 MAX_INPUT_ITEMS = 1024
@@ -166,12 +167,15 @@ def _id(prefix: str) -> str:
 class ResponsesReply:
     """One response's bodies: the whole `response` object, or its stream of events."""
 
-    def __init__(self, request_id: str, model: str, body: ResponsesRequest, tools: ToolPlan | None):
+    def __init__(self, request_id: str, model: str, body: ResponsesRequest, tools: ToolPlan | None,
+                 thinking: Thinking | None = None):
         self.request_id, self.model, self.body = request_id, model, body
         self.tools = tools if tools and tools.parses else None
+        self.thinking = thinking  # the thinking as a reasoning item (reasoning.py)
         self.created = int(time.time())
         self.sequence = 0
-        self.message_id = _id("msg")
+        self.message_id, self.reasoning_id = _id("msg"), _id("rs")
+        self.message_index = 0  # the message item's place in `output` (1 after a reasoning item)
 
     # -- the response object -------------------------------------------------------------
     def response(self, status: str, output: list[dict], out: Outcome | None = None) -> dict:
@@ -207,12 +211,18 @@ class ResponsesReply:
         return {"type": "function_call", "id": _id("fc"), "call_id": call["id"], "name": call["function"]["name"],
                 "arguments": call["function"]["arguments"] if arguments is None else arguments, "status": status}
 
+    def reasoning(self, text: str, status: str = "completed") -> dict:
+        return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
+
     def outputs(self, out: Outcome) -> tuple[list[dict], str]:
         """The output items of a finished generation, and the response's status."""
-        found = self.tools.read(out.text) if self.tools and out.finish_reason == "stop" else None
-        text, calls = (out.text, []) if found is None else (found[0], found[1])
+        reasoning, answer = self.thinking.split(out.text) if self.thinking else (None, out.text)
+        found = self.tools.read(answer) if self.tools and out.finish_reason == "stop" else None
+        text, calls = (answer, []) if found is None else (found[0], found[1])
         status = "completed" if out.finish_reason == "stop" else "incomplete"
-        items = [self.message(text, status)] if text else []
+        items = [self.reasoning(reasoning)] if reasoning is not None else []
+        items += [self.message(text, status)] if text else []
         items += [self.function_call(call) for call in calls]
         return items, status
 
@@ -231,23 +241,39 @@ class ResponsesReply:
         opened = self.response("in_progress", [])
         return [self.event("response.created", response=opened), self.event("response.in_progress", response=opened)]
 
+    def thinking_opened(self) -> str:
+        return self.event("response.output_item.added", output_index=0,
+                          item=self.reasoning("", "in_progress") | {"content": []})
+
+    def thinking_delta(self, delta: str) -> str:
+        return self.event("response.reasoning_text.delta", item_id=self.reasoning_id, output_index=0,
+                          content_index=0, delta=delta)
+
+    def thinking_closed(self, text: str) -> list[str]:
+        self.message_index = 1
+        return [self.event("response.reasoning_text.done", item_id=self.reasoning_id, output_index=0,
+                           content_index=0, text=text),
+                self.event("response.output_item.done", output_index=0, item=self.reasoning(text))]
+
     def text_opened(self) -> list[str]:
-        return [self.event("response.output_item.added", output_index=0, item=self.message("", "in_progress")
+        at = self.message_index
+        return [self.event("response.output_item.added", output_index=at, item=self.message("", "in_progress")
                            | {"content": []}),
-                self.event("response.content_part.added", item_id=self.message_id, output_index=0, content_index=0,
+                self.event("response.content_part.added", item_id=self.message_id, output_index=at, content_index=0,
                            part={"type": "output_text", "text": "", "annotations": []})]
 
     def text_delta(self, delta: str) -> str:
-        return self.event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0,
-                          delta=delta)
+        return self.event("response.output_text.delta", item_id=self.message_id, output_index=self.message_index,
+                          content_index=0, delta=delta)
 
     def text_closed(self, text: str, status: str) -> list[str]:
+        at = self.message_index
         part = {"type": "output_text", "text": text, "annotations": []}
-        return [self.event("response.output_text.done", item_id=self.message_id, output_index=0, content_index=0,
+        return [self.event("response.output_text.done", item_id=self.message_id, output_index=at, content_index=0,
                            text=text),
-                self.event("response.content_part.done", item_id=self.message_id, output_index=0, content_index=0,
+                self.event("response.content_part.done", item_id=self.message_id, output_index=at, content_index=0,
                            part=part),
-                self.event("response.output_item.done", output_index=0, item=self.message(text, status))]
+                self.event("response.output_item.done", output_index=at, item=self.message(text, status))]
 
     def calls(self, calls: list[dict], first_index: int) -> tuple[list[str], list[dict]]:
         """The events of the calls, each whole, and their output items."""
