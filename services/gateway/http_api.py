@@ -272,78 +272,8 @@ def create_app(settings: Settings, service) -> FastAPI:
     async def stream_response(generation: Generation, reply: ResponsesReply, headers: dict) -> StreamingResponse:
         deltas = merged([generation])
         first = await anext(deltas, None)  # errors before the first token still get their status code
-
-        async def events() -> AsyncIterator[str]:
-            text, opened = "", False
-            thought, thinking = "", None  # None: no reasoning item; False: open; True: closed
-            calls = ToolStream(reply.tools) if reply.tools else None
-
-            def written(parts, through_calls: bool = True) -> list[str]:
-                """The events of these (kind, delta) parts: the reasoning item's, then the message's
-                (the answer through the tool calls' stream, unless it comes back from there)."""
-                nonlocal text, opened, thought, thinking
-                out = []
-                for kind, part in parts:
-                    if kind == "reasoning":
-                        if thinking is None:
-                            thinking = False
-                            out.append(reply.thinking_opened())
-                        thought += part.text
-                        out += [reply.thinking_delta(part.text)] if part.text else []
-                        continue
-                    if thinking is False and part.text:  # the answer begins: the thinking is done
-                        thinking = True
-                        out += reply.thinking_closed(thought)
-                    for answer in calls.feed(part) if calls and through_calls else [part]:
-                        if answer.text and not opened:
-                            opened = True
-                            out += reply.text_opened()
-                        text += answer.text
-                        out += [reply.text_delta(answer.text)] if answer.text else []
-                return out
-
-            try:
-                for event in reply.start():
-                    yield event
-                split = ThinkingStream(reply.thinking) if reply.thinking else None
-                pending = [first] if first is not None else []
-                while True:
-                    item = pending.pop() if pending else await anext(deltas, None)
-                    if item is None or item[1] is None:
-                        break
-                    for event in written(split.feed(item[1]) if split else [("content", item[1])]):
-                        yield event
-                out, made = generation.outcome, None
-                for event in written(split.finish()) if split else []:
-                    yield event
-                items = []
-                if thinking is not None:
-                    if thinking is False:
-                        for event in reply.thinking_closed(thought):
-                            yield event
-                    items.append(reply.reasoning(thought))
-                if calls:
-                    held, made = calls.finish(out.finish_reason)
-                    for event in written([("content", part) for part in held], through_calls=False):
-                        yield event
-                status = "completed" if out.finish_reason == "stop" else "incomplete"
-                if opened:
-                    for event in reply.text_closed(text, status):
-                        yield event
-                    items.append(reply.message(text, status))
-                if made:
-                    made_events, made_items = reply.calls(made, len(items))
-                    for event in made_events:
-                        yield event
-                    items += made_items
-                yield reply.finish(out, items, status)
-            except ApiError as exc:
-                yield reply.failed(exc.body()["error"])
-            except Exception:
-                log.exception("request %s failed mid-stream", reply.request_id)
-                yield reply.failed({"message": "Internal error; see the gateway's log.", "code": "server_error"})
-
-        return SSEResponse(events(), deltas, headers=headers | {"cache-control": "no-cache"})
+        return SSEResponse(reply.events(generation, first, deltas), deltas,
+                           headers=headers | {"cache-control": "no-cache"})
 
     return app
 

@@ -14,18 +14,22 @@ the Responses events (`response.created`, `response.output_text.delta`,
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from services.gateway.generation import Outcome, invalid
+from services.gateway.generation import ApiError, Outcome, invalid
 from services.gateway.openai_models import (
     ChatCompletionRequest, FunctionName, SpeculationOptions,
 )
-from services.gateway.reasoning import Thinking
-from services.gateway.tools import ToolPlan
+from services.gateway.reasoning import Thinking, ThinkingStream
+from services.gateway.tools import ToolPlan, ToolStream
+
+log = logging.getLogger("specmesh.gateway")
 
 MAX_INPUT_ITEMS = 1024
 
@@ -293,6 +297,78 @@ class ResponsesReply:
     def finish(self, out: Outcome, items: list[dict], status: str) -> str:
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return self.event(kind, response=self.response(status, items, out))
+
+    async def events(self, generation, first, deltas) -> AsyncIterator[str]:
+        """`generation`'s stream of events (`deltas` its merged deltas, `first` already read):
+        a reasoning item's, then the message's, then each call's, then the finished response."""
+        text, opened = "", False
+        thought, thinking = "", None  # None: no reasoning item; False: open; True: closed
+        calls = ToolStream(self.tools) if self.tools else None
+
+        def written(parts, through_calls: bool = True) -> list[str]:
+            """The events of these (kind, delta) parts: the reasoning item's, then the message's
+            (the answer through the tool calls' stream, unless it comes back from there)."""
+            nonlocal text, opened, thought, thinking
+            out = []
+            for kind, part in parts:
+                if kind == "reasoning":
+                    if thinking is None:
+                        thinking = False
+                        out.append(self.thinking_opened())
+                    thought += part.text
+                    out += [self.thinking_delta(part.text)] if part.text else []
+                    continue
+                if thinking is False and part.text:  # the answer begins: the thinking is done
+                    thinking = True
+                    out += self.thinking_closed(thought)
+                for answer in calls.feed(part) if calls and through_calls else [part]:
+                    if answer.text and not opened:
+                        opened = True
+                        out += self.text_opened()
+                    text += answer.text
+                    out += [self.text_delta(answer.text)] if answer.text else []
+            return out
+
+        try:
+            for event in self.start():
+                yield event
+            split = ThinkingStream(self.thinking) if self.thinking else None
+            pending = [first] if first is not None else []
+            while True:
+                item = pending.pop() if pending else await anext(deltas, None)
+                if item is None or item[1] is None:
+                    break
+                for event in written(split.feed(item[1]) if split else [("content", item[1])]):
+                    yield event
+            out, made = generation.outcome, None
+            for event in written(split.finish()) if split else []:
+                yield event
+            items = []
+            if thinking is not None:
+                if thinking is False:
+                    for event in self.thinking_closed(thought):
+                        yield event
+                items.append(self.reasoning(thought))
+            if calls:
+                held, made = calls.finish(out.finish_reason)
+                for event in written([("content", part) for part in held], through_calls=False):
+                    yield event
+            status = "completed" if out.finish_reason == "stop" else "incomplete"
+            if opened:
+                for event in self.text_closed(text, status):
+                    yield event
+                items.append(self.message(text, status))
+            if made:
+                made_events, made_items = self.calls(made, len(items))
+                for event in made_events:
+                    yield event
+                items += made_items
+            yield self.finish(out, items, status)
+        except ApiError as exc:
+            yield self.failed(exc.body()["error"])
+        except Exception:
+            log.exception("request %s failed mid-stream", self.request_id)
+            yield self.failed({"message": "Internal error; see the gateway's log.", "code": "server_error"})
 
     def failed(self, error: dict) -> str:
         return self.event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))
