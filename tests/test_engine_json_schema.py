@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import jsonschema
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.engine.grammar import advance, token_bytes
-from shared.engine.json_schema import canonical_schema, compile_schema
+from shared.engine.json_schema import KEYWORDS, SchemaAutomaton, canonical_schema, compile_schema
 from shared.engine.sampling import SamplingParams
 from tests.test_engine_chain import MAX_TOKENS, engine_family, pool, prompts  # noqa: F401 - fixtures
 from tests.test_engine_grammar import json_target_alone, takes
@@ -488,6 +488,32 @@ def test_a_numbers_bounds_take_exactly_the_numbers_within(low, high, low_open, h
         assert takes(automaton, ('{"x":' + text + "}")) == within, (bounds, text)
 
 
+@settings(max_examples=60, deadline=None)
+@given(low=st.integers(-2 ** 64, 2 ** 64), span=st.integers(0, 2 ** 66), tries=st.lists(st.integers(-2 ** 66, 2 ** 66),
+                                                                                     min_size=1, max_size=6))
+def test_integer_bounds_of_many_digits_take_exactly_the_integers_within(low, span, tries):
+    """int64-sized bounds (the usual ones a typed API writes) compile at once, one automaton
+    per bound compared digit by digit, and take exactly the integers within."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": low, "maximum": low + span}},
+              "required": ["n"]}
+    automaton = compile_schema(canonical_schema(schema))
+    for value in tries + [low, low - 1, low + span, low + span + 1]:
+        assert takes(automaton, '{"n":' + str(value) + "}") == (low <= value <= low + span), value
+
+
+@pytest.mark.parametrize("bounds, good, bad", [
+    ({"maximum": 1.7976931348623157e308}, ["0", "-1", "17976931348623157" + "0" * 292], ["2" + "0" * 308]),
+    ({"exclusiveMinimum": 5e-324}, ["1", "0." + "0" * 323 + "6"], ["0", "0." + "0" * 323 + "5", "-1"]),
+    ({"minimum": -1e20, "maximum": 1e-20}, ["-100000000000000000000", "0.00000000000000000001", "0"],
+     ["-100000000000000000000.5", "0.000000000000000000011"]),
+])
+def test_a_numbers_bounds_at_the_ends_of_a_double(bounds, good, bad):
+    schema = {"type": "object", "properties": {"x": {"type": "number", **bounds}}, "required": ["x"]}
+    automaton = compile_schema(canonical_schema(schema))
+    for text, ok in [(g, True) for g in good] + [(b, False) for b in bad]:
+        assert takes(automaton, '{"x":' + text + "}") == ok, text
+
+
 @pytest.mark.parametrize("text, ok", [
     ('{"t":[1,"a"]}', True), ('{"t":[1]}', True), ('{"t":[]}', True), ('{"t":[1,"a",true,false]}', True),
     ('{"t":["a",1]}', False), ('{"t":[1,"a",3]}', False),  # after the prefix, booleans
@@ -535,3 +561,23 @@ def test_keywords_without_a_type_constrain_the_type_they_name(sub, text, ok):
     automaton = compile_schema(canonical_schema(schema))
     assert takes(automaton, ('{"x":' + text + "}")) == ok
     assert jsonschema.Draft202012Validator(schema).is_valid(json.loads('{"x":' + text + "}")) or not ok
+
+
+_LEAF = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(max_size=4) | st.sampled_from(["object", "array", "string", "integer", "number", "date", "uri", "^a+$",
+                                             "#/$defs/x", "#"])
+_VALUE = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.sampled_from(sorted(KEYWORDS) + ["x", "a"]), inner, max_size=4),
+                      max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=st.dictionaries(st.sampled_from(sorted(KEYWORDS) + ["x", "title"]), _VALUE, max_size=5))
+def test_any_schema_is_compiled_or_refused_with_a_value_error(schema):
+    """Keywords with values of every kind, in every place: an automaton or a ValueError (the
+    gateway's 400), never another exception, and never a construction that runs away (a
+    bound of 1e308 once built a regular expression of every integer below it)."""
+    try:
+        SchemaAutomaton(json.loads(json.dumps(schema)))
+    except ValueError:
+        pass

@@ -93,3 +93,12 @@ def test_chains_under_a_regex_emit_the_target_alones_tokens(pool, prompts, spec,
     for out in got:
         assert out[-1] == target.eos_token_id
         assert re.fullmatch(regex, b"".join(vocab[t] for t in out[:-1]).decode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(regex=st.text(alphabet="ab()[]{}|*+?.^$\\-,0123456789=!<:", max_size=12))
+def test_any_regex_is_compiled_or_refused_with_a_value_error(regex):
+    try:
+        compile_regex(regex)
+    except ValueError:
+        pass

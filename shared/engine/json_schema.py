@@ -264,6 +264,8 @@ class _Compiler:
         if extra:
             raise ValueError(f"{where}: keywords beside $ref ({extra[0]!r}) are not supported")
         ref = schema["$ref"]
+        if not isinstance(ref, str):
+            raise ValueError(f"{where}: $ref must be a string, got {ref!r}")
         if ref in self.refs:
             return self.refs[ref]
         nid = self.refs[ref] = self.add(("ref", -1))
@@ -383,7 +385,7 @@ class _Compiler:
             if fmt is not None:
                 if regex is not None:
                     raise ValueError(f"{where}: pattern and format together are not supported")
-                if fmt not in FORMATS:
+                if not isinstance(fmt, str) or fmt not in FORMATS:
                     raise ValueError(f"{where}: format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
                 regex = "^" + FORMATS[fmt] + "$"
             if regex is None:
@@ -437,8 +439,9 @@ class _Compiler:
         if not isinstance(properties, dict):
             raise ValueError(f"{where}: properties must be an object")
         required = schema.get("required", [])
-        if not isinstance(required, list) or any(name not in properties for name in required):
-            missing = [n for n in required if n not in properties] if isinstance(required, list) else required
+        if not isinstance(required, list) or any(not isinstance(n, str) or n not in properties for n in required):
+            missing = [n for n in required if not isinstance(n, str) or n not in properties] \
+                if isinstance(required, list) else required
             raise ValueError(f"{where}: required names {missing!r}, which properties does not list")
         extra = schema.get("additionalProperties")
         free = not properties and extra in (None, True, {})
@@ -743,17 +746,17 @@ def _counts(schema: dict, low_name: str, high_name: str, where: str) -> tuple[in
     return low, -1 if high is None else high
 
 
-def _bounded(kind: str, bounds: dict, where: str) -> str | list[str] | None:
-    """A regular expression for the numbers `bounds` allow (None without bounds): an integer
-    range; for a number one per bound (a match matches them all), written without an exponent."""
+def _bounded(kind: str, bounds: dict, where: str) -> list | None:
+    """Automata for the numbers `bounds` allow (None without bounds), one per bound (a match
+    matches them all), written without an exponent but against a bound of 0."""
     if not bounds:
         return None
     for name, value in bounds.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
+    ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
     if kind == "number":
-        return [_at_least(value, name == "exclusiveMinimum") if name in ("minimum", "exclusiveMinimum")
-                else _at_most(value, name == "exclusiveMaximum") for name, value in bounds.items()]
+        return [_compared(value, ops[name], integer=False) for name, value in bounds.items()]
     import math
 
     lows = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
@@ -763,74 +766,106 @@ def _bounded(kind: str, bounds: dict, where: str) -> str | list[str] | None:
     low, high = max(lows, default=None), min(highs, default=None)
     if low is not None and high is not None and low > high:
         raise ValueError(f"{where}: no integer is within {bounds}")
-    return integer_range(low, high)
+    return [_compared(value, op, integer=True) for value, op in ((low, ">="), (high, "<=")) if value is not None]
 
 
-UNSIGNED = r"(0|[1-9][0-9]*)(\.[0-9]+)?"  # a number >= 0 as JSON writes it, without an exponent
-EXPONENT = r"([eE][+-]?[0-9]+)?"
-POSITIVE = r"([1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)"  # a number > 0 (0e5 is 0)
-ANY_FRACTION = r"(\.[0-9]+)?"
-
-
-def _decimal(value) -> tuple[int, str]:
-    """|value| as its integer part and its fraction's digits (no trailing zeros), exactly as written."""
+def _compared(bound, op: str, integer: bool):
+    """An interegular automaton of the numbers x with `x op bound` (op one of >= > <= <), as
+    JSON writes them without an exponent (with one too against a bound of 0: an exponent moves
+    no number across 0) and never as "-0". It compares digit by digit, so it has a few states
+    per digit of the bound: |x| against |bound| = W.F while the integer part is read (how many
+    digits, and how its digits so far compare with W's), then the fraction's digits against F."""
     from decimal import Decimal
 
-    whole, _, fraction = format(abs(Decimal(repr(value) if isinstance(value, float) else value)), "f").partition(".")
-    return int(whole), fraction.rstrip("0")
+    from interegular.fsm import FSM, Alphabet, anything_else
+
+    _interegular()
+    exact = Decimal(repr(bound) if isinstance(bound, float) else bound)
+    whole, _, frac = format(abs(exact), "f").partition(".")
+    frac = frac.rstrip("0")
+    negative_bound, exponent = exact < 0, exact == 0 and not integer
+    wanted = {">=": "=>", ">": ">", "<=": "<=", "<": "<"}[op]
+    flip = {"<": ">", ">": "<", "=": "="}
+
+    def integer_part(state) -> str:  # x's integer part against W's
+        _, _, _, i, seen, _ = state
+        return "<" if i < len(whole) else seen if i == len(whole) else ">"
+
+    def magnitude(state) -> str:  # |x| against |bound|, the number ending in `state`
+        if state[0] == "int":
+            seen, j = integer_part(state), 0
+        else:
+            _, _, _, seen, j = state[:5]
+        return "<" if seen == "=" and j < len(frac) else seen
+
+    def holds(negative: bool, nonzero: bool, m: str) -> bool:
+        if negative and not nonzero:
+            return False  # no "-0"
+        if negative != negative_bound:
+            return ("<" if negative else ">") in wanted
+        return (flip[m] if negative else m) in wanted
+
+    def after(state, char: str):
+        digit = char.isdigit()
+        kind = state[0]
+        if kind in ("start", "minus"):
+            negative = kind == "minus"
+            if char == "-" and kind == "start":
+                return ("minus",)
+            if not digit:
+                return None
+            return "int", negative, char != "0", 1, _versus("=", char, whole, 0), char == "0"
+        if kind == "int":
+            _, negative, nonzero, i, seen, zero = state
+            if digit and not zero:
+                return "int", negative, nonzero or char != "0", min(i + 1, len(whole) + 1), \
+                    _versus(seen, char, whole, i) if i < len(whole) else ">", False
+            if char == "." and not integer:
+                return "frac", negative, nonzero, integer_part(state), 0, True
+            return ("exp", holds(negative, nonzero, magnitude(state)), "mark") if char in "eE" and exponent else None
+        if kind == "frac":
+            _, negative, nonzero, seen, j, _ = state
+            if digit:
+                if seen == "=":
+                    seen, j = (_versus("=", char, frac, j), j + 1) if j < len(frac) else ("=" if char == "0" else ">", j)
+                return "frac", negative, nonzero or char != "0", seen, j, False
+            if char in "eE" and exponent and not state[5]:
+                return "exp", holds(negative, nonzero, magnitude(state)), "mark"
+            return None
+        _, ok, phase = state  # the exponent
+        if digit:
+            return "exp", ok, "digits"
+        return ("exp", ok, "sign") if char in "+-" and phase == "mark" else None
+
+    chars = "0123456789-." + ("eE+" if exponent else "")
+    alphabet = Alphabet.from_groups(*({c} for c in chars), {anything_else})
+    index, states, table, finals = {("start",): 0}, [("start",)], {}, set()
+    while len(table) < len(states):
+        n = len(table)
+        state = states[n]
+        table[n] = {}
+        for char in chars:
+            nxt = after(state, char)
+            if nxt is None:
+                continue
+            if nxt not in index:
+                index[nxt] = len(states)
+                states.append(nxt)
+            table[n][alphabet[char]] = index[nxt]
+        if state[0] == "int" or state[0] == "frac" and not state[5]:
+            if holds(state[1], state[2], magnitude(state)):
+                finals.add(n)
+        elif state[0] == "exp" and state[1] and state[2] == "digits":
+            finals.add(n)
+    return FSM(alphabet=alphabet, states=set(table), initial=0, finals=finals, map=table)
 
 
-def _alternatives(parts: list[str]) -> str | None:
-    return "|".join(f"({p})" for p in parts) or None
-
-
-def _fraction(cmp: str, digits: str, strict: bool) -> tuple[str | None, bool]:
-    """The fraction digits t with 0.t >= 0.digits (cmp "ge") or <= (cmp "le"), strictly if
-    `strict`: (a regular expression for those with at least one digit or None, whether
-    none at all, t = "", is one)."""
-    if not digits:  # against 0
-        if cmp == "ge":
-            return (r"0*[1-9][0-9]*" if strict else r"[0-9]+"), not strict
-        return (None if strict else "0+"), not strict
-    c = int(digits[0])
-    then, ends = _fraction(cmp, digits[1:], strict)
-    parts = ([f"[{c + 1}-9][0-9]*"] if c < 9 else []) if cmp == "ge" else ([f"[0-{c - 1}][0-9]*"] if c > 0 else [])
-    if then is not None or ends:
-        parts.append(f"{c}({then})?" if then is not None and ends else f"{c}({then})" if then is not None else str(c))
-    return _alternatives(parts), cmp == "le"  # t = "" is 0: below any non-zero digits
-
-
-def _magnitude(cmp: str, value, strict: bool) -> str | None:
-    """A regular expression for the numbers m >= 0 with m >= |value| (cmp "ge") or m <= |value|
-    ("le"), strictly if `strict` (None: there is none)."""
-    whole, digits = _decimal(value)
-    fraction, bare = _fraction(cmp, digits, strict)
-    suffix = [r"\." + f"({fraction})"] if fraction is not None else []
-    parts = [f"{whole}" + (f"({suffix[0]})?" if bare else suffix[0])] if suffix else [str(whole)] if bare else []
-    if cmp == "ge":
-        parts.append(f"({integer_range(whole + 1, None)}){ANY_FRACTION}")
-    elif whole >= 1:
-        parts.append(f"({integer_range(0, whole - 1)}){ANY_FRACTION}")
-    return _alternatives(parts)
-
-
-def _at_least(value, strict: bool) -> str:
-    """The numbers x >= value (x > value if `strict`), without an exponent (but for value 0)."""
-    if value == 0:  # an exponent moves no number across 0
-        return (POSITIVE if strict else UNSIGNED) + EXPONENT
-    if value > 0:
-        return _magnitude("ge", value, strict)
-    below = _magnitude("le", value, strict)  # x = -m >= value: m <= -value
-    return f"({UNSIGNED})|-({below})"
-
-
-def _at_most(value, strict: bool) -> str:
-    """The numbers x <= value (x < value if `strict`), without an exponent ("-0" only where 0 is)."""
-    if value < 0:
-        return f"-({_magnitude('ge', value, strict)})"  # x = -m <= value: m >= -value
-    negatives = f"-({_magnitude('ge', 0, True)})" if value == 0 and strict else f"-({UNSIGNED})"
-    up = _magnitude("le", value, strict)
-    return negatives if up is None else f"{negatives}|({up})"
+def _versus(seen: str, char: str, digits: str, i: int) -> str:
+    """How a digit string compares with `digits`' first i + 1, given how its first i compared
+    (`seen`) and that its next digit is `char`."""
+    if seen != "=":
+        return seen
+    return "<" if char < digits[i] else ">" if char > digits[i] else "="
 
 
 def _multiples(step, integer: bool, where: str):
@@ -886,52 +921,6 @@ def _multiples(step, integer: bool, where: str):
     for start in (0, 1):
         table[start].update({digit[c]: part(int(c) % m) for c in digit})
     return FSM(alphabet=alphabet, states=set(table), initial=0, finals=finals, map=table)
-
-
-def integer_range(low: int | None, high: int | None) -> str:
-    """A regular expression matching exactly the integers in low..high (None: unbounded) as
-    JSON writes them (no leading zeros, no "-0")."""
-    parts = []
-    if high is None or high >= 0:
-        parts += _naturals(max(low, 0) if low is not None else 0, high)
-    if low is None or low < 0:
-        parts += ["-(" + p + ")" for p in _naturals(max(-high, 1) if high is not None and high < 0 else 1,
-                                                      -low if low is not None else None)]
-    return "|".join(f"({p})" for p in parts)
-
-
-def _naturals(low: int, high: int | None) -> list[str]:
-    """Alternatives matching the integers low..high (>= 0; None: no end), one per digit count."""
-    out = []
-    digits = len(str(low))
-    while high is None or (10 ** (digits - 1) if digits > 1 else 0) <= high:
-        first = max(low, 10 ** (digits - 1) if digits > 1 else 0)
-        last = 10 ** digits - 1 if high is None else min(high, 10 ** digits - 1)
-        if high is None and first == 10 ** (digits - 1) and digits > 1:
-            out.append(f"[1-9][0-9]{{{digits - 1},}}")  # every longer number too
-            break
-        out.append(_same_length(str(first), str(last)))
-        if high is None and digits >= 1 and first == 0 and last == 9:
-            out.append("[1-9][0-9]+")
-            break
-        digits += 1
-    return out
-
-
-def _same_length(low: str, high: str) -> str:
-    """A regular expression for the digit strings low..high, both of one length."""
-    if low == high:
-        return low
-    if len(low) == 1:
-        return f"[{low}-{high}]"
-    if low[0] == high[0]:
-        return low[0] + "(" + _same_length(low[1:], high[1:]) + ")"
-    rest = len(low) - 1
-    parts = [low[0] + "(" + _same_length(low[1:], "9" * rest) + ")"]
-    if int(high[0]) - int(low[0]) > 1:
-        parts.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}][0-9]{{{rest}}}")
-    parts.append(high[0] + "(" + _same_length("0" * rest, high[1:]) + ")")
-    return "|".join(f"({p})" for p in parts)
 
 
 def canonical_schema(schema) -> str:
