@@ -83,17 +83,43 @@ class DriverMetrics(SpecDecodeMetrics):
 
 
 class KvMetrics:
-    """KV cache memory in use by the live requests of the runners this process hosts."""
+    """KV cache memory in use by the live requests of the runners this process hosts, and
+    their prefix cache (vLLM's `prefix_cache_queries` / `prefix_cache_hits`, in tokens)."""
 
     def __init__(self, registry: CollectorRegistry):
         self.bytes = Gauge("specmesh_kv_cache_bytes_in_use", "Bytes of KV cache held by live requests (slots in use).",
                            ["model"], registry=registry)
         self.requests = Gauge("specmesh_kv_cache_requests", "Requests holding KV cache.", ["model"], registry=registry)
+        self.prefix = _PrefixCache()
+        registry.register(self.prefix)
 
     def watch(self, model: str, runner) -> None:
         """Report `runner`'s KV use for `model`, computed when scraped (nothing on the token path)."""
         self.bytes.labels(model).set_function(lambda: kv_bytes_in_use(runner))
         self.requests.labels(model).set_function(lambda: kv_requests(runner))
+        self.prefix.runners[model] = runner
+
+
+class _PrefixCache:
+    """The runners' prefix-cache totals, read when scraped (counters the runner keeps)."""
+
+    def __init__(self):
+        self.runners: dict[str, object] = {}
+
+    def describe(self):
+        return []  # read at scrape time only, like a gauge's function
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        queries = CounterMetricFamily("specmesh_prefix_cache_queries", "Prompt tokens prefilled.", labels=["model"])
+        hits = CounterMetricFamily("specmesh_prefix_cache_hits",
+                                   "Prompt tokens the KV cache already held (prefix caching): not run.", labels=["model"])
+        for model, runner in list(self.runners.items()):
+            queries.add_metric([model], getattr(runner, "prefix_queried", 0))
+            hits.add_metric([model], getattr(runner, "prefix_hits", 0))
+        yield queries
+        yield hits
 
 
 class LevelMetrics:

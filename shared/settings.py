@@ -98,6 +98,8 @@ class EngineSettings(BaseModel):
     max_batch: int = Field(16, ge=1, description="Most requests one model holds KV cache for at once.")
     max_len: int = Field(512, ge=16, description="Longest sequence (prompt + output) a request may reach.")
     runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean Llama runner or transformers.")
+    prefix_caching: bool = Field(True, description="Start a prompt on the head of it the KV cache still holds from an "
+                                 "earlier or live request (of the same cache_salt): only the rest is prefilled.")
     model: str | None = Field(None, description="Family member a worker hosts (default by role: drafter-code, verifier, target).")
 
 

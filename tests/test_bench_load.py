@@ -442,3 +442,13 @@ def test_a_low_rate_cell_grows_to_hold_the_minimum_requests():
     times = [t for t, _ in cfg.schedule("poisson", 0.5)]
     assert times and max(times) > 6.0 and max(times) < 24.0
     assert max(t for t, _ in cfg.schedule("poisson", 8.0)) < 6.0
+
+
+def test_every_request_carries_a_cache_salt_of_its_own():
+    """The modes of a cell run the same prompts: no request may start on a head the model
+    services cached for another (prefix caching would flatter whichever mode runs later)."""
+    from shared.bench.load import request_body
+
+    mode = Mode.parse("drafter,target", 3)
+    salts = {request_body(mode, "same prompt", 8)["cache_salt"] for _ in range(50)}
+    assert len(salts) == 50 and all(len(s) >= 16 for s in salts)

@@ -136,7 +136,7 @@ def test_kv_cache_slots_and_limits():
     cache.open("a"), cache.open("b")
     with pytest.raises(CacheFullError):
         cache.open("c")
-    cache.advance("a", 8)
+    cache.advance("a", list(range(8)))
     with pytest.raises(CacheFullError):
         cache.check_room("a", 1)
     cache.rollback("a", 3)

@@ -265,6 +265,18 @@ async def test_response_format_json_object_reaches_the_job(client, backend):
         assert list(json.loads(s.json_schema)["properties"]) == ["b", "a"]  # the schema's order is kept
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/responses", {"input": "x"})])
+async def test_a_cache_salt_rides_with_the_job(client, backend, path, body):
+    r = await client.post(path, json={"model": MODEL, "max_tokens" if "responses" not in path else "max_output_tokens": 2,
+                                      "cache_salt": "tenant-7"} | body)
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].sampling.cache_salt == "tenant-7"
+    r = await client.post(path, json={"model": MODEL} | body)
+    assert backend.jobs[-1].sampling.cache_salt == ""  # the requests without a salt share their cache
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_stop_token_ends_the_output_and_is_not_text(client, backend, tok, stream):
     ids = backend.output(20)
@@ -573,6 +585,9 @@ BAD = [
     ({"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ({"prompt": "x", "stop_token_ids": list(range(65))}, 400, "stop_token_ids"),
     ({"prompt": "x", "stop_token_ids": 5}, 400, "stop_token_ids"),
+    ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
+    ({"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
+    ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -698,7 +713,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-          "stop_token_ids"]
+          "stop_token_ids", "cache_salt"]
 
 
 @pytest.fixture(scope="module")
@@ -879,6 +894,11 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, 0.25, 1.5)
     assert dict(zip(s.logit_bias_ids, s.logit_bias_values)) == {7: -100.0, 9: 2.5}
     assert s.min_tokens == 2 and not backend.jobs[-1].stop_at_eos and s.stop_token_ids == [1, 3]
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, cache_salt="tenant-7"))
+    assert backend.jobs[-1].sampling.cache_salt == "tenant-7"
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, cache_salt=""))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in bad.value.details()
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
         response_format="json_object")))
     assert backend.jobs[-1].sampling.response_format == "json_object"

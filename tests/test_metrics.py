@@ -54,6 +54,9 @@ def test_kv_bytes_count_live_slots():
     DriverMetrics(registry).kv.watch("target", runner)  # read when scraped
     runner.cache.close("a")
     assert registry.get_sample_value("specmesh_kv_cache_bytes_in_use", {"model": "target"}) == slot * 2
+    runner.prefix_queried, runner.prefix_hits = 120, 90  # what a runner counts at each prefill
+    assert counter_value(registry, "specmesh_prefix_cache_queries", {"model": "target"}) == 120
+    assert counter_value(registry, "specmesh_prefix_cache_hits", {"model": "target"}) == 90
 
 
 def test_gateway_latencies_from_timings():

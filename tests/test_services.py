@@ -72,6 +72,29 @@ def test_every_chain_reproduces_target_only(stack, prompts, reference, chain):
             assert 0 <= lv["accepted"] <= lv["drafted"]
 
 
+def test_a_conversations_next_turn_starts_on_its_cached_head(stack, tiny_family, prompts):
+    """Prefix caching through the services: a second turn (the first turn's prompt, its
+    answer, a new question) and another question after the same opening run on the heads
+    the target and the drafters still hold, and give the target alone's tokens."""
+    from tests.test_metrics import metrics_url, scrape
+
+    env, settings = stack
+    opening, first, second = prompts[16] + prompts[17], prompts[2][:20], prompts[20][:20]
+    target = metrics_url(env, "target")
+    hits = ("specmesh_prefix_cache_hits_total", (("model", "target"),))
+    before = scrape(target).get(hits, 0.0)
+    salt = {"cache_salt": f"turns-{os.getpid()}"}  # apart from what the other tests cached
+    answer = asyncio.run(complete_all(settings.gateway.http_url, [body(opening + first, "drafter,verifier,target",
+                                                                       **salt)]))[0]["choices"][0]["token_ids"]
+    turns = [opening + first + answer + second, opening + second]
+    results = asyncio.run(complete_all(settings.gateway.http_url, [body(turns[0], "ngram,drafter,target", **salt)]))
+    results += asyncio.run(complete_all(settings.gateway.http_url, [body(turns[1], "drafter,target", **salt)]))
+    got = [answer] + [r["choices"][0]["token_ids"] for r in results]
+    assert got == target_only(tiny_family, [opening + first] + turns, MAX_TOKENS)
+    reused = scrape(target)[hits] - before
+    assert reused >= len(opening + first + answer) - 1 + len(opening)
+
+
 def test_requests_on_different_chains_at_once_reproduce_target_only(stack, prompts, reference):
     """One target worker serving every chain at the same time verifies them in one forward per round."""
     _, settings = stack

@@ -26,6 +26,7 @@ log = logging.getLogger("specmesh.gateway")
 TEMPERATURE_MAX = 2.0
 MAX_STOP_STRINGS = 4
 MAX_STOP_TOKEN_IDS = 64
+MAX_CACHE_SALT = 256  # characters of a cache_salt
 MAX_K = 16  # the same bound as settings.speculation.k
 SLO_MAX_MS = 60_000.0  # a TPOT objective above a minute per token is a typo
 SEED_MAX = 2**63 - 1
@@ -106,6 +107,7 @@ class GenerationRequest:
     prompt_param: str = "prompt"  # where the prompt came from, for error messages
     logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the n likeliest (validated by the API)
     echo: bool = False  # the prompt's tokens too (with `logprobs`, theirs); max_tokens may then be 0
+    cache_salt: str | None = None  # prefix caching: heads cached for one salt are reused only by that salt
 
 
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
@@ -144,6 +146,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         min_tokens=_min_tokens(req.min_tokens, max_tokens),
         stop_token_ids=_stop_token_ids(req.stop_token_ids, len(tok)),
         **_response_format(req, tok),
+        cache_salt=_cache_salt(req.cache_salt),
     )
     text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
     request_class = classify(text, len(prompt))
@@ -311,6 +314,15 @@ def _stop_token_ids(value: list[int] | None, vocab: int) -> list[int]:
     if bad:
         raise invalid(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[0]!r}.", "stop_token_ids")
     return sorted(set(value))
+
+
+def _cache_salt(value: str | None) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CACHE_SALT:
+        raise invalid(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} characters, got {repr(value)[:40]}.",
+                      "cache_salt")
+    return value
 
 
 def _bool(value: bool | None, param: str) -> bool:

@@ -112,6 +112,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             stop=list(request.stop),
             speculation=speculation,
             logprobs=request.logprobs if request.HasField("logprobs") else -1,
+            cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
         ))
         return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
                           include_stop=request.include_stop_str_in_output,

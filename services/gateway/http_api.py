@@ -176,7 +176,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             response_format=response_format, json_schema=json_schema, regex=regex,
             tool_calls=bool(tools and tools.constrained),
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
-            logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)),
+            logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)), cache_salt=body.cache_salt,
         )
         tid = trace_id()  # the request's trace (`specmesh trace show <request id>`)
         headers = {"x-request-id": request_id} | ({"x-trace-id": tid} if tid else {})

@@ -20,7 +20,7 @@ from shared.engine.regex import choice_regex
 from shared.messages import MAX_TOP_LOGPROBS
 from services.gateway.choices import MAX_CHOICES
 from services.gateway.generation import (
-    BIAS_MAX, MAX_K, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS,
+    BIAS_MAX, MAX_CACHE_SALT, MAX_K, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, PENALTY_MAX, REPETITION_MAX, SLO_MAX_MS,
     TEMPERATURE_MAX, SpeculationRequest,
 )
 
@@ -121,6 +121,9 @@ class _Sampled(BaseModel):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="Extension (vLLM's newer name for the guided_ fields): {regex | choice | json | json_object}.")
     user: StrictStr | None = None
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CACHE_SALT)] | None = Field(
+        None, description="Extension (vLLM's): the model services reuse a prompt head they cached (prefix caching) "
+                          "only for requests of the same salt; without one, requests share theirs.")
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     return_token_ids: StrictBool = Field(False, description="Extension: the generated token ids in each choice.")
 

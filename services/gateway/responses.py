@@ -112,6 +112,7 @@ class ResponsesRequest(BaseModel):
     previous_response_id: StrictStr | None = Field(None, description="Not supported: send the turns in `input`.")
     metadata: dict[str, StrictStr] | None = None
     user: StrictStr | None = None
+    cache_salt: StrictStr | None = Field(None, description="Extension (vLLM's): as on chat completions.")
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
 
     def to_chat(self) -> ChatCompletionRequest:
@@ -138,7 +139,7 @@ class ResponsesRequest(BaseModel):
             raise invalid("input holds nothing to answer.", "input")
         chat: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                                "stream": self.stream, "user": self.user,
+                                "stream": self.stream, "user": self.user, "cache_salt": self.cache_salt,
                                 "parallel_tool_calls": self.parallel_tool_calls}
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_schema":

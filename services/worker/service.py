@@ -54,7 +54,8 @@ class WorkerService(ServiceProcess):
 
         engine = self.settings.engine
         torch.set_num_threads(engine.threads)
-        return load_runner(self.model_path, engine.runner, engine.device, engine.dtype, engine.max_batch, engine.max_len)
+        return load_runner(self.model_path, engine.runner, engine.device, engine.dtype, engine.max_batch, engine.max_len,
+                           prefix_caching=engine.prefix_caching)
 
     async def prepare(self) -> None:
         self.runner = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_runner)

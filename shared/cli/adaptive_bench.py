@@ -40,6 +40,7 @@ import typer
 from shared.bench.adaptive import (
     ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, tokens_per_s, verdict,
 )
+from shared.bench.load import fresh_salt
 from shared.bench.sse import chunks
 from shared.bench.stats import chain_label
 
@@ -56,7 +57,7 @@ def workload(n: int) -> list[tuple[str, str]]:
 
 async def _one(client, prompt: str, config: str, max_tokens: int, domain: str = "") -> dict:
     body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "return_token_ids": True}
+            "return_token_ids": True, "cache_salt": fresh_salt()}
     if config == NO_SPECULATION:
         body["speculation"] = {"enabled": False}
     elif config != ADAPTIVE:

@@ -55,10 +55,11 @@ def parse_chain(spec: str | Sequence[str]) -> list[str]:
 class RunnerPool:
     """Loads each model of a family once and hands the same runner to every chain."""
 
-    def __init__(self, family, runner: str = "lean", device: str = "cpu", dtype: str = "float32", max_batch: int = 16, max_len: int = 512):
+    def __init__(self, family, runner: str = "lean", device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
+                 max_len: int = 512, prefix_caching: bool = False):
         self.family = family
         self.kind, self.device, self.dtype = runner, device, dtype
-        self.max_batch, self.max_len = max_batch, max_len
+        self.max_batch, self.max_len, self.prefix_caching = max_batch, max_len, prefix_caching
         self._runners: dict[str, Runner] = {}
 
     def path(self, name: str) -> Path:
@@ -67,7 +68,8 @@ class RunnerPool:
     def get(self, name: str) -> Runner:
         name = canonical(name)
         if name not in self._runners:
-            self._runners[name] = load_runner(self.path(name), self.kind, self.device, self.dtype, self.max_batch, self.max_len)
+            self._runners[name] = load_runner(self.path(name), self.kind, self.device, self.dtype, self.max_batch,
+                                              self.max_len, prefix_caching=self.prefix_caching)
         return self._runners[name]
 
     def chain(self, spec: str | Sequence[str], **kwargs) -> Chain:

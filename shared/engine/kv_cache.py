@@ -5,9 +5,19 @@ allocated once (gpt-fast's static cache). A request owns a slot and a length; a 
 only moves the length (O(1), nothing is copied or wiped): positions past it are simply
 overwritten by the next forward. The extra last slot is scratch space where the padding
 of a ragged batch writes.
+
+Prefix caching (vLLM's automatic prefix caching, at token rather than block grain): the
+cache knows which tokens each slot holds. A freed slot keeps them until it is given out
+again, least recently freed first, and `open_prefix` starts a request on the slot that
+already holds the longest head of its prompt (or copies that head from a live request's
+slot), so only the rest of the prompt is run. A chat's next turn finds its whole
+conversation so far; requests with one system prompt share it. A salt (vLLM's
+`cache_salt`) keeps requests apart: a head is only shared between requests of one salt.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -35,9 +45,11 @@ class KVCache:
         self.slots = slots
         self.max_len = max_len
         self.scratch = slots  # index of the padding slot
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))  # least recently freed first
         self._slot: dict[str, int] = {}
         self._length: dict[str, int] = {}
+        self._held: list[list[int]] = [[] for _ in range(slots)]  # the tokens each slot's positions hold
+        self._salt: list[str] = [""] * slots  # the salt of the request that wrote them
 
     def open(self, request_id: str) -> int:
         """Give `request_id` a slot of length 0 (reusing its slot if it already has one)."""
@@ -46,16 +58,60 @@ class KVCache:
             return self._slot[request_id]
         if not self._free:
             raise CacheFullError(f"all {self.slots} KV cache slots are in use; release a request or raise max_batch")
-        slot = self._free.pop()
-        self._slot[request_id] = slot
-        self._length[request_id] = 0
+        slot = self._free[0]
+        self._take(request_id, slot, 0)
         return slot
 
+    def open_prefix(self, request_id: str, tokens: Sequence[int], salt: str = "") -> int:
+        """Give `request_id` a slot whose first n positions already hold tokens[:n], for the
+        largest n < len(tokens) any slot of the same `salt` offers (the last token is always
+        run: its logits are the prefill's answer); return n. A request that has a slot gives
+        it up first.
+
+        A freed slot that holds exactly that head is taken as it is. A head of a longer
+        sequence (a live request's, or a freed one's, such as another question after the
+        same system prompt) is copied into the least recently freed slot instead, so the
+        longer one stays for its own next turn."""
+        self.close(request_id)
+        if not self._free:
+            raise CacheFullError(f"all {self.slots} KV cache slots are in use; release a request or raise max_batch")
+        tokens = list(tokens)
+        cap = len(tokens) - 1
+        held = {slot: self._held[slot] for slot in self._free if self._salt[slot] == salt}
+        held.update((slot, self._held[slot][: self._length[rid]]) for rid, slot in self._slot.items()
+                    if self._salt[slot] == salt)
+        found = {slot: _common_prefix(h, tokens, cap) for slot, h in held.items()}
+        n = max(found.values(), default=0)
+        if n == 0:
+            self._take(request_id, self._free[0], 0, salt)
+            return 0
+        exact = [slot for slot in reversed(self._free) if found.get(slot) == n and len(held[slot]) == n]
+        if exact:  # nothing is lost by taking it
+            self._take(request_id, exact[0], n, salt)
+            return n
+        source = next(slot for slot in [*reversed(self._free), *self._slot.values()] if found.get(slot) == n)
+        target = next((slot for slot in self._free if slot != source), source)
+        if target != source:
+            start = found.get(target, 0)
+            self.k[:, target, :, start:n] = self.k[:, source, :, start:n]
+            self.v[:, target, :, start:n] = self.v[:, source, :, start:n]
+            self._held[target][start:] = tokens[start:n]
+        self._take(request_id, target, n, salt)
+        return n
+
+    def _take(self, request_id: str, slot: int, length: int, salt: str = "") -> None:
+        self._free.remove(slot)
+        del self._held[slot][length:]
+        self._salt[slot] = salt
+        self._slot[request_id] = slot
+        self._length[request_id] = length
+
     def close(self, request_id: str) -> None:
-        """Free the request's slot (a no-op for an unknown request)."""
+        """Free the request's slot (a no-op for an unknown request); the tokens it holds stay
+        there for a later request's prefix until the slot is given out again."""
         slot = self._slot.pop(request_id, None)
         if slot is not None:
-            self._length.pop(request_id)
+            del self._held[slot][self._length.pop(request_id):]
             self._free.append(slot)
 
     def slot(self, request_id: str) -> int:
@@ -69,11 +125,15 @@ class KVCache:
         self.slot(request_id)
         return self._length[request_id]
 
-    def advance(self, request_id: str, n: int) -> None:
-        """Mark n more positions as written (after a forward)."""
-        new = self._length[request_id] + n
+    def advance(self, request_id: str, tokens: Sequence[int]) -> None:
+        """Mark the positions after the request's length as holding `tokens` (after a forward)."""
+        length = self._length[request_id]
+        new = length + len(tokens)
         if new > self.max_len:
             raise CacheFullError(f"request {request_id!r} would reach {new} tokens, over max_len={self.max_len}")
+        held = self._held[self._slot[request_id]]
+        del held[length:]
+        held.extend(tokens)
         self._length[request_id] = new
 
     def check_room(self, request_id: str, n: int) -> None:
@@ -96,3 +156,16 @@ class KVCache:
     @property
     def active(self) -> int:
         return len(self._slot)
+
+
+def _common_prefix(held: list[int], tokens: list[int], cap: int) -> int:
+    """The length of the longest common head of `held` and `tokens`, at most `cap`: a
+    binary search on slice equality (each comparison runs in C)."""
+    low, high = 0, min(len(held), cap)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if held[:mid] == tokens[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low

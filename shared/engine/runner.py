@@ -53,6 +53,7 @@ class Runner:
     device: torch.device
     max_len: int
     eos_token_id: int | None = None
+    prefix_caching = False  # whether `prefill` starts on a head of the prompt the cache already holds
     tokenizer_path: Path | None = None  # the checkpoint folder whose tokenizer a JSON response format reads
     _trie: TokenTrie | None = None
     _grammars: OrderedDict | None = None  # (response_format, json_schema) -> Grammar, most recent last
@@ -68,9 +69,17 @@ class Runner:
         self.forwards = 0
         self.forward_s = 0.0
         self.forward_tokens = 0
+        self.prefix_queried = 0  # prompt tokens prefilled
+        self.prefix_hits = 0  # of them, already held by the cache (not run)
 
     # -- what subclasses implement -------------------------------------------------------
     def _open(self, request_id: str) -> None: ...
+    def _open_prefix(self, request_id: str, tokens: Sequence[int], salt: str) -> int:
+        """Open the request on a cache that may already hold a head of `tokens` (written for
+        requests of the same `salt`): how many."""
+        self._open(request_id)
+        return 0
+
     def _close(self, request_id: str) -> None: ...
     def length(self, request_id: str) -> int: ...
     def _rollback(self, request_id: str, length: int) -> None: ...
@@ -134,29 +143,39 @@ class Runner:
         self._grammars.move_to_end(key)
         return grammar
 
-    def _start(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams) -> None:
+    def _start(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams, reuse: bool) -> int:
+        """Open the request (on a cached head of `tokens` if `reuse`): how many tokens the cache holds."""
         if len(tokens) == 0:
             raise ValueError("a prompt needs at least one token")
-        self._open(request_id)
+        if reuse:
+            cached = self._open_prefix(request_id, tokens, sampling.cache_salt)
+            self.prefix_queried += len(tokens)
+            self.prefix_hits += cached
+        else:
+            self._open(request_id)
+            cached = 0
         sampling = sampling.starting_at(len(tokens))
         self._sampling[request_id] = sampling
         if sampling.penalized:
-            self._tokens[request_id] = []  # `_forward` writes the prompt
+            self._tokens[request_id] = list(tokens[:cached])  # `_forward` writes the rest
         else:
             self._tokens.pop(request_id, None)
+        return cached
 
     @torch.inference_mode()
     def prefill(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
-        """Start (or restart) a request: write `tokens`, return the next token's distribution [V]."""
-        self._start(request_id, tokens, sampling)
-        logits = self._forward([request_id], [list(tokens)], last_only=True)
+        """Start (or restart) a request: write `tokens` (those past the head the cache already
+        holds), return the next token's distribution [V]."""
+        cached = self._start(request_id, tokens, sampling, reuse=True)
+        logits = self._forward([request_id], [list(tokens[cached:])], last_only=True)
         return self._probs([request_id], logits, [tokens])[0]
 
     @torch.inference_mode()
     def prefill_rows(self, request_id: str, tokens: Sequence[int], sampling: SamplingParams = GREEDY) -> torch.Tensor:
         """`prefill` that returns every position's distribution [len(tokens), V]: row j predicts
-        the token after tokens[j], so the rows before the last score the prompt itself."""
-        self._start(request_id, tokens, sampling)
+        the token after tokens[j], so the rows before the last score the prompt itself (all of
+        them are run: no cached head)."""
+        self._start(request_id, tokens, sampling, reuse=False)
         logits = self._forward([request_id], [list(tokens)], last_only=False)  # [1, T, V]
         return self._probs([request_id], logits, [tokens])[0]
 
@@ -248,12 +267,14 @@ class Runner:
 class LeanRunner(Runner):
     """The lean Llama forward on a preallocated, slot-per-request KV cache."""
 
-    def __init__(self, hf_model, device="cpu", dtype=torch.float32, max_batch: int = 16, max_len: int = 512, seed: int | None = None):
+    def __init__(self, hf_model, device="cpu", dtype=torch.float32, max_batch: int = 16, max_len: int = 512,
+                 seed: int | None = None, prefix_caching: bool = False):
         from shared.engine.llama import LeanLlama
 
         self.device = torch.device(device)
         self.model = LeanLlama(hf_model, self.device, dtype, max_len)
         self.cache = self.model.new_cache(max_batch)
+        self.prefix_caching = prefix_caching
         self.max_len = max_len
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos(hf_model.config)
@@ -261,6 +282,11 @@ class LeanRunner(Runner):
 
     def _open(self, request_id: str) -> None:
         self.cache.open(request_id)
+
+    def _open_prefix(self, request_id: str, tokens: Sequence[int], salt: str) -> int:
+        if not self.prefix_caching:
+            return super()._open_prefix(request_id, tokens, salt)
+        return self.cache.open_prefix(request_id, tokens, salt)
 
     def _close(self, request_id: str) -> None:
         self.cache.close(request_id)
@@ -284,8 +310,8 @@ class LeanRunner(Runner):
             width = max(lengths)
             tokens = torch.tensor([list(c) + [0] * (width - len(c)) for c in chunks], device=self.device)
         logits = self.model.forward(cache, tokens, slots, starts, lengths, last_only)
-        for r, n in zip(request_ids, lengths):
-            cache.advance(r, n)
+        for r, chunk in zip(request_ids, chunks):
+            cache.advance(r, chunk)
         return logits
 
 
@@ -365,9 +391,12 @@ def load_runner(
     max_batch: int = 16,
     max_len: int = 512,
     seed: int | None = None,
+    prefix_caching: bool = False,
 ) -> Runner:
     """A runner for the checkpoint at `path`: the lean one when it supports the
-    architecture (`runner="lean"`), the transformers one otherwise or when asked."""
+    architecture (`runner="lean"`), the transformers one otherwise or when asked.
+    `prefix_caching`: a prefill starts on the head of its prompt the cache still holds
+    (the lean runner; the transformers one runs every prompt whole)."""
     from shared.engine.llama import UnsupportedModel
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -383,7 +412,7 @@ def load_runner(
     made = None
     if runner == "lean":
         try:
-            made = LeanRunner(model, device, torch_dtype, max_batch, max_len, seed)
+            made = LeanRunner(model, device, torch_dtype, max_batch, max_len, seed, prefix_caching)
         except UnsupportedModel as exc:
             import logging
 

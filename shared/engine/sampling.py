@@ -62,6 +62,7 @@ class SamplingParams:
     response_format: str = ""  # "json_object" / "json_schema": the output is one JSON object (of `json_schema`); "regex"
     json_schema: str = ""  # with response_format "json_schema": the schema, as JSON text (json_schema.compile_schema)
     regex: str = ""  # with response_format "regex": the expression the whole output matches (regex.compile_regex)
+    cache_salt: str = ""  # a prompt's head cached for one salt is not reused for another (kv_cache.open_prefix)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -148,13 +149,14 @@ class SamplingParams:
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
-                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema, s.regex)
+                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema, s.regex, s.cache_salt)
 
     def to_wire(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
-                        list(self.stop_token_ids), self.response_format, self.json_schema, self.regex)
+                        list(self.stop_token_ids), self.response_format, self.json_schema, self.regex,
+                        self.cache_salt)
 
 
 GREEDY = SamplingParams()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecmesh/v1/generate.proto\x12\x0bspecmesh.v1\"\xc8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.specmesh.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x37\n\x0bspeculation\x18\x07 \x01(\x0b\x32\".specmesh.v1.SpeculationParameters\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x42\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x90\x05\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x08 \x03(\x0b\x32..specmesh.v1.SamplingParameters.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\t \x01(\rH\x07\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x08\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x1c\n\x0fresponse_format\x18\x0c \x01(\tH\t\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\r \x01(\tH\n\x88\x01\x01\x12\x12\n\x05regex\x18\x0e \x01(\tH\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x12\n\x10_response_formatB\x0e\n\x0c_json_schemaB\x08\n\x06_regex\"\xb9\x01\n\x15SpeculationParameters\x12\r\n\x05\x63hain\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x03(\r\x12\x14\n\x07\x65nabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12!\n\x14\x63onfidence_threshold\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x0bslo_tpot_ms\x18\x05 \x01(\x02H\x02\x88\x01\x01\x42\n\n\x08_enabledB\x17\n\x15_confidence_thresholdB\x0e\n\x0c_slo_tpot_ms\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"u\n\nLevelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\r\"\xa1\x01\n\x10SpeculationStats\x12\r\n\x05\x63hain\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x03(\r\x12\'\n\x06levels\x18\x03 \x03(\x0b\x32\x17.specmesh.v1.LevelStats\x12\x18\n\x0bslo_tpot_ms\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x07slo_met\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x0e\n\x0c_slo_tpot_msB\n\n\x08_slo_met\"a\n\x07Timings\x12\x16\n\x0e\x66irst_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x16\n\x0einter_token_ms\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\"\xa4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.specmesh.v1.SpeculationStats\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.specmesh.v1.Timings\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.specmesh.v1.TokenLogprob\"\xaa\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.specmesh.v1.SpeculationStats\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.specmesh.v1.Timings\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.specmesh.v1.TokenLogprob*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb0\x01\n\x0eTextGeneration\x12G\n\x08Generate\x12\x1c.specmesh.v1.GenerateRequest\x1a\x1d.specmesh.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.specmesh.v1.GenerateRequest\x1a#.specmesh.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecmesh/v1/generate.proto\x12\x0bspecmesh.v1\"\xf0\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.specmesh.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x37\n\x0bspeculation\x18\x07 \x01(\x0b\x32\".specmesh.v1.SpeculationParameters\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12\x17\n\ncache_salt\x18\x0b \x01(\tH\x02\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\r\n\x0b_cache_salt\"\x90\x05\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x08 \x03(\x0b\x32..specmesh.v1.SamplingParameters.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\t \x01(\rH\x07\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x08\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x1c\n\x0fresponse_format\x18\x0c \x01(\tH\t\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\r \x01(\tH\n\x88\x01\x01\x12\x12\n\x05regex\x18\x0e \x01(\tH\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x12\n\x10_response_formatB\x0e\n\x0c_json_schemaB\x08\n\x06_regex\"\xb9\x01\n\x15SpeculationParameters\x12\r\n\x05\x63hain\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x03(\r\x12\x14\n\x07\x65nabled\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12!\n\x14\x63onfidence_threshold\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x0bslo_tpot_ms\x18\x05 \x01(\x02H\x02\x88\x01\x01\x42\n\n\x08_enabledB\x17\n\x15_confidence_thresholdB\x0e\n\x0c_slo_tpot_ms\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"u\n\nLevelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\r\"\xa1\x01\n\x10SpeculationStats\x12\r\n\x05\x63hain\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x03(\r\x12\'\n\x06levels\x18\x03 \x03(\x0b\x32\x17.specmesh.v1.LevelStats\x12\x18\n\x0bslo_tpot_ms\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x07slo_met\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x0e\n\x0c_slo_tpot_msB\n\n\x08_slo_met\"a\n\x07Timings\x12\x16\n\x0e\x66irst_token_ms\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\x12\x16\n\x0einter_token_ms\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\"\xa4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.specmesh.v1.SpeculationStats\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.specmesh.v1.Timings\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.specmesh.v1.TokenLogprob\"\xaa\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specmesh.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specmesh.v1.Usage\x12\x32\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1d.specmesh.v1.SpeculationStats\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.specmesh.v1.Timings\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.specmesh.v1.TokenLogprob*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb0\x01\n\x0eTextGeneration\x12G\n\x08Generate\x12\x1c.specmesh.v1.GenerateRequest\x1a\x1d.specmesh.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.specmesh.v1.GenerateRequest\x1a#.specmesh.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2358
-  _globals['_FINISHREASON']._serialized_end=2453
+  _globals['_FINISHREASON']._serialized_start=2398
+  _globals['_FINISHREASON']._serialized_end=2493
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=372
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=375
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=1031
-  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=796
-  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=844
-  _globals['_SPECULATIONPARAMETERS']._serialized_start=1034
-  _globals['_SPECULATIONPARAMETERS']._serialized_end=1219
-  _globals['_USAGE']._serialized_start=1221
-  _globals['_USAGE']._serialized_end=1300
-  _globals['_LEVELSTATS']._serialized_start=1302
-  _globals['_LEVELSTATS']._serialized_end=1419
-  _globals['_SPECULATIONSTATS']._serialized_start=1422
-  _globals['_SPECULATIONSTATS']._serialized_end=1583
-  _globals['_TIMINGS']._serialized_start=1585
-  _globals['_TIMINGS']._serialized_end=1682
-  _globals['_TOKENLOGPROB']._serialized_start=1684
-  _globals['_TOKENLOGPROB']._serialized_end=1760
-  _globals['_GENERATERESPONSE']._serialized_start=1763
-  _globals['_GENERATERESPONSE']._serialized_end=2055
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2058
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2356
-  _globals['_TEXTGENERATION']._serialized_start=2456
-  _globals['_TEXTGENERATION']._serialized_end=2632
+  _globals['_GENERATEREQUEST']._serialized_end=412
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=415
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=1071
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=836
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=884
+  _globals['_SPECULATIONPARAMETERS']._serialized_start=1074
+  _globals['_SPECULATIONPARAMETERS']._serialized_end=1259
+  _globals['_USAGE']._serialized_start=1261
+  _globals['_USAGE']._serialized_end=1340
+  _globals['_LEVELSTATS']._serialized_start=1342
+  _globals['_LEVELSTATS']._serialized_end=1459
+  _globals['_SPECULATIONSTATS']._serialized_start=1462
+  _globals['_SPECULATIONSTATS']._serialized_end=1623
+  _globals['_TIMINGS']._serialized_start=1625
+  _globals['_TIMINGS']._serialized_end=1722
+  _globals['_TOKENLOGPROB']._serialized_start=1724
+  _globals['_TOKENLOGPROB']._serialized_end=1800
+  _globals['_GENERATERESPONSE']._serialized_start=1803
+  _globals['_GENERATERESPONSE']._serialized_end=2095
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2098
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2396
+  _globals['_TEXTGENERATION']._serialized_start=2496
+  _globals['_TEXTGENERATION']._serialized_end=2672
 # @@protoc_insertion_point(module_scope)
