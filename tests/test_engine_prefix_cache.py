@@ -153,3 +153,21 @@ def test_the_forward_runs_only_the_uncached_tail(pools, conversation):
     target.prefill("y", system + second, alone)
     assert target.forward_tokens - before == len(second)
     target.release("y")
+
+
+def test_a_prompt_run_whole_is_cached_under_its_own_salt(pools, conversation):
+    """`prefill_rows` (echo's prompt log-probabilities) runs every token and opens without
+    a cached head, yet what it writes stays its salt's: no other salt starts on it."""
+    _, warm = pools
+    system, first, _ = conversation
+    target = warm.get("target")
+    prompt = list(reversed(system)) + first  # a head no other test has cached
+    target.prefill_rows("rows", prompt, SamplingParams(cache_salt="private"))
+    target.release("rows")
+    hits = target.prefix_hits
+    target.prefill("other", prompt, SamplingParams(cache_salt="public"))
+    target.release("other")
+    assert target.prefix_hits == hits
+    target.prefill("same", prompt, SamplingParams(cache_salt="private"))
+    target.release("same")
+    assert target.prefix_hits - hits == len(prompt) - 1

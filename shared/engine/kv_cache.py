@@ -51,15 +51,17 @@ class KVCache:
         self._held: list[list[int]] = [[] for _ in range(slots)]  # the tokens each slot's positions hold
         self._salt: list[str] = [""] * slots  # the salt of the request that wrote them
 
-    def open(self, request_id: str) -> int:
-        """Give `request_id` a slot of length 0 (reusing its slot if it already has one)."""
+    def open(self, request_id: str, salt: str = "") -> int:
+        """Give `request_id` a slot of length 0 (reusing its slot if it already has one); what
+        it writes is cached for requests of `salt`."""
         if request_id in self._slot:
-            self._length[request_id] = 0
-            return self._slot[request_id]
+            slot = self._slot[request_id]
+            self._length[request_id], self._salt[slot] = 0, salt
+            return slot
         if not self._free:
             raise CacheFullError(f"all {self.slots} KV cache slots are in use; release a request or raise max_batch")
         slot = self._free[0]
-        self._take(request_id, slot, 0)
+        self._take(request_id, slot, 0, salt)
         return slot
 
     def open_prefix(self, request_id: str, tokens: Sequence[int], salt: str = "") -> int:
@@ -77,15 +79,14 @@ class KVCache:
             raise CacheFullError(f"all {self.slots} KV cache slots are in use; release a request or raise max_batch")
         tokens = list(tokens)
         cap = len(tokens) - 1
-        held = {slot: self._held[slot] for slot in self._free if self._salt[slot] == salt}
-        held.update((slot, self._held[slot][: self._length[rid]]) for rid, slot in self._slot.items()
-                    if self._salt[slot] == salt)
-        found = {slot: _common_prefix(h, tokens, cap) for slot, h in held.items()}
+        usable = {slot: len(self._held[slot]) for slot in self._free if self._salt[slot] == salt}
+        usable.update((slot, self._length[rid]) for rid, slot in self._slot.items() if self._salt[slot] == salt)
+        found = {slot: _common_prefix(self._held[slot], tokens, min(cap, n)) for slot, n in usable.items()}
         n = max(found.values(), default=0)
         if n == 0:
             self._take(request_id, self._free[0], 0, salt)
             return 0
-        exact = [slot for slot in reversed(self._free) if found.get(slot) == n and len(held[slot]) == n]
+        exact = [slot for slot in reversed(self._free) if found.get(slot) == n == usable[slot]]
         if exact:  # nothing is lost by taking it
             self._take(request_id, exact[0], n, salt)
             return n
@@ -99,7 +100,7 @@ class KVCache:
         self._take(request_id, target, n, salt)
         return n
 
-    def _take(self, request_id: str, slot: int, length: int, salt: str = "") -> None:
+    def _take(self, request_id: str, slot: int, length: int, salt: str) -> None:
         self._free.remove(slot)
         del self._held[slot][length:]
         self._salt[slot] = salt

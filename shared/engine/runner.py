@@ -73,11 +73,11 @@ class Runner:
         self.prefix_hits = 0  # of them, already held by the cache (not run)
 
     # -- what subclasses implement -------------------------------------------------------
-    def _open(self, request_id: str) -> None: ...
+    def _open(self, request_id: str, salt: str) -> None: ...
     def _open_prefix(self, request_id: str, tokens: Sequence[int], salt: str) -> int:
         """Open the request on a cache that may already hold a head of `tokens` (written for
         requests of the same `salt`): how many."""
-        self._open(request_id)
+        self._open(request_id, salt)
         return 0
 
     def _close(self, request_id: str) -> None: ...
@@ -152,7 +152,7 @@ class Runner:
             self.prefix_queried += len(tokens)
             self.prefix_hits += cached
         else:
-            self._open(request_id)
+            self._open(request_id, sampling.cache_salt)
             cached = 0
         sampling = sampling.starting_at(len(tokens))
         self._sampling[request_id] = sampling
@@ -280,8 +280,8 @@ class LeanRunner(Runner):
         self.eos_token_id = _eos(hf_model.config)
         super().__init__(seed)
 
-    def _open(self, request_id: str) -> None:
-        self.cache.open(request_id)
+    def _open(self, request_id: str, salt: str) -> None:
+        self.cache.open(request_id, salt)
 
     def _open_prefix(self, request_id: str, tokens: Sequence[int], salt: str) -> int:
         if not self.prefix_caching:
@@ -327,7 +327,7 @@ class HFRunner(Runner):
         self._caches: dict[str, object] = {}
         super().__init__(seed)
 
-    def _open(self, request_id: str) -> None:
+    def _open(self, request_id: str, salt: str = "") -> None:  # no prefix cache: the salt has nothing to keep apart
         from transformers import DynamicCache
 
         if request_id not in self._caches and len(self._caches) >= self.max_batch:
