@@ -78,6 +78,7 @@ class Sampling:
     json_schema: str = ""  # response_format "json_schema": the schema (JSON text) the object follows (shared.engine.json_schema)
     regex: str = ""  # response_format "regex": the expression the whole output matches (shared.engine.regex)
     cache_salt: str = ""  # prompt heads cached by the model services are shared only between requests of one salt
+    min_p: float = 0.0  # tokens less likely than min_p times the likeliest are dropped (after temperature); 0: off
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)

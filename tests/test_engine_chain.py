@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -188,9 +189,22 @@ def test_seeded_sampling_is_reproducible_across_chains_and_batches(pool, prompts
     assert run_batches(pool.chain("drafter,target"), subset, 12, MAX_TOKENS, sampling=other) != ref
 
 
-def test_unseeded_sampling_follows_the_target_end_to_end(pool, prompts):
+def test_min_p_sampling_seeded_is_the_target_alones_through_every_chain(pool, prompts):
+    """min_p filters the target's distribution (and every drafter's) the same way at every
+    level: seeded outputs equal the target alone's, and differ from the unfiltered ones."""
+    sp = SamplingParams(temperature=1.2, min_p=0.2, seed=77)
+    subset = prompts[:3] + prompts[-3:]
+    target = pool.get("target")
+    ref = [target_alone(target, p, MAX_TOKENS, sp) for p in subset]
+    for spec in ("drafter,target", "ngram,drafter,verifier,target", "fused,target"):
+        assert run_batches(pool.chain(spec, k=3), subset, 6, MAX_TOKENS, sampling=sp) == ref, spec
+    assert ref != [target_alone(target, p, MAX_TOKENS, replace(sp, min_p=0.0)) for p in subset]
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=1.0, min_p=0.3)],
+                         ids=["top_k", "min_p"])
+def test_unseeded_sampling_follows_the_target_end_to_end(pool, prompts, sp):
     """Joint distribution of the first two tokens through a 3-level chain with a lenient middle."""
-    sp = SamplingParams(temperature=1.0, top_k=5)
     prompt = prompts[3]
     target = pool.get("target")
     p1 = target.prefill("exact", prompt, sp)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.engine.sampling import SamplingParams, gumbel_argmax, gumbel_noise, process_logits
+from shared.engine.sampling import SamplingParams, gumbel_argmax, gumbel_noise, process_logits, process_rows
 from shared.engine.verify import lenient_mixture, verify, verify_greedy, verify_gumbel, verify_rejection
 
 V = 8
@@ -277,8 +277,35 @@ def test_process_logits_is_a_distribution_respecting_top_k_and_top_p(vocab, temp
     assert torch.equal(probs.argmax(-1), logits.argmax(-1))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 40), st.floats(0.05, 2.0), st.floats(0.0, 1.0), st.floats(0.05, 1.0), st.integers(0, 20))
+def test_min_p_keeps_the_tokens_at_least_min_p_times_the_likeliest(vocab, temperature, min_p, top_p, top_k):
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab + 1))
+    tempered = torch.softmax(logits / temperature, -1)
+    probs = process_logits(logits, SamplingParams(temperature=temperature, min_p=min_p))
+    assert torch.allclose(probs.sum(-1), torch.ones(3), atol=1e-5)
+    ratio = tempered / tempered.max(-1, keepdim=True).values
+    clear = (ratio - min_p).abs() > 1e-5  # rounding decides a token right at the threshold
+    assert torch.equal((probs > 0)[clear], (ratio >= min_p)[clear])
+    kept = probs > 0
+    assert torch.allclose(probs, torch.where(kept, tempered, 0) / torch.where(kept, tempered, 0).sum(-1, keepdim=True))
+    # min_p is measured on the whole distribution, before top-k and top-p cut it further
+    both = process_logits(logits, SamplingParams(temperature=temperature, min_p=min_p, top_p=top_p, top_k=top_k))
+    assert ((both > 0) <= kept).all() and torch.equal(both.argmax(-1), logits.argmax(-1))
+
+
+def test_rows_with_different_min_p_are_processed_each_by_its_own():
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=1.0, min_p=0.5), SamplingParams(temperature=1.0)]
+    rows = process_rows(logits, params)
+    for row, p in enumerate(params):
+        assert torch.equal(rows[row], process_logits(logits[row], p))
+    assert (rows[0] > 0).sum() < (rows[1] > 0).sum()
+
+
 def test_sampling_params_validation():
-    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=1.5), dict(seed="x")):
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=1.5), dict(seed="x"),
+                dict(min_p=-0.1), dict(min_p=1.5), dict(min_p=float("nan")), dict(min_p="0.1")):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams().greedy and SamplingParams(temperature=1, seed=3).seeded

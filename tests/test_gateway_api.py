@@ -225,6 +225,52 @@ async def test_completion_defaults_and_sampling_fields(client, backend):
     assert (job.sampling.top_p, job.sampling.seed, job.sampling.top_k) == (0.5, 7, 5)
 
 
+async def test_min_p_reaches_the_job(client, backend):
+    for path, prompt in (("/v1/completions", {"prompt": "Hi"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        r = await client.post(path, json={"model": MODEL, "min_p": 0.05} | prompt)
+        assert r.status_code == 200, r.text
+        assert backend.jobs[-1].sampling.min_p == 0.05
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+    assert backend.jobs[-1].sampling.min_p == 0.0
+
+
+async def test_truncate_prompt_tokens_keeps_the_prompts_tail(client, backend, tok):
+    text = "The quick brown fox jumps over the lazy dog and runs away."
+    ids = tok.encode(text)
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": text, "truncate_prompt_tokens": 4,
+                                                   "max_tokens": 3, "echo": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert backend.jobs[-1].prompt == ids[-4:] and body["usage"]["prompt_tokens"] == 4
+    assert body["choices"][0]["text"].startswith(tok.decode(ids[-4:]))  # echo gives what ran
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "truncate_prompt_tokens": 9,
+                                                   "max_tokens": 2})
+    assert r.status_code == 200 and backend.jobs[-1].prompt == [5, 6, 7]  # shorter than n: whole
+    long = "word " * 400  # past the context, made to fit by truncation
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "truncate_prompt_tokens": 50, "max_tokens": 2,
+                                                        "messages": [{"role": "user", "content": long}]})
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].prompt == tok.encode(f"User: {long}\nAssistant:")[-50:]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_reason_names_the_stop_string_or_token(client, backend, tok, stream):
+    async def reasons(body: dict) -> list:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 40,
+                                                       "stream": stream} | body)
+        assert r.status_code == 200, r.text
+        choices = [c["choices"][0] for c in sse_events(r.text) if c["choices"]] if stream else r.json()["choices"]
+        return [(c["finish_reason"], c["stop_reason"]) for c in choices if c["finish_reason"]]
+
+    assert await reasons({"stop": ["zebra", "fox"]}) == [("stop", "fox")]
+    stop = backend.output(20)[4]
+    assert await reasons({"stop_token_ids": [stop]}) == [("stop", stop)]
+    assert await reasons({"max_tokens": 3}) == [("length", None)]
+    backend.eos_after = 5
+    assert await reasons({}) == [("stop", None)]
+
+
 async def test_penalties_and_logit_bias_reach_the_job(client, backend, tok):
     r = await client.post("/v1/completions", json={
         "model": MODEL, "prompt": "Hi", "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
@@ -588,6 +634,13 @@ BAD = [
     ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
+    ({"prompt": "x", "min_p": -0.1}, 400, "min_p"),
+    ({"prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ({"prompt": "x", "min_p": "low"}, 400, "min_p"),
+    ({"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": -1}, 400, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": 2.5}, 400, "truncate_prompt_tokens"),
+    ({"prompt": "x" * 2000, "truncate_prompt_tokens": CONTEXT}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -713,7 +766,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-          "stop_token_ids", "cache_salt"]
+          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -882,6 +935,17 @@ async def test_grpc_generate(grpc_gateway, tok):
         kept = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=40, stop=["fox"],
                                                                    include_stop_str_in_output=include))
         assert kept.text == full[:full.index("fox") + 3 * include] and kept.finish_reason == pb.FINISH_REASON_STOP
+        assert kept.WhichOneof("stop_reason") == "stop_string" and kept.stop_string == "fox"
+    assert reply.WhichOneof("stop_reason") is None  # max_tokens
+    stop = backend.output(20)[4]
+    ended = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=20, sampling=pb.SamplingParameters(
+        stop_token_ids=[stop])))
+    assert ended.WhichOneof("stop_reason") == "stop_token_id" and ended.stop_token_id == stop
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(
+        prompt="Hello there, general", max_tokens=2, truncate_prompt_tokens=2,
+        sampling=pb.SamplingParameters(temperature=1.0, min_p=0.25)))
+    assert backend.jobs[-1].prompt == tok.encode("Hello there, general")[-2:]
+    assert backend.jobs[-1].sampling.min_p == 0.25
     assert list(reply.logprobs) == []
     reply = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=6, logprobs=2))
     assert backend.jobs[-1].logprobs == 2 and len(reply.logprobs) == 6
@@ -933,6 +997,7 @@ async def test_grpc_generate_stream(grpc_gateway, tok):
     assert all(r.request_id == "my-req-1" for r in replies)
     last = replies[-1]
     assert last.finish_reason == pb.FINISH_REASON_STOP and all(r.finish_reason == 0 for r in replies[:-1])
+    assert last.stop_string == "fox" and all(r.WhichOneof("stop_reason") is None for r in replies[:-1])
     ids = [t for r in replies for t in r.token_ids]
     assert last.usage.completion_tokens == len(ids) and ids == backend.output(len(ids))
     await asyncio.sleep(0.05)
@@ -951,6 +1016,8 @@ async def test_grpc_generate_stream(grpc_gateway, tok):
      grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", request_id="bad id.*"), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", logprobs=21), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParameters(min_p=2)), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", truncate_prompt_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParameters(repetition_penalty=0)), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="x", sampling=pb.SamplingParameters(logit_bias={10**6: 1.0})),
      grpc.StatusCode.INVALID_ARGUMENT),

@@ -84,3 +84,12 @@ def test_database_password_is_never_printed():
 
     dumped = Settings().model_dump_json()
     assert "specmesh@" not in dumped and '"password":"**********"' in dumped
+
+
+async def test_version_is_open_and_the_packages(keyed):
+    from importlib.metadata import version
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=keyed), base_url="http://gw") as client:
+        resp = await client.get("/version")
+        assert resp.status_code == 200 and resp.json() == {"version": version("specmesh")}
+        assert (await client.get("/v1/models")).status_code == 401

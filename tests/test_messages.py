@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from shared.messages import (
     BadMessage, Commit, GenerateJob, LevelCall, LevelItem, LevelReply, LevelResult, Sampling, TokenBatch, V,
     decode, encode,
 )
+from shared.engine.sampling import SamplingParams
 
 
 def test_round_trip_nested():
@@ -83,3 +84,16 @@ def test_lists_of_numbers_are_checked_element_by_element_when_not_plain():
     assert batch.logprobs[0].top_logprobs == [0.0, -2.5] and type(batch.logprobs[0].top_logprobs[0]) is float
     with pytest.raises(BadMessage, match=r"top_logprobs\[0\]: expected a number"):
         decode(msgpack.packb(body | {"tokens": [1], "logprobs": [lp | {"top_logprobs": ["x"]}]}))
+
+
+@settings(deadline=None)
+@given(temperature=st.floats(0, 2), top_p=st.floats(0.01, 1), top_k=st.integers(0, 100), min_p=st.floats(0, 1),
+       seed=st.none() | st.integers(0, 2**63 - 1), min_tokens=st.integers(0, 9),
+       stops=st.lists(st.integers(0, 999), max_size=3, unique=True), salt=st.text(max_size=8),
+       bias=st.dictionaries(st.integers(0, 999), st.floats(-100, 100), max_size=3))
+def test_sampling_params_cross_the_wire_whole(temperature, top_p, top_k, min_p, seed, min_tokens, stops, salt, bias):
+    """Every field of a request's sampling parameters arrives as it was sent."""
+    params = SamplingParams(temperature, top_p, top_k, seed, 0.5, -0.25, 1.1, tuple(bias.items()), 7, min_tokens,
+                            tuple(stops), cache_salt=salt, min_p=min_p)
+    job = GenerateJob("r1", [1, 2], 4, params.to_wire(), ["target"], [])
+    assert SamplingParams.from_wire(decode(encode(job), GenerateJob).sampling) == params

@@ -164,6 +164,33 @@ def test_seeded_sampling_is_the_same_through_every_chain(stack, prompts):
     assert len({tuple(t) for t in runs["target"]}) > 1  # really sampled, not one fixed answer
 
 
+def test_min_p_sampling_through_every_level_is_the_target_alones(stack, prompts):
+    _, settings = stack
+    runs = {}
+    for chain in ["target", "drafter,target", "ngram,drafter,verifier,target"]:
+        bodies = [body(p, chain, temperature=1.2, min_p=0.2, seed=77 + i) for i, p in enumerate(prompts[:8])]
+        runs[chain] = [r["choices"][0]["token_ids"] for r in asyncio.run(complete_all(settings.gateway.http_url, bodies))]
+    assert runs["drafter,target"] == runs["target"] == runs["ngram,drafter,verifier,target"]
+    unfiltered = [body(p, "target", temperature=1.2, seed=77 + i) for i, p in enumerate(prompts[:8])]
+    assert runs["target"] != [r["choices"][0]["token_ids"]
+                              for r in asyncio.run(complete_all(settings.gateway.http_url, unfiltered))]
+
+
+def test_a_batch_file_through_the_services_is_the_target_alones(stack, prompts, reference, tmp_path):
+    from shared.batch import plan_batch, read_batch, run_batch
+
+    _, settings = stack
+    lines = [json.dumps({"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
+                         "body": body(p, "drafter,verifier,target")}) for i, p in enumerate(prompts[:10])]
+    out = tmp_path / "results.jsonl"
+    summary = asyncio.run(run_batch(plan_batch(read_batch(lines), out), out, url=settings.gateway.http_url,
+                                    concurrency=4))
+    assert summary.outcomes == {"200": 10}
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0]["token_ids"]
+           for r in map(json.loads, out.read_text().splitlines())}
+    assert [got[f"p{i}"] for i in range(10)] == reference[:10]
+
+
 def test_penalties_and_logit_bias_through_every_level_are_the_target_alones(stack, tiny_family, prompts, reference):
     """Penalties travel to every level (drafter and verifier services included) and each row
     is penalized by its own prefix: every chain gives the target alone's tokens, greedy and

@@ -2,7 +2,7 @@
 
 Off only in dev mode (`SPECMESH_GATEWAY__DEV_MODE=true`, which `make up` sets and says so).
 Outside dev mode with no key configured every request is refused, with a message saying
-how to configure one. `/health`, `/metrics` and the gRPC health service stay open.
+how to configure one. `/health`, `/version`, `/metrics` and the gRPC health service stay open.
 Keys are compared in constant time and never logged.
 """
 
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from shared.settings import Settings
 
-OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/health", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
 
 
 class ApiKeys:

@@ -90,6 +90,7 @@ class GenerationRequest:
     temperature: float | None = None  # None: 1.0, as in the OpenAI API
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None  # None: 0 (off)
     seed: int | None = None
     presence_penalty: float | None = None  # None: 0
     frequency_penalty: float | None = None
@@ -108,12 +109,13 @@ class GenerationRequest:
     logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the n likeliest (validated by the API)
     echo: bool = False  # the prompt's tokens too (with `logprobs`, theirs); max_tokens may then be 0
     cache_salt: str | None = None  # prefix caching: heads cached for one salt are reused only by that salt
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last n tokens (vLLM's); None: all of it
 
 
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
     """The job to send and the stop strings to apply; ApiError (4xx) if the request cannot run."""
     tok = backend.tokenizer()
-    prompt = _prompt_ids(tok, req.prompt, req.prompt_param)
+    prompt = _truncated(_prompt_ids(tok, req.prompt, req.prompt_param), req.truncate_prompt_tokens)
     context = backend.max_context
     if len(prompt) >= context:
         raise invalid(f"The prompt is {len(prompt)} tokens long, but this model's context is {context} tokens "
@@ -135,6 +137,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         temperature=_ranged(req.temperature, 1.0, "temperature", 0.0, TEMPERATURE_MAX, "between 0 and 2"),
         top_p=_ranged(req.top_p, 1.0, "top_p", 0.0, 1.0, "greater than 0 and at most 1", open_low=True),
         top_k=_top_k(req.top_k, len(tok)),
+        min_p=_ranged(req.min_p, 0.0, "min_p", 0.0, 1.0, "between 0 and 1 (0 is off)"),
         seed=_seed(req.seed),
         presence_penalty=_ranged(req.presence_penalty, 0.0, "presence_penalty", -PENALTY_MAX, PENALTY_MAX,
                                  f"between -{PENALTY_MAX:g} and {PENALTY_MAX:g}"),
@@ -148,7 +151,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         **_response_format(req, tok),
         cache_salt=_cache_salt(req.cache_salt),
     )
-    text = req.prompt if isinstance(req.prompt, str) else tok.decode(prompt)
+    text = req.prompt if isinstance(req.prompt, str) and req.truncate_prompt_tokens is None else tok.decode(prompt)
     request_class = classify(text, len(prompt))
     lookup = getattr(backend, "assignment", None)
     with getattr(backend, "tracer", tracer(None)).start_as_current_span("router.assignment") as span:
@@ -199,6 +202,17 @@ def _prompt_ids(tok, prompt: str | list[int], param: str) -> list[int]:
             raise invalid("The prompt is empty.", param)
         ids = [bos]
     return ids
+
+
+def _truncated(prompt: list[int], keep: int | None) -> list[int]:
+    """The prompt's last `keep` tokens (vLLM's truncate_prompt_tokens); the whole one for None."""
+    if keep is None:
+        return prompt
+    keep = _int(keep, "truncate_prompt_tokens")
+    if keep < 1:
+        raise invalid(f"truncate_prompt_tokens must be at least 1 (the prompt's last tokens to keep), got {keep}.",
+                      "truncate_prompt_tokens")
+    return prompt[-keep:]
 
 
 def _int(value: Any, param: str) -> int:
@@ -477,6 +491,7 @@ class StopMatcher:
         self.longest = max((len(s) for s in self.stops), default=0)
         self.text = ""
         self.sent = 0
+        self.hit: str | None = None  # the stop string that ended the text
 
     def push(self, delta: str) -> tuple[str, bool]:
         """(text safe to release, whether a stop string was hit)."""
@@ -488,6 +503,7 @@ class StopMatcher:
         hits = [(i, -len(s)) for i, s in ((self.text.find(s, self.sent), s) for s in self.stops) if i >= 0]
         if hits:
             at, minus_length = min(hits)  # the first stop string in the text (the longest of those starting there)
+            self.hit = self.text[at:at - minus_length]
             end = at - minus_length if self.include else at
             out, self.sent = self.text[self.sent:end], end
             self.text = self.text[:end]
@@ -574,6 +590,7 @@ class Outcome:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id when the job asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's tokens after the first (echo)
     finish_reason: str = "stop"  # "stop" | "length"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's); None: EOS, length
     prompt_tokens: int = 0
     speculation: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -690,6 +707,7 @@ class Generation:
         for j, token in enumerate(tokens):
             taken.append(token)
             if batch.finished and j == len(tokens) - 1 and token in self.job.sampling.stop_token_ids:
+                self.outcome.stop_reason = token
                 break  # a stop token ends the output and is not part of its text
             released, stopped = self.stops.push(self.detok.push(token))
             text.append(released)
@@ -698,6 +716,8 @@ class Generation:
         if not stopped and batch.finished:
             released, stopped = self.stops.push(self.detok.flush())
             text.append(released)
+        if stopped:
+            self.outcome.stop_reason = self.stops.hit
         self.outcome.token_ids.extend(taken)
         taken_logprobs = logprobs[:len(taken)] if self.job.logprobs >= 0 else []
         self.outcome.logprobs.extend(taken_logprobs)

@@ -98,6 +98,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             temperature=s.temperature if s.HasField("temperature") else None,
             top_p=s.top_p if s.HasField("top_p") else None,
             top_k=s.top_k if s.HasField("top_k") else None,
+            min_p=s.min_p if s.HasField("min_p") else None,
             seed=s.seed if s.HasField("seed") else None,
             presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
             frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
@@ -113,6 +114,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             speculation=speculation,
             logprobs=request.logprobs if request.HasField("logprobs") else -1,
             cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
+            truncate_prompt_tokens=request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None,
         ))
         return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
                           include_stop=request.include_stop_str_in_output,
@@ -150,13 +152,15 @@ def _logprobs(logprobs) -> list:
 
 
 def _summary(out: Outcome) -> dict:
-    """finish_reason, usage, speculation and timings of a finished generation, as proto fields."""
+    """finish_reason, stop_reason, usage, speculation and timings of a finished generation, as proto fields."""
     spec = out.speculation
     levels = [pb.LevelStats(name=lv["name"], drafted=lv["drafted"], accepted=lv["accepted"],
                             acceptance_rate=lv["acceptance_rate"] or 0.0,
                             accepted_per_position=lv["accepted_per_position"]) for lv in spec.get("levels", [])]
     t = out.timings
-    return {
+    reason = out.stop_reason
+    stop = {} if reason is None else {"stop_string": reason} if isinstance(reason, str) else {"stop_token_id": reason}
+    return stop | {
         "finish_reason": FINISH[out.finish_reason],
         "usage": pb.Usage(**out.usage),
         "speculation": pb.SpeculationStats(chain=spec.get("chain", []), k=spec.get("k", []), levels=levels,

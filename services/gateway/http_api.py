@@ -33,6 +33,7 @@ from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.reply import Reply
 from services.gateway.responses import ResponsesReply, ResponsesRequest
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
+from shared import __version__
 from shared.service import ping
 from shared.settings import SERVICES, Settings
 from shared.tracing import trace_id
@@ -55,7 +56,7 @@ FIELD_HINTS = {
 
 
 def create_app(settings: Settings, service) -> FastAPI:
-    app = FastAPI(title="SpecMesh", version="0.1.0",
+    app = FastAPI(title="SpecMesh", version=__version__,
                   description="OpenAI-compatible API over multi-level speculative decoding.")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.middleware("http")(http_middleware(ApiKeys(settings)))
@@ -79,6 +80,11 @@ def create_app(settings: Settings, service) -> FastAPI:
     def model_card(b) -> dict:
         return {"id": b.model_name, "object": "model", "created": started, "owned_by": "specmesh",
                 "max_model_len": b.max_context}
+
+    @app.get("/version")
+    async def version() -> dict:
+        """vLLM's: the running SpecMesh's version."""
+        return {"version": __version__}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -169,7 +175,8 @@ def create_app(settings: Settings, service) -> FastAPI:
             max_tokens = body.max_completion_tokens
         request = GenerationRequest(
             request_id=request_id, prompt=prompts[0], max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
+            stop=body.stop, truncate_prompt_tokens=body.truncate_prompt_tokens,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,

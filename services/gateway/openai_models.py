@@ -81,6 +81,12 @@ class _Sampled(BaseModel):
         None, description="0 is greedy; default 1.")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="Nucleus mass; default 1.")
     top_k: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="Extension: keep the k likeliest tokens; 0 is off.")
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="Extension (vLLM's): drop tokens less likely than min_p times the likeliest (after "
+                          "temperature); 0 (the default) is off.")
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Extension (vLLM's): keep only the prompt's last n tokens (for chat, of the templated "
+                          "conversation).")
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = Field(None, description="Seed for sampling.")
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings; the output is cut before the first one found.")

@@ -37,6 +37,7 @@ class Reply:
         self.several = len(jobs) > 1  # each choice carries its own speculation and timings
         self.echo = bool(getattr(body, "echo", False))
         self.echo_only = self.echo and body.max_tokens == 0  # the prompt alone: the one token made is left out
+        self.truncated = getattr(body, "truncate_prompt_tokens", None) is not None
         self.jobs, self.prompts, self.tokenizer = jobs, prompts, tokenizer  # `tokenizer`: the backend's getter
         self._text = token_text(tokenizer()) if self.logprobs else None
         self._offset: dict[int, int] = {}  # completions: per choice, the text of the tokens sent so far
@@ -65,6 +66,8 @@ class Reply:
 
     def _prompt_text(self, index: int) -> str:
         prompt = self.prompts[index // self.samples]
+        if self.truncated:
+            return self.tokenizer().decode(self.jobs[index].prompt)  # what ran: the prompt's kept tail
         return prompt if isinstance(prompt, str) else self.tokenizer().decode(prompt)
 
     def _report(self, choice: dict, body: dict, out: Outcome) -> None:
@@ -104,6 +107,7 @@ class Reply:
                 choice["text"] = text
                 choice["logprobs"] = self._logprobs(index, ids, logprobs)
             choice["finish_reason"] = self._finish_reason(out, calls)
+            choice["stop_reason"] = out.stop_reason
             if self.token_ids:
                 choice["token_ids"] = ids
             self._report(choice, body, out)
@@ -140,6 +144,7 @@ class Reply:
 
     def finish_chunk(self, index: int, out: Outcome, calls: list[dict] | None = None) -> dict:
         body, choice = self._chunk(index, None, None, self._finish_reason(out, calls))
+        choice["stop_reason"] = out.stop_reason
         self._report(choice, body, out)
         return body
 

@@ -54,6 +54,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p times the likeliest's probability."),
     seed: Optional[int] = typer.Option(None, help="Seeded sampling: same seed and prompt, same tokens, whatever the chain."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Minus this for a token already in the output."),
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Minus this per time a token is in the output."),
@@ -80,7 +81,7 @@ def generate(
     try:
         if sum(map(bool, (json_object, json_schema, regex))) > 1:
             raise ValueError("give one of --json, --json-schema, --regex")
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                   repetition_penalty=repetition_penalty,
                                   response_format="json_schema" if json_schema else "json_object" if json_object

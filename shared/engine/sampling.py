@@ -40,7 +40,7 @@ _MASK64 = (1 << 64) - 1
 class SamplingParams:
     """How one request turns a model's logits into tokens.
 
-    temperature 0 is greedy (argmax); top_k 0 and top_p 1 disable those filters; a seed
+    temperature 0 is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable those filters; a seed
     makes sampling a deterministic function of (seed, prompt, target model). The penalties
     at 0 (1 for the repetition penalty) and an empty `logit_bias` change nothing;
     `output_start` is the position of the first output token, where the presence and
@@ -63,12 +63,15 @@ class SamplingParams:
     json_schema: str = ""  # with response_format "json_schema": the schema, as JSON text (json_schema.compile_schema)
     regex: str = ""  # with response_format "regex": the expression the whole output matches (regex.compile_regex)
     cache_salt: str = ""  # a prompt's head cached for one salt is not reused for another (kv_cache.open_prefix)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature); 0: off
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -149,14 +152,15 @@ class SamplingParams:
                              f"{len(s.logit_bias_values)} values")
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
-                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema, s.regex, s.cache_salt)
+                   s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema, s.regex, s.cache_salt,
+                   s.min_p)
 
     def to_wire(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
                         list(self.stop_token_ids), self.response_format, self.json_schema, self.regex,
-                        self.cache_salt)
+                        self.cache_salt, self.min_p)
 
 
 GREEDY = SamplingParams()
@@ -249,7 +253,8 @@ def _penalized(xs, seen, counts, params: SamplingParams, lib):
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [..., V] (float32) from logits [..., V]: temperature, top-k, top-p, softmax.
+    """Probabilities [..., V] (float32) from logits [..., V]: temperature, min-p, top-k, top-p,
+    softmax (vLLM's order: min-p is measured on the whole tempered distribution).
 
     Greedy requests get the plain softmax (temperature 1): its argmax is the greedy token
     and its value there is the draft's confidence.
@@ -260,6 +265,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.temperature != 1.0:
         x = x / params.temperature
     vocab = x.shape[-1]
+    if params.min_p > 0.0:  # p < min_p * p_max, as log p - log p_max < log min_p: no softmax needed
+        top = x.max(dim=-1, keepdim=True).values
+        x = x.masked_fill(x - top < math.log(params.min_p), float("-inf"))
     if 0 < params.top_k < vocab:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -276,12 +284,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def process_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """`process_logits` on a batch [B, ..., V] whose rows may carry different parameters."""
     first = params[0]
-    if all((p.temperature, p.top_p, p.top_k) == (first.temperature, first.top_p, first.top_k) for p in params):
+    if all(_filters(p) == _filters(first) for p in params):
         return process_logits(logits, first)  # what the transform reads is the same for every row
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for row, p in enumerate(params):
         out[row] = process_logits(logits[row], p)
     return out
+
+
+def _filters(p: SamplingParams) -> tuple:
+    """What `process_logits` reads of a request's parameters."""
+    return p.temperature, p.top_p, p.top_k, p.min_p
 
 
 def _mix(seed: int, position: int) -> int:
