@@ -31,10 +31,14 @@ from shared.settings import SERVICES, Settings
 ADMIN = "admin"
 KV_BUCKET = "specmesh_requests"  # the state service's JetStream key-value buckets: records,
 KV_LOGPROBS_BUCKET = "specmesh_logprobs"  # and their log-probabilities, one key per commit
+KV_RESPONSES_BUCKET = "specmesh_responses"  # the gateway's stored Responses API answers
+_RESPONSES_STREAM = f"KV_{KV_RESPONSES_BUCKET}"
 
 # user -> (may publish, may subscribe); inboxes, `$SRV` discovery and replies are added below.
 PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
-    "gateway": ([SUBJECT_GENERATE, SUBJECT_CANCEL, SUBJECT_STATE_GET],
+    "gateway": ([SUBJECT_GENERATE, SUBJECT_CANCEL, SUBJECT_STATE_GET, f"$KV.{KV_RESPONSES_BUCKET}.>",
+                 *(f"$JS.API.{api}.{_RESPONSES_STREAM}" for api in ("STREAM.INFO", "STREAM.CREATE", "STREAM.MSG.GET")),
+                 f"$JS.API.DIRECT.GET.{_RESPONSES_STREAM}.>"],
                 [f"{SUBJECT_TOKENS}.>", SUBJECT_ASSIGNMENTS]),
     "target": ([f"{SUBJECT_LEVEL}.>", SUBJECT_COMMIT, SUBJECT_STATE_GET, SUBJECT_OUTCOME, SUBJECT_PROFILE,
                 f"{SUBJECT_TOKENS}.>"],  # a target reports a failed request to its client itself

@@ -796,9 +796,9 @@ async def test_openapi_schema_builds(client):
 
 # -- HTTP, a real server and the official client ------------------------------------------
 @contextlib.asynccontextmanager
-async def serving(backend):
-    """The gateway's app over `backend` on a real uvicorn server on a free port; yields its URL."""
-    app = create_app(make_settings(), SimpleNamespace(backend=backend))
+async def serving(backend, app=None):
+    """The gateway's app over `backend` (or `app`) on a real uvicorn server on a free port; yields its URL."""
+    app = app or create_app(make_settings(), SimpleNamespace(backend=backend))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

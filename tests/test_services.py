@@ -495,6 +495,45 @@ def test_a_restarted_state_service_still_has_every_logprob(stack):
     assert left == []
 
 
+def test_stored_responses_continue_and_outlive_a_gateway_restart(stack):
+    """A Responses answer is kept in JetStream: a follow-up with previous_response_id gives
+    what the whole conversation sent as chat gives, and after kill -9 of the gateway the new
+    one still reads it back; deleting it makes a follow-up a 404."""
+    _, settings = stack
+    url = settings.gateway.http_url
+    ask = {"model": "specmesh", "temperature": 0, "max_output_tokens": 12}
+
+    async def turns():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            first = (await c.post("/v1/responses", json=ask | {"input": "def add(a, b):"})).json()
+            second = (await c.post("/v1/responses", json=ask | {"input": "def mul(a, b):",
+                                                                  "previous_response_id": first["id"]})).json()
+            chat = (await c.post("/v1/chat/completions", json={
+                "model": "specmesh", "temperature": 0, "max_tokens": 12, "speculation": {"enabled": False},
+                "messages": [{"role": "user", "content": "def add(a, b):"},
+                             {"role": "assistant", "content": first["output"][0]["content"][0]["text"]},
+                             {"role": "user", "content": "def mul(a, b):"}]})).json()
+            return first, second, chat
+
+    first, second, chat = asyncio.run(turns())
+    assert first["store"] is True and second["previous_response_id"] == first["id"]
+    assert second["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    pid = PidFile(settings.run_dir, "gateway").read().pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: _health(settings) == "ok" and PidFile(settings.run_dir, "gateway").read().pid != pid,
+                      120, 0.5)
+
+    async def after():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            again = (await c.get(f"/v1/responses/{second['id']}")).json()
+            deleted = await c.delete(f"/v1/responses/{first['id']}")
+            orphan = await c.post("/v1/responses", json=ask | {"input": "x", "previous_response_id": first["id"]})
+            return again, deleted.status_code, orphan.status_code
+
+    again, deleted, orphan = asyncio.run(after())
+    assert again == {k: v for k, v in second.items() if k != "trace_id"} and (deleted, orphan) == (200, 404)
+
+
 def test_a_batch_with_n_samples_is_its_single_requests(stack, prompts):
     """Prompts x n choices in one request run as requests of their own: choice p * n + j is
     what prompt p alone gives with seed + j, on any chain."""

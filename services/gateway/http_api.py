@@ -31,7 +31,8 @@ from services.gateway.openai_models import (
 )
 from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.reply import Reply
-from services.gateway.responses import ResponsesReply, ResponsesRequest
+from services.gateway.response_store import StoreError
+from services.gateway.responses import ResponsesReply, ResponsesRequest, output_messages
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
 from shared import __version__
 from shared.service import ping
@@ -42,6 +43,7 @@ log = logging.getLogger("specmesh.gateway")
 
 MAX_BODY_BYTES = 1 << 20  # a context's worth of text is far smaller
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128, "responses": 128}
+RESPONSE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what the gateway's ids look like, and a valid store key
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 503, 504)}
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
@@ -145,16 +147,66 @@ def create_app(settings: Settings, service) -> FastAPI:
             return None
         return Thinking.after(prompt if isinstance(prompt, str) else backend().tokenizer().decode(prompt[-8:]))
 
+    def response_store():
+        """Where Responses API answers are kept (response_store.py); None when none are."""
+        return getattr(service, "responses", None) if settings.gateway.responses_store else None
+
+    async def stored(response_id: str, param: str | None = None) -> dict:
+        """A stored response's record; 404 if there is none (never stored, deleted, expired)."""
+        store = response_store()
+        if store is None:
+            raise invalid("This gateway keeps no responses (gateway.responses_store is off); send the earlier turns "
+                          "in `input`.", param)
+        record = await _read(store.get, response_id) if RESPONSE_ID.match(response_id) else None
+        if record is None:
+            raise ApiError(404, f"No stored response has the id {response_id!r}: it was made with store: false, "
+                                f"deleted, or is older than gateway.responses_ttl_s.", param=param,
+                           code="response_not_found")
+        return record
+
     @app.post("/v1/responses", responses=ERRORS)
     async def responses(body: ResponsesRequest, request: Request):
-        """OpenAI's Responses API over the chat machinery (`responses.py`); `stream: true` for its events."""
-        chat = body.to_chat()
+        """OpenAI's Responses API over the chat machinery (`responses.py`); `stream: true` for its events.
+        Stored unless `store: false`; `previous_response_id` continues a stored one's conversation."""
+        earlier = [] if body.previous_response_id is None else \
+            (await stored(body.previous_response_id, "previous_response_id"))["conversation"]
+        chat = body.to_chat(earlier)
         tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
         prompt = chat_prompt(backend().tokenizer(), chat.messages, tools)
-        return await serve(request, chat, "responses", [prompt], "input", tools, body)
+        store = response_store() if body.store is not False else None
+
+        async def keep(final: dict) -> None:
+            record = {"response": final, "input_items": body.input_items(),
+                      "conversation": [*earlier, *body.turn(), *output_messages(final["output"])]}
+            try:
+                await store.put(final["id"], record)
+            except StoreError as exc:
+                log.warning("response %s answered but not stored: %s", final["id"], exc)
+                final["store"] = False
+
+        return await serve(request, chat, "responses", [prompt], "input", tools, body, keep if store else None)
+
+    @app.get("/v1/responses/{response_id}", responses=ERRORS)
+    async def get_response(response_id: str) -> dict:
+        """A stored response, as it was answered."""
+        return (await stored(response_id))["response"]
+
+    @app.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
+    async def response_input_items(response_id: str) -> dict:
+        """The input items of a stored response (its own turn's, not the earlier turns')."""
+        items = (await stored(response_id))["input_items"]
+        return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                "last_id": items[-1]["id"] if items else None, "has_more": False}
+
+    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
+    async def delete_response(response_id: str) -> dict:
+        """Forget a stored response (a follow-up naming it is then a 404)."""
+        await stored(response_id)
+        await _read(response_store().delete, response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None,
-                    original: ResponsesRequest | None = None):
+                    original: ResponsesRequest | None = None, keep=None):
         arrived = time.monotonic()
         b = backend()
         _check_model(b, body.model)
@@ -194,7 +246,7 @@ def create_app(settings: Settings, service) -> FastAPI:
                                       operation="text_completion" if kind == "completion" else "chat")
                            for job, stops in planned]
             if kind == "responses":
-                reply = ResponsesReply(request_id, b.model_name, original, tools, thinking(prompts[0]))
+                reply = ResponsesReply(request_id, b.model_name, original, tools, thinking(prompts[0]), keep)
                 if body.stream:
                     return await stream_response(generations[0], reply, headers)
             else:
@@ -208,7 +260,8 @@ def create_app(settings: Settings, service) -> FastAPI:
         except ApiError as exc:
             exc.headers = headers | (getattr(exc, "headers", None) or {})
             raise
-        return JSONResponse(reply.whole(outcomes) | ({"trace_id": tid} if tid else {}), headers=headers)
+        whole = await reply.whole(outcomes) if kind == "responses" else reply.whole(outcomes)
+        return JSONResponse(whole | ({"trace_id": tid} if tid else {}), headers=headers)
 
     async def stream(generations: list[Generation], reply: Reply, headers: dict) -> StreamingResponse:
         deltas = merged(generations)
@@ -283,6 +336,14 @@ def create_app(settings: Settings, service) -> FastAPI:
                            headers=headers | {"cache-control": "no-cache"})
 
     return app
+
+
+async def _read(operation, response_id: str):
+    """A response store's answer; 503 when the store cannot give one."""
+    try:
+        return await operation(response_id)
+    except StoreError as exc:
+        raise unavailable(f"Stored responses cannot be reached now ({exc}); retry shortly.") from None
 
 
 async def _unless_disconnected(request: Request, work):

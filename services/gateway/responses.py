@@ -6,9 +6,13 @@ items) the messages, `text.format` the response_format, `tools` (flat function t
 chat tools, `max_output_tokens` max_tokens. The answer is a `response` object whose
 `output` holds a `message` item (its `output_text`) and/or `function_call` items; streamed,
 the Responses events (`response.created`, `response.output_text.delta`,
-`response.function_call_arguments.delta`, ..., `response.completed`). Nothing is stored:
-`store: true` is accepted and answered `store: false`; `previous_response_id` is refused
-(send the earlier turns in `input`).
+`response.function_call_arguments.delta`, ..., `response.completed`).
+
+A response is stored unless the request says `store: false` (response_store.py): a later
+request with `previous_response_id` continues its conversation (the earlier turns and
+their outputs come before its own `input`; its `instructions` are its own, as in OpenAI's
+API), and `GET` / `DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`
+read and remove it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -108,21 +112,34 @@ class ResponsesRequest(BaseModel):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: StrictBool | None = None
-    store: StrictBool | None = Field(None, description="Accepted; nothing is stored (the answer says store: false).")
-    previous_response_id: StrictStr | None = Field(None, description="Not supported: send the turns in `input`.")
+    store: StrictBool | None = Field(None, description="Keep the response for previous_response_id and GET (default "
+                                                       "true; the answer says whether it was kept).")
+    previous_response_id: StrictStr | None = Field(None, description="Continue the conversation of this stored response.")
     metadata: dict[str, StrictStr] | None = None
     user: StrictStr | None = None
     cache_salt: StrictStr | None = Field(None, description="Extension (vLLM's): as on chat completions.")
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
 
-    def to_chat(self) -> ChatCompletionRequest:
-        """The chat request this one is (a 400 for what has no chat equivalent)."""
-        if self.previous_response_id is not None:
-            raise invalid("previous_response_id is not supported: responses are not stored; send the earlier turns "
-                          "in `input`.", "previous_response_id")
-        messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        for item in items:
+    def items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
+        return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def input_items(self) -> list[dict]:
+        """The input as the API lists it back (`/input_items`): typed items, each with an id."""
+        out = []
+        for item in self.items():
+            if isinstance(item, MessageItem):
+                content = [{"type": "input_text", "text": item.content}] if isinstance(item.content, str) else \
+                    [part.model_dump() for part in item.content]
+                out.append({"type": "message", "id": _id("msg"), "role": item.role, "content": content})
+            else:
+                out.append(item.model_dump(exclude_none=True) | {"id": item.id or _id("fc" if isinstance(
+                    item, FunctionCallItem) else "fco")})
+        return out
+
+    def turn(self) -> list[dict]:
+        """This request's input as chat messages (the instructions apart)."""
+        messages: list[dict] = []
+        for item in self.items():
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
@@ -135,6 +152,13 @@ class ResponsesRequest(BaseModel):
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        return messages
+
+    def to_chat(self, earlier: list[dict] = ()) -> ChatCompletionRequest:
+        """The chat request this one is, after the `earlier` turns (a stored conversation's
+        messages); a 400 for what has no chat equivalent."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages += [*earlier, *self.turn()]
         if not messages:
             raise invalid("input holds nothing to answer.", "input")
         chat: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
@@ -169,12 +193,26 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def output_messages(output: list[dict]) -> list[dict]:
+    """A response's output items as the chat turn a follow-up sees: the assistant's text and
+    its tool calls in one message (reasoning items are not carried over)."""
+    text = "".join(part.get("text", "") for item in output if item.get("type") == "message"
+                   for part in item.get("content", []))
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                      "arguments": item["arguments"]}}
+             for item in output if item.get("type") == "function_call"]
+    if not text and not calls:
+        return [{"role": "assistant", "content": ""}]
+    return [{"role": "assistant", "content": text or None} | ({"tool_calls": calls} if calls else {})]
+
+
 class ResponsesReply:
     """One response's bodies: the whole `response` object, or its stream of events."""
 
     def __init__(self, request_id: str, model: str, body: ResponsesRequest, tools: ToolPlan | None,
-                 thinking: Thinking | None = None):
+                 thinking: Thinking | None = None, keep: Callable[[dict], Awaitable[None]] | None = None):
         self.request_id, self.model, self.body = request_id, model, body
+        self.keep = keep  # stores the finished response (and may set its `store` false if it could not)
         self.tools = tools if tools and tools.parses else None
         self.thinking = thinking  # the thinking as a reasoning item (reasoning.py)
         self.created = int(time.time())
@@ -200,7 +238,7 @@ class ResponsesReply:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": self.model,
             "output": output, "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": None, "store": False,
+            "previous_response_id": body.previous_response_id, "reasoning": None, "store": self.keep is not None,
             "temperature": 1.0 if body.temperature is None else body.temperature, "text": {"format": fmt},
             "tool_choice": choice, "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "usage": usage,
@@ -231,10 +269,16 @@ class ResponsesReply:
         items += [self.function_call(call) for call in calls]
         return items, status
 
-    def whole(self, outcomes: list[Outcome]) -> dict:
+    async def whole(self, outcomes: list[Outcome]) -> dict:
         out = outcomes[0]
         items, status = self.outputs(out)
-        return self.response(status, items, out)
+        return await self.kept(self.response(status, items, out))
+
+    async def kept(self, final: dict) -> dict:
+        """The finished response, stored first (unless the request said store: false)."""
+        if self.keep is not None:
+            await self.keep(final)
+        return final
 
     # -- events ---------------------------------------------------------------------------
     def event(self, kind: str, **fields) -> str:
@@ -295,9 +339,9 @@ class ResponsesReply:
             events.append(self.event("response.output_item.done", output_index=i, item=items[-1]))
         return events, items
 
-    def finish(self, out: Outcome, items: list[dict], status: str) -> str:
+    async def finish(self, out: Outcome, items: list[dict], status: str) -> str:
         kind = "response.completed" if status == "completed" else "response.incomplete"
-        return self.event(kind, response=self.response(status, items, out))
+        return self.event(kind, response=await self.kept(self.response(status, items, out)))
 
     async def events(self, generation, first, deltas) -> AsyncIterator[str]:
         """`generation`'s stream of events (`deltas` its merged deltas, `first` already read):
@@ -364,7 +408,7 @@ class ResponsesReply:
                 for event in made_events:
                     yield event
                 items += made_items
-            yield self.finish(out, items, status)
+            yield await self.finish(out, items, status)
         except ApiError as exc:
             yield self.failed(exc.body()["error"])
         except Exception:

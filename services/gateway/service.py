@@ -28,6 +28,7 @@ class GatewayService(ServiceProcess):
         cfg = self.settings.gateway
         self.backend = NatsBackend(self.settings, self.nc, self.tracer_provider, GatewayMetrics(self.registry))
         self.backend.tokenizer()  # load once, before the first request
+        self.responses = await self._response_store() if cfg.responses_store else None
         await self.backend.follow_router()
         self.grpc = await start_grpc(self.settings, self.backend, self.tracer_provider)
         app = create_app(self.settings, self)  # `/metrics` serves self.registry
@@ -37,6 +38,23 @@ class GatewayService(ServiceProcess):
         self.http = uvicorn.Server(config)
         self.http.install_signal_handlers = lambda: None  # the service shell owns signals
         self._http_task = asyncio.create_task(self.http.serve())
+
+    async def _response_store(self):
+        """The JetStream bucket of stored responses; None (answers say store: false) if it cannot be had."""
+        from nats.js.errors import BadRequestError
+
+        from services.gateway.response_store import BUCKET, KvResponseStore
+
+        cfg, js = self.settings.gateway, self.nc.jetstream()
+        try:
+            return await KvResponseStore.open(js, cfg.responses_ttl_s, cfg.responses_max_bytes)
+        except BadRequestError as exc:  # the bucket exists with other limits: keep it as it is
+            log.warning("response store: bucket %s kept with its own limits (%s)", BUCKET, exc)
+            return KvResponseStore(await js.key_value(BUCKET))
+        except Exception as exc:
+            log.warning("no response store, responses are answered with store: false: %s: %s",
+                        type(exc).__name__, exc)
+            return None
 
     async def teardown(self) -> None:
         self.http.should_exit = True

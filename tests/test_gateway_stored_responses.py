@@ -1,0 +1,170 @@
+"""Stored responses (`store`, `previous_response_id`, GET / DELETE /v1/responses/{id},
+`/input_items`) against the in-memory backend and store; the JetStream store is exercised
+by the real stack (tests/test_services.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from services.gateway.http_api import create_app
+from services.gateway.response_store import MemoryResponseStore, StoreError
+from tests.test_gateway_api import MODEL, make_settings, serving, tok  # noqa: F401
+from tests.test_gateway_responses import FLAT, events_of
+from tests.test_gateway_tools import CALLS, answer_with, backend, prompt_of  # noqa: F401
+
+
+@contextlib.asynccontextmanager
+async def gateway(backend, store, **settings):
+    app = create_app(make_settings(**settings), SimpleNamespace(backend=backend, responses=store))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        yield client
+
+
+@pytest.fixture
+def store():
+    return MemoryResponseStore()
+
+
+@pytest.fixture
+async def client(backend, store):
+    async with gateway(backend, store) as c:
+        yield c
+
+
+async def ask(client, **body) -> dict:
+    r = await client.post("/v1/responses", json={"model": MODEL, "temperature": 0, "max_output_tokens": 64} | body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_a_follow_up_continues_the_stored_conversation(client, backend):
+    answer_with(backend, "Bonjour.")
+    first = await ask(client, input="Hi", instructions="Be French.")
+    assert first["store"] is True and first["previous_response_id"] is None
+    answer_with(backend, "Au revoir.")
+    second = await ask(client, input="Bye", previous_response_id=first["id"], instructions="Be brief.")
+    # the earlier turn and its answer come first; the instructions are the follow-up's own
+    assert prompt_of(backend) == "System: Be brief.\nUser: Hi\nAssistant: Bonjour.\nUser: Bye\nAssistant:"
+    assert second["previous_response_id"] == first["id"] and second["store"] is True
+    answer_with(backend, "Encore.")
+    await ask(client, input=[{"role": "user", "content": "Again"}], previous_response_id=second["id"])
+    assert prompt_of(backend) == "User: Hi\nAssistant: Bonjour.\nUser: Bye\nAssistant: Au revoir.\nUser: Again\nAssistant:"
+    answer_with(backend, "Branch.")
+    await ask(client, input="Other", previous_response_id=first["id"])  # a branch from the first turn
+    assert prompt_of(backend) == "User: Hi\nAssistant: Bonjour.\nUser: Other\nAssistant:"
+
+
+async def test_a_stored_response_is_read_listed_and_deleted(client, backend):
+    answer_with(backend, "Bonjour.")
+    first = await ask(client, input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                                     {"role": "user", "content": "there"}], metadata={"topic": "greeting"})
+    got = await client.get(f"/v1/responses/{first['id']}")
+    assert got.status_code == 200 and got.json() == first
+    items = (await client.get(f"/v1/responses/{first['id']}/input_items")).json()
+    assert items["object"] == "list" and items["has_more"] is False
+    assert [(i["type"], i["role"], i["content"]) for i in items["data"]] == [
+        ("message", "user", [{"type": "input_text", "text": "Hi"}]),
+        ("message", "user", [{"type": "input_text", "text": "there"}])]
+    assert items["first_id"] == items["data"][0]["id"] and items["last_id"] == items["data"][1]["id"]
+    gone = await client.delete(f"/v1/responses/{first['id']}")
+    assert gone.status_code == 200 and gone.json() == {"id": first["id"], "object": "response", "deleted": True}
+    jobs = len(backend.jobs)
+    for method, path, body in [("GET", f"/v1/responses/{first['id']}", None),
+                               ("DELETE", f"/v1/responses/{first['id']}", None),
+                               ("GET", "/v1/responses/resp_nothing/input_items", None),
+                               ("GET", "/v1/responses/not a key!", None),
+                               ("POST", "/v1/responses", {"model": MODEL, "input": "x",
+                                                          "previous_response_id": first["id"]})]:
+        r = await client.request(method, path, json=body)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["error"]["code"] == "response_not_found" and "store: false" in r.json()["error"]["message"]
+    assert len(backend.jobs) == jobs  # a follow-up of nothing runs nothing
+
+
+async def test_store_false_keeps_nothing(client, backend, store):
+    answer_with(backend, "Bonjour.")
+    body = await ask(client, input="Hi", store=False)
+    assert body["store"] is False and await store.get(body["id"]) is None
+    assert (await client.get(f"/v1/responses/{body['id']}")).status_code == 404
+
+
+async def test_a_tool_call_turn_is_continued_with_its_output(client, backend):
+    answer_with(backend, CALLS)
+    called = await ask(client, input="Paris?", tools=FLAT, tool_choice="required", max_output_tokens=400)
+    calls = [o for o in called["output"] if o["type"] == "function_call"]
+    assert [c["name"] for c in calls] == ["get_weather", "get_time"]
+    answer_with(backend, "Sunny at noon.")
+    outputs = [{"type": "function_call_output", "call_id": c["call_id"], "output": "ok"} for c in calls]
+    await ask(client, input=outputs, previous_response_id=called["id"], tools=FLAT)
+    prompt = prompt_of(backend)
+    assert prompt.endswith("\nTool: ok\nTool: ok\nAssistant:")  # the calls, then their outputs
+    assert prompt.index("User: Paris?\nAssistant: ") < prompt.rindex('"get_weather"') < prompt.index("Tool: ok")
+
+
+async def test_a_streamed_response_is_stored_before_its_last_event(client, backend, store):
+    answer_with(backend, "It is sunny.")
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "stream": True})
+    done = events_of(r.text)[-1]["response"]
+    assert done["store"] is True and (await store.get(done["id"]))["response"] == done
+    answer_with(backend, "Still sunny.")
+    await ask(client, input="And now?", previous_response_id=done["id"])
+    assert prompt_of(backend) == "User: Hi\nAssistant: It is sunny.\nUser: And now?\nAssistant:"
+
+
+class Broken(MemoryResponseStore):
+    async def get(self, response_id):
+        raise StoreError("NATS is down")
+
+    async def put(self, response_id, record):
+        raise StoreError("bucket full")
+
+
+async def test_a_store_that_fails_costs_no_answer(backend):
+    answer_with(backend, "Bonjour.")
+    async with gateway(backend, Broken()) as client:
+        body = await ask(client, input="Hi")
+        assert body["store"] is False and body["output"][0]["content"][0]["text"] == "Bonjour."  # answered, not kept
+        r = await client.get(f"/v1/responses/{body['id']}")
+        assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
+    async with gateway(backend, MemoryResponseStore(), responses_store=False) as client:
+        body = await ask(client, input="Hi")
+        assert body["store"] is False
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": body["id"]})
+        assert r.status_code == 400 and "responses_store" in r.json()["error"]["message"]
+
+
+def test_the_memory_store_forgets_the_oldest_past_its_limit():
+    import asyncio
+
+    async def run():
+        store = MemoryResponseStore(limit=2)
+        for name in "abc":
+            await store.put(name, {"n": name})
+        return [await store.get(name) for name in "abc"], await store.delete("a"), await store.delete("b")
+
+    assert asyncio.run(run()) == ([None, {"n": "b"}, {"n": "c"}], False, True)
+
+
+async def test_openai_client_chains_retrieves_and_deletes(backend, store):
+    app = create_app(make_settings(), SimpleNamespace(backend=backend, responses=store))
+    async with serving(backend, app=app) as url:
+        oai = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer_with(backend, "Salut.")
+        first = await oai.responses.create(model=MODEL, input="Hi", max_output_tokens=32)
+        answer_with(backend, "Ciao.")
+        second = await oai.responses.create(model=MODEL, input="Bye", previous_response_id=first.id,
+                                            max_output_tokens=32)
+        assert second.previous_response_id == first.id and second.output_text == "Ciao."
+        assert prompt_of(backend) == "User: Hi\nAssistant: Salut.\nUser: Bye\nAssistant:"
+        again = await oai.responses.retrieve(first.id)
+        assert again.output_text == "Salut." and again.id == first.id
+        items = await oai.responses.input_items.list(second.id)
+        assert [i.content[0].text for i in items.data] == ["Bye"]
+        await oai.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            await oai.responses.retrieve(first.id)
