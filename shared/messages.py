@@ -114,6 +114,7 @@ class GenerateJob:
     # -1: no log-probabilities; n >= 0: each token's, and the n likeliest at its position (<= MAX_TOP_LOGPROBS)
     logprobs: int = -1
     prompt_logprobs: int = -1  # the same for the prompt's tokens after the first (echo), from the target's prefill
+    priority: int = 0  # lower is admitted first from a target's waiting queue (vLLM's); equal ones in arrival order
 
 
 @dataclass

@@ -235,6 +235,17 @@ async def test_min_p_reaches_the_job(client, backend):
     assert backend.jobs[-1].sampling.min_p == 0.0
 
 
+async def test_priority_reaches_the_job(client, backend):
+    for path, prompt in (("/v1/completions", {"prompt": "Hi"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                         ("/v1/responses", {"input": "Hi"})):
+        r = await client.post(path, json={"model": MODEL, "priority": -7} | prompt)
+        assert r.status_code == 200, r.text
+        assert backend.jobs[-1].priority == -7
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+    assert backend.jobs[-1].priority == 0
+
+
 async def test_truncate_prompt_tokens_keeps_the_prompts_tail(client, backend, tok):
     text = "The quick brown fox jumps over the lazy dog and runs away."
     ids = tok.encode(text)
@@ -634,6 +645,9 @@ BAD = [
     ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
+    ({"prompt": "x", "priority": 2**31}, 400, "priority"),
+    ({"prompt": "x", "priority": "high"}, 400, "priority"),
+    ({"prompt": "x", "priority": 1.5}, 400, "priority"),
     ({"prompt": "x", "min_p": -0.1}, 400, "min_p"),
     ({"prompt": "x", "min_p": 1.5}, 400, "min_p"),
     ({"prompt": "x", "min_p": "low"}, 400, "min_p"),
@@ -766,7 +780,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens"]
+          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens", "priority"]
 
 
 @pytest.fixture(scope="module")
@@ -946,6 +960,8 @@ async def test_grpc_generate(grpc_gateway, tok):
         sampling=pb.SamplingParameters(temperature=1.0, min_p=0.25)))
     assert backend.jobs[-1].prompt == tok.encode("Hello there, general")[-2:]
     assert backend.jobs[-1].sampling.min_p == 0.25
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, priority=-2))
+    assert backend.jobs[-1].priority == -2
     assert list(reply.logprobs) == []
     reply = await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=6, logprobs=2))
     assert backend.jobs[-1].logprobs == 2 and len(reply.logprobs) == 6

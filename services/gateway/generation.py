@@ -27,6 +27,7 @@ TEMPERATURE_MAX = 2.0
 MAX_STOP_STRINGS = 4
 MAX_STOP_TOKEN_IDS = 64
 MAX_CACHE_SALT = 256  # characters of a cache_salt
+PRIORITY_MAX = 2**31 - 1  # |priority| (an int32 in gRPC)
 MAX_K = 16  # the same bound as settings.speculation.k
 SLO_MAX_MS = 60_000.0  # a TPOT objective above a minute per token is a typo
 SEED_MAX = 2**63 - 1
@@ -110,6 +111,7 @@ class GenerationRequest:
     echo: bool = False  # the prompt's tokens too (with `logprobs`, theirs); max_tokens may then be 0
     cache_salt: str | None = None  # prefix caching: heads cached for one salt are reused only by that salt
     truncate_prompt_tokens: int | None = None  # keep the prompt's last n tokens (vLLM's); None: all of it
+    priority: int | None = None  # lower is admitted first where a target has a queue (vLLM's); None: 0
 
 
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
@@ -173,7 +175,8 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo,
                       stop_at_eos=not _bool(req.ignore_eos, "ignore_eos"),
-                      logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else -1)
+                      logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else -1,
+                      priority=_priority(req.priority))
     stops = _stops(req.stop)
     limit = settings.gateway.max_concurrent_requests
     if len(getattr(backend, "in_flight", ())) >= limit:
@@ -202,6 +205,16 @@ def _prompt_ids(tok, prompt: str | list[int], param: str) -> list[int]:
             raise invalid("The prompt is empty.", param)
         ids = [bos]
     return ids
+
+
+def _priority(value: int | None) -> int:
+    if value is None:
+        return 0
+    value = _int(value, "priority")
+    if not -PRIORITY_MAX <= value <= PRIORITY_MAX:
+        raise invalid(f"priority must be an integer between -{PRIORITY_MAX} and {PRIORITY_MAX} (lower runs first), "
+                      f"got {value}.", "priority")
+    return value
 
 
 def _truncated(prompt: list[int], keep: int | None) -> list[int]:

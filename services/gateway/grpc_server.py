@@ -115,6 +115,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             logprobs=request.logprobs if request.HasField("logprobs") else -1,
             cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
             truncate_prompt_tokens=request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None,
+            priority=request.priority if request.HasField("priority") else None,
         ))
         return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
                           include_stop=request.include_stop_str_in_output,

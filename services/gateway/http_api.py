@@ -228,7 +228,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         request = GenerationRequest(
             request_id=request_id, prompt=prompts[0], max_tokens=max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS[kind],
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
-            stop=body.stop, truncate_prompt_tokens=body.truncate_prompt_tokens,
+            stop=body.stop, truncate_prompt_tokens=body.truncate_prompt_tokens, priority=body.priority,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,

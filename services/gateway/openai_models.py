@@ -84,6 +84,9 @@ class _Sampled(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="Extension (vLLM's): drop tokens less likely than min_p times the likeliest (after "
                           "temperature); 0 (the default) is off.")
+    priority: StrictInt | None = Field(
+        None, description="Extension (vLLM's): where a target has requests waiting for room, lower priorities are "
+                          "admitted first (equal ones in arrival order); default 0. Running requests are not preempted.")
     truncate_prompt_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="Extension (vLLM's): keep only the prompt's last n tokens (for chat, of the templated "
                           "conversation).")

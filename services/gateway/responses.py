@@ -118,6 +118,7 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, StrictStr] | None = None
     user: StrictStr | None = None
     cache_salt: StrictStr | None = Field(None, description="Extension (vLLM's): as on chat completions.")
+    priority: StrictInt | None = Field(None, description="Extension (vLLM's): as on chat completions.")
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
 
     def items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
@@ -163,7 +164,7 @@ class ResponsesRequest(BaseModel):
             raise invalid("input holds nothing to answer.", "input")
         chat: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                                "stream": self.stream, "user": self.user, "cache_salt": self.cache_salt,
+                                "stream": self.stream, "user": self.user, "cache_salt": self.cache_salt, "priority": self.priority,
                                 "parallel_tool_calls": self.parallel_tool_calls}
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_schema":

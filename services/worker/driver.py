@@ -68,7 +68,7 @@ class Driver:
         self.loop = loop
         self.settings = settings
         self.intake: queue.Queue = queue.Queue()
-        self.waiting: collections.deque[GenerateJob] = collections.deque()  # beyond max_batch, in order
+        self.waiting: collections.deque[GenerateJob] = collections.deque()  # beyond max_batch: by priority, then arrival
         self.jobs: dict[str, Job] = {}
         self.chains: dict[tuple[str, ...], Chain] = {}
         self.epochs: dict[str, int] = {}
@@ -264,7 +264,7 @@ class Driver:
             while True:
                 if kind == "job":
                     if value.request_id not in self.jobs and all(j.request_id != value.request_id for j in self.waiting):
-                        self.waiting.append(value)  # a resume of a request still running here changes nothing
+                        self._enqueue(value)  # a resume of a request still running here changes nothing
                 elif kind == "cancel":
                     self.waiting = collections.deque(j for j in self.waiting if j.request_id != value)
                     self._finish(value)
@@ -274,6 +274,13 @@ class Driver:
         # Admit waiting jobs while every level has KV room for them.
         while self.waiting and len(self.jobs) < self.settings.engine.max_batch:
             self._start(self.waiting.popleft())
+
+    def _enqueue(self, msg: GenerateJob) -> None:
+        """Into the waiting queue behind every job of its priority or a lower (earlier) one."""
+        at = len(self.waiting)
+        while at and self.waiting[at - 1].priority > msg.priority:
+            at -= 1
+        self.waiting.insert(at, msg)
 
     def _start(self, msg: GenerateJob) -> None:
         if msg.request_id in self.jobs:
