@@ -152,7 +152,20 @@ def test_the_forward_runs_only_the_uncached_tail(pools, conversation):
     before = target.forward_tokens
     target.prefill("y", system + second, alone)
     assert target.forward_tokens - before == len(second)
+    assert target.cached_prefix("y") == len(system)
     target.release("y")
+    assert target.cached_prefix("y") == 0
+
+
+def test_a_request_knows_the_head_the_target_held_even_when_done_at_once(pools, conversation):
+    _, warm = pools
+    system, first, _ = conversation
+    chain = warm.chain("drafter,target", k=2)
+    salt = SamplingParams(cache_salt="known")
+    cold = chain.add(system + first, 1, salt, stop_at_eos=False)  # done by its first token: released already
+    warm_ = chain.add(system + first, 1, salt, stop_at_eos=False)
+    assert cold.done and warm_.done and cold.cached_prompt == 0
+    assert warm_.cached_prompt == len(system + first) - 1  # all but the last token, which is run for its logits
 
 
 def test_a_prompt_run_whole_is_cached_under_its_own_salt(pools, conversation):

@@ -63,6 +63,7 @@ class FakeBackend:
         self.cancelled: list[str] = []
         self.fail: Exception | None = None
         self.eos_after: int | None = None  # emit EOS after this many tokens
+        self.cached = 0  # the prompt's head its "prefix cache" held, reported in the stats
 
     def tokenizer(self):
         return self.tok
@@ -91,7 +92,8 @@ class FakeBackend:
             drafted, accepted = drafted + 4, accepted + len(chunk) - 1
             done = pos + len(chunk) >= len(ids)
             stats = {"levels": [{"name": name, "drafted": drafted, "accepted": accepted,
-                                 "accepted_per_pos": [accepted, max(0, accepted - 1)]} for name in job.chain[:-1]]}
+                                 "accepted_per_pos": [accepted, max(0, accepted - 1)]} for name in job.chain[:-1]],
+                     "cached_prompt_tokens": self.cached}
             reason = ("stop" if ids[-1] == self.tok.eos_token_id or stop is not None else "length") if done else None
             logprobs = [fake_logprob(pos + i, t, job.logprobs) for i, t in enumerate(chunk)] if job.logprobs >= 0 else []
             scored = [fake_logprob(i, t, job.prompt_logprobs) for i, t in enumerate(job.prompt[1:])]
@@ -204,7 +206,8 @@ async def test_completion(client, backend, tok):
     assert choice["text"] == text_of(tok, 10, backend) and choice["finish_reason"] == "length"
     assert choice["token_ids"] == backend.output(10)
     prompt = tok.encode("Hello")
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 10, "total_tokens": len(prompt) + 10}
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 10, "total_tokens": len(prompt) + 10,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     job = backend.jobs[-1]
     assert job.prompt == prompt and job.max_tokens == 10 and job.sampling.temperature == 0.0
     assert job.chain == ["drafter", "target"] and job.k == [4]  # settings.speculation defaults
@@ -233,6 +236,25 @@ async def test_min_p_reaches_the_job(client, backend):
         assert backend.jobs[-1].sampling.min_p == 0.05
     await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
     assert backend.jobs[-1].sampling.min_p == 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, backend, tok, stream):
+    backend.cached = 3
+    body = {"model": MODEL, "prompt": ["The quick brown fox", "Hi"], "n": 2, "max_tokens": 4, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    usage = sse_events(r.text)[-1]["usage"] if stream else r.json()["usage"]
+    # each prompt counted once, and "Hi" holds fewer than 3 tokens: all of them cached
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 3 + len(tok.encode("Hi"))}
+    backend.cached = 10**6  # nonsense from a worker is capped at the prompt
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                        "max_tokens": 2})
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == r.json()["usage"]["prompt_tokens"]
+    backend.cached = 2
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2})
+    assert r.json()["usage"]["input_tokens_details"] == {"cached_tokens": 2}
 
 
 async def test_priority_reaches_the_job(client, backend):
@@ -939,6 +961,7 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert reply.text == text_of(tok, 10, backend) and list(reply.token_ids) == backend.output(10)
     assert reply.finish_reason == pb.FINISH_REASON_LENGTH and reply.request_id.startswith("gen-")
     assert reply.usage.completion_tokens == 10 and reply.usage.prompt_tokens == len(tok.encode("Hello"))
+    assert reply.usage.cached_prompt_tokens == 0
     assert list(reply.speculation.chain) == ["drafter", "verifier", "target"] and list(reply.speculation.k) == [3, 2]
     assert [lv.name for lv in reply.speculation.levels] == ["drafter", "verifier"]
     assert reply.timings.total_ms > 0
@@ -1117,7 +1140,8 @@ async def test_a_batch_of_prompts_with_n_samples_each(client, backend, tok):
     assert all(c["speculation"]["chain"] == ["drafter", "target"] and c["timings"]["total_ms"] >= 0 for c in choices)
     assert "speculation" not in body and "timings" not in body  # each choice has its own
     prompt_tokens = sum(len(tok.encode(p)) for p in ("a", "bb", "a b"))  # each prompt once, however many samples
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 36, "total_tokens": prompt_tokens + 36}
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 36, "total_tokens": prompt_tokens + 36,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6], [7]], "max_tokens": 2})
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
     assert sorted(j.prompt for j in backend.jobs[-2:]) == [[5, 6], [7]]
@@ -1210,4 +1234,5 @@ async def test_echo_with_no_tokens_scores_the_prompt_alone(client, backend, tok,
     assert got[0][0] == tok.decode(ids) and got[0][2] == ["length"] and got[0][1][0] is None
     assert got[0][1][1:] == pytest.approx([-i / 10 for i in range(len(ids) - 1)])
     assert got[1] == (tok.decode(ids[:2]), [None, 0.0], ["length"])
-    assert usage == {"prompt_tokens": len(ids) + 2, "completion_tokens": 0, "total_tokens": len(ids) + 2}
+    assert usage == {"prompt_tokens": len(ids) + 2, "completion_tokens": 0, "total_tokens": len(ids) + 2,
+                     "prompt_tokens_details": {"cached_tokens": 0}}

@@ -89,6 +89,8 @@ def test_a_conversations_next_turn_starts_on_its_cached_head(stack, tiny_family,
     turns = [opening + first + answer + second, opening + second]
     results = asyncio.run(complete_all(settings.gateway.http_url, [body(turns[0], "ngram,drafter,target", **salt)]))
     results += asyncio.run(complete_all(settings.gateway.http_url, [body(turns[1], "drafter,target", **salt)]))
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in results]
+    assert cached[0] >= len(opening + first + answer) - 1 and cached[1] >= len(opening)  # the client is told
     got = [answer] + [r["choices"][0]["token_ids"] for r in results]
     assert got == target_only(tiny_family, [opening + first] + turns, MAX_TOKENS)
     reused = scrape(target)[hits] - before

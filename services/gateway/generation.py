@@ -605,13 +605,15 @@ class Outcome:
     finish_reason: str = "stop"  # "stop" | "length"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's); None: EOS, length
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, those the target's prefix cache already held
     speculation: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
     @property
     def usage(self) -> dict:
         n = len(self.token_ids)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n,
+                "cached_prompt_tokens": self.cached_tokens}
 
 
 _cleanups: set[asyncio.Task] = set()  # cancels in flight, kept alive past a cancelled request
@@ -742,6 +744,8 @@ class Generation:
         out = self.outcome
         out.finish_reason = "stop" if stopped or batch.finish_reason != "length" else "length"
         out.speculation = speculation_report(self.job, self._stats)
+        cached = self._stats.get("cached_prompt_tokens") if isinstance(self._stats, dict) else None
+        out.cached_tokens = max(0, min(_count(cached), out.prompt_tokens))
         end = time.monotonic()
         n = len(out.token_ids)
         first, last = self._first_token_at, self._last_token_at

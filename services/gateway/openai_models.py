@@ -315,10 +315,15 @@ class ChatCompletionRequest(_Sampled):
 
 
 # -- responses ------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens the target's prefix cache already held (not run again).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class LevelReport(BaseModel):

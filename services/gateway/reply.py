@@ -149,10 +149,13 @@ class Reply:
         return body
 
     def usage(self, outcomes: list[Outcome]) -> dict:
-        """Token counts over the choices: each prompt counted once, every choice's completion."""
+        """Token counts over the choices: each prompt counted once, every choice's completion; of
+        the prompts' tokens, those the target's prefix cache held (OpenAI's cached_tokens)."""
         prompt = sum(out.prompt_tokens for out in outcomes[::self.samples])
+        cached = sum(out.cached_tokens for out in outcomes[::self.samples])
         completion = 0 if self.echo_only else sum(len(out.token_ids) for out in outcomes)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def usage_chunk(self, outcomes: list[Outcome]) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -230,7 +230,7 @@ class ResponsesReply:
             body.tool_choice or "auto"
         usage = None
         if out is not None:
-            usage = {"input_tokens": out.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": out.prompt_tokens, "input_tokens_details": {"cached_tokens": out.cached_tokens},
                      "output_tokens": len(out.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": out.prompt_tokens + len(out.token_ids)}
         return {

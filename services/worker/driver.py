@@ -383,7 +383,9 @@ class Driver:
                  "levels": [{"name": st.name, "drafted": st.drafted, "accepted": st.accepted,
                              "accepted_per_pos": list(st.accepted_per_pos),
                              "expected_acceptance": st.expected_acceptance}
-                            for st in merged.values()]}
+                            for st in merged.values()],
+                 # the prompt's head the target's cache held (prefix caching): usage's cached tokens
+                 "cached_prompt_tokens": min(req.cached_prompt, len(job.msg.prompt))}
         observe.count(self, job, merged, len(new))
         if job.first_token is None and new:
             job.first_token = time.perf_counter()

@@ -49,6 +49,7 @@ class Request:
     logprobs: int = -1  # -1: none; n >= 0: each output token's log-probability and the n likeliest
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (the first has none), when asked
+    cached_prompt: int = 0  # the prompt's head the target's cache already held (prefix caching)
     stats: dict[str, LevelStats] = field(default_factory=dict)  # this request's share, per proposing level
 
     @property
@@ -181,6 +182,7 @@ class Chain:
         except Exception:
             self.release(rid)  # no level keeps a slot for a request that never started
             raise
+        req.cached_prompt = self.levels[-1].runner.cached_prefix(rid)
         first = int(choose(p0[None], sampling, [len(req.prompt)], self.levels[-1].runner.generator)[0])
         self.requests[rid] = req
         self._emit(req, [first], p0[None])

@@ -71,6 +71,7 @@ class Runner:
         self.forward_tokens = 0
         self.prefix_queried = 0  # prompt tokens prefilled
         self.prefix_hits = 0  # of them, already held by the cache (not run)
+        self._cached: dict[str, int] = {}  # per request: its prompt's head the cache held at prefill
 
     # -- what subclasses implement -------------------------------------------------------
     def _open(self, request_id: str, salt: str) -> None: ...
@@ -154,6 +155,7 @@ class Runner:
         else:
             self._open(request_id, sampling.cache_salt)
             cached = 0
+        self._cached[request_id] = cached
         sampling = sampling.starting_at(len(tokens))
         self._sampling[request_id] = sampling
         if sampling.penalized:
@@ -257,8 +259,13 @@ class Runner:
         probs = self._probs(request_ids, logits, chunks)
         return [probs[b, : len(c)] for b, c in enumerate(chunks)]
 
+    def cached_prefix(self, request_id: str) -> int:
+        """How many tokens of the request's last prefill the cache already held (prefix caching)."""
+        return self._cached.get(request_id, 0)
+
     def release(self, request_id: str) -> None:
         """Forget a request and free its cache."""
+        self._cached.pop(request_id, None)
         self._sampling.pop(request_id, None)
         self._tokens.pop(request_id, None)
         self._close(request_id)
