@@ -168,3 +168,95 @@ async def test_openai_client_chains_retrieves_and_deletes(backend, store):
         await oai.responses.delete(first.id)
         with pytest.raises(openai.NotFoundError):
             await oai.responses.retrieve(first.id)
+        answer_with(backend, "Plus tard.")
+        later = await oai.responses.create(model=MODEL, input="Later", background=True, max_output_tokens=32)
+        assert later.status == "queued" and later.background
+        while (later := await oai.responses.retrieve(later.id)).status in ("queued", "in_progress"):
+            pass
+        assert later.status == "completed" and later.output_text == "Plus tard."
+        assert (await oai.responses.cancel(later.id)).status == "completed"
+
+
+async def finished(client, response_id: str, timeout_s: float = 10.0) -> dict:
+    """Poll a background response until it is no longer queued or in progress."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        body = (await client.get(f"/v1/responses/{response_id}")).json()
+        if body["status"] not in ("queued", "in_progress"):
+            return body
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{response_id} still {body['status']}")
+
+
+async def test_a_background_response_is_answered_queued_then_polled(client, backend):
+    answer_with(backend, "Bonjour.")
+    backend.delay_s = 0.02
+    queued = await ask(client, input="Hi", background=True)
+    assert (queued["status"], queued["background"], queued["output"], queued["store"]) == ("queued", True, [], True)
+    done = await finished(client, queued["id"])
+    assert done["status"] == "completed" and done["output"][0]["content"][0]["text"] == "Bonjour."
+    assert done["background"] is True and done["usage"]["output_tokens"] > 0
+    items = (await client.get(f"/v1/responses/{queued['id']}/input_items")).json()["data"]
+    assert [i["content"][0]["text"] for i in items] == ["Hi"]
+    answer_with(backend, "Encore.")
+    await ask(client, input="More", previous_response_id=queued["id"])
+    assert prompt_of(backend) == "User: Hi\nAssistant: Bonjour.\nUser: More\nAssistant:"
+
+
+async def test_a_background_response_is_cancelled(client, backend):
+    answer_with(backend, "A long answer " * 20)
+    backend.delay_s, backend.batch = 0.05, 1
+    queued = await ask(client, input="Hi", background=True, max_output_tokens=60)
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": queued["id"]})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and ("is queued" in message or "is in_progress" in message)
+    gone = await client.post(f"/v1/responses/{queued['id']}/cancel")
+    assert gone.status_code == 200 and gone.json()["status"] == "cancelled"
+    assert (await client.get(f"/v1/responses/{queued['id']}")).json()["status"] == "cancelled"
+    import asyncio
+    await asyncio.sleep(0.1)
+    assert backend.jobs[-1].request_id in backend.cancelled  # the generation was stopped, not just forgotten
+    again = await client.post(f"/v1/responses/{queued['id']}/cancel")
+    assert again.json()["status"] == "cancelled"
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": queued["id"]})
+    assert r.status_code == 400 and "cancelled" in r.json()["error"]["message"]
+
+
+async def test_background_rules(client, backend, store):
+    answer_with(backend, "Bonjour.")
+    whole = await ask(client, input="Hi")
+    r = await client.post(f"/v1/responses/{whole['id']}/cancel")
+    assert r.status_code == 400 and "Only a background response" in r.json()["error"]["message"]
+    for extra in ({"stream": True}, {"store": False}):
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True} | extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "background"
+    done = await finished(client, (await ask(client, input="Hi", background=True))["id"])
+    assert (await client.post(f"/v1/responses/{done['id']}/cancel")).json() == done  # finished: as it is
+    # a record left running by a gateway that stopped is settled as failed once past its deadline
+    await store.put("resp_orphan", {"response": done | {"id": "resp_orphan", "status": "in_progress", "output": []},
+                                    "input_items": [], "conversation": None, "deadline": 0})
+    orphan = (await client.get("/v1/responses/resp_orphan")).json()
+    assert orphan["status"] == "failed" and "stopped" in orphan["error"]["message"]
+
+
+async def test_a_background_response_that_fails_says_why(client, backend):
+    from services.gateway.backend import GenerationError
+
+    backend.fail = GenerationError("no target answers")
+    queued = await ask(client, input="Hi", background=True)
+    failed = await finished(client, queued["id"])
+    assert failed["status"] == "failed" and failed["error"]["message"]
+
+
+async def test_a_gateway_that_stops_records_its_background_responses_failed(backend, store):
+    answer_with(backend, "A long answer " * 20)
+    backend.delay_s, backend.batch = 0.05, 1
+    app = create_app(make_settings(), SimpleNamespace(backend=backend, responses=store))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        queued = await ask(client, input="Hi", background=True, max_output_tokens=60)
+        await app.state.background.close()  # what GatewayService.teardown does
+        stopped = (await client.get(f"/v1/responses/{queued['id']}")).json()
+    assert stopped["status"] == "failed" and "gateway stopped" in stopped["error"]["message"]

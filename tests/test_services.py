@@ -536,6 +536,26 @@ def test_stored_responses_continue_and_outlive_a_gateway_restart(stack):
     assert again == {k: v for k, v in second.items() if k != "trace_id"} and (deleted, orphan) == (200, 404)
 
 
+def test_a_background_response_through_the_services_is_the_answered_one(stack):
+    _, settings = stack
+    ask = {"model": "specmesh", "temperature": 0, "max_output_tokens": 16, "input": "class Stack:"}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=settings.gateway.http_url, timeout=120) as c:
+            whole = (await c.post("/v1/responses", json=ask | {"store": False})).json()
+            queued = (await c.post("/v1/responses", json=ask | {"background": True})).json()
+            for _ in range(600):
+                polled = (await c.get(f"/v1/responses/{queued['id']}")).json()
+                if polled["status"] not in ("queued", "in_progress"):
+                    return whole, queued, polled
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"still {polled['status']}")
+
+    whole, queued, polled = asyncio.run(run())
+    assert queued["status"] == "queued" and polled["status"] == whole["status"]
+    assert polled["output"][0]["content"] == whole["output"][0]["content"]
+
+
 def test_a_batch_with_n_samples_is_its_single_requests(stack, prompts):
     """Prompts x n choices in one request run as requests of their own: choice p * n + j is
     what prompt p alone gives with seed + j, on any chain."""

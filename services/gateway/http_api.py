@@ -31,6 +31,7 @@ from services.gateway.openai_models import (
 )
 from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.reply import Reply
+from services.gateway.background import BackgroundResponses, keeps_cancelled
 from services.gateway.response_store import StoreError
 from services.gateway.responses import ResponsesReply, ResponsesRequest, output_messages
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
@@ -64,6 +65,8 @@ def create_app(settings: Settings, service) -> FastAPI:
     app.middleware("http")(http_middleware(ApiKeys(settings)))
     _install_error_handlers(app)
     started = int(time.time())
+    background = BackgroundResponses()  # this gateway's background responses in flight
+    app.state.background = background
 
     @app.get("/health")
     async def health() -> dict:
@@ -168,13 +171,21 @@ def create_app(settings: Settings, service) -> FastAPI:
     async def responses(body: ResponsesRequest, request: Request):
         """OpenAI's Responses API over the chat machinery (`responses.py`); `stream: true` for its events.
         Stored unless `store: false`; `previous_response_id` continues a stored one's conversation."""
-        earlier = [] if body.previous_response_id is None else \
-            (await stored(body.previous_response_id, "previous_response_id"))["conversation"]
+        earlier: list[dict] = []
+        if body.previous_response_id is not None:
+            previous = await background.settle(response_store(), await stored(body.previous_response_id,
+                                                                              "previous_response_id"))
+            if previous.get("conversation") is None:  # a background response not (or never) finished
+                raise invalid(f"The response {body.previous_response_id!r} is {previous['response']['status']}: "
+                              f"there is no answer to continue yet.", "previous_response_id")
+            earlier = previous["conversation"]
         chat = body.to_chat(earlier)
         tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
         prompt = chat_prompt(backend().tokenizer(), chat.messages, tools)
         store = response_store() if body.store is not False else None
-
+        if body.background and (store is None or body.stream):
+            raise invalid("background needs the response stored (store: true, gateway.responses_store on) and no "
+                          "stream: poll GET /v1/responses/{id} for it.", "background")
         async def keep(final: dict) -> None:
             record = {"response": final, "input_items": body.input_items(),
                       "conversation": [*earlier, *body.turn(), *output_messages(final["output"])]}
@@ -184,12 +195,22 @@ def create_app(settings: Settings, service) -> FastAPI:
                 log.warning("response %s answered but not stored: %s", final["id"], exc)
                 final["store"] = False
 
+        if store is not None and body.background:
+            keep = keeps_cancelled(store, keep)
         return await serve(request, chat, "responses", [prompt], "input", tools, body, keep if store else None)
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
+    async def cancel_response(response_id: str) -> dict:
+        """Stop a background response; it is given back `cancelled` (one already finished, as it is)."""
+        record = await stored(response_id)
+        if not record["response"].get("background"):
+            raise invalid(f"Only a background response can be cancelled; {response_id!r} was answered whole.")
+        return await background.cancel(response_store(), backend(), record)
 
     @app.get("/v1/responses/{response_id}", responses=ERRORS)
     async def get_response(response_id: str) -> dict:
-        """A stored response, as it was answered."""
-        return (await stored(response_id))["response"]
+        """A stored response, as it was answered (a background one: as it stands)."""
+        return (await background.settle(response_store(), await stored(response_id)))["response"]
 
     @app.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
     async def response_input_items(response_id: str) -> dict:
@@ -247,6 +268,14 @@ def create_app(settings: Settings, service) -> FastAPI:
                            for job, stops in planned]
             if kind == "responses":
                 reply = ResponsesReply(request_id, b.model_name, original, tools, thinking(prompts[0]), keep)
+                if original.background:
+                    try:
+                        queued = await background.start(response_store(), reply, generations[0],
+                                                        {"input_items": original.input_items(), "conversation": None},
+                                                        settings.gateway.request_timeout_s)
+                    except StoreError as exc:
+                        raise unavailable(f"The response cannot be stored now ({exc}); retry shortly.") from None
+                    return JSONResponse(queued, headers=headers)
                 if body.stream:
                     return await stream_response(generations[0], reply, headers)
             else:

@@ -32,6 +32,7 @@ class GatewayService(ServiceProcess):
         await self.backend.follow_router()
         self.grpc = await start_grpc(self.settings, self.backend, self.tracer_provider)
         app = create_app(self.settings, self)  # `/metrics` serves self.registry
+        self.background = app.state.background
         FastAPIInstrumentor.instrument_app(app, tracer_provider=self.tracer_provider, excluded_urls="health,metrics",
                                            exclude_spans=["receive", "send"])
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")
@@ -59,4 +60,5 @@ class GatewayService(ServiceProcess):
     async def teardown(self) -> None:
         self.http.should_exit = True
         await self._http_task
+        await self.background.close()  # what still runs in the background is recorded cancelled
         await self.grpc.stop(grace=2)
