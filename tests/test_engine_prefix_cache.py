@@ -184,3 +184,51 @@ def test_a_prompt_run_whole_is_cached_under_its_own_salt(pools, conversation):
     target.prefill("same", prompt, SamplingParams(cache_salt="private"))
     target.release("same")
     assert target.prefix_hits - hits == len(prompt) - 1
+
+
+@pytest.fixture(scope="module")
+def hf_pools(engine_family):
+    torch.set_num_threads(1)
+    return (RunnerPool(engine_family, runner="hf", device=DEVICE, max_batch=4, max_len=256),
+            RunnerPool(engine_family, runner="hf", device=DEVICE, max_batch=4, max_len=256, prefix_caching=True))
+
+
+def test_the_transformers_runner_caches_prefixes_too(hf_pools, conversation):
+    """The fallback runner for other architectures: a next turn and a second question start
+    on cached heads, run only their tails, and give its own target alone's tokens."""
+    cold, warm = hf_pools
+    system, first, second = conversation
+    target = warm.get("target")
+    chain = warm.chain("drafter,target", k=3)
+    turn1 = chain.generate([system + first], MAX_TOKENS, stop_at_eos=False)[0]
+    before = target.forward_tokens
+    prompts = [system + first + turn1 + second, system + second]
+    hits = target.prefix_hits
+    outputs = chain.generate(prompts[:1], MAX_TOKENS, stop_at_eos=False) + \
+        chain.generate(prompts[1:], MAX_TOKENS, stop_at_eos=False)
+    reference = [target_alone(cold.get("target"), p, MAX_TOKENS) for p in [system + first] + prompts]
+    assert [turn1] + outputs == reference
+    assert target.prefix_hits - hits >= len(system + first + turn1) - 1 + len(system)
+    assert target.forward_tokens - before < sum(len(p) for p in prompts)  # the heads were not run again
+
+
+def test_the_transformers_runners_kept_caches_respect_salt_and_room(hf_pools, conversation):
+    _, warm = hf_pools
+    system, first, second = conversation
+    target = warm.get("target")
+    salted = SamplingParams(cache_salt="hf-a")
+    target.prefill("a", system + first, salted)
+    target.release("a")
+    target.prefill("b", system + first, SamplingParams(cache_salt="hf-b"))
+    assert target.cached_prefix("b") == 0  # another salt
+    target.prefill("c", system + second, salted)
+    assert target.cached_prefix("c") == len(system)  # copied out of the kept cache, cut to the head
+    target.prefill("d", system + first, salted)
+    assert target.cached_prefix("d") == len(system + first) - 1  # the kept one, still whole
+    for rid in "bcd":
+        target.release(rid)
+    assert len(target._caches) + len(target._kept) <= target.max_batch
+    for i in range(6):  # more prompts than room: the oldest kept caches are dropped, nothing fails
+        target.prefill(f"x{i}", system[i:] + second, SamplingParams(cache_salt=f"hf-x{i}"))
+        target.release(f"x{i}")
+    assert len(target._kept) <= target.max_batch

@@ -81,7 +81,7 @@ class KVCache:
         cap = len(tokens) - 1
         usable = {slot: len(self._held[slot]) for slot in self._free if self._salt[slot] == salt}
         usable.update((slot, self._length[rid]) for rid, slot in self._slot.items() if self._salt[slot] == salt)
-        found = {slot: _common_prefix(self._held[slot], tokens, min(cap, n)) for slot, n in usable.items()}
+        found = {slot: common_prefix(self._held[slot], tokens, min(cap, n)) for slot, n in usable.items()}
         n = max(found.values(), default=0)
         if n == 0:
             self._take(request_id, self._free[0], 0, salt)
@@ -159,7 +159,7 @@ class KVCache:
         return len(self._slot)
 
 
-def _common_prefix(held: list[int], tokens: list[int], cap: int) -> int:
+def common_prefix(held: list[int], tokens: list[int], cap: int) -> int:
     """The length of the longest common head of `held` and `tokens`, at most `cap`: a
     binary search on slice equality (each comparison runs in C)."""
     low, high = 0, min(len(held), cap)

@@ -15,6 +15,7 @@ holds (`penalize` needs every row's prefix), cut with the cache on rollback.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 
 from shared.engine.grammar import JSON_OBJECT, Grammar, TokenTrie, token_bytes
 from shared.engine.json_schema import compile_schema
+from shared.engine.kv_cache import common_prefix
 from shared.engine.regex import compile_regex
 from shared.engine.sampling import GREEDY, SamplingParams, choose, penalize, process_rows
 
@@ -323,26 +325,74 @@ class LeanRunner(Runner):
 
 
 class HFRunner(Runner):
-    """The transformers forward, one DynamicCache per request, requests run one by one."""
+    """The transformers forward, one DynamicCache per request, requests run one by one.
 
-    def __init__(self, hf_model, device="cpu", dtype=torch.float32, max_batch: int = 16, max_len: int = 512, seed: int | None = None):
+    Prefix caching (`prefix_caching`), as the lean runner's KV cache does it: each cache
+    knows the tokens it holds; a released one is kept (least recently released dropped
+    first, live and kept caches together at most `max_batch`), and a prefill starts on the
+    longest head of its prompt a cache of the same salt holds: a kept cache holding just
+    that head is taken as it is, any other is copied and cut to the head."""
+
+    def __init__(self, hf_model, device="cpu", dtype=torch.float32, max_batch: int = 16, max_len: int = 512,
+                 seed: int | None = None, prefix_caching: bool = False):
         self.device = torch.device(device)
         self.model = hf_model.to(device=self.device, dtype=dtype).eval()
         self.vocab_size = hf_model.config.vocab_size
         self.eos_token_id = _eos(hf_model.config)
         self.max_batch, self.max_len = max_batch, max_len
+        self.prefix_caching = prefix_caching
         self._caches: dict[str, object] = {}
+        self._held: dict[str, tuple[list[int], str]] = {}  # per live cache: its tokens and salt
+        self._kept: OrderedDict[int, tuple[object, list[int], str]] = OrderedDict()  # released, oldest first
+        self._released = 0
         super().__init__(seed)
 
-    def _open(self, request_id: str, salt: str = "") -> None:  # no prefix cache: the salt has nothing to keep apart
-        from transformers import DynamicCache
-
+    def _room(self, request_id: str) -> None:
         if request_id not in self._caches and len(self._caches) >= self.max_batch:
             raise RuntimeError(f"all {self.max_batch} request slots are in use; release a request or raise max_batch")
-        self._caches[request_id] = DynamicCache(config=self.model.config)
+
+    def _put(self, request_id: str, cache, tokens: list[int], salt: str) -> None:
+        self._caches[request_id] = cache
+        self._held[request_id] = (tokens, salt)
+        while self._kept and len(self._caches) + len(self._kept) > self.max_batch:
+            self._kept.popitem(last=False)
+
+    def _open(self, request_id: str, salt: str = "") -> None:
+        from transformers import DynamicCache
+
+        self._room(request_id)
+        self._put(request_id, DynamicCache(config=self.model.config), [], salt)
+
+    def _open_prefix(self, request_id: str, tokens: Sequence[int], salt: str) -> int:
+        if not self.prefix_caching:
+            return super()._open_prefix(request_id, tokens, salt)
+        self._room(request_id)
+        tokens, usable = list(tokens), len(tokens) - 1  # the last token runs: its logits are the answer
+        best, source = 0, None
+        for key, (cache, held, s) in self._kept.items():
+            if s == salt and (n := common_prefix(held, tokens, usable)) > best:
+                best, source = n, ("kept", key)
+        for rid, (held, s) in self._held.items():
+            if rid != request_id and s == salt and (n := common_prefix(held, tokens, usable)) > best:
+                best, source = n, ("live", rid)
+        if source is None:
+            self._open(request_id, salt)
+            return 0
+        if source[0] == "kept" and len(self._kept[source[1]][1]) == best:
+            cache = self._kept.pop(source[1])[0]  # it holds just the head: taken as it is
+        else:
+            original = self._kept[source[1]][0] if source[0] == "kept" else self._caches[source[1]]
+            cache = copy.deepcopy(original)  # the longer sequence stays whole for its own next turn
+            cache.crop(best - cache.get_seq_length())
+        self._put(request_id, cache, tokens[:best], salt)
+        return best
 
     def _close(self, request_id: str) -> None:
-        self._caches.pop(request_id, None)
+        cache = self._caches.pop(request_id, None)
+        held, salt = self._held.pop(request_id, ([], ""))
+        if self.prefix_caching and cache is not None and held:
+            self._kept[self._released] = (cache, held, salt)
+            self._released += 1
 
     def _cache(self, request_id: str):
         try:
@@ -359,6 +409,7 @@ class HFRunner(Runner):
             raise ValueError(f"cannot roll request {request_id!r} back to {length}: it holds {current} positions")
         if length < current:
             self._cache(request_id).crop(length - current)  # transformers 5: a negative count removes tokens
+            del self._held[request_id][0][length:]
 
     def _logits(self, request_ids, chunks, last_only):
         width = max(len(c) for c in chunks)
@@ -369,6 +420,7 @@ class HFRunner(Runner):
                 raise RuntimeError(f"request {r!r} would grow past max_len={self.max_len}")
             ids = torch.tensor([list(chunk)], device=self.device)
             logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
+            self._held[r][0].extend(chunk)
             if last_only:
                 outs.append(logits[-1])
             else:
@@ -402,8 +454,7 @@ def load_runner(
 ) -> Runner:
     """A runner for the checkpoint at `path`: the lean one when it supports the
     architecture (`runner="lean"`), the transformers one otherwise or when asked.
-    `prefix_caching`: a prefill starts on the head of its prompt the cache still holds
-    (the lean runner; the transformers one runs every prompt whole)."""
+    `prefix_caching`: a prefill starts on the head of its prompt the cache still holds."""
     from shared.engine.llama import UnsupportedModel
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -424,6 +475,6 @@ def load_runner(
             import logging
 
             logging.getLogger(__name__).warning("lean runner unavailable for %s (%s); using transformers", path, exc)
-    made = made or HFRunner(model, device, torch_dtype, max_batch, max_len, seed)
+    made = made or HFRunner(model, device, torch_dtype, max_batch, max_len, seed, prefix_caching)
     made.tokenizer_path = Path(path)
     return made
