@@ -260,3 +260,27 @@ async def test_a_gateway_that_stops_records_its_background_responses_failed(back
         await app.state.background.close()  # what GatewayService.teardown does
         stopped = (await client.get(f"/v1/responses/{queued['id']}")).json()
     assert stopped["status"] == "failed" and "gateway stopped" in stopped["error"]["message"]
+
+
+async def test_truncation_auto_drops_the_oldest_turns_to_fit(client, backend):
+    from tests.test_gateway_tools import CONTEXT
+
+    long = "word "
+    while len(backend.tok.encode(long)) < 0.4 * CONTEXT:  # two turns of these fit the context, three do not
+        long += "word "
+    answer_with(backend, "Ok.")
+    first = await ask(client, input=long, instructions="Be brief.", max_output_tokens=8)
+    answer_with(backend, "Fine.")
+    second = await ask(client, input=long, previous_response_id=first["id"], max_output_tokens=8)
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": long + "Last?", "max_output_tokens": 8,
+                                                 "previous_response_id": second["id"], "instructions": "Be brief."})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"  # "disabled": no cut
+    third = await ask(client, input=long + "Last?", previous_response_id=second["id"], instructions="Be brief.",
+                      max_output_tokens=8, truncation="auto")
+    prompt = prompt_of(backend)
+    assert third["truncation"] == "auto" and prompt.startswith("System: Be brief.\n")
+    assert prompt.endswith("Last?\nAssistant:") and "Ok." not in prompt and "Fine." in prompt  # the first turn went
+    assert len(backend.jobs[-1].prompt) + 8 <= CONTEXT
+    answer_with(backend, "Again.")
+    await ask(client, input="Again?", previous_response_id=third["id"], max_output_tokens=8, truncation="auto")
+    assert prompt_of(backend).endswith("User: Again?\nAssistant:")  # cut again from the whole stored conversation

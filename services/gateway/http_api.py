@@ -33,7 +33,7 @@ from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.reply import Reply
 from services.gateway.background import BackgroundResponses, keeps_cancelled
 from services.gateway.response_store import StoreError
-from services.gateway.responses import ResponsesReply, ResponsesRequest, output_messages
+from services.gateway.responses import ResponsesReply, ResponsesRequest, output_messages, truncated
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
 from shared import __version__
 from shared.service import ping
@@ -181,7 +181,16 @@ def create_app(settings: Settings, service) -> FastAPI:
             earlier = previous["conversation"]
         chat = body.to_chat(earlier)
         tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
-        prompt = chat_prompt(backend().tokenizer(), chat.messages, tools)
+        tok = backend().tokenizer()
+        if body.truncation == "auto":
+            room = backend().max_context - (body.max_output_tokens or 1)
+
+            def fits(messages) -> bool:
+                prompt = chat_prompt(tok, messages, tools)
+                return len(prompt if isinstance(prompt, list) else tok.encode(prompt)) <= room
+
+            chat.messages = truncated(chat.messages, fits)
+        prompt = chat_prompt(tok, chat.messages, tools)
         store = response_store() if body.store is not False else None
         if body.background and (store is None or body.stream):
             raise invalid("background needs the response stored (store: true, gateway.responses_store on) and no "

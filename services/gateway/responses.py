@@ -117,6 +117,9 @@ class ResponsesRequest(BaseModel):
     store: StrictBool | None = Field(None, description="Keep the response for previous_response_id and GET (default "
                                                        "true; the answer says whether it was kept).")
     previous_response_id: StrictStr | None = Field(None, description="Continue the conversation of this stored response.")
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="'auto': a conversation too long for the context drops its oldest turns (the instructions "
+                          "and the newest message stay); 'disabled' (the default): it is a 400.")
     background: StrictBool | None = Field(None, description="Answer at once with status 'queued' and generate in the "
                                                             "background; poll GET /v1/responses/{id}, or cancel it.")
     metadata: dict[str, StrictStr] | None = None
@@ -203,6 +206,20 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def truncated(messages: list, fits: Callable[[list], bool]) -> list:
+    """OpenAI's `truncation: "auto"`: the chat's messages without their oldest turns until
+    `fits` says they do. A leading system (or developer) message, the instructions, stays, as
+    does the last message; a turn goes whole (the answer and tool results after a dropped
+    message go with it)."""
+    head = messages[:1] if messages and messages[0].role in ("system", "developer") else []
+    rest = messages[len(head):]
+    while len(rest) > 1 and not fits(head + rest):
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0].role in ("assistant", "tool"):
+            rest = rest[1:]
+    return head + rest
+
+
 def output_messages(output: list[dict]) -> list[dict]:
     """A response's output items as the chat turn a follow-up sees: the assistant's text and
     its tool calls in one message (reasoning items are not carried over)."""
@@ -252,7 +269,8 @@ class ResponsesReply:
             "background": bool(body.background),
             "temperature": 1.0 if body.temperature is None else body.temperature, "text": {"format": fmt},
             "tool_choice": choice, "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "usage": usage,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": body.truncation or "disabled",
+            "usage": usage,
             "user": body.user, "metadata": body.metadata or {},
         } | ({"speculation": out.speculation, "timings": out.timings} if out is not None and out.speculation else {})
 
