@@ -79,6 +79,7 @@ class Sampling:
     regex: str = ""  # response_format "regex": the expression the whole output matches (shared.engine.regex)
     cache_salt: str = ""  # prompt heads cached by the model services are shared only between requests of one salt
     min_p: float = 0.0  # tokens less likely than min_p times the likeliest are dropped (after temperature); 0: off
+    allowed_token_ids: list[int] = field(default_factory=list)  # only these may be sampled; empty: every token
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token a job may ask for (OpenAI's chat API allows 20)

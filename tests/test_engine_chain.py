@@ -189,6 +189,19 @@ def test_seeded_sampling_is_reproducible_across_chains_and_batches(pool, prompts
     assert run_batches(pool.chain("drafter,target"), subset, 12, MAX_TOKENS, sampling=other) != ref
 
 
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, seed=5)], ids=["greedy", "seeded"])
+def test_allowed_token_ids_hold_at_every_level(pool, prompts, reference, sampling):
+    """Only the allowed tokens come out, and they are the target alone's under the same rule."""
+    subset = prompts[:3] + prompts[-3:]
+    seen = sorted({t for out in reference[:3] + reference[-3:] for t in out})
+    allowed = replace(sampling, allowed_token_ids=tuple(seen[::2]))  # half of what the target would say
+    target = pool.get("target")
+    ref = [target_alone(target, p, MAX_TOKENS, allowed) for p in subset]
+    assert all(set(out) <= set(allowed.allowed_token_ids) for out in ref)
+    for spec in ("ngram,drafter,target", "drafter,verifier,target"):
+        assert run_batches(pool.chain(spec, k=3), subset, 6, MAX_TOKENS, sampling=allowed) == ref, spec
+
+
 def test_min_p_sampling_seeded_is_the_target_alones_through_every_chain(pool, prompts):
     """min_p filters the target's distribution (and every drafter's) the same way at every
     level: seeded outputs equal the target alone's, and differ from the unfiltered ones."""

@@ -305,7 +305,9 @@ def test_rows_with_different_min_p_are_processed_each_by_its_own():
 
 def test_sampling_params_validation():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=1.5), dict(seed="x"),
-                dict(min_p=-0.1), dict(min_p=1.5), dict(min_p=float("nan")), dict(min_p="0.1")):
+                dict(min_p=-0.1), dict(min_p=1.5), dict(min_p=float("nan")), dict(min_p="0.1"),
+                dict(allowed_token_ids=(-1,)), dict(allowed_token_ids=("a",)),
+                dict(allowed_token_ids=(3,), response_format="json_object")):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams().greedy and SamplingParams(temperature=1, seed=3).seeded

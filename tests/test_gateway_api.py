@@ -257,6 +257,13 @@ async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, back
     assert r.json()["usage"]["input_tokens_details"] == {"cached_tokens": 2}
 
 
+async def test_allowed_token_ids_reach_the_job(client, backend):
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                        "allowed_token_ids": [9, 3, 9]})
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].sampling.allowed_token_ids == [3, 9]
+
+
 async def test_priority_reaches_the_job(client, backend):
     for path, prompt in (("/v1/completions", {"prompt": "Hi"}),
                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
@@ -667,6 +674,11 @@ BAD = [
     ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
+    ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [-1]}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": 5}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [5], "response_format": {"type": "json_object"}}, 400, "allowed_token_ids"),
     ({"prompt": "x", "priority": 2**31}, 400, "priority"),
     ({"prompt": "x", "priority": "high"}, 400, "priority"),
     ({"prompt": "x", "priority": 1.5}, 400, "priority"),
@@ -802,7 +814,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens", "priority"]
+          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens", "priority", "allowed_token_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -983,6 +995,9 @@ async def test_grpc_generate(grpc_gateway, tok):
         sampling=pb.SamplingParameters(temperature=1.0, min_p=0.25)))
     assert backend.jobs[-1].prompt == tok.encode("Hello there, general")[-2:]
     assert backend.jobs[-1].sampling.min_p == 0.25
+    await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
+        allowed_token_ids=[7, 5])))
+    assert backend.jobs[-1].sampling.allowed_token_ids == [5, 7]
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, priority=-2))
     assert backend.jobs[-1].priority == -2
     assert list(reply.logprobs) == []

@@ -94,6 +94,6 @@ def test_lists_of_numbers_are_checked_element_by_element_when_not_plain():
 def test_sampling_params_cross_the_wire_whole(temperature, top_p, top_k, min_p, seed, min_tokens, stops, salt, bias):
     """Every field of a request's sampling parameters arrives as it was sent."""
     params = SamplingParams(temperature, top_p, top_k, seed, 0.5, -0.25, 1.1, tuple(bias.items()), 7, min_tokens,
-                            tuple(stops), cache_salt=salt, min_p=min_p)
+                            tuple(stops), cache_salt=salt, min_p=min_p, allowed_token_ids=tuple(stops))
     job = GenerateJob("r1", [1, 2], 4, params.to_wire(), ["target"], [])
     assert SamplingParams.from_wire(decode(encode(job), GenerateJob).sampling) == params

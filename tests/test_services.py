@@ -178,6 +178,17 @@ def test_min_p_sampling_through_every_level_is_the_target_alones(stack, prompts)
                               for r in asyncio.run(complete_all(settings.gateway.http_url, unfiltered))]
 
 
+def test_allowed_token_ids_through_every_level_are_the_target_alones(stack, prompts, reference):
+    _, settings = stack
+    allowed = sorted({t for out in reference[:6] for t in out})[::2]
+    runs = {}
+    for chain in ["target", "ngram,drafter,verifier,target"]:
+        bodies = [body(p, chain, allowed_token_ids=allowed) for p in prompts[:6]]
+        runs[chain] = [r["choices"][0]["token_ids"] for r in asyncio.run(complete_all(settings.gateway.http_url, bodies))]
+    assert runs["ngram,drafter,verifier,target"] == runs["target"]
+    assert all(set(out) <= set(allowed) for out in runs["target"]) and runs["target"] != reference[:6]
+
+
 def test_a_batch_file_through_the_services_is_the_target_alones(stack, prompts, reference, tmp_path):
     from shared.batch import plan_batch, read_batch, run_batch
 

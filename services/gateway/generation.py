@@ -112,6 +112,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # prefix caching: heads cached for one salt are reused only by that salt
     truncate_prompt_tokens: int | None = None  # keep the prompt's last n tokens (vLLM's); None: all of it
     priority: int | None = None  # lower is admitted first where a target has a queue (vLLM's); None: 0
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's); None: every token
 
 
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
@@ -150,6 +151,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
         **_logit_bias(req.logit_bias, len(tok)),
         min_tokens=_min_tokens(req.min_tokens, max_tokens),
         stop_token_ids=_stop_token_ids(req.stop_token_ids, len(tok)),
+        allowed_token_ids=_allowed_token_ids(req.allowed_token_ids, len(tok)),
         **_response_format(req, tok),
         cache_salt=_cache_salt(req.cache_salt),
     )
@@ -317,6 +319,9 @@ def _response_format(req: GenerationRequest, tok) -> dict:
     if fmt and req.ignore_eos:
         raise invalid(f"ignore_eos cannot be combined with response_format {fmt}: nothing may follow the object "
                       f"but the end of sequence.", "ignore_eos")
+    if fmt and req.allowed_token_ids:
+        raise invalid(f"allowed_token_ids cannot be combined with response_format {fmt}: the format decides which "
+                      f"tokens may come.", "allowed_token_ids")
     if fmt and tok.eos_token_id is None:
         raise invalid(f"response_format {fmt} needs a model with an end-of-sequence token.", "response_format")
     return {"response_format": fmt, "json_schema": schema, "regex": regex}
@@ -340,6 +345,18 @@ def _stop_token_ids(value: list[int] | None, vocab: int) -> list[int]:
     bad = [t for t in value if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
         raise invalid(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[0]!r}.", "stop_token_ids")
+    return sorted(set(value))
+
+
+def _allowed_token_ids(value: list[int] | None, vocab: int) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        raise invalid(f"allowed_token_ids must be a non-empty list of token ids, got {repr(value)[:40]}.",
+                      "allowed_token_ids")
+    bad = [t for t in value if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise invalid(f"allowed_token_ids must be token ids in [0, {vocab}), got {bad[0]!r}.", "allowed_token_ids")
     return sorted(set(value))
 
 

@@ -107,6 +107,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
             ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else None,
             stop_token_ids=list(s.stop_token_ids) or None,
+            allowed_token_ids=list(s.allowed_token_ids) or None,
             response_format=s.response_format if s.HasField("response_format") else None,
             json_schema=s.json_schema if s.HasField("json_schema") else None,
             regex=s.regex if s.HasField("regex") else None,

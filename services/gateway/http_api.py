@@ -261,7 +261,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             stop=body.stop, truncate_prompt_tokens=body.truncate_prompt_tokens, priority=body.priority,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, min_tokens=body.min_tokens,
-            ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
+            ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids, allowed_token_ids=body.allowed_token_ids,
             response_format=response_format, json_schema=json_schema, regex=regex,
             tool_calls=bool(tools and tools.constrained),
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,

@@ -84,6 +84,8 @@ class _Sampled(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="Extension (vLLM's): drop tokens less likely than min_p times the likeliest (after "
                           "temperature); 0 (the default) is off.")
+    allowed_token_ids: list[StrictInt] | None = Field(
+        None, description="Extension (vLLM's): only these token ids may be generated (every level keeps to them).")
     priority: StrictInt | None = Field(
         None, description="Extension (vLLM's): where a target has requests waiting for room, lower priorities are "
                           "admitted first (equal ones in arrival order); default 0. Running requests are not preempted.")

@@ -64,6 +64,7 @@ class SamplingParams:
     regex: str = ""  # with response_format "regex": the expression the whole output matches (regex.compile_regex)
     cache_salt: str = ""  # a prompt's head cached for one salt is not reused for another (kv_cache.open_prefix)
     min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature); 0: off
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled (vLLM's); empty: every token
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
@@ -88,6 +89,8 @@ class SamplingParams:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0 \
                     or not (isinstance(bias, (int, float)) and math.isfinite(bias)):
                 raise ValueError(f"logit_bias entries must be (token id >= 0, finite bias), got {pair!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids must be token ids >= 0, got {list(self.allowed_token_ids)[:8]!r}")
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ValueError("logit_bias names a token id more than once")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
@@ -111,6 +114,9 @@ class SamplingParams:
                 raise ValueError(f"response_format regex: {exc}") from None
         elif self.regex:
             raise ValueError("a regex needs response_format 'regex'")
+        if self.response_format and self.allowed_token_ids:
+            raise ValueError("allowed_token_ids cannot be combined with a response_format: the format decides "
+                             "which tokens may come")
         if self.response_format and self.min_tokens:
             raise ValueError("min_tokens cannot be combined with a response_format: the end of sequence "
                              "must be free to follow the object (or match)")
@@ -137,7 +143,7 @@ class SamplingParams:
     @property
     def adjusted(self) -> bool:
         """Whether `penalize` changes anything."""
-        return self.penalized or bool(self.logit_bias)
+        return self.penalized or bool(self.logit_bias) or bool(self.allowed_token_ids)
 
     def starting_at(self, prompt_len: int) -> SamplingParams:
         """These parameters with the output starting at `prompt_len`, unless already placed
@@ -153,14 +159,14 @@ class SamplingParams:
         return cls(s.temperature, s.top_p, s.top_k, s.seed, s.presence_penalty, s.frequency_penalty,
                    s.repetition_penalty, tuple(zip(s.logit_bias_ids, s.logit_bias_values)), s.output_start,
                    s.min_tokens, tuple(s.stop_token_ids), s.response_format, s.json_schema, s.regex, s.cache_salt,
-                   s.min_p)
+                   s.min_p, tuple(s.allowed_token_ids))
 
     def to_wire(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.top_k, self.seed, self.presence_penalty,
                         self.frequency_penalty, self.repetition_penalty, [t for t, _ in self.logit_bias],
                         [float(b) for _, b in self.logit_bias], self.output_start, self.min_tokens,
                         list(self.stop_token_ids), self.response_format, self.json_schema, self.regex,
-                        self.cache_salt, self.min_p)
+                        self.cache_salt, self.min_p, list(self.allowed_token_ids))
 
 
 GREEDY = SamplingParams()
@@ -168,8 +174,9 @@ GREEDY = SamplingParams()
 
 def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = (),
              eos_token_id: int | None = None, grammar: Grammar | None = None) -> torch.Tensor:
-    """Logits [T, V] (float32, a new tensor) after `logit_bias`, the penalties, `min_tokens`
-    and the response format (`grammar`: the model vocabulary's, needed for one).
+    """Logits [T, V] (float32, a new tensor) after `allowed_token_ids`, `logit_bias`, the
+    penalties, `min_tokens` and the response format (`grammar`: the model vocabulary's,
+    needed for one).
 
     The rows are the last T positions of `tokens` (the request's sequence so far): row j
     predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
@@ -181,6 +188,13 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
     """
     x = logits.float().clone()
     rows, vocab = x.shape
+    if params.allowed_token_ids:
+        inside = [t for t in params.allowed_token_ids if t < vocab]
+        if not inside:
+            raise ValueError(f"allowed_token_ids holds no token of this model's vocabulary of {vocab}")
+        barred = torch.ones(vocab, dtype=torch.bool, device=x.device)
+        barred[torch.tensor(inside, dtype=torch.long, device=x.device)] = False
+        x.masked_fill_(barred, float("-inf"))
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
         bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
