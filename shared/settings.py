@@ -69,6 +69,7 @@ class GatewaySettings(BaseModel):
     max_concurrent_requests: int = Field(1024, ge=1, description="Generations one gateway runs at once (each choice counts); beyond, a 429 with Retry-After (TGI's max_concurrent_requests): a burst past what the targets can queue gets a clear answer, not a timeout.")
     api_keys: list[SecretStr] = Field(default_factory=list, description='Accepted API keys, a JSON list (`["sk-..."]`); clients send `Authorization: Bearer <key>`.')
     dev_mode: bool = Field(False, description="Accept requests without an API key (development only; `make up` turns it on and says so).")
+    cors_allow_origins: list[str] = Field(default_factory=list, description='Origins a browser may call the HTTP API from (CORS), a JSON list: `["https://app.example"]`, or `["*"]` for any (vLLM\'s --allowed-origins); empty (the default): no cross-origin calls.')
     responses_store: bool = Field(True, description="Keep Responses API answers (`store`, default true as in OpenAI's API) in a JetStream key-value bucket, for `previous_response_id` and GET/DELETE /v1/responses/{id}; false: none is kept.")
     responses_ttl_s: float = Field(30 * 86400.0, gt=0, description="Seconds a stored response is kept (OpenAI keeps 30 days).")
     responses_max_bytes: int = Field(1 << 30, ge=1 << 20, description="Most bytes the stored responses take; past it a response is answered but not kept (store: false).")

@@ -93,3 +93,24 @@ async def test_version_is_open_and_the_packages(keyed):
         resp = await client.get("/version")
         assert resp.status_code == 200 and resp.json() == {"version": version("specmesh")}
         assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_cors_answers_a_browsers_preflight_only_for_the_allowed_origins(tok):  # noqa: F811
+    settings = make_settings(dev_mode=False, api_keys=[SecretStr("sk-right")], cors_allow_origins=["https://app.test"])
+    app = create_app(settings, SimpleNamespace(backend=FakeBackend(tok), nc=None))
+    ask = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        ok = await client.options("/v1/completions", headers=ask | {"origin": "https://app.test"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.test"
+        other = await client.options("/v1/completions", headers=ask | {"origin": "https://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
+        served = await client.post("/v1/completions", json=BODY, headers={"origin": "https://app.test",
+                                                                          "authorization": "Bearer sk-right"})
+        assert served.status_code == 200 and served.headers["access-control-allow-origin"] == "https://app.test"
+        assert "x-request-id" in served.headers["access-control-expose-headers"]
+        refused = await client.post("/v1/completions", json=BODY, headers={"origin": "https://app.test"})
+        assert refused.status_code == 401  # CORS opens no door the API key keeps shut
+    plain = create_app(make_settings(), SimpleNamespace(backend=FakeBackend(tok), nc=None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=plain), base_url="http://gw") as client:
+        r = await client.options("/v1/completions", headers=ask | {"origin": "https://app.test"})
+        assert "access-control-allow-origin" not in r.headers  # off by default

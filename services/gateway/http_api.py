@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,6 +64,9 @@ def create_app(settings: Settings, service) -> FastAPI:
                   description="OpenAI-compatible API over multi-level speculative decoding.")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.middleware("http")(http_middleware(ApiKeys(settings)))
+    if settings.gateway.cors_allow_origins:  # added last, so outermost: a preflight is answered before the API key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=settings.gateway.cors_allow_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "x-trace-id", "retry-after"])
     _install_error_handlers(app)
     started = int(time.time())
     background = BackgroundResponses()  # this gateway's background responses in flight
