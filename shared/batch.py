@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 import uuid
 from collections import Counter
@@ -200,19 +201,21 @@ class BatchSummary:
 
 async def run_batch(plan: BatchPlan, out: Path, *, url: str, headers: dict[str, str] | None = None,
                     concurrency: int = 8, retries: int = 4, timeout_s: float = 600.0,
-                    progress: Callable[[int], None] | None = None) -> BatchSummary:
+                    progress: Callable[[int], None] | None = None, ca_certs: Path | None = None) -> BatchSummary:
     """Send the plan's requests, `concurrency` at a time, appending each result to `out` as it ends.
 
     A request answered 408, 429 or 5xx, or not at all, is sent again up to `retries` times,
-    after the `Retry-After` the gateway asked for or a doubling backoff.
+    after the `Retry-After` the gateway asked for or a doubling backoff. `ca_certs`: the PEM
+    file that vouches for an https gateway's certificate (default: the system's).
     """
     if concurrency < 1 or retries < 0:
         raise ValueError(f"concurrency must be >= 1 and retries >= 0, got {concurrency} and {retries}")
     summary = BatchSummary(skipped=plan.skipped)
     started = time.monotonic()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    verify = ssl.create_default_context(cafile=str(ca_certs)) if ca_certs else True
     async with httpx.AsyncClient(base_url=url, headers=headers or {}, timeout=timeout_s, limits=limits,
-                                 trust_env=False) as client:
+                                 trust_env=False, verify=verify) as client:
         model = await _served_model(client) if any("model" not in r.body for r in plan.requests) else None
         gate = asyncio.Semaphore(concurrency)
         with out.open("a", encoding="utf-8") as sink:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROLES = ("drafter", "verifier", "target")
@@ -70,13 +70,25 @@ class GatewaySettings(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list, description='Accepted API keys, a JSON list (`["sk-..."]`); clients send `Authorization: Bearer <key>`.')
     dev_mode: bool = Field(False, description="Accept requests without an API key (development only; `make up` turns it on and says so).")
     cors_allow_origins: list[str] = Field(default_factory=list, description='Origins a browser may call the HTTP API from (CORS), a JSON list: `["https://app.example"]`, or `["*"]` for any (vLLM\'s --allowed-origins); empty (the default): no cross-origin calls.')
+    ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): the HTTP and gRPC APIs serve TLS (https, and gRPC's secure port) with ssl_keyfile (vLLM's --ssl-certfile).")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile.")
     responses_store: bool = Field(True, description="Keep Responses API answers (`store`, default true as in OpenAI's API) in a JetStream key-value bucket, for `previous_response_id` and GET/DELETE /v1/responses/{id}; false: none is kept.")
     responses_ttl_s: float = Field(30 * 86400.0, gt=0, description="Seconds a stored response is kept (OpenAI keeps 30 days).")
     responses_max_bytes: int = Field(1 << 30, ge=1 << 20, description="Most bytes the stored responses take; past it a response is answered but not kept (store: false).")
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("gateway.ssl_certfile and gateway.ssl_keyfile go together: give both, or neither")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 class ModelSettings(BaseModel):

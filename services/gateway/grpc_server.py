@@ -175,7 +175,8 @@ def _summary(out: Outcome) -> dict:
 async def start_grpc(settings: Settings, backend, tracer_provider=None) -> grpc.aio.Server:
     """Serve `TextGeneration` and `grpc.health.v1.Health` on the gateway's gRPC port; returns the started server.
 
-    The bound port is `server.port` (useful when `grpc_port` was 0, as in tests). With a
+    The bound port is `server.port` (useful when `grpc_port` was 0, as in tests). TLS when
+    the gateway has a certificate (`gateway.ssl_certfile`). With a
     `tracer_provider`, every call is a server span (OpenTelemetry's gRPC instrumentation).
     """
     interceptors = [GrpcAuth(ApiKeys(settings))]
@@ -188,7 +189,12 @@ async def start_grpc(settings: Settings, backend, tracer_provider=None) -> grpc.
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     cfg = settings.gateway
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    address = f"{cfg.host}:{cfg.grpc_port}"
+    if cfg.tls:
+        credentials = grpc.ssl_server_credentials([(cfg.ssl_keyfile.read_bytes(), cfg.ssl_certfile.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -13,6 +13,13 @@ from shared.service import ServiceProcess
 log = logging.getLogger("specmesh.gateway")
 
 
+def http_config(app, cfg, port: int | None = None) -> uvicorn.Config:
+    """uvicorn's configuration of the HTTP API: TLS when the gateway has a certificate."""
+    tls = {"ssl_certfile": str(cfg.ssl_certfile), "ssl_keyfile": str(cfg.ssl_keyfile)} if cfg.tls else {}
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port if port is None else port, log_level="warning",
+                          lifespan="on", **tls)
+
+
 class GatewayService(ServiceProcess):
     name = "gateway"
     description = "SpecMesh gateway: OpenAI-compatible HTTP API and gRPC"
@@ -35,8 +42,7 @@ class GatewayService(ServiceProcess):
         self.background = app.state.background
         FastAPIInstrumentor.instrument_app(app, tracer_provider=self.tracer_provider, excluded_urls="health,metrics",
                                            exclude_spans=["receive", "send"])
-        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")
-        self.http = uvicorn.Server(config)
+        self.http = uvicorn.Server(http_config(app, cfg))
         self.http.install_signal_handlers = lambda: None  # the service shell owns signals
         self._http_task = asyncio.create_task(self.http.serve())
 

@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         concurrency: int = typer.Option(8, min=1, max=1024, help="Requests in flight at once."),
         retries: int = typer.Option(4, min=0, max=100, help="More attempts for a request answered 408/429/5xx or not at all."),
         timeout: float = typer.Option(600.0, min=1.0, help="Seconds one attempt may take."),
+        ca_certs: Optional[Path] = typer.Option(None, "--ca-certs", exists=True, dir_okay=False,
+                                                help="PEM file vouching for an https gateway's certificate."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Start the output file afresh instead of resuming it."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     ) -> None:
@@ -59,7 +61,7 @@ def register(app: typer.Typer) -> None:
         bar = tqdm(total=len(plan.requests), desc="batch", unit="req", disable=as_json)
         summary = asyncio.run(run_batch(plan, output_file, url=url or get_settings().gateway.http_url,
                                         headers=api_key_header(), concurrency=concurrency, retries=retries,
-                                        timeout_s=timeout, progress=bar.update))
+                                        timeout_s=timeout, progress=bar.update, ca_certs=ca_certs))
         bar.close()
         result = summary.as_dict() | {"output": str(output_file)}
         if as_json:
