@@ -92,6 +92,7 @@ class TokenLogprob:
     logprob: float
     top_ids: list[int] = field(default_factory=list)  # likeliest first
     top_logprobs: list[float] = field(default_factory=list)
+    rank: int = 0  # 1 + how many tokens were likelier at its position (0: not reported)
 
 
 @dataclass

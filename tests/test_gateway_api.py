@@ -257,6 +257,34 @@ async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, back
     assert r.json()["usage"]["input_tokens_details"] == {"cached_tokens": 2}
 
 
+async def test_prompt_logprobs_in_vllms_shape(client, backend, tok):
+    prompt = tok.encode("Hello there")
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello there", "max_tokens": 2,
+                                                   "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].prompt_logprobs == 2 and backend.jobs[-1].logprobs == -1
+    got = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(got) == len(prompt) and got[0] is None
+    for j, (token, entry) in enumerate(zip(prompt[1:], got[1:])):
+        want = fake_logprob(j, token, 2)
+        assert entry[str(token)]["logprob"] == pytest.approx(want.logprob)  # the prompt token itself is there
+        assert list(entry.values())[0]["rank"] == 1  # the likeliest first
+        assert all(set(e) == {"logprob", "rank", "decoded_token"} for e in entry.values())
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello there", "max_tokens": 2,
+                                                   "echo": True, "logprobs": 1, "prompt_logprobs": 3})
+    body = r.json()["choices"][0]
+    assert backend.jobs[-1].prompt_logprobs == 3
+    assert all(len(top) == 1 for top in body["logprobs"]["top_logprobs"][1:])  # echo keeps to its own logprobs: 1
+    assert len(body["prompt_logprobs"]) == len(prompt)
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                        "max_tokens": 2, "prompt_logprobs": 0})
+    chat = r.json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == len(backend.jobs[-1].prompt)
+    assert "prompt_logprobs" not in chat["choices"][0]
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "prompt_logprobs": 1, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
 async def test_allowed_token_ids_reach_the_job(client, backend):
     r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                         "allowed_token_ids": [9, 3, 9]})
@@ -674,6 +702,8 @@ BAD = [
     ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
+    ({"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
     ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"prompt": "x", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids"),
     ({"prompt": "x", "allowed_token_ids": [-1]}, 400, "allowed_token_ids"),
@@ -814,7 +844,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "stream_options", "n", "speculation", "logprobs", "top_logprobs", "echo", "response_format", "logit_bias",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
-          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens", "priority", "allowed_token_ids"]
+          "stop_token_ids", "cache_salt", "min_p", "truncate_prompt_tokens", "priority", "allowed_token_ids", "prompt_logprobs"]
 
 
 @pytest.fixture(scope="module")

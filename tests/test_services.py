@@ -598,6 +598,23 @@ def test_scoring_a_completion_with_echo_gives_the_logprobs_it_was_generated_with
     assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["token_ids"] == []
 
 
+def test_prompt_logprobs_are_the_scored_prompts(stack, prompts):
+    """vLLM's prompt_logprobs carry what echo scores, with each token's rank in the target's
+    distribution (1 exactly where it is the likeliest)."""
+    _, settings = stack
+    [scored, echoed] = asyncio.run(complete_all(settings.gateway.http_url, [
+        body(prompts[0], "drafter,target", max_tokens=1, prompt_logprobs=2),
+        body(prompts[0], "drafter,target", max_tokens=1, echo=True, logprobs=2)]))
+    got = scored["choices"][0]["prompt_logprobs"]
+    want = echoed["choices"][0]["logprobs"]["token_logprobs"][:len(prompts[0])]  # the prompt's, then the token made
+    assert got[0] is None and len(got) == len(prompts[0])
+    for token, entry, logprob in zip(prompts[0][1:], got[1:], want[1:]):
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(logprob, abs=1e-5)
+        likeliest = next(iter(entry))
+        assert (mine["rank"] == 1) == (likeliest == str(token)) and mine["rank"] >= 1
+
+
 def test_unseeded_sampling_reports_expected_acceptance_per_level(stack, prompts):
     """Sampled requests carry each level's measured 1 - TV to the client (and to the router)."""
     _, settings = stack

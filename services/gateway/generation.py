@@ -113,6 +113,7 @@ class GenerationRequest:
     truncate_prompt_tokens: int | None = None  # keep the prompt's last n tokens (vLLM's); None: all of it
     priority: int | None = None  # lower is admitted first where a target has a queue (vLLM's); None: 0
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's); None: every token
+    prompt_logprobs: int = -1  # vLLM's: each prompt token's log-probability and the n likeliest (-1: none)
 
 
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
@@ -167,6 +168,9 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                                  "specmesh.chain": ",".join(assigned.chain) if assigned else "",
                                  "specmesh.k": list(assigned.k) if assigned else [],
                                  "specmesh.router.reason": getattr(assigned, "reason", "") or ""})
+    if not -1 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid(f"prompt_logprobs must be 0..{MAX_TOP_LOGPROBS} (how many alternatives per prompt token), got "
+                      f"{req.prompt_logprobs}.", "prompt_logprobs")
     if not -1 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise invalid(f"logprobs must be 0..{MAX_TOP_LOGPROBS} (how many alternatives per token), got {req.logprobs}.",
                       "logprobs")
@@ -177,7 +181,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     job = GenerateJob(request_id=req.request_id, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo,
                       stop_at_eos=not _bool(req.ignore_eos, "ignore_eos"),
-                      logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else -1,
+                      logprobs=req.logprobs, prompt_logprobs=max(req.logprobs if req.echo else -1, req.prompt_logprobs),
                       priority=_priority(req.priority))
     stops = _stops(req.stop)
     limit = settings.gateway.max_concurrent_requests

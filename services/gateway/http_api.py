@@ -247,6 +247,8 @@ def create_app(settings: Settings, service) -> FastAPI:
         refused = body.unsupported()
         if refused:
             raise invalid(refused[1], refused[0])
+        if body.prompt_logprobs is not None and body.stream:
+            raise invalid("prompt_logprobs are not available with stream: true (vLLM's rule).", "prompt_logprobs")
         request_id = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_"}[kind] + uuid.uuid4().hex
         response_format, json_schema, regex = body.response_format_spec()  # a shape unsupported() let through
         if tools and tools.constrained:
@@ -270,6 +272,7 @@ def create_app(settings: Settings, service) -> FastAPI:
             tool_calls=bool(tools and tools.constrained),
             speculation=body.speculation.to_request() if body.speculation else None, prompt_param=prompt_param,
             logprobs=body.logprobs_wanted(), echo=bool(getattr(body, "echo", False)), cache_salt=body.cache_salt,
+            prompt_logprobs=-1 if body.prompt_logprobs is None else body.prompt_logprobs,
         )
         tid = trace_id()  # the request's trace (`specmesh trace show <request id>`)
         headers = {"x-request-id": request_id} | ({"x-trace-id": tid} if tid else {})

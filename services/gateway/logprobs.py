@@ -5,6 +5,8 @@
   their log-probabilities; `text_offset[i]` is where token i's text starts in the completion.
 - Chat (`logprobs: true, top_logprobs: n`): `{"content": [{"token", "logprob", "bytes",
   "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal": null}`.
+- vLLM's `prompt_logprobs: n` (both APIs): `[null, {"<token id>": {"logprob", "rank",
+  "decoded_token"}, ...}, ...]`, one entry per prompt token.
 
 What the numbers are (shared/engine/logprobs.py): the target's distribution of each token,
 after temperature, top-k and top-p when sampling; -9999.0 where it gives a token no mass.
@@ -45,3 +47,17 @@ def chat_logprobs(text: TokenText, token_ids: Sequence[int], logprobs: Sequence[
     return {"content": [entry(t, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in zip(lp.top_ids, lp.top_logprobs)]}
                         for t, lp in zip(token_ids, logprobs)],
             "refusal": None}
+
+
+def vllm_prompt_logprobs(text: TokenText, prompt: Sequence[int], logprobs: Sequence[TokenLogprob],
+                         top: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a map of token
+    id (as text) -> {"logprob", "rank", "decoded_token"} holding the token itself and the `top`
+    likeliest at its position (rank 1 the likeliest)."""
+    out: list[dict | None] = [None]
+    for token, lp in zip(prompt[1:], logprobs):
+        entry = {str(i): {"logprob": v, "rank": r, "decoded_token": text.text(i)}
+                 for r, (i, v) in enumerate(zip(lp.top_ids[:top], lp.top_logprobs[:top]), start=1)}
+        entry.setdefault(str(token), {"logprob": lp.logprob, "rank": lp.rank or None, "decoded_token": text.text(token)})
+        out.append(entry)
+    return out

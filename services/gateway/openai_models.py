@@ -84,6 +84,9 @@ class _Sampled(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="Extension (vLLM's): drop tokens less likely than min_p times the likeliest (after "
                           "temperature); 0 (the default) is off.")
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="Extension (vLLM's): each prompt token's log-probability and rank under the target, and the "
+                          "n likeliest at its position (not with stream).")
     allowed_token_ids: list[StrictInt] | None = Field(
         None, description="Extension (vLLM's): only these token ids may be generated (every level keeps to them).")
     priority: StrictInt | None = Field(

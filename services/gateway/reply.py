@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 from services.gateway.generation import Outcome
-from services.gateway.logprobs import chat_logprobs, completion_logprobs
+from services.gateway.logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from services.gateway.reasoning import Thinking
 from services.gateway.tools import ToolPlan
 from shared.engine.token_text import token_text
@@ -32,14 +33,16 @@ class Reply:
         self.created = int(time.time())
         self.token_ids = body.return_token_ids
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.logprobs = body.logprobs_wanted() >= 0
+        self.top = body.logprobs_wanted()
+        self.logprobs = self.top >= 0
+        self.prompt_top = body.prompt_logprobs  # vLLM's prompt_logprobs (None: not asked)
         self.samples = body.n or 1  # choices per prompt
         self.several = len(jobs) > 1  # each choice carries its own speculation and timings
         self.echo = bool(getattr(body, "echo", False))
         self.echo_only = self.echo and body.max_tokens == 0  # the prompt alone: the one token made is left out
         self.truncated = getattr(body, "truncate_prompt_tokens", None) is not None
         self.jobs, self.prompts, self.tokenizer = jobs, prompts, tokenizer  # `tokenizer`: the backend's getter
-        self._text = token_text(tokenizer()) if self.logprobs else None
+        self._text = token_text(tokenizer()) if self.logprobs or self.prompt_top is not None else None
         self._offset: dict[int, int] = {}  # completions: per choice, the text of the tokens sent so far
 
     # -- parts --------------------------------------------------------------------------
@@ -60,7 +63,9 @@ class Reply:
         first, *rest = self.jobs[index].prompt
         head = self._text.text(first)
         self._offset[index] = len(head)
-        tail = self._logprobs(index, rest, out.prompt_logprobs)
+        asked = [replace(lp, top_ids=lp.top_ids[:self.top], top_logprobs=lp.top_logprobs[:self.top])
+                 for lp in out.prompt_logprobs]  # the job may carry more for prompt_logprobs
+        tail = self._logprobs(index, rest, asked)
         return {"tokens": [head] + tail["tokens"], "token_logprobs": [None] + tail["token_logprobs"],
                 "top_logprobs": [None] + tail["top_logprobs"], "text_offset": [0] + tail["text_offset"]}
 
@@ -86,6 +91,9 @@ class Reply:
     def whole(self, outcomes: list[Outcome]) -> dict:
         head = self._head("chat.completion" if self.kind == "chat" else "text_completion")
         body = head | {"choices": [], "usage": self.usage(outcomes)}
+        if self.kind == "chat" and self.prompt_top is not None:  # vLLM's: the response's, not a choice's
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self._text, self.jobs[0].prompt, outcomes[0].prompt_logprobs,
+                                                           self.prompt_top)
         for index, out in enumerate(outcomes):
             ids, logprobs, text = (out.token_ids, out.logprobs, out.text) if not self.echo_only else ([], [], "")
             choice, calls = {"index": index}, None
@@ -106,6 +114,9 @@ class Reply:
             else:
                 choice["text"] = text
                 choice["logprobs"] = self._logprobs(index, ids, logprobs)
+            if self.kind != "chat" and self.prompt_top is not None:  # vLLM's: each completion choice's
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(self._text, self.jobs[index].prompt,
+                                                                 out.prompt_logprobs, self.prompt_top)
             choice["finish_reason"] = self._finish_reason(out, calls)
             choice["stop_reason"] = out.stop_reason
             if self.token_ids:

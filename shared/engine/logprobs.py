@@ -27,9 +27,10 @@ def logprobs_of(probs: torch.Tensor, tokens: Sequence[int], top: int) -> list[To
     if n == 0:
         return []
     logs = torch.log(probs[:n].float().clamp_min(0.0)).clamp_min(FLOOR)
-    chosen = logs.gather(-1, torch.tensor(list(tokens), dtype=torch.long, device=logs.device)[:, None])
-    chosen = chosen.squeeze(-1).tolist()
+    picked = logs.gather(-1, torch.tensor(list(tokens), dtype=torch.long, device=logs.device)[:, None])
+    ranks = ((logs > picked).sum(-1) + 1).tolist()  # 1: the likeliest (vLLM's rank)
+    chosen = picked.squeeze(-1).tolist()
     if top <= 0:
-        return [TokenLogprob(lp) for lp in chosen]
+        return [TokenLogprob(lp, rank=r) for lp, r in zip(chosen, ranks)]
     values, ids = torch.topk(logs, min(top, logs.shape[-1]), dim=-1)
-    return [TokenLogprob(lp, i, v) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
+    return [TokenLogprob(lp, i, v, r) for lp, i, v, r in zip(chosen, ids.tolist(), values.tolist(), ranks)]
