@@ -332,6 +332,7 @@ async def test_stop_reason_names_the_stop_string_or_token(client, backend, tok, 
         return [(c["finish_reason"], c["stop_reason"]) for c in choices if c["finish_reason"]]
 
     assert await reasons({"stop": ["zebra", "fox"]}) == [("stop", "fox")]
+    assert await reasons({"stop": [f"no{i}" for i in range(20)] + ["brown"]}) == [("stop", "brown")]  # more than 4
     stop = backend.output(20)[4]
     assert await reasons({"stop_token_ids": [stop]}) == [("stop", stop)]
     assert await reasons({"max_tokens": 3}) == [("length", None)]
@@ -660,7 +661,6 @@ BAD = [
     ({"prompt": [1, 10**6]}, 400, "prompt"),
     ({"prompt": 12}, 400, "prompt"),
     ({}, 400, "prompt"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "echo": "yes"}, 400, "echo"),
@@ -702,6 +702,8 @@ BAD = [
     ({"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
     ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
+    ({"prompt": "x", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
+    ({"prompt": "x", "stop": ["s" * 1025]}, 400, "stop"),
     ({"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ({"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
     ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),

@@ -24,7 +24,8 @@ log = logging.getLogger("specmesh.gateway")
 
 # Limits a request is checked against (the OpenAI API's where it has one).
 TEMPERATURE_MAX = 2.0
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number: evaluation harnesses send more than 4
+MAX_STOP_CHARS = 1024  # characters of one stop string (the stream holds back up to the longest)
 MAX_STOP_TOKEN_IDS = 64
 MAX_CACHE_SALT = 256  # characters of a cache_salt
 PRIORITY_MAX = 2**31 - 1  # |priority| (an int32 in gRPC)
@@ -396,6 +397,8 @@ def _stops(stop: str | list[str] | None) -> list[str]:
         raise invalid(f"At most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}.", "stop")
     if any(not isinstance(s, str) or not s for s in stops):
         raise invalid("Stop strings must be non-empty strings.", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"A stop string may hold at most {MAX_STOP_CHARS} characters.", "stop")
     return stops
 
 

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway.auth import ApiKeys, http_middleware
 from services.gateway.choices import MAX_CHOICES, choice_requests, merged, plan_all, run_all
 from services.gateway.chat import chat_prompt
-from services.gateway.generation import ApiError, Generation, GenerationRequest, invalid, unavailable
+from services.gateway.generation import MAX_STOP_STRINGS, ApiError, Generation, GenerationRequest, invalid, unavailable
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
@@ -50,7 +50,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 5
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
     "prompt": f"a string, a list of token ids, or a list of up to {MAX_CHOICES} of either",
-    "stop": "a string or a list of up to 4 non-empty strings",
+    "stop": f"a string or a list of up to {MAX_STOP_STRINGS} non-empty strings",
     "messages": "a non-empty list of {role, content} messages",
     "messages.content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts (only text is supported)",
     "speculation": "{chain: 'drafter,target' or a list, k: int or list, enabled: bool, confidence_threshold: 0..1, slo_tpot_ms: ms > 0}",
