@@ -28,13 +28,14 @@ from services.gateway.chat import chat_prompt
 from services.gateway.generation import MAX_STOP_STRINGS, ApiError, Generation, GenerationRequest, invalid, unavailable
 from services.gateway.openai_models import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
+    DetokenizeResponse, ERRORS, ModelList, TokenizeRequest, TokenizeResponse,
 )
 from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.reply import Reply
-from services.gateway.background import BackgroundResponses, keeps_cancelled
+from services.gateway.background import BackgroundResponses
 from services.gateway.response_store import StoreError
-from services.gateway.responses import ResponsesReply, ResponsesRequest, output_messages, truncated
+from services.gateway.responses import ResponsesReply, ResponsesRequest
+from services.gateway.responses_routes import register_responses
 from services.gateway.tools import ToolPlan, ToolStream, tool_plan
 from shared import __version__
 from shared.service import ping
@@ -45,8 +46,6 @@ log = logging.getLogger("specmesh.gateway")
 
 MAX_BODY_BYTES = 1 << 20  # a context's worth of text is far smaller
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 128, "responses": 128}
-RESPONSE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what the gateway's ids look like, and a valid store key
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 503, 504)}
 # What a field must look like, for validation errors whose own words would not say.
 FIELD_HINTS = {
     "prompt": f"a string, a list of token ids, or a list of up to {MAX_CHOICES} of either",
@@ -157,88 +156,6 @@ def create_app(settings: Settings, service) -> FastAPI:
     def response_store():
         """Where Responses API answers are kept (response_store.py); None when none are."""
         return getattr(service, "responses", None) if settings.gateway.responses_store else None
-
-    async def stored(response_id: str, param: str | None = None) -> dict:
-        """A stored response's record; 404 if there is none (never stored, deleted, expired)."""
-        store = response_store()
-        if store is None:
-            raise invalid("This gateway keeps no responses (gateway.responses_store is off); send the earlier turns "
-                          "in `input`.", param)
-        record = await _read(store.get, response_id) if RESPONSE_ID.match(response_id) else None
-        if record is None:
-            raise ApiError(404, f"No stored response has the id {response_id!r}: it was made with store: false, "
-                                f"deleted, or is older than gateway.responses_ttl_s.", param=param,
-                           code="response_not_found")
-        return record
-
-    @app.post("/v1/responses", responses=ERRORS)
-    async def responses(body: ResponsesRequest, request: Request):
-        """OpenAI's Responses API over the chat machinery (`responses.py`); `stream: true` for its events.
-        Stored unless `store: false`; `previous_response_id` continues a stored one's conversation."""
-        earlier: list[dict] = []
-        if body.previous_response_id is not None:
-            previous = await background.settle(response_store(), await stored(body.previous_response_id,
-                                                                              "previous_response_id"))
-            if previous.get("conversation") is None:  # a background response not (or never) finished
-                raise invalid(f"The response {body.previous_response_id!r} is {previous['response']['status']}: "
-                              f"there is no answer to continue yet.", "previous_response_id")
-            earlier = previous["conversation"]
-        chat = body.to_chat(earlier)
-        tools = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
-        tok = backend().tokenizer()
-        if body.truncation == "auto":
-            room = backend().max_context - (body.max_output_tokens or 1)
-
-            def fits(messages) -> bool:
-                prompt = chat_prompt(tok, messages, tools)
-                return len(prompt if isinstance(prompt, list) else tok.encode(prompt)) <= room
-
-            chat.messages = truncated(chat.messages, fits)
-        prompt = chat_prompt(tok, chat.messages, tools)
-        store = response_store() if body.store is not False else None
-        if body.background and (store is None or body.stream):
-            raise invalid("background needs the response stored (store: true, gateway.responses_store on) and no "
-                          "stream: poll GET /v1/responses/{id} for it.", "background")
-        async def keep(final: dict) -> None:
-            record = {"response": final, "input_items": body.input_items(),
-                      "conversation": [*earlier, *body.turn(), *output_messages(final["output"])]}
-            try:
-                await store.put(final["id"], record)
-            except StoreError as exc:
-                log.warning("response %s answered but not stored: %s", final["id"], exc)
-                final["store"] = False
-
-        if store is not None and body.background:
-            keep = keeps_cancelled(store, keep)
-        return await serve(request, chat, "responses", [prompt], "input", tools, body, keep if store else None)
-
-    @app.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
-    async def cancel_response(response_id: str) -> dict:
-        """Stop a background response; it is given back `cancelled` (one already finished, as it is)."""
-        record = await stored(response_id)
-        if not record["response"].get("background"):
-            raise invalid(f"Only a background response can be cancelled; {response_id!r} was answered whole.")
-        return await background.cancel(response_store(), backend(), record)
-
-    @app.get("/v1/responses/{response_id}", responses=ERRORS)
-    async def get_response(response_id: str) -> dict:
-        """A stored response, as it was answered (a background one: as it stands)."""
-        return (await background.settle(response_store(), await stored(response_id)))["response"]
-
-    @app.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
-    async def response_input_items(response_id: str) -> dict:
-        """The input items of a stored response (its own turn's, not the earlier turns')."""
-        items = (await stored(response_id))["input_items"]
-        return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-                "last_id": items[-1]["id"] if items else None, "has_more": False}
-
-    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
-    async def delete_response(response_id: str) -> dict:
-        """Forget a stored response (a follow-up naming it is then a 404)."""
-        await stored(response_id)
-        await _read(response_store().delete, response_id)
-        return {"id": response_id, "object": "response", "deleted": True}
-
     async def serve(http: Request, body, kind: str, prompts: list, prompt_param: str, tools: ToolPlan | None = None,
                     original: ResponsesRequest | None = None, keep=None):
         arrived = time.monotonic()
@@ -380,15 +297,8 @@ def create_app(settings: Settings, service) -> FastAPI:
         return SSEResponse(reply.events(generation, first, deltas), deltas,
                            headers=headers | {"cache-control": "no-cache"})
 
+    register_responses(app, settings, backend, serve, background, response_store)
     return app
-
-
-async def _read(operation, response_id: str):
-    """A response store's answer; 503 when the store cannot give one."""
-    try:
-        return await operation(response_id)
-    except StoreError as exc:
-        raise unavailable(f"Stored responses cannot be reached now ({exc}); retry shortly.") from None
 
 
 async def _unless_disconnected(request: Request, work):

@@ -476,3 +476,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500, 503, 504)}  # the routes' error answers
