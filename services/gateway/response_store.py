@@ -15,10 +15,7 @@ gateway run without NATS).
 from __future__ import annotations
 
 import json
-import logging
 from collections import OrderedDict
-
-log = logging.getLogger("specmesh.gateway")
 
 from shared.nats_auth import KV_RESPONSES_BUCKET as BUCKET
 

@@ -176,8 +176,8 @@ class ResponsesRequest(BaseModel):
             raise invalid("input holds nothing to answer.", "input")
         chat: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
                                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                                "stream": self.stream, "user": self.user, "cache_salt": self.cache_salt, "priority": self.priority,
-                                "parallel_tool_calls": self.parallel_tool_calls}
+                                "stream": self.stream, "user": self.user, "cache_salt": self.cache_salt,
+                                "priority": self.priority, "parallel_tool_calls": self.parallel_tool_calls}
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_schema":
             if fmt.schema_ is None:
