@@ -146,8 +146,10 @@ async def test_bad_responses_requests_are_refused_and_nothing_runs(client, backe
 
 async def test_openai_client_responses(oai, backend):
     answer_with(backend, "Salut.")
-    done = await oai.responses.create(model=MODEL, input="Hi", instructions="Be French.", max_output_tokens=32)
+    done = await oai.responses.create(model=MODEL, input="Hi", instructions="Be French.", max_output_tokens=32,
+                                      include=["message.output_text.logprobs"], top_logprobs=1)
     assert done.output_text == "Salut." and done.status == "completed" and done.usage.output_tokens > 0
+    assert "".join(lp.token for lp in done.output[0].content[0].logprobs).startswith("Salut.")
     answer_with(backend, CALLS)
     called = await oai.responses.create(model=MODEL, input="Paris?", tools=FLAT, tool_choice="required",
                                         max_output_tokens=400)
@@ -161,3 +163,28 @@ async def test_openai_client_responses(oai, backend):
         if event.type == "response.completed":
             assert event.response.output_text == text == "It is sunny."
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_output_text_logprobs_when_included(client, backend, stream):
+    answer_with(backend, "Bonjour.")
+    body = {"model": MODEL, "input": "Hi", "include": ["message.output_text.logprobs", "reasoning.encrypted_content"],
+            "top_logprobs": 2, "stream": stream}
+    r = await client.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    job = backend.jobs[-1]
+    assert job.logprobs == 2
+    if stream:
+        events = events_of(r.text)
+        deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+        streamed = [lp for e in deltas for lp in e["logprobs"]]
+        part = events[-1]["response"]["output"][0]["content"][0]
+        assert [lp["token"] for lp in streamed] == [lp["token"] for lp in part["logprobs"]][:len(streamed)]
+    else:
+        part = r.json()["output"][0]["content"][0]
+    logprobs = part["logprobs"]
+    assert "".join(lp["token"] for lp in logprobs).startswith("Bonjour.")
+    assert all(len(lp["top_logprobs"]) == 2 and set(lp) == {"token", "logprob", "bytes", "top_logprobs"}
+               for lp in logprobs)
+    plain = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi"})
+    assert "logprobs" not in plain.json()["output"][0]["content"][0] and backend.jobs[-1].logprobs == -1

@@ -200,7 +200,8 @@ def create_app(settings: Settings, service) -> FastAPI:
                                       operation="text_completion" if kind == "completion" else "chat")
                            for job, stops in planned]
             if kind == "responses":
-                reply = ResponsesReply(request_id, b.model_name, original, tools, thinking(prompts[0]), keep)
+                reply = ResponsesReply(request_id, b.model_name, original, tools, thinking(prompts[0]), keep,
+                                       b.tokenizer)
                 if original.background:
                     try:
                         queued = await background.start(response_store(), reply, generations[0],

@@ -29,15 +29,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError
 
 from services.gateway.generation import ApiError, Outcome, invalid
+from services.gateway.logprobs import chat_logprobs
 from services.gateway.openai_models import (
     ChatCompletionRequest, FunctionName, SpeculationOptions,
 )
 from services.gateway.reasoning import Thinking, ThinkingStream
 from services.gateway.tools import ToolPlan, ToolStream
+from shared.engine.token_text import token_text
 
 log = logging.getLogger("specmesh.gateway")
 
 MAX_INPUT_ITEMS = 1024
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the output's log-probabilities
 
 
 class InputText(BaseModel):
@@ -120,6 +123,11 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="'auto': a conversation too long for the context drops its oldest turns (the instructions "
                           "and the newest message stay); 'disabled' (the default): it is a 400.")
+    include: list[StrictStr] | None = Field(
+        None, description="'message.output_text.logprobs': each output token's log-probability in the text part "
+                          "(with top_logprobs alternatives); other values are ignored.")
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = Field(
+        None, description="With include message.output_text.logprobs: the likeliest alternatives per token (0..20).")
     background: StrictBool | None = Field(None, description="Answer at once with status 'queued' and generate in the "
                                                             "background; poll GET /v1/responses/{id}, or cancel it.")
     metadata: dict[str, StrictStr] | None = None
@@ -128,6 +136,10 @@ class ResponsesRequest(BaseModel):
     priority: StrictInt | None = Field(None, description="Extension (vLLM's): as on chat completions.")
     speculation: SpeculationOptions | None = Field(None, description="Extension: per-request speculation control.")
     _input_items: list[dict] | None = PrivateAttr(None)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or [])
 
     def items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
         return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
@@ -195,6 +207,8 @@ class ResponsesRequest(BaseModel):
             chat["tool_choice"] = self.tool_choice
         if self.speculation is not None:
             chat["speculation"] = self.speculation
+        if self.wants_logprobs:
+            chat |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         try:
             return ChatCompletionRequest(**{k: v for k, v in chat.items() if v is not None})
         except ValidationError as exc:  # what the Responses shapes let through and chat's refuse
@@ -237,11 +251,15 @@ class ResponsesReply:
     """One response's bodies: the whole `response` object, or its stream of events."""
 
     def __init__(self, request_id: str, model: str, body: ResponsesRequest, tools: ToolPlan | None,
-                 thinking: Thinking | None = None, keep: Callable[[dict], Awaitable[None]] | None = None):
+                 thinking: Thinking | None = None, keep: Callable[[dict], Awaitable[None]] | None = None,
+                 tokenizer=None):
         self.request_id, self.model, self.body = request_id, model, body
         self.keep = keep  # stores the finished response (and may set its `store` false if it could not)
         self.tools = tools if tools and tools.parses else None
         self.thinking = thinking  # the thinking as a reasoning item (reasoning.py)
+        # the output's log-probabilities, when asked and the text is all the output (no thinking, no calls read)
+        plain = body.wants_logprobs and self.tools is None and thinking is None and tokenizer is not None
+        self._text = token_text(tokenizer()) if plain else None
         self.created = int(time.time())
         self.sequence = 0
         self.message_id, self.reasoning_id = _id("msg"), _id("rs")
@@ -274,9 +292,19 @@ class ResponsesReply:
             "user": body.user, "metadata": body.metadata or {},
         } | ({"speculation": out.speculation, "timings": out.timings} if out is not None and out.speculation else {})
 
-    def message(self, text: str, status: str = "completed") -> dict:
+    def message(self, text: str, status: str = "completed", out: Outcome | None = None) -> dict:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+                "content": [self.text_part(text, out)]}
+
+    def text_part(self, text: str, out: Outcome | None = None) -> dict:
+        """An `output_text` part; with the output's log-probabilities when they were asked for."""
+        part = {"type": "output_text", "text": text, "annotations": []}
+        if self._text is not None:
+            part["logprobs"] = self.logprobs(out.token_ids, out.logprobs) if out is not None else []
+        return part
+
+    def logprobs(self, token_ids, logprobs) -> list[dict]:
+        return chat_logprobs(self._text, token_ids, logprobs)["content"] if self._text is not None else []
 
     @staticmethod
     def function_call(call: dict, status: str = "completed", arguments: str | None = None) -> dict:
@@ -294,7 +322,7 @@ class ResponsesReply:
         text, calls = (answer, []) if found is None else (found[0], found[1])
         status = "completed" if out.finish_reason == "stop" else "incomplete"
         items = [self.reasoning(reasoning)] if reasoning is not None else []
-        items += [self.message(text, status)] if text else []
+        items += [self.message(text, status, out)] if text else []
         items += [self.function_call(call) for call in calls]
         return items, status
 
@@ -340,18 +368,21 @@ class ResponsesReply:
                 self.event("response.content_part.added", item_id=self.message_id, output_index=at, content_index=0,
                            part={"type": "output_text", "text": "", "annotations": []})]
 
-    def text_delta(self, delta: str) -> str:
+    def text_delta(self, delta) -> str:
+        """The event of a `Delta` of the answer's text (its tokens' log-probabilities, when asked)."""
+        extra = {"logprobs": self.logprobs(delta.token_ids, delta.logprobs)} if self._text is not None else {}
         return self.event("response.output_text.delta", item_id=self.message_id, output_index=self.message_index,
-                          content_index=0, delta=delta)
+                          content_index=0, delta=delta.text, **extra)
 
-    def text_closed(self, text: str, status: str) -> list[str]:
+    def text_closed(self, text: str, status: str, out: Outcome) -> list[str]:
         at = self.message_index
-        part = {"type": "output_text", "text": text, "annotations": []}
+        part = self.text_part(text, out)
+        extra = {"logprobs": part["logprobs"]} if "logprobs" in part else {}
         return [self.event("response.output_text.done", item_id=self.message_id, output_index=at, content_index=0,
-                           text=text),
+                           text=text, **extra),
                 self.event("response.content_part.done", item_id=self.message_id, output_index=at, content_index=0,
                            part=part),
-                self.event("response.output_item.done", output_index=at, item=self.message(text, status))]
+                self.event("response.output_item.done", output_index=at, item=self.message(text, status, out))]
 
     def calls(self, calls: list[dict], first_index: int) -> tuple[list[str], list[dict]]:
         """The events of the calls, each whole, and their output items."""
@@ -400,7 +431,7 @@ class ResponsesReply:
                         opened = True
                         out += self.text_opened()
                     text += answer.text
-                    out += [self.text_delta(answer.text)] if answer.text else []
+                    out += [self.text_delta(answer)] if answer.text else []
             return out
 
         try:
@@ -429,9 +460,9 @@ class ResponsesReply:
                     yield event
             status = "completed" if out.finish_reason == "stop" else "incomplete"
             if opened:
-                for event in self.text_closed(text, status):
+                for event in self.text_closed(text, status, out):
                     yield event
-                items.append(self.message(text, status))
+                items.append(self.message(text, status, out))
             if made:
                 made_events, made_items = self.calls(made, len(items))
                 for event in made_events:
