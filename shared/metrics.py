@@ -159,6 +159,11 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("specmesh_prompt_tokens", "Prompt tokens of finished requests.", registry=registry)
         self.generation_tokens = Counter("specmesh_generation_tokens", "Output tokens of finished requests.",
                                          registry=registry)
+        self.responses_stored = Counter("specmesh_responses_stored", "Responses API answers to keep, by outcome "
+                                        "(stored, or failed: answered with store false).", ["outcome"],
+                                        registry=registry)
+        self.background_responses = Gauge("specmesh_background_responses",
+                                          "Background responses this gateway is generating.", registry=registry)
 
     def finished(self, timings: dict, prompt_tokens: int, output_tokens: int, finish_reason: str) -> None:
         """Record one finished request from its `timings` (milliseconds, as in the response)."""

@@ -125,10 +125,20 @@ class Broken(MemoryResponseStore):
 
 
 async def test_a_store_that_fails_costs_no_answer(backend):
+    from prometheus_client import CollectorRegistry
+
+    from shared.metrics import GatewayMetrics
+
     answer_with(backend, "Bonjour.")
+    registry = CollectorRegistry()
+    backend.metrics = GatewayMetrics(registry)
+    async with gateway(backend, MemoryResponseStore()) as client:
+        await ask(client, input="Hi")
+    assert registry.get_sample_value("specmesh_responses_stored_total", {"outcome": "stored"}) == 1
     async with gateway(backend, Broken()) as client:
         body = await ask(client, input="Hi")
         assert body["store"] is False and body["output"][0]["content"][0]["text"] == "Bonjour."  # answered, not kept
+        assert registry.get_sample_value("specmesh_responses_stored_total", {"outcome": "failed"}) == 1
         r = await client.get(f"/v1/responses/{body['id']}")
         assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
     async with gateway(backend, MemoryResponseStore(), responses_store=False) as client:

@@ -545,6 +545,8 @@ def test_stored_responses_continue_and_outlive_a_gateway_restart(stack):
 
     again, deleted, orphan = asyncio.run(after())
     assert again == {k: v for k, v in second.items() if k != "trace_id"} and (deleted, orphan) == (200, 404)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "specmesh_background_responses " in metrics and "specmesh_responses_stored_total" in metrics
 
 
 def test_a_background_response_through_the_services_is_the_answered_one(stack):

@@ -70,11 +70,14 @@ def register_responses(app: FastAPI, settings, backend, serve, background: Backg
         async def keep(final: dict) -> None:
             record = {"response": final, "input_items": body.input_items(),
                       "conversation": [*earlier, *body.turn(), *output_messages(final["output"])]}
+            metrics = getattr(backend(), "metrics", None)
             try:
                 await store.put(final["id"], record)
             except StoreError as exc:
                 log.warning("response %s answered but not stored: %s", final["id"], exc)
                 final["store"] = False
+            if metrics is not None:
+                metrics.responses_stored.labels("stored" if final["store"] else "failed").inc()
 
         if store is not None and body.background:
             keep = keeps_cancelled(store, keep)

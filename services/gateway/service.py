@@ -40,6 +40,7 @@ class GatewayService(ServiceProcess):
         self.grpc = await start_grpc(self.settings, self.backend, self.tracer_provider)
         app = create_app(self.settings, self)  # `/metrics` serves self.registry
         self.background = app.state.background
+        self.backend.metrics.background_responses.set_function(lambda: len(self.background.tasks))
         FastAPIInstrumentor.instrument_app(app, tracer_provider=self.tracer_provider, excluded_urls="health,metrics",
                                            exclude_spans=["receive", "send"])
         self.http = uvicorn.Server(http_config(app, cfg))
