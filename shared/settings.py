@@ -117,6 +117,7 @@ class EngineSettings(BaseModel):
     prefix_caching: bool = Field(True, description="Start a prompt on the head of it the KV cache still holds from an "
                                  "earlier or live request (of the same cache_salt): only the rest is prefilled.")
     model: str | None = Field(None, description="Family member a worker hosts (default by role: drafter-code, verifier, target).")
+    log_stats_interval_s: float = Field(10.0, ge=0, description="Seconds between the target's throughput lines in its log (prompt and generation tok/s, running, waiting, slots, prefix cache hits, acceptance per level), as vLLM's engine logs; 0: none.")
 
 
 class SpeculationSettings(BaseModel):

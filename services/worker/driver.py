@@ -34,6 +34,7 @@ from shared.messages import Commit, GenerateJob, TokenBatch, valid_request_id
 from services.worker import feedback, observe
 from services.worker.committer import Committer
 from services.worker.remote import LevelUnavailable, RemoteRunner
+from services.worker.stats_log import StatsLog
 from shared.tracing import RequestSpans, end, tracer
 
 log = logging.getLogger("specmesh.driver")
@@ -77,6 +78,7 @@ class Driver:
         self.spans = RequestSpans(tracer_provider)  # per-request parents; spans only for traced requests
         self.arrivals: dict[str, tuple] = {}  # request id -> (trace context, arrival ns), from submit
         self.metrics = metrics  # shared.metrics.DriverMetrics or None
+        self.stats_log = StatsLog(settings.engine.log_stats_interval_s)  # vLLM's periodic throughput line
         self.committer = Committer(nc, worker, loop, tracer(tracer_provider))
         observe.observe_target(self)
         self._last_profile = time.perf_counter()
@@ -183,6 +185,7 @@ class Driver:
                 self._batch_sum += stepped
                 self._batch_steps += 1
             feedback.profile(self)
+            self.stats_log.tick(self)
 
     def _model_seconds(self) -> float:
         """Seconds spent in the target's forwards and waiting on level calls (calls made at
@@ -387,6 +390,7 @@ class Driver:
                  # the prompt's head the target's cache held (prefix caching): usage's cached tokens
                  "cached_prompt_tokens": min(req.cached_prompt, len(job.msg.prompt))}
         observe.count(self, job, merged, len(new))
+        self.stats_log.emitted(len(new))
         if job.first_token is None and new:
             job.first_token = time.perf_counter()
         if req.done:  # before the last commit: the outcome waits for its answer

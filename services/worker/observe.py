@@ -108,6 +108,7 @@ def count(driver, job: Job, merged: dict, emitted: int) -> None:
             driver.metrics.add(level, drafts - before[0], st.drafted - before[1], st.accepted - before[2], per_pos)
         drafted.append(st.drafted - before[1])
         accepted.append(st.accepted - before[2])
+        driver.stats_log.proposed(level, drafted[-1], accepted[-1])
         levels.append(level)
         job.counted[name] = (drafts, st.drafted, st.accepted, list(st.accepted_per_pos))
     span = driver.spans.span(job.msg.request_id)
