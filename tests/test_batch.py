@@ -47,9 +47,10 @@ class Admitting(FakeBackend):
 
 
 @contextlib.contextmanager
-def serving(backend, **gateway):
-    """The gateway over `backend` on a real uvicorn server in a thread of its own; yields its URL."""
-    app = create_app(make_settings(**gateway), SimpleNamespace(backend=backend))
+def serving(backend, store=None, **gateway):
+    """The gateway over `backend` (and a response `store`) on a real uvicorn server in a thread
+    of its own; yields its URL."""
+    app = create_app(make_settings(**gateway), SimpleNamespace(backend=backend, responses=store))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from shared.cli import batch_cmd, trace_cmd
+from shared.cli import batch_cmd, chat_cmd, trace_cmd
 from shared.cli import adaptive_bench, config_cmd, engine_cmd, models_cmd, router_cmd, serve_bench, stack_cmd
 from shared.cli import load_bench, prefix_bench, soak_bench
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 stack_cmd.register(app)
 trace_cmd.register(app)
 batch_cmd.register(app)
+chat_cmd.register(app)
 config_cmd.register(app)
 serve_bench.register(engine_cmd.bench_app)
 adaptive_bench.register(engine_cmd.bench_app)

@@ -24,6 +24,7 @@ def register(bench_app: typer.Typer) -> None:
         question_chars: int = typer.Option(120, "--question-chars", min=10, help="Characters of each question."),
         max_tokens: int = typer.Option(32, "--max-tokens", min=2, help="Tokens each turn generates."),
         family: Optional[str] = typer.Option(None, help="Model family profile (tiny, small, bench); default: settings."),
+        runner: Optional[str] = typer.Option(None, help="lean or hf (transformers); default: settings.engine.runner."),
         threads: Optional[int] = typer.Option(None, help="torch threads (default: settings.engine.threads)."),
     ) -> None:
         """Prefix caching off and on, one conversation after another on each: TTFT and TPOT."""
@@ -35,7 +36,7 @@ def register(bench_app: typer.Typer) -> None:
         from shared.models.corpus import heldout_prompts
 
         n_threads = _threads(threads)
-        off = _pool(family, None, None, None, None)
+        off = _pool(family, runner, None, None, None)
         on = RunnerPool(off.family, off.kind, off.device, off.dtype, off.max_batch, off.max_len, prefix_caching=True)
         tok = off.tokenizer()
         system = tok.encode(heldout_prompts("prose", 1, system_chars, seed=7)[0]) if system_chars else \
