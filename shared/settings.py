@@ -69,6 +69,7 @@ class GatewaySettings(BaseModel):
     max_concurrent_requests: int = Field(1024, ge=1, description="Generations one gateway runs at once (each choice counts); beyond, a 429 with Retry-After (TGI's max_concurrent_requests): a burst past what the targets can queue gets a clear answer, not a timeout.")
     api_keys: list[SecretStr] = Field(default_factory=list, description='Accepted API keys, a JSON list (`["sk-..."]`); clients send `Authorization: Bearer <key>`.')
     dev_mode: bool = Field(False, description="Accept requests without an API key (development only; `make up` turns it on and says so).")
+    served_model_names: list[str] = Field(["specmesh"], min_length=1, description='Names the API serves the model under, a JSON list (vLLM\'s --served-model-name): requests may name any of them, answers and /v1/models give the first.')
     cors_allow_origins: list[str] = Field(default_factory=list, description='Origins a browser may call the HTTP API from (CORS), a JSON list: `["https://app.example"]`, or `["*"]` for any (vLLM\'s --allowed-origins); empty (the default): no cross-origin calls.')
     ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): the HTTP and gRPC APIs serve TLS (https, and gRPC's secure port) with ssl_keyfile (vLLM's --ssl-certfile).")
     ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile.")

@@ -632,6 +632,30 @@ async def test_a_request_with_its_own_slo_runs_on_the_cheapest_chain_predicted_t
     assert report["slo_tpot_ms"] == slo and report["slo_met"] is met
 
 
+async def test_served_model_names_are_all_accepted_and_the_first_answered(tok):
+    backend = FakeBackend(tok)
+    backend.model_names = ["llama-3-8b", "default"]
+    backend.model_name = backend.model_names[0]
+    app = create_app(make_settings(), SimpleNamespace(backend=backend))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        listed = (await c.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in listed] == ["llama-3-8b", "default"]
+        assert (await c.get("/v1/models/default")).json()["id"] == "default"
+        r = await c.post("/v1/completions", json={"model": "default", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "llama-3-8b"
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 404 and "llama-3-8b" in r.json()["error"]["message"]
+
+
+def test_the_nats_backend_serves_the_configured_names():
+    from services.gateway.backend import NatsBackend
+
+    settings = Settings()
+    settings.gateway.served_model_names = ["mine", "specmesh"]
+    backend = NatsBackend(settings, nc=None)
+    assert (backend.model_name, backend.model_names) == ("mine", ["mine", "specmesh"])
+
+
 async def test_models(client):
     r = await client.get("/v1/models")
     assert r.json()["data"][0]["id"] == MODEL and r.json()["data"][0]["max_model_len"] == CONTEXT

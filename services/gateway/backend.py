@@ -60,7 +60,6 @@ SUBMIT_ATTEMPTS = 3  # a job's submission is sent again while the connection to 
 class NatsBackend:
     """Generation through the target workers over NATS (see docs/protocol.md)."""
 
-    model_name = "specmesh"
     stall_s = 15.0  # no committed batch for this long: resume the request on another target
 
     def __init__(self, settings, nc, tracer_provider=None, metrics=None):
@@ -68,6 +67,8 @@ class NatsBackend:
         from shared.tracing import tracer
 
         self.settings = settings
+        self.model_names = list(settings.gateway.served_model_names)  # requests may name any; answers give the first
+        self.model_name = self.model_names[0]
         self.nc = nc
         self.tracer = tracer(tracer_provider)  # Generation's spans
         self.metrics = metrics  # shared.metrics.GatewayMetrics: Generation records latencies

@@ -75,7 +75,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
     def _start(self, request: pb.GenerateRequest) -> Generation:
         arrived = time.monotonic()
-        if request.model and request.model != self.backend.model_name:
+        if request.model and request.model not in getattr(self.backend, "model_names", [self.backend.model_name]):
             raise ApiError(404, f"The model {request.model!r} does not exist; this server serves "
                                 f"{self.backend.model_name!r}.", param="model", code="model_not_found")
         if request.request_id and not REQUEST_ID.match(request.request_id):

@@ -85,8 +85,8 @@ def create_app(settings: Settings, service) -> FastAPI:
             raise unavailable("The gateway is not connected to its backend yet; retry shortly.")
         return found
 
-    def model_card(b) -> dict:
-        return {"id": b.model_name, "object": "model", "created": started, "owned_by": "specmesh",
+    def model_card(b, name: str | None = None) -> dict:
+        return {"id": name or b.model_name, "object": "model", "created": started, "owned_by": "specmesh",
                 "max_model_len": b.max_context}
 
     @app.get("/version")
@@ -105,13 +105,14 @@ def create_app(settings: Settings, service) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict:
         """The served model."""
-        return {"object": "list", "data": [model_card(backend())]}
+        b = backend()
+        return {"object": "list", "data": [model_card(b, name) for name in getattr(b, "model_names", [b.model_name])]}
 
     @app.get("/v1/models/{model_id}", responses=ERRORS)
     async def model(model_id: str) -> dict:
         b = backend()
         _check_model(b, model_id)
-        return model_card(b)
+        return model_card(b, model_id)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -350,7 +351,7 @@ async def _close_quietly(agen) -> None:
 
 
 def _check_model(backend, name: str) -> None:
-    if name != backend.model_name:
+    if name not in getattr(backend, "model_names", [backend.model_name]):
         raise ApiError(404, f"The model {name!r} does not exist; this server serves {backend.model_name!r} "
                             f"(see GET /v1/models).", param="model", code="model_not_found")
 

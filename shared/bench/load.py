@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from shared.bench.arrivals import Arrivals, phased_times
 from shared.bench.sse import StreamError, chunks
 from shared.bench.stats import RequestRecord, Slo
+from shared.cli.client import served_model
 
 ADAPTIVE = "adaptive"
 OFF = "off"
@@ -177,7 +178,7 @@ def fresh_salt() -> str:
 
 def request_body(mode: Mode, prompt: str, max_tokens: int, slo_tpot_ms: float = 0.0) -> dict:
     """One streamed completion; the TPOT objective rides along (the router's table serves it)."""
-    body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": served_model(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True, "stream_options": {"include_usage": True}, "cache_salt": fresh_salt()}
     speculation = dict(mode.speculation or {}) | ({"slo_tpot_ms": slo_tpot_ms} if slo_tpot_ms else {})
     if speculation:

@@ -43,6 +43,7 @@ from shared.bench.adaptive import (
 from shared.bench.load import fresh_salt
 from shared.bench.sse import chunks
 from shared.bench.stats import chain_label
+from shared.cli.client import served_model
 
 
 def workload(n: int) -> list[tuple[str, str]]:
@@ -56,7 +57,7 @@ def workload(n: int) -> list[tuple[str, str]]:
 
 
 async def _one(client, prompt: str, config: str, max_tokens: int, domain: str = "") -> dict:
-    body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": served_model(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True, "cache_salt": fresh_salt()}
     if config == NO_SPECULATION:
         body["speculation"] = {"enabled": False}

@@ -19,14 +19,14 @@ import typer
 
 from shared.bench.load import fresh_salt
 from shared.bench.sse import chunks_sync
-from shared.cli.client import api_key_header
+from shared.cli.client import api_key_header, served_model
 
 DEFAULT_CHAINS = "target;drafter,target;drafter,verifier,target"
 
 
 def _stream_one(client, prompt: list[int], chain: str, k: int, max_tokens: int) -> tuple[list[int], list[float]]:
     """Token ids and the arrival time of each streamed chunk (seconds since the request)."""
-    body = {"model": "specmesh", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": served_model(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True, "speculation": {"chain": chain, "k": k}, "cache_salt": fresh_salt()}
     tokens: list[int] = []
     arrivals: list[float] = []

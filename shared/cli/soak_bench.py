@@ -19,7 +19,7 @@ import typer
 
 from shared.bench.sse import StreamError
 from shared.bench.sse import chunks as sse_chunks
-from shared.cli.client import api_key_header
+from shared.cli.client import api_key_header, served_model
 
 CHAINS = ["target", "drafter,target", "drafter,verifier,target", "ngram,drafter,target"]
 
@@ -66,7 +66,7 @@ async def soak(url: str, prompts: list[str], streams: int, seconds: float, max_t
     async def stream(worker: int, client: httpx.AsyncClient) -> None:
         i = worker
         while time.monotonic() < deadline:
-            body = {"model": "specmesh", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+            body = {"model": served_model(), "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                     "temperature": 0, "stream": True, "speculation": {"chain": CHAINS[i % len(CHAINS)]}}
             i += streams
             t0 = time.perf_counter()
