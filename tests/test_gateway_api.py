@@ -656,6 +656,24 @@ def test_the_nats_backend_serves_the_configured_names():
     assert (backend.model_name, backend.model_names) == ("mine", ["mine", "specmesh"])
 
 
+def test_a_chat_template_file_replaces_the_checkpoints(tmp_path):
+    from services.gateway.backend import NatsBackend
+    from services.gateway.chat import chat_prompt
+    from services.gateway.openai_models import ChatMessage
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    settings = Settings()
+    settings.gateway.chat_template = template
+    tok = NatsBackend(settings, nc=None).tokenizer()
+    prompt = chat_prompt(tok, [ChatMessage(role="user", content="Hi")])
+    assert tok.decode(prompt) == "<user>Hi\n<assistant>"
+    template.write_text("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}")
+    with pytest.raises(ValueError, match="chat.jinja"):
+        NatsBackend(settings, nc=None).tokenizer()
+
+
 async def test_models(client):
     r = await client.get("/v1/models")
     assert r.json()["data"][0]["id"] == MODEL and r.json()["data"][0]["max_model_len"] == CONTEXT

@@ -39,6 +39,17 @@ class Backend(Protocol):
         """Stop a generation (client gone, stop string hit); frees its KV everywhere."""
 
 
+def _template(tok, path) -> str:
+    """The chat template in `path`, checked by rendering one user message (ValueError naming the file)."""
+    try:
+        template = path.read_text(encoding="utf-8")
+        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template, tokenize=False,
+                                add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable, not Jinja, or failing on the simplest chat
+        raise ValueError(f"gateway.chat_template {path}: {type(exc).__name__}: {exc}") from None
+    return template
+
+
 def table_for(table, in_flight: int):
     """The part of the router's `Assignments` for `in_flight` requests of this gateway.
 
@@ -119,10 +130,15 @@ class NatsBackend:
         self.in_flight.pop(request_id, None)
 
     def tokenizer(self):
+        """The target's tokenizer, with `gateway.chat_template` in place of its own if set."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.family.path("target")))
+            tok = AutoTokenizer.from_pretrained(str(self.family.path("target")))
+            path = self.settings.gateway.chat_template
+            if path is not None:
+                tok.chat_template = _template(tok, path)
+            self._tokenizer = tok
         return self._tokenizer
 
     def chains(self) -> list[list[str]]:
