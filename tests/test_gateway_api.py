@@ -482,6 +482,19 @@ async def test_eos_finishes_with_stop_and_is_not_text(client, backend, tok):
     assert body["usage"]["completion_tokens"] == 6
 
 
+async def test_continuous_usage_counts_each_chunks_tokens_so_far(client, backend):
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 9, "stream": True,
+                                                   "return_token_ids": True, "stream_options": {
+                                                       "include_usage": True, "continuous_usage_stats": True}})
+    chunks = sse_events(r.text)
+    made, seen = [], 0
+    for chunk in chunks[:-1]:
+        seen += len(chunk["choices"][0].get("token_ids") or [])
+        made.append(chunk["usage"]["completion_tokens"])
+        assert chunk["usage"]["completion_tokens"] >= seen
+    assert made == sorted(made) and made[-1] == 9 and chunks[-1]["usage"]["completion_tokens"] == 9
+
+
 async def test_streaming_completion_with_usage(client, backend, tok):
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True,
                                                    "stream_options": {"include_usage": True}})

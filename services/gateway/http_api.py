@@ -228,6 +228,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         return JSONResponse(whole | ({"trace_id": tid} if tid else {}), headers=headers)
 
     async def stream(generations: list[Generation], reply: Reply, headers: dict) -> StreamingResponse:
+        reply.live = [g.outcome for g in generations]
         deltas = merged(generations)
         first = await anext(deltas, None)  # errors before the first token still get their status code
 

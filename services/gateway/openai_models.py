@@ -49,6 +49,8 @@ class SpeculationOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = Field(False, description="Send a last chunk with `usage` (and empty `choices`).")
+    continuous_usage_stats: StrictBool = Field(
+        False, description="Extension (vLLM's): with include_usage, every chunk carries its choice's usage so far.")
 
 
 MAX_CHOICE_STRINGS = 256

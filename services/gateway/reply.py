@@ -33,6 +33,8 @@ class Reply:
         self.created = int(time.time())
         self.token_ids = body.return_token_ids
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.continuous = self.include_usage and body.stream_options.continuous_usage_stats
+        self.live: list[Outcome] = []  # streaming: the choices' outcomes as they grow (for continuous usage)
         self.top = body.logprobs_wanted()
         self.logprobs = self.top >= 0
         self.prompt_top = body.prompt_logprobs  # vLLM's prompt_logprobs (None: not asked)
@@ -134,8 +136,13 @@ class Reply:
             choice = {"index": index, "text": content or "", "logprobs": lp, "finish_reason": finish_reason}
             body = self._head("text_completion") | {"choices": [choice]}
         if self.include_usage:
-            body["usage"] = None
+            body["usage"] = self._usage_so_far(index) if self.continuous and self.live else None
         return body, choice
+
+    def _usage_so_far(self, index: int) -> dict:
+        """vLLM's continuous usage: the choice's prompt and the tokens it has made so far."""
+        prompt, made = len(self.jobs[index].prompt), len(self.live[index].token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
     def chunk(self, index: int, content, token_ids: list[int] | None = None, logprobs: list | None = None) -> dict:
         """New text (or, for chat, the role) of one choice."""
