@@ -759,6 +759,8 @@ BAD = [
     ({"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
     ({"prompt": "x", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
     ({"prompt": "x", "stop": ["s" * 1025]}, 400, "stop"),
+    ({"prompt": "x", "guided_grammar": "root ::= \"a\""}, 400, "guided_grammar"),
+    ({"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
     ({"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ({"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
     ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),

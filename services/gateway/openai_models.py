@@ -134,6 +134,8 @@ class _Sampled(BaseModel):
     guided_json: dict[str, Any] | None = Field(
         None, description="Extension (vLLM's): the output is one JSON object of this schema (as response_format "
                           "json_schema).")
+    guided_grammar: StrictStr | None = Field(None, description="Not supported (refused).")
+    use_beam_search: StrictBool | None = Field(None, description="Not supported (true is refused).")
     structured_outputs: StructuredOutputs | None = Field(
         None, description="Extension (vLLM's newer name for the guided_ fields): {regex | choice | json | json_object}.")
     user: StrictStr | None = None
@@ -165,7 +167,10 @@ class _Sampled(BaseModel):
                  "give one of response_format, guided_json, guided_regex, guided_choice, structured_outputs"),
                 ("structured_outputs", self.structured_outputs,
                  self.structured_outputs is None or self.structured_outputs.one(),
-                 "it must hold exactly one of regex, choice, json, json_object (grammar is not supported)")]
+                 "it must hold exactly one of regex, choice, json, json_object (grammar is not supported)"),
+                ("guided_grammar", self.guided_grammar, False, "EBNF grammars are not taken; use guided_regex or "
+                                                                 "guided_json"),
+                ("use_beam_search", self.use_beam_search, not self.use_beam_search, "there is no beam search")]
 
     def _response_format(self) -> tuple[str, str] | None:
         """`response_format` as (format, schema); None if not one of the shapes taken."""
