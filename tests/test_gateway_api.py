@@ -1087,6 +1087,15 @@ async def test_grpc_generate(grpc_gateway, tok):
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, sampling=pb.SamplingParameters(
         allowed_token_ids=[7, 5])))
     assert backend.jobs[-1].sampling.allowed_token_ids == [5, 7]
+    chat = await grpc_gateway.stub.Generate(pb.GenerateRequest(messages=[
+        pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hi")]))
+    assert tok.decode(backend.jobs[-1].prompt) == "System: Be brief.\nUser: Hi\nAssistant:"
+    assert backend.jobs[-1].max_tokens == min(128, CONTEXT - len(backend.jobs[-1].prompt)) and chat.text
+    for bad, field in ((pb.GenerateRequest(prompt="x", messages=[pb.ChatMessage(role="user", content="Hi")]), "messages"),
+                       (pb.GenerateRequest(messages=[pb.ChatMessage(role="wizard", content="Hi")]), "role")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await grpc_gateway.stub.Generate(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
     await grpc_gateway.stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, priority=-2))
     assert backend.jobs[-1].priority == -2
     assert list(reply.logprobs) == []

@@ -696,11 +696,17 @@ def test_grpc_generate_and_stream(stack):
                 prompt="def add(a, b):", max_tokens=12, sampling=generate_pb2.SamplingParameters(temperature=0))
             whole = await stub.Generate(request)
             pieces = [r async for r in stub.GenerateStream(request)]
-            return whole, pieces
+            chat = await stub.Generate(generate_pb2.GenerateRequest(
+                messages=[generate_pb2.ChatMessage(role="user", content="def add(a, b):")], max_tokens=12,
+                sampling=generate_pb2.SamplingParameters(temperature=0)))
+            return whole, pieces, chat
 
-    whole, pieces = asyncio.run(go())
+    whole, pieces, chat = asyncio.run(go())
     assert whole.text
     assert "".join(p.text for p in pieces) == whole.text
+    [http] = asyncio.run(complete_all(settings.gateway.http_url, [{"model": "specmesh", "prompt": "User: def add(a, b):\nAssistant:",
+                                                                    "max_tokens": 12, "temperature": 0}]))
+    assert chat.text == http["choices"][0]["text"]  # the conversation rendered as the chat API renders it
 
 
 def test_stale_epoch_message_is_dropped(stack):

@@ -18,9 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from services.gateway.auth import ApiKeys, GrpcAuth
+from services.gateway.chat import chat_prompt
 from services.gateway.generation import (
     REQUEST_ID, ApiError, Generation, GenerationRequest, Outcome, SpeculationRequest, invalid, plan,
 )
+from services.gateway.openai_models import ChatMessage
 from services.gateway.proto import generate_pb2 as pb
 from services.gateway.proto import generate_pb2_grpc as pb_grpc
 from shared.settings import Settings
@@ -30,6 +32,8 @@ log = logging.getLogger("specmesh.gateway")
 
 SERVICE_NAME = "specmesh.v1.TextGeneration"
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_MAX_TOKENS_CHAT = 128  # with `messages`, as the chat API
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 # HTTP statuses of ApiError as gRPC codes: the one place errors become replies.
 STATUS_CODES = {
@@ -92,9 +96,9 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             )
         job, stops = plan(self.backend, self.settings, GenerationRequest(
             request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
-            prompt=list(request.prompt_token_ids) or request.prompt,
+            prompt=self._prompt(request), prompt_param="messages" if request.messages else "prompt",
             max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
-            default_max_tokens=DEFAULT_MAX_TOKENS,
+            default_max_tokens=DEFAULT_MAX_TOKENS_CHAT if request.messages else DEFAULT_MAX_TOKENS,
             temperature=s.temperature if s.HasField("temperature") else None,
             top_p=s.top_p if s.HasField("top_p") else None,
             top_k=s.top_k if s.HasField("top_k") else None,
@@ -121,6 +125,20 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
                           include_stop=request.include_stop_str_in_output,
                           started=arrived)
+
+    def _prompt(self, request: pb.GenerateRequest) -> str | list[int]:
+        """The request's prompt: its token ids, its text, or its conversation rendered as the chat API does."""
+        if not request.messages:
+            return list(request.prompt_token_ids) or request.prompt
+        if request.prompt or request.prompt_token_ids:
+            raise invalid("Give the prompt as messages, or as prompt / prompt_token_ids, not both.", "messages")
+        messages = []
+        for i, m in enumerate(request.messages):
+            if m.role not in CHAT_ROLES:
+                raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}.",
+                              f"messages[{i}].role")
+            messages.append(ChatMessage(role=m.role, content=m.content))
+        return chat_prompt(self.backend.tokenizer(), messages)
 
     @_replies_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
