@@ -10,6 +10,7 @@ the service's metrics port, announced as `metrics` in the `micro` metadata).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -103,12 +104,18 @@ class ServiceProcess:
         self.micro = await add_service(
             self.nc, name=self.name, version=VERSION, description=self.description, metadata=metadata,
         )
+        ready = False
         try:
             await self.setup()
+            ready = True
             log.info("%s ready (nats %s)", self.name, self.settings.nats.client_url)
             await self._stop.wait()
         finally:
-            await self.teardown()
+            if ready:
+                await self.teardown()
+            else:  # what setup got to is released as far as it goes; its own error is the one raised
+                with contextlib.suppress(Exception):
+                    await self.teardown()
             await self.micro.stop()
             await self.nc.drain()
             self.tracer_provider.shutdown()  # flushes the spans still batched

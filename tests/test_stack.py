@@ -79,6 +79,15 @@ def test_up_status_down_leaves_nothing(tmp_path):
     left = [port for port in ports if port_open("127.0.0.1", port)]
     assert not left, f"ports still listening after down: {left}"
     assert not (run_dir / "env").exists()
+
+    # A service that cannot start (a bad setting) makes `up` fail at once, with its error.
+    bad = env | {"SPECMESH_GATEWAY__CHAT_TEMPLATE": str(tmp_path / "missing.jinja")}
+    try:
+        failed = specmesh(bad, "up", timeout=240, check=False)
+    finally:
+        specmesh(env, "down", check=False)
+    assert failed.returncode != 0
+    assert "gateway exited while starting" in failed.stderr and "missing.jinja" in failed.stderr, failed.stderr
     specmesh(env, "down", "--purge")
     assert not run_dir.exists()
 

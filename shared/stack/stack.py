@@ -83,7 +83,9 @@ class Stack:
         pidfile.write(record)
         return True
 
-    async def _pings(self, names: list[str], timeout_s: float) -> dict[str, bool]:
+    async def _pings(self, names: list[str], timeout_s: float, give_up=None) -> dict[str, bool]:
+        """Which services answered a NATS ping within `timeout_s` (sooner: when all did, or
+        when `give_up()` says there is no use waiting)."""
         from shared.service import connect, ping
 
         nc = await connect(self.settings, "specmesh-cli")
@@ -93,6 +95,8 @@ class Stack:
             while time.monotonic() < deadline and not all(up.values()):
                 for name in [n for n, ok in up.items() if not ok]:
                     up[name] = await ping(nc, name, timeout_s=0.5) is not None
+                if give_up is not None and give_up():
+                    break
                 if not all(up.values()):
                     await asyncio.sleep(0.3)
             return up
@@ -138,7 +142,11 @@ class Stack:
         for instance, service in self.instances():
             if self.ensure_service(instance, service):
                 say(f"{instance}: starting")
-        up = asyncio.run(self._pings(list(SERVICES), timeout_s))
+        up = asyncio.run(self._pings(list(SERVICES), timeout_s, give_up=self._died))
+        if dead := self._died():  # a bad setting, a missing file: say so now, not after the timeout
+            raise RuntimeError("\n".join(f"{instance} exited while starting; the end of its log "
+                                         f"({self.run_dir / 'logs' / f'{instance}.log'}):\n{self._log_tail(instance)}"
+                                         for instance in dead))
         missing = [name for name, ok in up.items() if not ok]
         if missing:
             raise RuntimeError(f"services did not answer a NATS ping in {timeout_s:.0f}s: {', '.join(missing)}; "
@@ -152,6 +160,17 @@ class Stack:
         elif not self.settings.gateway.api_keys:
             say("warning: no API keys configured (SPECMESH_GATEWAY__API_KEYS): every API request will be refused")
         say(f"SpecMesh is up: {self.settings.gateway.http_url}  (URLs in {env})")
+
+    def _died(self) -> list[str]:
+        """The instances whose process is gone (before the supervisor runs, nothing restarts them)."""
+        return [instance for instance, _ in self.instances() if not PidFile(self.run_dir, instance).live()]
+
+    def _log_tail(self, instance: str, lines: int = 12) -> str:
+        try:
+            text = (self.run_dir / "logs" / f"{instance}.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
     def ensure_supervisor(self) -> None:
         pidfile = PidFile(self.run_dir, SUPERVISOR)
