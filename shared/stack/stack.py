@@ -142,16 +142,17 @@ class Stack:
         for instance, service in self.instances():
             if self.ensure_service(instance, service):
                 say(f"{instance}: starting")
+        # A service answers pings while its setup still runs: one whose setup fails (a bad setting,
+        # a missing file) exits then, so every wait gives up, and says why, as soon as one has.
         up = asyncio.run(self._pings(list(SERVICES), timeout_s, give_up=self._died))
-        if dead := self._died():  # a bad setting, a missing file: say so now, not after the timeout
-            raise RuntimeError("\n".join(f"{instance} exited while starting; the end of its log "
-                                         f"({self.run_dir / 'logs' / f'{instance}.log'}):\n{self._log_tail(instance)}"
-                                         for instance in dead))
+        self._raise_if_died()
         missing = [name for name, ok in up.items() if not ok]
         if missing:
             raise RuntimeError(f"services did not answer a NATS ping in {timeout_s:.0f}s: {', '.join(missing)}; "
                                f"see {self.run_dir / 'logs'}")
-        if not wait_until(lambda: (self.gateway_health() or {}).get("status") == "ok", 60.0, 0.3):
+        healthy = wait_until(lambda: self._died() or (self.gateway_health() or {}).get("status") == "ok", 60.0, 0.3)
+        self._raise_if_died()
+        if not healthy:
             raise RuntimeError(f"gateway not healthy at {self.settings.gateway.http_url}/health; see logs")
         self.ensure_supervisor()
         env = self.write_env()
@@ -164,6 +165,12 @@ class Stack:
     def _died(self) -> list[str]:
         """The instances whose process is gone (before the supervisor runs, nothing restarts them)."""
         return [instance for instance, _ in self.instances() if not PidFile(self.run_dir, instance).live()]
+
+    def _raise_if_died(self) -> None:
+        if dead := self._died():
+            raise RuntimeError("\n".join(f"{instance} exited while starting; the end of its log "
+                                         f"({self.run_dir / 'logs' / f'{instance}.log'}):\n{self._log_tail(instance)}"
+                                         for instance in dead))
 
     def _log_tail(self, instance: str, lines: int = 12) -> str:
         try:
