@@ -340,3 +340,12 @@ def test_sampled_verdicts_measure_one_minus_tv_on_every_draft_position():
     greedy = verify(drafts, q, p, SamplingParams(), 10)
     assert greedy.overlap == 0.0 and greedy.overlap_positions == 0  # greedy: no distributions to compare
     assert verify([], None, p[:1], SamplingParams(temperature=1.0), 10, gen).overlap_positions == 0
+
+
+def test_logprob_ranks_count_the_likelier_tokens_and_only_when_asked():
+    from shared.engine.logprobs import logprobs_of
+
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    ranked = logprobs_of(probs, [2, 1], top=1, ranks=True)
+    assert [lp.rank for lp in ranked] == [3, 1]
+    assert [lp.rank for lp in logprobs_of(probs, [2, 1], top=1)] == [0, 0]  # output tokens: not computed

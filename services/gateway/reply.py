@@ -65,8 +65,9 @@ class Reply:
         first, *rest = self.jobs[index].prompt
         head = self._text.text(first)
         self._offset[index] = len(head)
-        asked = [replace(lp, top_ids=lp.top_ids[:self.top], top_logprobs=lp.top_logprobs[:self.top])
-                 for lp in out.prompt_logprobs]  # the job may carry more for prompt_logprobs
+        asked = out.prompt_logprobs if self.prompt_top is None else [  # the job carries more for prompt_logprobs
+            replace(lp, top_ids=lp.top_ids[:self.top], top_logprobs=lp.top_logprobs[:self.top])
+            for lp in out.prompt_logprobs]
         tail = self._logprobs(index, rest, asked)
         return {"tokens": [head] + tail["tokens"], "token_logprobs": [None] + tail["token_logprobs"],
                 "top_logprobs": [None] + tail["top_logprobs"], "text_offset": [0] + tail["text_offset"]}

@@ -174,7 +174,7 @@ class Chain:
                 s = time.perf_counter()
                 if prompt_logprobs >= 0 and level is self.levels[-1]:  # the target scores the prompt
                     rows = runner.prefill_rows(rid, req.prompt, sampling)
-                    req.prompt_logprobs = logprobs_of(rows[:-1], req.prompt[1:], prompt_logprobs)
+                    req.prompt_logprobs = logprobs_of(rows[:-1], req.prompt[1:], prompt_logprobs, ranks=True)
                     p0 = rows[-1]
                 else:
                     p0 = runner.prefill(rid, req.prompt, sampling)

@@ -21,16 +21,17 @@ FLOOR = -9999.0
 __all__ = ["FLOOR", "MAX_TOP_LOGPROBS", "TokenLogprob", "logprobs_of"]
 
 
-def logprobs_of(probs: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
-    """For tokens[j] drawn from probs[j] ([>= len(tokens), V]): its log-probability and the `top` best."""
+def logprobs_of(probs: torch.Tensor, tokens: Sequence[int], top: int, ranks: bool = False) -> list[TokenLogprob]:
+    """For tokens[j] drawn from probs[j] ([>= len(tokens), V]): its log-probability and the `top`
+    best; with `ranks`, its rank too (a pass over the vocabulary per token: the prompt's only)."""
     n = len(tokens)
     if n == 0:
         return []
     logs = torch.log(probs[:n].float().clamp_min(0.0)).clamp_min(FLOOR)
     picked = logs.gather(-1, torch.tensor(list(tokens), dtype=torch.long, device=logs.device)[:, None])
-    ranks = ((logs > picked).sum(-1) + 1).tolist()  # 1: the likeliest (vLLM's rank)
+    rank = ((logs > picked).sum(-1) + 1).tolist() if ranks else [0] * n  # 1: the likeliest (vLLM's); 0: none
     chosen = picked.squeeze(-1).tolist()
     if top <= 0:
-        return [TokenLogprob(lp, rank=r) for lp, r in zip(chosen, ranks)]
+        return [TokenLogprob(lp, rank=r) for lp, r in zip(chosen, rank)]
     values, ids = torch.topk(logs, min(top, logs.shape[-1]), dim=-1)
-    return [TokenLogprob(lp, i, v, r) for lp, i, v, r in zip(chosen, ids.tolist(), values.tolist(), ranks)]
+    return [TokenLogprob(lp, i, v, r) for lp, i, v, r in zip(chosen, ids.tolist(), values.tolist(), rank)]
