@@ -115,7 +115,7 @@ class EngineSettings(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads per model process (report it with every number).")
     max_batch: int = Field(16, ge=1, description="Most requests one model holds KV cache for at once.")
     max_len: int = Field(512, ge=16, description="Longest sequence (prompt + output) a request may reach.")
-    runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean Llama runner or transformers.")
+    runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean runner (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3; others fall back to transformers) or transformers.")
     prefix_caching: bool = Field(True, description="Start a prompt on the head of it the KV cache still holds from an "
                                  "earlier or live request (of the same cache_salt): only the rest is prefilled.")
     model: str | None = Field(None, description="Family member a worker hosts (default by role: drafter-code, verifier, target).")

@@ -16,17 +16,21 @@ from tests.device import ATOL, DEVICE
 VOCAB = 257
 
 
+ARCHS = {  # model type -> the transformers classes' prefix
+    "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "smollm3": "SmolLM3",
+}
+
+
 def _save(path, arch: str, **overrides):
+    import transformers
+
     torch.manual_seed(0)
-    if arch == "llama":
-        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
-    elif arch == "qwen2":
-        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
-    else:
-        from transformers import MistralConfig as Config, MistralForCausalLM as Model
+    Config = getattr(transformers, f"{ARCHS[arch]}Config")
+    Model = getattr(transformers, f"{ARCHS[arch]}ForCausalLM")
     cfg = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_theta=5000.0, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     cfg.update(overrides)
     model = Model(Config(**cfg))
@@ -36,12 +40,27 @@ def _save(path, arch: str, **overrides):
     return path
 
 
-@pytest.fixture(scope="module", params=["llama", "llama-tied-mha", "qwen2", "mistral"])
+def _rope(rope_type: str, **params) -> dict:
+    return {"rope_parameters": {"rope_type": rope_type, "rope_theta": 5000.0, **params}}
+
+
+VARIANTS = {  # fixture name -> (model type, config overrides)
+    "llama": ("llama", {}),
+    "llama-tied-mha": ("llama", dict(tie_word_embeddings=True, num_key_value_heads=4, rope_theta=10000.0)),
+    "qwen2": ("qwen2", {}),
+    "mistral": ("mistral", {}),
+    "qwen3": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),  # per-head q/k norms; head_dim != hidden / heads
+    "phi3-partial-rope": ("phi3", _rope("default", partial_rotary_factor=0.5)),  # fused qkv and gate_up
+    "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2)),  # layers without RoPE
+    "llama3-rope": ("llama", _rope("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "yarn-rope": ("qwen2", _rope("yarn", factor=4.0, original_max_position_embeddings=64)),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    if request.param == "llama-tied-mha":
-        return _save(path, "llama", tie_word_embeddings=True, num_key_value_heads=4, rope_theta=10000.0)
-    return _save(path, request.param)
+    arch, overrides = VARIANTS[request.param]
+    return _save(tmp_path_factory.mktemp(request.param), arch, **overrides)
 
 
 def _hf_logits(model, tokens):
@@ -69,6 +88,39 @@ def test_lean_logits_match_transformers_with_ragged_batch(checkpoint):
     for b, (p, c) in enumerate(zip(prompts, chunks)):
         ref = _hf_logits(model, p + c + [7 + b])[-1]
         assert torch.allclose(step[b].cpu(), ref, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("arch, overrides, bound", [
+    ("phi3", dict(original_max_position_embeddings=64, **_rope("longrope", short_factor=[1.0 + i / 8 for i in range(8)], long_factor=[4.0] * 8,
+                                                             original_max_position_embeddings=64)), 64),
+    ("llama", _rope("dynamic", factor=2.0), 256),  # dynamic NTK: static up to max_position_embeddings
+])
+def test_length_dependent_rope_is_lean_within_its_original_context(tmp_path, arch, overrides, bound):
+    """LongRoPE and dynamic NTK tables are static up to the original context: the lean
+    runner takes them there (equal to transformers) and refuses a max_len past it."""
+    from shared.engine.llama import UnsupportedModel
+    from shared.engine.runner import load_runner
+
+    path = _save(tmp_path, arch, **overrides)
+    model = load_hf_model(path)
+    lean = LeanRunner(model, DEVICE, max_len=64)
+    tokens = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert torch.allclose(lean.prefill("a", tokens).cpu().log(), torch.log_softmax(_hf_logits(model, tokens)[-1], -1), atol=ATOL)
+    with pytest.raises(UnsupportedModel, match=f"changes past {bound} positions"):
+        LeanRunner(model, DEVICE, max_len=bound + 1)
+    assert isinstance(load_runner(path, max_len=bound + 1), HFRunner)  # refused: transformers runs it
+
+
+def test_unsupported_checkpoints_name_the_reason(tmp_path):
+    from shared.engine.llama import UnsupportedModel
+
+    model = load_hf_model(_save(tmp_path, "llama", **_rope("longrope", short_factor=[1.0] * 8, long_factor=[1.0] * 8)))
+    model.config.rope_parameters["rope_type"] = "proportional"
+    with pytest.raises(UnsupportedModel, match="rope type 'proportional'"):
+        LeanRunner(model, DEVICE, max_len=64)
+    model.config.model_type = "gemma"
+    with pytest.raises(UnsupportedModel, match="'gemma' is not one of"):
+        LeanRunner(model, DEVICE, max_len=64)
 
 
 def test_hf_runner_matches_lean_runner(checkpoint):
@@ -155,3 +207,35 @@ def test_ngram_proposes_what_followed_the_last_match():
     assert torch.equal(d.probs.argmax(-1), torch.tensor([4, 5, 9])) and d.probs.sum() == 3
     assert ng.propose([[1, 2, 3]], 4)[0].tokens == []
     assert ng.lookup([7, 7, 7], 2) == [7]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, seed=5)], ids=["greedy", "seeded"])
+def test_chains_over_qwen3_phi3_and_smollm3_give_the_target_alones_tokens(tmp_path, sampling):
+    """Real pairings have a small model of one family drafting for a large one: a Qwen3
+    target, verified by the same checkpoint through transformers (nearly everything
+    accepted) and drafted by a Phi-3 and a SmolLM3 (nearly nothing), in one ragged batch."""
+    from shared.engine.chain import Chain
+    from tests.test_engine_chain import target_alone
+
+    def lean(name):
+        arch, overrides = VARIANTS[name]
+        return LeanRunner(load_hf_model(_save(tmp_path / name, arch, **overrides)), DEVICE, max_batch=4, max_len=96)
+
+    target = lean("qwen3")
+    same = HFRunner(load_hf_model(tmp_path / "qwen3"), DEVICE, max_batch=4, max_len=96)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (9, 17, 4)]
+    ref = [target_alone(target, p, 12, sampling) for p in prompts]
+    accepted = {}
+    for levels in (
+        [("verifier", same), ("target", target)],
+        [("ngram", NgramProposer(VOCAB)), ("drafter", lean("phi3-partial-rope")), ("verifier", same), ("target", target)],
+        [("drafter", lean("smollm3")), ("target", target)],
+    ):
+        chain = Chain(levels, k=3)
+        assert chain.generate(prompts, 12, sampling, stop_at_eos=False) == ref, [name for name, _ in levels]
+        for stats in chain.collect_stats().levels[:-1]:
+            assert stats.drafted > 0, stats.name
+            accepted[stats.name] = accepted.get(stats.name, 0) + stats.accepted / stats.drafted
+    assert accepted["verifier"] > 1.5  # the same weights: taken
+    assert accepted["drafter"] < 1.5  # a stranger's drafts: rejections ran

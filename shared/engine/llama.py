@@ -1,11 +1,12 @@
-"""A lean forward for the Llama family (Llama, Qwen2, Mistral) in plain PyTorch.
+"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3) in plain PyTorch.
 
-RMSNorm, RoPE (rope_theta, default rope type), grouped-query attention through
-`F.scaled_dot_product_attention`, SwiGLU, tied or untied lm_head. Weights are taken from a
-transformers model's state dict; q/k/v and gate/up are fused into one matmul each so a
-step issues as few kernels as possible (the fixed cost per call dominates small models on
-CPU). The forward reads and writes a `KVCache` at explicit per-row positions, so one call
-serves a ragged batch of requests.
+RMSNorm, RoPE (the checkpoint's own tables: any static scaling, partial rotary
+dimensions, layers without RoPE), Qwen3's per-head q/k norms, grouped-query attention
+through `F.scaled_dot_product_attention`, SwiGLU, tied or untied lm_head. Weights are taken
+from a transformers model's state dict; q/k/v and gate/up are fused into one matmul each
+(Phi-3 ships them fused) so a step issues as few kernels as possible (the fixed cost per
+call dominates small models on CPU). The forward reads and writes a `KVCache` at explicit
+per-row positions, so one call serves a ragged batch of requests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import torch.nn.functional as F
 
 from shared.engine.kv_cache import KVCache
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
+# RoPE types whose frequencies change with the sequence's length: static below a bound
+LENGTH_DEPENDENT = ("dynamic", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", *LENGTH_DEPENDENT)
 
 
 class UnsupportedModel(ValueError):
@@ -85,16 +89,33 @@ class _Layer:
     ln2: torch.Tensor
     gate_up: _Linear
     down: _Linear
+    qk_norm: torch.Tensor | None  # [H + Hk, 1, D]: Qwen3's q_norm per query head, k_norm per key head
+    rope: bool  # SmolLM3 leaves every fourth layer without RoPE
 
 
-def _rope_theta(config) -> float:
+def _rope_tables(hf_model, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_len, rotary_dim] as the checkpoint's own rotary embedding computes
+    them (its scaling type, attention factor and partial rotary dimensions), float32.
+
+    A type whose frequencies follow the sequence's length (dynamic NTK, LongRoPE) is static
+    up to its original context; past that, transformers recomputes the tables for every
+    position at once, which a cache written earlier would not match, so it is refused."""
+    config = hf_model.config
     params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
-    scaling = getattr(config, "rope_scaling", None)
-    if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default"):
+    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else None
+    if rope_type not in ROPE_TYPES:
         raise UnsupportedModel(f"rope type {rope_type!r} is not supported by the lean runner (use --runner hf)")
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        raise UnsupportedModel("the checkpoint has no model.rotary_emb")
+    if rope_type in LENGTH_DEPENDENT:
+        bound = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        bound = bound or getattr(rotary, "original_max_seq_len", 0)
+        if max_len > bound:
+            raise UnsupportedModel(f"rope type {rope_type!r} changes past {bound} positions; max_len {max_len} is longer")
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len)[None])
+    return cos[0].float(), sin[0].float()
 
 
 class LeanLlama:
@@ -120,6 +141,8 @@ class LeanLlama:
         self.max_len = max_len
 
         sd = {name: t.detach() for name, t in hf_model.state_dict().items()}
+        D = self.head_dim
+        no_rope = getattr(config, "no_rope_layers", None) or [1] * self.n_layers  # SmolLM3: 0 = no RoPE
 
         def w(name: str) -> torch.Tensor:
             return sd[name].to(device=self.device, dtype=dtype).contiguous()
@@ -133,27 +156,35 @@ class LeanLlama:
         self.layers: list[_Layer] = []
         for i in range(self.n_layers):
             p = f"model.layers.{i}."
-            qkv = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-            bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-            if any(p + f"mlp.{x}_proj.bias" in sd for x in ("gate", "up", "down")) or p + "self_attn.o_proj.bias" in sd:
+            a, m = p + "self_attn.", p + "mlp."
+            fused = a + "qkv_proj.weight" in sd  # Phi-3: q, k, v in one weight, in that order
+            qkv = [a + "qkv_proj.weight"] if fused else [a + f"{x}_proj.weight" for x in "qkv"]
+            bias = [a + "qkv_proj.bias"] if fused else [a + f"{x}_proj.bias" for x in "qkv"]
+            gate_up = [m + "gate_up_proj.weight"] if m + "gate_up_proj.weight" in sd else [m + "gate_proj.weight", m + "up_proj.weight"]
+            if any(m + f"{x}_proj.bias" in sd for x in ("gate", "up", "down", "gate_up")) or a + "o_proj.bias" in sd:
                 raise UnsupportedModel("biases on o_proj or the MLP are not supported")
+            qk_norm = None
+            if a + "q_norm.weight" in sd:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
+                qn, kn = sd[a + "q_norm.weight"], sd[a + "k_norm.weight"]
+                if qn.shape != (D,) or kn.shape != (D,):
+                    raise UnsupportedModel(f"q/k norms of shape {tuple(qn.shape)} are not per head (head_dim {D})")
+                qk_norm = torch.cat([qn.expand(self.n_heads, D), kn.expand(self.n_kv_heads, D)])[:, None].to(self.device, dtype).contiguous()
             self.layers.append(
                 _Layer(
                     ln1=w(p + "input_layernorm.weight"),
                     qkv=_Linear(cat(qkv), cat(bias) if all(b in sd for b in bias) else None),
-                    o=_Linear(w(p + "self_attn.o_proj.weight"), None),
+                    o=_Linear(w(a + "o_proj.weight"), None),
                     ln2=w(p + "post_attention_layernorm.weight"),
-                    gate_up=_Linear(cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]), None),
-                    down=_Linear(w(p + "mlp.down_proj.weight"), None),
+                    gate_up=_Linear(cat(gate_up), None),
+                    down=_Linear(w(m + "down_proj.weight"), None),
+                    qk_norm=qk_norm,
+                    rope=bool(no_rope[i]),
                 )
             )
-        theta = _rope_theta(config)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device=self.device, dtype=dtype)
-        sin = emb.sin()
-        sin[:, : self.head_dim // 2] *= -1  # rotate_half's sign folded in: x*cos + roll(x)*sin
+        cos, sin = _rope_tables(hf_model, max_len)
+        self.rotary_dim = cos.shape[-1]  # < head_dim: RoPE on the first dimensions only (Phi-3's partial_rotary_factor)
+        sin[:, : self.rotary_dim // 2] *= -1  # rotate_half's sign folded in: x*cos + roll(x)*sin
+        self.cos = cos.to(device=self.device, dtype=dtype)
         self.sin = sin.to(device=self.device, dtype=dtype)
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
         self.arange = torch.arange(max_len, device=self.device)
@@ -162,7 +193,11 @@ class LeanLlama:
         return KVCache(self.n_layers, slots, self.n_kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin)
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return torch.addcmul(x * cos, x.roll(r // 2, dims=-1), sin)
+        rot = x[..., :r]
+        return torch.cat([torch.addcmul(rot * cos, rot.roll(r // 2, dims=-1), sin), x[..., r:]], dim=-1)
 
     def forward(
         self,
@@ -209,7 +244,11 @@ class LeanLlama:
             h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
             qkv = layer.qkv(h)
             heads = qkv.view(B, T, H + 2 * Hk, D).transpose(1, 2)  # [B, H + 2Hk, T, D]
-            qk = self._rope(heads[:, : H + Hk], cos, sin)  # one RoPE for queries and keys
+            qk = heads[:, : H + Hk]
+            if layer.qk_norm is not None:
+                qk = F.rms_norm(qk, (D,), None, self.eps) * layer.qk_norm
+            if layer.rope:
+                qk = self._rope(qk, cos, sin)  # one RoPE for queries and keys
             q, k, v = qk[:, :H], qk[:, H:], heads[:, H + Hk :]
             ck, cv = cache.k[li], cache.v[li]
             if B == 1:
