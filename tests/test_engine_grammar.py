@@ -102,7 +102,7 @@ def test_rows_are_constrained_by_their_own_output_and_the_prompt_is_left_alone()
     grammar = Grammar(TokenTrie(VOCAB, eos_token_id=0))
     prompt, output = [5, 5, 8], [3, 5, 6, 8]  # {"a":1
     logits = torch.zeros(6, len(VOCAB))  # rows predict positions 2..7: the prompt's last token, then output
-    rows = penalize(logits, replace(JSON_MODE, output_start=len(prompt)), prompt + output, eos_token_id=0,
+    rows = penalize(logits, replace(JSON_MODE, output_start=len(prompt)), prompt + output, eos_token_ids=[0],
                     grammar=grammar)
     assert torch.equal(rows[0], logits[0])  # predicts the prompt's last token: not output
     for j in range(1, 6):

@@ -239,3 +239,30 @@ def test_chains_over_qwen3_phi3_and_smollm3_give_the_target_alones_tokens(tmp_pa
             accepted[stats.name] = accepted.get(stats.name, 0) + stats.accepted / stats.drafted
     assert accepted["verifier"] > 1.5  # the same weights: taken
     assert accepted["drafter"] < 1.5  # a stranger's drafts: rejections ran
+
+
+def test_every_eos_token_of_the_generation_config_ends_a_sequence(tmp_path):
+    """Llama 3.x Instruct's config lists several ends (and its generation config more):
+    each one stops a chain, min_tokens bars each, ignore_eos passes them all."""
+    from transformers import GenerationConfig
+
+    from shared.engine.chain import Chain
+    from shared.engine.runner import eos_token_ids, load_runner
+    from tests.test_engine_chain import target_alone
+
+    path = _save(tmp_path / "plain", "llama")
+    free = target_alone(LeanRunner(load_hf_model(path), DEVICE, max_len=64), [5, 6, 7], 12)
+    end = next(t for t in free[3:] if t not in (1, 2, 0))  # a token the model says after its fourth
+    model = load_hf_model(path)
+    model.config.eos_token_id = [2, 0]
+    model.generation_config = GenerationConfig(eos_token_id=[0, end], bos_token_id=1)
+    model.save_pretrained(str(tmp_path / "ends"))
+    assert eos_token_ids(load_hf_model(tmp_path / "ends")) == (2, 0, end)
+    for kind in ("lean", "hf"):
+        target = load_runner(tmp_path / "ends", runner=kind, max_len=64)
+        assert target.eos_token_id == 2 and target.eos_token_ids == (2, 0, end)
+        first = free.index(end)
+        assert Chain([("target", target)]).generate([[5, 6, 7]], 12) == [free[: first + 1]], kind
+        assert Chain([("target", target)]).generate([[5, 6, 7]], 12, stop_at_eos=False) == [free], kind
+        late = Chain([("target", target)]).generate([[5, 6, 7]], 12, SamplingParams(min_tokens=first + 1), stop_at_eos=True)[0]
+        assert end not in late[: first + 1] and late[:first] == free[:first], kind

@@ -119,7 +119,7 @@ class Driver:
     def _remote(self, model: str) -> RemoteRunner:
         if model not in self.remotes:
             self.remotes[model] = RemoteRunner(
-                model, self.nc, self.loop, self.target.vocab_size, self.epochs, self.target.eos_token_id,
+                model, self.nc, self.loop, self.target.vocab_size, self.epochs, self.target.eos_token_ids,
                 max_len=self.settings.engine.max_len, on_rollback=lambda rid, m=model: self._rolled_back(m, rid),
                 spans=self.spans, lookahead=self.settings.speculation.lookahead,
             )
@@ -158,7 +158,7 @@ class Driver:
                     levels.append((name, self._remote(canonical(name))))
             spec = self.settings.speculation
             self.chains[key] = Chain(levels, k=spec.k, confidence_threshold=spec.confidence_threshold,
-                                     leniency=spec.lenient, eos_token_id=self.target.eos_token_id)
+                                     leniency=spec.lenient, eos_token_id=self.target.eos_token_ids)
         return self.chains[key]
 
     def _ks(self, msg: GenerateJob, key: tuple[str, ...]) -> list[int]:

@@ -43,11 +43,12 @@ class LevelUnavailable(RuntimeError):
 
 class RemoteRunner(Runner):
     def __init__(self, model: str, nc, loop: asyncio.AbstractEventLoop, vocab_size: int,
-                 epochs: dict[str, int], eos_token_id: int | None = None, max_len: int = 512, timeout_s: float = 10.0,
+                 epochs: dict[str, int], eos_token_ids: tuple[int, ...] = (), max_len: int = 512, timeout_s: float = 10.0,
                  on_rollback: Callable[[str], None] | None = None, spans=None, lookahead: bool = False):
         self.device = torch.device("cpu")
         self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
         self.max_len = max_len  # the replicas run with the same engine settings
         super().__init__()
         self.model = model

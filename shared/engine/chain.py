@@ -79,7 +79,7 @@ class Chain:
         k: int | Sequence[int] = 4,
         confidence_threshold: float = 0.0,
         leniency: float = 1.0,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         seed: int | None = None,
     ) -> None:
         if not levels:
@@ -100,7 +100,9 @@ class Chain:
         self.confidence_threshold = confidence_threshold
         self.leniency = leniency
         target = self.levels[-1].runner
-        self.eos_token_id = eos_token_id if eos_token_id is not None else target.eos_token_id
+        if eos_token_id is None:
+            eos_token_id = target.eos_token_ids or target.eos_token_id
+        self.eos_token_ids = tuple(t for t in (eos_token_id if isinstance(eos_token_id, Sequence) else [eos_token_id]) if t is not None)
         self.generator = torch.Generator()  # uniforms of unseeded rejection sampling
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -194,8 +196,8 @@ class Chain:
         room = req.max_tokens - len(req.output)
         tokens = tokens[:room]
         ends = set(req.sampling.stop_token_ids)
-        if req.stop_at_eos and self.eos_token_id is not None:
-            ends.add(self.eos_token_id)
+        if req.stop_at_eos:
+            ends.update(self.eos_token_ids)
         end = next((j for j, t in enumerate(tokens) if t in ends), None)
         if end is not None:
             tokens = tokens[: end + 1]

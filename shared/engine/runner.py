@@ -54,7 +54,8 @@ class Runner:
     vocab_size: int
     device: torch.device
     max_len: int
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the first of eos_token_ids: the one a finished grammar allows
+    eos_token_ids: tuple[int, ...] = ()  # every token that ends a sequence (Llama 3's <|eot_id|> beside <|end_of_text|>)
     prefix_caching = False  # whether `prefill` starts on a head of the prompt the cache already holds
     tokenizer_path: Path | None = None  # the checkpoint folder whose tokenizer a JSON response format reads
     _trie: TokenTrie | None = None
@@ -113,10 +114,10 @@ class Runner:
                 held = self._tokens.get(rid, ())
                 grammar = self.grammar(p) if p.response_format else None
                 if logits.dim() == 2:  # last_only: the row after the whole chunk
-                    logits[b] = penalize(logits[b][None], p, held, self.eos_token_id, grammar)[0]
+                    logits[b] = penalize(logits[b][None], p, held, self.eos_token_ids, grammar)[0]
                 else:
                     n = len(chunks[b])
-                    logits[b, :n] = penalize(logits[b, :n], p, held, self.eos_token_id, grammar)
+                    logits[b, :n] = penalize(logits[b, :n], p, held, self.eos_token_ids, grammar)
         return process_rows(logits, params)
 
     def sampling(self, request_id: str) -> SamplingParams:
@@ -286,7 +287,8 @@ class LeanRunner(Runner):
         self.prefix_caching = prefix_caching
         self.max_len = max_len
         self.vocab_size = self.model.vocab_size
-        self.eos_token_id = _eos(hf_model.config)
+        self.eos_token_ids = eos_token_ids(hf_model)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         super().__init__(seed)
 
     def _open(self, request_id: str, salt: str) -> None:
@@ -338,7 +340,8 @@ class HFRunner(Runner):
         self.device = torch.device(device)
         self.model = hf_model.to(device=self.device, dtype=dtype).eval()
         self.vocab_size = hf_model.config.vocab_size
-        self.eos_token_id = _eos(hf_model.config)
+        self.eos_token_ids = eos_token_ids(hf_model)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.max_batch, self.max_len = max_batch, max_len
         self.prefix_caching = prefix_caching
         self._caches: dict[str, object] = {}
@@ -428,11 +431,18 @@ class HFRunner(Runner):
         return torch.stack(outs)
 
 
-def _eos(config) -> int | None:
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        return eos[0] if eos else None
-    return eos
+def eos_token_ids(hf_model) -> tuple[int, ...]:
+    """Every token that ends the model's sequences, as transformers' `generate` stops on
+    them: the config's `eos_token_id` (an id or a list) then the generation config's, in
+    order, once each. Llama 3.x Instruct lists `<|end_of_text|>`, `<|eom_id|>` and
+    `<|eot_id|>`; a chat turn ends with the last."""
+    ids: list[int] = []
+    for source in (hf_model.config, getattr(hf_model, "generation_config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        for token in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):

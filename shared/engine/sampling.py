@@ -173,7 +173,7 @@ GREEDY = SamplingParams()
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int] = (),
-             eos_token_id: int | None = None, grammar: Grammar | None = None) -> torch.Tensor:
+             eos_token_ids: Sequence[int] = (), grammar: Grammar | None = None) -> torch.Tensor:
     """Logits [T, V] (float32, a new tensor) after `allowed_token_ids`, `logit_bias`, the
     penalties, `min_tokens` and the response format (`grammar`: the model vocabulary's,
     needed for one).
@@ -182,7 +182,7 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
     predicts the token after `tokens[len(tokens) - T + j]` and is penalized by the tokens up
     to and including that one. `tokens` is needed only when `params.penalized`; tokens at
     positions from `params.output_start` on are the output. `min_tokens` rules out the
-    model's `eos_token_id` (if any) and `params.stop_token_ids`. The response format leaves
+    model's `eos_token_ids` (every token that ends its sequences) and `params.stop_token_ids`. The response format leaves
     each row predicting an output token only the tokens its grammar allows after that
     row's output so far.
     """
@@ -207,7 +207,7 @@ def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int]
     seq = np.asarray(tokens, dtype=np.int64)  # the bookkeeping in numpy: small arrays, cheap calls
     base = len(seq) - rows  # row 0's prefix is seq[: base + 1]
     start = max(params.output_start, 0)
-    ends = [t for t in (eos_token_id, *params.stop_token_ids) if t is not None and t < vocab]
+    ends = [t for t in (*eos_token_ids, *params.stop_token_ids) if t < vocab]
     if params.min_tokens and ends:
         emitted = np.arange(base + 1, len(seq) + 1) - start  # output tokens before each row's prediction
         early = torch.from_numpy(np.flatnonzero(emitted < params.min_tokens)).to(x.device)
