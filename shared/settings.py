@@ -71,6 +71,7 @@ class GatewaySettings(BaseModel):
     dev_mode: bool = Field(False, description="Accept requests without an API key (development only; `make up` turns it on and says so).")
     served_model_names: list[str] = Field(["specmesh"], min_length=1, description='Names the API serves the model under, a JSON list (vLLM\'s --served-model-name): requests may name any of them, answers and /v1/models give the first.')
     chat_template: Path | None = Field(None, description="A Jinja chat template file used instead of the checkpoint's own (vLLM's --chat-template); unset: the checkpoint's, or the family's `Role: content` lines.")
+    generation_config: str = Field("auto", min_length=1, description='Sampling defaults for fields a request leaves out (vLLM\'s --generation-config): "auto" takes temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (as max_tokens) from the target\'s generation_config.json; "none" keeps OpenAI\'s (temperature 1, top_p 1); else a folder holding a generation_config.json.')
     cors_allow_origins: list[str] = Field(default_factory=list, description='Origins a browser may call the HTTP API from (CORS), a JSON list: `["https://app.example"]`, or `["*"]` for any (vLLM\'s --allowed-origins); empty (the default): no cross-origin calls.')
     ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): the HTTP and gRPC APIs serve TLS (https, and gRPC's secure port) with ssl_keyfile (vLLM's --ssl-certfile).")
     ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile.")

@@ -8,10 +8,14 @@ another target replica if the one serving the request dies.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from typing import AsyncIterator, Protocol
 
 from shared.messages import GenerateJob, TokenBatch
+
+log = logging.getLogger(__name__)
 
 
 class GenerationError(RuntimeError):
@@ -140,6 +144,17 @@ class NatsBackend:
                 tok.chat_template = _template(tok, path)
             self._tokenizer = tok
         return self._tokenizer
+
+    @functools.cached_property
+    def generation_defaults(self):
+        """The target's recommended sampling defaults (`gateway.generation_config`), read once."""
+        from services.gateway.generation_defaults import GenerationDefaults
+
+        defaults = GenerationDefaults.load(self.settings.gateway.generation_config, self.family.path("target"))
+        if defaults.given():
+            log.info("sampling defaults from %s (a request's own values win): %s", defaults.source,
+                     ", ".join(f"{k}={v}" for k, v in defaults.given().items()))
+        return defaults
 
     def chains(self) -> list[list[str]]:
         out = []

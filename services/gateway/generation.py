@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.gateway.backend import GenerationError
+from services.gateway.generation_defaults import GenerationDefaults
 from shared.messages import MAX_TOP_LOGPROBS, Assignment, GenerateJob, Sampling, TokenLogprob
 from shared.request_class import classify
 from shared.settings import Settings
@@ -120,6 +121,7 @@ class GenerationRequest:
 def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJob, list[str]]:
     """The job to send and the stop strings to apply; ApiError (4xx) if the request cannot run."""
     tok = backend.tokenizer()
+    defaults = getattr(backend, "generation_defaults", None) or NO_DEFAULTS
     prompt = _truncated(_prompt_ids(tok, req.prompt, req.prompt_param), req.truncate_prompt_tokens)
     context = backend.max_context
     if len(prompt) >= context:
@@ -127,7 +129,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                       f"(prompt + max_tokens); shorten the prompt.", req.prompt_param, "context_length_exceeded")
     room = context - len(prompt)
     if req.max_tokens is None:
-        max_tokens = min(req.default_max_tokens, room)
+        max_tokens = min(defaults.max_new_tokens or req.default_max_tokens, room)
     else:
         max_tokens = _int(req.max_tokens, "max_tokens")
         if max_tokens == 0 and req.echo:  # the prompt only: one token is generated and left out of the answer
@@ -139,16 +141,18 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                           f"context of {context} tokens; ask for at most {room}.", "max_tokens",
                           "context_length_exceeded")
     sampling = Sampling(
-        temperature=_ranged(req.temperature, 1.0, "temperature", 0.0, TEMPERATURE_MAX, "between 0 and 2"),
-        top_p=_ranged(req.top_p, 1.0, "top_p", 0.0, 1.0, "greater than 0 and at most 1", open_low=True),
-        top_k=_top_k(req.top_k, len(tok)),
-        min_p=_ranged(req.min_p, 0.0, "min_p", 0.0, 1.0, "between 0 and 1 (0 is off)"),
+        temperature=_ranged(req.temperature, _or(defaults.temperature, 1.0), "temperature", 0.0, TEMPERATURE_MAX,
+                            "between 0 and 2"),
+        top_p=_ranged(req.top_p, _or(defaults.top_p, 1.0), "top_p", 0.0, 1.0, "greater than 0 and at most 1",
+                      open_low=True),
+        top_k=_top_k(req.top_k if req.top_k is not None else defaults.top_k, len(tok)),
+        min_p=_ranged(req.min_p, _or(defaults.min_p, 0.0), "min_p", 0.0, 1.0, "between 0 and 1 (0 is off)"),
         seed=_seed(req.seed),
         presence_penalty=_ranged(req.presence_penalty, 0.0, "presence_penalty", -PENALTY_MAX, PENALTY_MAX,
                                  f"between -{PENALTY_MAX:g} and {PENALTY_MAX:g}"),
         frequency_penalty=_ranged(req.frequency_penalty, 0.0, "frequency_penalty", -PENALTY_MAX, PENALTY_MAX,
                                   f"between -{PENALTY_MAX:g} and {PENALTY_MAX:g}"),
-        repetition_penalty=_ranged(req.repetition_penalty, 1.0, "repetition_penalty", 0.0, REPETITION_MAX,
+        repetition_penalty=_ranged(req.repetition_penalty, _or(defaults.repetition_penalty, 1.0), "repetition_penalty", 0.0, REPETITION_MAX,
                                    f"greater than 0 and at most {REPETITION_MAX:g} (1 is off)", open_low=True),
         **_logit_bias(req.logit_bias, len(tok)),
         min_tokens=_min_tokens(req.min_tokens, max_tokens),
@@ -191,6 +195,13 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
     if (admit := getattr(backend, "admit", None)) is not None:
         admit(job.request_id)  # in flight from its assignment (no await since) until its generation ends
     return job, stops
+
+
+NO_DEFAULTS = GenerationDefaults()
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _prompt_ids(tok, prompt: str | list[int], param: str) -> list[int]:

@@ -35,6 +35,7 @@ class GatewayService(ServiceProcess):
         cfg = self.settings.gateway
         self.backend = NatsBackend(self.settings, self.nc, self.tracer_provider, GatewayMetrics(self.registry))
         self.backend.tokenizer()  # load once, before the first request
+        self.backend.generation_defaults  # read (and checked) at start, like the chat template
         self.responses = await self._response_store() if cfg.responses_store else None
         await self.backend.follow_router()
         self.grpc = await start_grpc(self.settings, self.backend, self.tracer_provider)
