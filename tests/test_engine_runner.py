@@ -266,3 +266,18 @@ def test_every_eos_token_of_the_generation_config_ends_a_sequence(tmp_path):
         assert Chain([("target", target)]).generate([[5, 6, 7]], 12, stop_at_eos=False) == [free], kind
         late = Chain([("target", target)]).generate([[5, 6, 7]], 12, SamplingParams(min_tokens=first + 1), stop_at_eos=True)[0]
         assert end not in late[: first + 1] and late[:first] == free[:first], kind
+
+
+def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_float32(tmp_path):
+    """load_runner reads the weights in the runner's dtype (half fp32's memory at load): the
+    same weights and RoPE tables as casting a float32 load, so the same logits, bit for bit."""
+    from shared.engine.runner import load_runner
+
+    path = _save(tmp_path, "llama", **VARIANTS["llama3-rope"][1])
+    direct = load_runner(path, dtype="bfloat16", max_batch=1, max_len=64)
+    cast = LeanRunner(load_hf_model(path), DEVICE, torch.bfloat16, max_batch=1, max_len=64)
+    assert direct.model.embed.dtype == torch.bfloat16 and torch.equal(direct.model.cos, cast.model.cos)
+    tokens = list(range(5, 30))
+    assert torch.equal(direct.prefill("a", tokens), cast.prefill("a", tokens))
+    hf = load_runner(path, runner="hf", dtype="bfloat16", max_batch=1, max_len=64)
+    assert {p.dtype for p in hf.model.parameters()} == {torch.bfloat16}

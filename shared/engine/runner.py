@@ -446,7 +446,8 @@ def eos_token_ids(hf_model) -> tuple[int, ...]:
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """`AutoModelForCausalLM.from_pretrained(path)` in eval mode on the CPU."""
+    """`AutoModelForCausalLM.from_pretrained(path)` in eval mode on the CPU, weights in `dtype`
+    (RoPE's inverse frequencies stay float32, as transformers keeps them)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
@@ -476,7 +477,7 @@ def load_runner(
         logging.getLogger(__name__).warning(
             "%s with batches of up to %d: ragged batches in reduced precision are not batch-invariant, so a "
             "request's tokens can differ from the target alone; float32 is exact at any batch", torch_dtype, max_batch)
-    model = load_hf_model(path, torch.float32)
+    model = load_hf_model(path, torch_dtype)  # in the runner's dtype: a bf16 checkpoint never takes fp32's memory
     made = None
     if runner == "lean":
         try:
