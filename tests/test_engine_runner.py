@@ -18,6 +18,7 @@ VOCAB = 257
 
 ARCHS = {  # model type -> the transformers classes' prefix
     "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "smollm3": "SmolLM3",
+    "olmo2": "Olmo2", "gemma3": "Gemma3Text",  # transformers' runner only
 }
 
 
@@ -26,7 +27,7 @@ def _save(path, arch: str, **overrides):
 
     torch.manual_seed(0)
     Config = getattr(transformers, f"{ARCHS[arch]}Config")
-    Model = getattr(transformers, f"{ARCHS[arch]}ForCausalLM")
+    Model = getattr(transformers, f"{ARCHS[arch].removesuffix('Text')}ForCausalLM")
     cfg = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_theta=5000.0, tie_word_embeddings=False,
@@ -68,9 +69,13 @@ def _hf_logits(model, tokens):
         return model(torch.tensor([tokens], device=model.device)).logits[0].cpu()
 
 
-def test_lean_logits_match_transformers_with_ragged_batch(checkpoint):
+@pytest.mark.parametrize("kind", ["lean", "hf"])
+def test_ragged_batch_logits_match_transformers_row_by_row(checkpoint, kind):
+    """One forward over requests of different lengths and chunks gives each row what
+    transformers gives that sequence alone (the HF runner pads caches left, chunks right)."""
     model = load_hf_model(checkpoint)
-    lean = LeanRunner(model, DEVICE, max_batch=4, max_len=128)
+    runner = LeanRunner if kind == "lean" else HFRunner
+    lean = runner(load_hf_model(checkpoint), DEVICE, max_batch=4, max_len=128)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 5, 21)]
     chunks = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (4, 1, 6)]
@@ -88,6 +93,14 @@ def test_lean_logits_match_transformers_with_ragged_batch(checkpoint):
     for b, (p, c) in enumerate(zip(prompts, chunks)):
         ref = _hf_logits(model, p + c + [7 + b])[-1]
         assert torch.allclose(step[b].cpu(), ref, atol=ATOL, rtol=ATOL)
+    # a fresh request beside them (nothing cached yet), last rows only
+    lean.prefill("new", [4])
+    lean.rollback("r1", 3)
+    with torch.inference_mode():
+        mixed = lean._logits(["r1", "new", "r2"], [[1, 2], [5, 6, 7], [3]], last_only=True)
+    for row, seq in zip(mixed, [prompts[1][:3] + [1, 2], [4, 5, 6, 7], prompts[2] + chunks[2] + [9, 3]]):
+        assert torch.allclose(row.cpu(), _hf_logits(model, seq)[-1], atol=ATOL, rtol=ATOL)
+    assert [lean.length(r) for r in ("r0", "r1", "new", "r2")] == [13 + 4 + 1, 5, 4, 21 + 6 + 2]
 
 
 @pytest.mark.parametrize("arch, overrides, bound", [
@@ -281,3 +294,37 @@ def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_floa
     assert torch.equal(direct.prefill("a", tokens), cast.prefill("a", tokens))
     hf = load_runner(path, runner="hf", dtype="bfloat16", max_batch=1, max_len=64)
     assert {p.dtype for p in hf.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("mistral", dict(sliding_window=6)),  # a window shorter than the sequences: the lean runner refuses it
+    ("gemma3", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    ("olmo2", {}),
+], ids=["mistral-window", "gemma3", "olmo2"])
+def test_transformers_runner_batches_architectures_the_lean_one_refuses(tmp_path, arch, overrides):
+    """Sliding windows, Gemma 3's local and global layers, OLMo 2's norms: the HF runner's
+    ragged batch equals transformers on each sequence alone, and so does a chain over it."""
+    from shared.engine.chain import Chain
+    from shared.engine.llama import UnsupportedModel
+    from tests.test_engine_chain import target_alone
+
+    path = _save(tmp_path, arch, **overrides)
+    model = load_hf_model(path)
+    with pytest.raises(UnsupportedModel):
+        LeanRunner(model, DEVICE, max_len=64)
+    hf = HFRunner(load_hf_model(path), DEVICE, max_batch=4, max_len=64)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (11, 3, 17)]
+    for i, p in enumerate(prompts):
+        hf.prefill(f"r{i}", p)
+    chunks = [[5, 6, 7], [8], [9, 10]]
+    with torch.inference_mode():
+        got = hf._logits(["r0", "r1", "r2"], chunks, last_only=False)
+    for b, (p, c) in enumerate(zip(prompts, chunks)):
+        ref = _hf_logits(model, p + c)[len(p):]
+        assert torch.allclose(got[b, : len(c)].cpu(), ref, atol=ATOL, rtol=ATOL), (b, (got[b, : len(c)].cpu() - ref).abs().max())
+    for rid in ("r0", "r1", "r2"):
+        hf.release(rid)
+    ref = [target_alone(hf, p, 10) for p in prompts]
+    chain = Chain([("ngram", NgramProposer(VOCAB)), ("target", hf)], k=3)
+    assert chain.generate(prompts, 10, stop_at_eos=False) == ref

@@ -4,8 +4,8 @@
 `score` (one forward over a chunk: the distribution after every chunk token), `rollback`,
 `release`, `length`. Every operation is keyed by request id, so a service can run the
 same steps for remote callers. `LeanRunner` runs `LeanLlama` on a preallocated cache;
-`HFRunner` runs the transformers forward with one `DynamicCache` per request (other
-architectures, and the reference the lean runner is tested against).
+`HFRunner` runs the transformers forward with one `DynamicCache` per request, a batch in
+one forward (other architectures, and the reference the lean runner is tested against).
 
 Invariant the callers keep: a request's cache holds every token of its sequence except
 the ones the next call feeds (`feeds` / `chunks`), so `length(r)` is the position of the
@@ -327,7 +327,13 @@ class LeanRunner(Runner):
 
 
 class HFRunner(Runner):
-    """The transformers forward, one DynamicCache per request, requests run one by one.
+    """The transformers forward, one DynamicCache per request, a batch in one forward.
+
+    A batch of requests runs as transformers runs a left-padded batch: each request's
+    cache is padded on the left to the longest, the chunks on the right, a 2-D attention
+    mask hides the padding and each row has its own positions. transformers builds the
+    causal and sliding-window masks from that, so any architecture it runs batches. The
+    keys and values the forward appended go back to each request's own cache.
 
     Prefix caching (`prefix_caching`), as the lean runner's KV cache does it: each cache
     knows the tokens it holds; a released one is kept (least recently released dropped
@@ -364,7 +370,7 @@ class HFRunner(Runner):
         from transformers import DynamicCache
 
         self._room(request_id)
-        self._put(request_id, DynamicCache(config=self.model.config), [], salt)
+        self._put(request_id, DynamicCache(), [], salt)  # full layers: a sliding window is the mask's, so rollback works
 
     def _open_prefix(self, request_id: str, tokens: Sequence[int], salt: str) -> int:
         if not self.prefix_caching:
@@ -415,20 +421,61 @@ class HFRunner(Runner):
             del self._held[request_id][0][length:]
 
     def _logits(self, request_ids, chunks, last_only):
-        width = max(len(c) for c in chunks)
-        outs = []
-        for r, chunk in zip(request_ids, chunks):
-            cache = self._cache(r)
-            if cache.get_seq_length() + len(chunk) > self.max_len:
+        caches = [self._cache(r) for r in request_ids]
+        starts = [c.get_seq_length() for c in caches]
+        for r, s, chunk in zip(request_ids, starts, chunks):
+            if s + len(chunk) > self.max_len:
                 raise RuntimeError(f"request {r!r} would grow past max_len={self.max_len}")
-            ids = torch.tensor([list(chunk)], device=self.device)
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
+        if len(chunks) == 1:
+            ids = torch.tensor([list(chunks[0])], device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=caches[0], use_cache=True,
+                                logits_to_keep=1 if last_only else 0).logits
+            out = logits[:, -1] if last_only else logits
+        else:
+            out = self._batch(request_ids, caches, starts, chunks, last_only)
+        for r, chunk in zip(request_ids, chunks):
             self._held[r][0].extend(chunk)
-            if last_only:
-                outs.append(logits[-1])
-            else:
-                outs.append(torch.nn.functional.pad(logits, (0, 0, 0, width - len(chunk))))
-        return torch.stack(outs)
+        return out
+
+    def _batch(self, request_ids, caches, starts, chunks, last_only):
+        """One forward over requests of different lengths: caches padded on the left to the
+        longest, chunks on the right; each request's cache then takes its new keys and values."""
+        from transformers import DynamicCache
+
+        B, past, width = len(chunks), max(starts), max(len(c) for c in chunks)
+        lengths = [len(c) for c in chunks]
+        ids = torch.zeros(B, width, dtype=torch.long)
+        mask = torch.zeros(B, past + width, dtype=torch.long)
+        for b, (s, chunk) in enumerate(zip(starts, chunks)):
+            ids[b, : len(chunk)] = torch.tensor(list(chunk))
+            mask[b, past - s : past + len(chunk)] = 1
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
+        batch = DynamicCache()
+        if past:
+            filled = next(c for c, s in zip(caches, starts) if s)
+            for li, layer in enumerate(filled.layers):
+                keys = [_left_padded(c, li, 0, s, past, layer.keys) for c, s in zip(caches, starts)]
+                values = [_left_padded(c, li, 1, s, past, layer.values) for c, s in zip(caches, starts)]
+                batch.update(torch.cat(keys), torch.cat(values), li)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), past_key_values=batch, use_cache=True).logits
+        for b, (r, s, n) in enumerate(zip(request_ids, starts, lengths)):
+            own = [(layer.keys[b : b + 1, :, past - s : past + n].contiguous(), layer.values[b : b + 1, :, past - s : past + n].contiguous())
+                   for layer in batch.layers]
+            self._caches[r] = DynamicCache(ddp_cache_data=own)
+        if last_only:
+            return logits[torch.arange(B, device=logits.device), torch.tensor(lengths, device=logits.device) - 1]
+        return logits
+
+
+def _left_padded(cache, layer: int, which: int, length: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """One request's keys (`which` 0) or values (1) of `layer`, zeros on the left up to `width` positions."""
+    shape = (1, like.shape[1], width - length, like.shape[3])
+    pad = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if not length:
+        return pad
+    held = cache.layers[layer].keys if which == 0 else cache.layers[layer].values
+    return torch.cat([pad, held], dim=2) if width > length else held
 
 
 def eos_token_ids(hf_model) -> tuple[int, ...]:
