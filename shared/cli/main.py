@@ -10,7 +10,7 @@ import typer
 
 from shared.cli import batch_cmd, chat_cmd, trace_cmd
 from shared.cli import adaptive_bench, config_cmd, engine_cmd, models_cmd, router_cmd, serve_bench, stack_cmd
-from shared.cli import load_bench, prefix_bench, soak_bench
+from shared.cli import load_bench, prefix_bench, runner_bench, soak_bench
 
 app = typer.Typer(
     name="specmesh",
@@ -29,6 +29,7 @@ adaptive_bench.register(engine_cmd.bench_app)
 load_bench.register(engine_cmd.bench_app)
 soak_bench.register(engine_cmd.bench_app)
 prefix_bench.register(engine_cmd.bench_app)
+runner_bench.register(engine_cmd.bench_app)
 router_cmd.register(app)
 engine_cmd.register(app)
 app.add_typer(models_cmd.app, name="models", help="Train, list and evaluate the model family.")
