@@ -77,6 +77,9 @@ class DriverMetrics(SpecDecodeMetrics):
                                     buckets=BATCH_BUCKETS, registry=registry)
         self.steps = Counter("specmesh_driver_steps", "Chain steps (one target verification over a batch).",
                              registry=registry)
+        self.preemptions = Counter("specmesh_num_preemptions", "Running requests sent back to the waiting queue for a "
+                                   "more urgent one (vLLM's num_preemptions); they resume from their committed tokens.",
+                                   registry=registry)
         self.rollbacks = Counter("specmesh_rollbacks", "KV cache rollbacks, by level (the model rolled back).",
                                  ["level"], registry=registry)
         self.kv = KvMetrics(registry)

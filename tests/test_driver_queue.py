@@ -1,12 +1,17 @@
-"""The target driver's waiting queue: beyond max_batch, jobs wait by priority, then arrival.
-Pure: no models, no NATS (`_start` records what it admits)."""
+"""The target driver's waiting queue: beyond max_batch, jobs wait by priority, then arrival,
+and a more urgent job preempts the least urgent running one. The queue's logic is tested
+pure (`_start` records what it admits); preemption's tokens on the tiny family's target,
+with the commits recorded instead of sent."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from services.worker.driver import Driver
-from shared.messages import GenerateJob
+import pytest
+import torch
+
+from services.worker.driver import Driver, Job
+from shared.messages import GenerateJob, Sampling
 from shared.settings import Settings
 
 
@@ -18,29 +23,56 @@ def driver(max_batch: int) -> tuple[Driver, list[str]]:
 
     def start(msg: GenerateJob) -> None:
         started.append(msg.request_id)
-        d.jobs[msg.request_id] = msg
+        d.jobs[msg.request_id] = d.preempted.pop(msg.request_id, None) or Job(msg, ("target",))
 
     d._start = start
+    d.committer = SimpleNamespace(forget=lambda rid: None)
+    d._preempt = lambda job: (d.jobs.pop(job.msg.request_id), d.preempted.__setitem__(job.msg.request_id, job),
+                              d._enqueue(job.msg, first=True))
     return d, started
 
 
 def test_waiting_jobs_are_admitted_by_priority_then_arrival():
     d, started = driver(max_batch=1)
-    d.intake.put(("job", GenerateJob("running", [1], 4, priority=5)))
+    d.intake.put(("job", GenerateJob("running", [1], 4, priority=9)))
     d._drain(block=False)
-    for rid, priority in [("b", 0), ("c", 0), ("urgent", -3), ("late", 9), ("d", 0), ("soon", -3)]:
+    for rid, priority in [("b", 9), ("c", 9), ("late", 12), ("d", 9)]:
         d.intake.put(("job", GenerateJob(rid, [1], 4, priority=priority)))
     d._drain(block=False)
-    assert started == ["running"]  # it took the free slot; it is not preempted
-    assert [j.request_id for j in d.waiting] == ["urgent", "soon", "b", "c", "d", "late"]
-    d.intake.put(("cancel", "soon"))
+    assert started == ["running"]  # it took the free slot; nothing waiting is more urgent
+    for rid, priority in [("urgent", -3), ("soon", -3)]:
+        d.intake.put(("job", GenerateJob(rid, [1], 4, priority=priority)))
+    d._drain(block=False)
+    assert started == ["running", "urgent"]  # "urgent" took running's place; running waits first among its equals
+    assert [j.request_id for j in d.waiting] == ["soon", "running", "b", "c", "d", "late"]
+    d.jobs.clear()
+    d._drain(block=False)
+    assert started[-1] == "soon"
+    d.intake.put(("job", GenerateJob("later", [1], 4, priority=9)))
+    d.intake.put(("cancel", "c"))
     d._drain(block=False)
     order = []
     while d.waiting:
         d.jobs.clear()  # a slot frees
         d._drain(block=False)
         order.append(started[-1])
-    assert order == ["urgent", "b", "c", "d", "late"]
+    assert order == ["running", "b", "d", "later", "late"]
+
+
+def test_the_least_urgent_latest_admitted_job_is_preempted_and_equals_are_not():
+    d, started = driver(max_batch=3)
+    for rid, priority in [("a", 5), ("b", 7), ("c", 7)]:
+        d.intake.put(("job", GenerateJob(rid, [1], 4, priority=priority)))
+    d._drain(block=False)
+    d.intake.put(("job", GenerateJob("same", [1], 4, priority=7)))
+    d._drain(block=False)
+    assert set(d.jobs) == {"a", "b", "c"}  # as urgent as the least urgent: it waits
+    d.intake.put(("job", GenerateJob("x", [1], 4, priority=6)))
+    d._drain(block=False)
+    assert set(d.jobs) == {"a", "b", "x"} and [j.request_id for j in d.waiting] == ["c", "same"]
+    d.intake.put(("cancel", "c"))
+    d._drain(block=False)
+    assert [j.request_id for j in d.waiting] == ["same"] and "c" not in d.preempted
 
 
 def test_a_resent_job_already_waiting_keeps_its_place():
@@ -50,3 +82,76 @@ def test_a_resent_job_already_waiting_keeps_its_place():
     d.intake.put(("job", GenerateJob("b", [1], 4, priority=-1)))  # a resend changes nothing
     d._drain(block=False)
     assert started == ["a"] and [j.request_id for j in d.waiting] == ["b", "c"]
+
+
+class Commits:
+    """The committer's part the driver calls: commits recorded, not sent."""
+
+    def __init__(self):
+        self.commits: dict[str, list] = {}
+
+    def commit(self, commit, trace=None) -> None:
+        self.commits.setdefault(commit.request_id, []).append(commit)
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+    def when_finished(self, request_id: str, callback) -> None:
+        pass
+
+    def error(self, batch) -> None:
+        raise AssertionError(f"the driver failed {batch.request_id}: {batch.error}")
+
+    def output(self, rid: str) -> list[int]:
+        """The request's tokens, checking each commit starts where the ones before ended."""
+        out: list[int] = []
+        for c in self.commits[rid]:
+            assert c.position == len(out), (rid, c.position, len(out))
+            out += c.tokens
+        assert self.commits[rid][-1].finished and sum(c.finished for c in self.commits[rid]) == 1
+        return out
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["recomputed", "prefix-cached"])
+def test_a_preempted_request_resumes_from_its_commits_with_the_target_alones_tokens(tiny_family, prefix_caching):
+    """max_batch 2, both taken by priority-5 requests (one greedy on ngram,target, one seeded
+    on the target alone); a priority-0 request preempts the seeded one, which waits, then
+    resumes from its prompt and committed tokens. Every request's commits are contiguous and
+    its tokens are the target alone's."""
+    from shared.engine.build import RunnerPool
+    from shared.engine.chain import Chain
+    from shared.engine.sampling import SamplingParams
+    from shared.metrics import DriverMetrics, kv_requests
+    from prometheus_client import CollectorRegistry
+
+    torch.set_num_threads(1)
+    pool = RunnerPool(tiny_family, max_batch=4, max_len=256, prefix_caching=prefix_caching)
+    target, tok = pool.get("target"), pool.tokenizer()
+    settings = Settings()
+    settings.engine.max_batch = 2
+    metrics = DriverMetrics(CollectorRegistry())
+    d = Driver("test", target, nc=None, loop=None, settings=settings, metrics=metrics)
+    d.committer = Commits()
+    seeded = Sampling(temperature=0.9, top_p=0.95, seed=11)
+    jobs = [GenerateJob("greedy", tok.encode("def parse(line):\n    "), 24, chain=["ngram", "target"], priority=5),
+            GenerateJob("seeded", tok.encode("The river ran"), 24, sampling=seeded, priority=5),
+            GenerateJob("urgent", tok.encode("import os\n"), 12, chain=["ngram", "target"], priority=0)]
+    for job in jobs[:2]:
+        d.submit(job)
+    d._drain(block=False)
+    for _ in range(3):
+        d._step()
+    d.submit(jobs[2])
+    d._drain(block=False)
+    assert set(d.jobs) == {"greedy", "urgent"} and list(d.preempted) == ["seeded"]
+    held = len(d.preempted["seeded"].done)
+    assert 1 < held < 24 and metrics.preemptions._value.get() == 1
+    while d.jobs or d.waiting:
+        d._drain(block=False)
+        d._step()
+    for job in jobs:
+        params = SamplingParams.from_wire(job.sampling)
+        alone = Chain([("target", target)]).generate([job.prompt], job.max_tokens, params)[0]
+        assert d.committer.output(job.request_id) == alone, job.request_id
+    assert [c.position for c in d.committer.commits["seeded"]].count(held) == 1  # resumed at its committed length
+    assert not d.preempted and kv_requests(target) == 0

@@ -71,6 +71,7 @@ class Driver:
         self.intake: queue.Queue = queue.Queue()
         self.waiting: collections.deque[GenerateJob] = collections.deque()  # beyond max_batch: by priority, then arrival
         self.jobs: dict[str, Job] = {}
+        self.preempted: dict[str, Job] = {}  # waiting again, with their committed tokens, for a more urgent job
         self.chains: dict[tuple[str, ...], Chain] = {}
         self.epochs: dict[str, int] = {}
         self.remotes: dict[str, RemoteRunner] = {}
@@ -277,16 +278,52 @@ class Driver:
         # Admit waiting jobs while every level has KV room for them.
         while self.waiting and len(self.jobs) < self.settings.engine.max_batch:
             self._start(self.waiting.popleft())
+        # No room: a waiting job more urgent than a running one takes its place (vLLM's priority scheduling).
+        while self.waiting and (victim := self._victim(self.waiting[0].priority)) is not None:
+            self._preempt(victim)
+            self._start(self.waiting.popleft())
 
-    def _enqueue(self, msg: GenerateJob) -> None:
-        """Into the waiting queue behind every job of its priority or a lower (earlier) one."""
+    def _enqueue(self, msg: GenerateJob, first: bool = False) -> None:
+        """Into the waiting queue behind every job of its priority or a lower (earlier) one;
+        `first`: ahead of the jobs of its own priority (a preempted job, which came before them)."""
         at = len(self.waiting)
-        while at and self.waiting[at - 1].priority > msg.priority:
+        while at and (self.waiting[at - 1].priority > msg.priority
+                      or first and self.waiting[at - 1].priority == msg.priority):
             at -= 1
         self.waiting.insert(at, msg)
 
+    def _victim(self, priority: int) -> Job | None:
+        """The running job to preempt for a waiting one of `priority`: the least urgent of those
+        less urgent than it, the latest admitted among equals; None when none is."""
+        less = [job for job in self.jobs.values() if job.msg.priority > priority]
+        return max(less, key=lambda job: (job.msg.priority, job.started)) if less else None
+
+    def _preempt(self, job: Job) -> None:
+        """Back to the waiting queue, its caches freed at every level. Between rounds everything
+        the request emitted is committed, so it resumes from its prompt and those tokens
+        (vLLM's preemption by recomputation): the same positions, so the same tokens."""
+        rid = job.msg.request_id
+        chain = self.chains.get(job.chain_key)
+        req = chain.requests.get(rid) if chain is not None else None
+        if req is not None:
+            job.done += req.output[: job.sent]
+            job.levels = feedback.merged(job, req)
+            chain.release(rid)
+        job.sent = 0
+        del self.jobs[rid]
+        self.preempted[rid] = job
+        self._enqueue(job.msg, first=True)
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+        log.info("request %s preempted after %d tokens (priority %d) for a more urgent one", rid, len(job.done),
+                 job.msg.priority)
+
     def _start(self, msg: GenerateJob) -> None:
         if msg.request_id in self.jobs:
+            return
+        if (job := self.preempted.pop(msg.request_id, None)) is not None:  # resumes where it was preempted
+            self.jobs[msg.request_id] = job
+            self._add(job)
             return
         if not valid_request_id(msg.request_id):
             log.error("dropped job with unusable request id %r", msg.request_id[:80])
@@ -406,7 +443,7 @@ class Driver:
     def _finish(self, rid: str) -> None:
         self.spans.forget(rid)
         self.arrivals.pop(rid, None)
-        job = self.jobs.pop(rid, None)
+        job = self.jobs.pop(rid, None) or self.preempted.pop(rid, None)
         if job is None:
             return
         for chain in self.chains.values():
