@@ -14,15 +14,16 @@ from tests.test_gateway_tools import CALLS, TIME, WEATHER, accepts, answer_with,
 FLAT = [{"type": "function"} | t["function"] for t in (WEATHER, TIME)]  # the Responses API's flat tools
 
 
-def events_of(body: str) -> list[dict]:
-    """The Responses API's events (no [DONE] at the end), each with its `event:` name checked."""
+def events_of(body: str, first: int = 0) -> list[dict]:
+    """The Responses API's events (no [DONE] at the end), each with its `event:` name checked,
+    numbered in order from `first` (a resumed stream's)."""
     out = []
-    for block in body.strip().split("\n\n"):
+    for block in body.strip().split("\n\n") if body.strip() else []:
         name, data = block.split("\n", 1)
         event = json.loads(data.removeprefix("data: "))
         assert name == f"event: {event['type']}"
         out.append(event)
-    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    assert [e["sequence_number"] for e in out] == list(range(first, first + len(out)))
     return out
 
 

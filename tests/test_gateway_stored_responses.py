@@ -240,9 +240,8 @@ async def test_background_rules(client, backend, store):
     whole = await ask(client, input="Hi")
     r = await client.post(f"/v1/responses/{whole['id']}/cancel")
     assert r.status_code == 400 and "Only a background response" in r.json()["error"]["message"]
-    for extra in ({"stream": True}, {"store": False}):
-        r = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True} | extra)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "background"
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True, "store": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "background"
     done = await finished(client, (await ask(client, input="Hi", background=True))["id"])
     assert (await client.post(f"/v1/responses/{done['id']}/cancel")).json() == done  # finished: as it is
     # a record left running by a gateway that stopped is settled as failed once past its deadline
@@ -250,6 +249,88 @@ async def test_background_rules(client, backend, store):
                                     "input_items": [], "conversation": None, "deadline": 0})
     orphan = (await client.get("/v1/responses/resp_orphan")).json()
     assert orphan["status"] == "failed" and "stopped" in orphan["error"]["message"]
+
+
+async def test_a_background_stream_is_resumed_after_any_event(client, backend):
+    """background + stream: the POST streams the events from `response.created` (queued); a
+    GET with stream=true and starting_after=N gives every event after N, the same events,
+    also once the response has ended; the stored response is the last event's."""
+    answer_with(backend, "Bonjour tout le monde.")
+    backend.delay_s, backend.batch = 0.01, 1
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True, "stream": True,
+                                                 "temperature": 0})
+    events = events_of(r.text)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert events[0]["response"]["status"] == "queued" and events[-1]["type"] == "response.completed"
+    rid = events[0]["response"]["id"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == "Bonjour tout le monde."
+    for after in (-1, 0, 4, len(events) - 2, len(events) - 1):
+        again = await client.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": after})
+        assert again.status_code == 200 and events_of(again.text, after + 1) == events[after + 1:], after
+    stored = (await client.get(f"/v1/responses/{rid}")).json()
+    assert stored == events[-1]["response"] and stored["background"] is True
+
+
+async def test_a_background_stream_goes_on_without_its_client_and_a_reader_joins_it_live(backend, store):
+    import asyncio
+
+    answer_with(backend, "One two three four five six seven eight.")
+    backend.delay_s, backend.batch = 0.03, 1
+    import json
+
+    app = create_app(make_settings(), SimpleNamespace(backend=backend, responses=store))
+    async with serving(backend, app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with client.stream("POST", "/v1/responses", json={"model": MODEL, "input": "Hi", "background": True,
+                                                                 "stream": True, "temperature": 0}) as r:
+            lines = r.aiter_lines()
+            first = [await anext(lines) for _ in range(2)]  # response.created, then the client is gone
+        rid = json.loads(first[1].removeprefix("data: "))["response"]["id"]
+        assert (await client.get(f"/v1/responses/{rid}")).json()["status"] in ("queued", "in_progress")
+        resumed = await client.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": 1})
+        events = events_of(resumed.text, 2)  # read while it ran: it waited for each new event
+        assert events[0]["sequence_number"] == 2 and events[-1]["type"] == "response.completed"
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == "One two three four five six seven eight."
+        await asyncio.sleep(0)
+        assert not backend.cancelled  # the client that left stopped nothing
+
+
+async def test_a_cancelled_background_stream_ends_its_readers(client, backend):
+    import asyncio
+
+    answer_with(backend, "A long answer " * 20)
+    backend.delay_s, backend.batch = 0.03, 1
+    post = asyncio.ensure_future(client.post("/v1/responses", json={
+        "model": MODEL, "input": "Hi", "background": True, "stream": True, "max_output_tokens": 60}))
+    while not (logs := client._transport.app.state.background.logs):
+        await asyncio.sleep(0.01)
+    rid = next(iter(logs))
+    while (await client.get(f"/v1/responses/{rid}")).json()["status"] != "in_progress":
+        await asyncio.sleep(0.01)
+    assert (await client.post(f"/v1/responses/{rid}/cancel")).json()["status"] == "cancelled"
+    events = events_of((await post).text)
+    assert events[0]["type"] == "response.created" and "response.completed" not in {e["type"] for e in events}
+    assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+
+
+async def test_background_stream_errors_are_clear(client, backend):
+    answer_with(backend, "Bonjour.")
+    whole = await ask(client, input="Hi")
+    r = await client.get(f"/v1/responses/{whole['id']}", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream" and "background" in r.json()["error"]["message"]
+    r = await client.get(f"/v1/responses/{whole['id']}", params={"starting_after": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
+    r = await client.get(f"/v1/responses/{whole['id']}", params={"stream": "true", "starting_after": -5})
+    assert r.status_code == 400
+    from services.gateway.backend import GenerationError
+
+    backend.fail = GenerationError("no target answers")
+    r = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True, "stream": True})
+    events = events_of(r.text)
+    assert [e["type"] for e in events] == ["response.created", "response.queued", "error"]
+    failed = await finished(client, events[0]["response"]["id"])
+    assert failed["status"] == "failed" and "no target answers" in failed["error"]["message"]
 
 
 async def test_a_background_response_that_fails_says_why(client, backend):

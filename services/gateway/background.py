@@ -6,6 +6,13 @@ The record goes `queued` -> `in_progress` (at the first token) -> the finished r
 `error`; also when the gateway stops first), or `cancelled` (`POST
 /v1/responses/{id}/cancel`). A cancelled record is never overwritten. A record still running past its deadline (the request timeout and a grace)
 whose task is not in this gateway is settled as `failed`: the gateway that ran it stopped.
+
+With `stream: true` too, the events are written to an `EventLog` as they are made: the
+POST streams them from the first (`response.created` and `response.queued` at once), and
+`GET /v1/responses/{id}?stream=true&starting_after=N` streams them again from the one after
+sequence number N, so a client that lost its connection resumes where it was. A client
+that goes away stops nothing. The log lives in the gateway generating the response, and
+stays `EVENTS_KEPT_S` after the response ends (at most `EVENTS_KEPT` ended logs).
 """
 
 from __future__ import annotations
@@ -13,15 +20,57 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
+from services.gateway.choices import merged
 from services.gateway.generation import ApiError, Generation
 from services.gateway.response_store import StoreError
 from services.gateway.responses import ResponsesReply
 
-log = logging.getLogger("specmesh.gateway")
+logger = logging.getLogger("specmesh.gateway")
 
 GRACE_S = 30.0
 RUNNING = ("queued", "in_progress")
+EVENTS_KEPT_S = 600.0
+EVENTS_KEPT = 256
+
+
+class EventLog:
+    """A streamed background response's events in order (index = sequence_number), for
+    every reader: each reads from where it says, then waits for the next until the log closes."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.closed_at: float | None = None
+        self._signal = asyncio.Event()
+
+    def append(self, event: str) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def close(self) -> None:
+        if self.closed_at is None:
+            self.closed_at = time.monotonic()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._signal.set()
+        self._signal = asyncio.Event()
+
+    async def read(self, after: int = -1) -> AsyncIterator[str]:
+        """The events whose sequence number is above `after`, then each new one, until the log closes."""
+        at = max(after + 1, 0)
+        while True:
+            signal = self._signal  # taken before looking: an append after the look sets it
+            if at < len(self.events):
+                batch = self.events[at:]
+                at += len(batch)
+                for event in batch:
+                    yield event
+            elif self.closed_at is not None:
+                return
+            else:
+                await signal.wait()
 
 
 class BackgroundResponses:
@@ -29,10 +78,24 @@ class BackgroundResponses:
 
     def __init__(self) -> None:
         self.tasks: dict[str, asyncio.Task] = {}
+        self.logs: dict[str, EventLog] = {}  # the streamed ones' events, running and lately ended
         self.closing = False  # the gateway is stopping: what is cut is `failed`, not `cancelled`
 
-    async def start(self, store, reply: ResponsesReply, generation: Generation, record: dict, timeout_s: float) -> dict:
+    def events(self, response_id: str) -> EventLog | None:
+        """The event log of a streamed background response this gateway runs or lately ran."""
+        return self.logs.get(response_id)
+
+    def _prune(self) -> None:
+        ended = sorted((log.closed_at, rid) for rid, log in self.logs.items() if log.closed_at is not None)
+        now = time.monotonic()
+        for n, (closed_at, rid) in enumerate(ended):
+            if now - closed_at > EVENTS_KEPT_S or len(ended) - n > EVENTS_KEPT:
+                del self.logs[rid]
+
+    async def start(self, store, reply: ResponsesReply, generation: Generation, record: dict, timeout_s: float,
+                    stream: bool = False) -> dict:
         """Store the request as `queued` and start generating it; the queued response.
+        `stream`: its events are kept in an `EventLog` (`events`), which opens with the queued response.
 
         A store that cannot take it is a StoreError before anything runs."""
         queued = reply.response("queued", [])
@@ -43,14 +106,24 @@ class BackgroundResponses:
             if (release := getattr(generation.backend, "release", None)) is not None:
                 release(generation.job.request_id)  # planned, never sent: no longer in flight
             raise
-        task = asyncio.create_task(self._run(store, reply, generation, record))
+        log = None
+        if stream:
+            self._prune()
+            log = self.logs[reply.request_id] = EventLog()
+            log.append(reply.event("response.created", response=queued))
+            log.append(reply.event("response.queued", response=queued))
+        task = asyncio.create_task(self._run(store, reply, generation, record, log))
         self.tasks[reply.request_id] = task
         task.add_done_callback(lambda _: self.tasks.pop(reply.request_id, None))
         return queued
 
-    async def _run(self, store, reply: ResponsesReply, generation: Generation, record: dict) -> None:
+    async def _run(self, store, reply: ResponsesReply, generation: Generation, record: dict,
+                   log: EventLog | None = None) -> None:
         rid = reply.request_id
         try:
+            if log is not None:
+                await self._stream(store, reply, generation, record, log)
+                return
             started = False
             async for _ in generation.deltas():
                 if not started:
@@ -67,12 +140,34 @@ class BackgroundResponses:
             raise
         except ApiError as exc:
             error = exc.body()["error"]
+            if log is not None:
+                log.append(reply.failed(error))
             await _write(store, rid, record, reply.response("failed", []) | {"error": {
                 "code": error.get("code") or error.get("type"), "message": error.get("message")}})
         except Exception:
-            log.exception("background response %s failed", rid)
+            logger.exception("background response %s failed", rid)
+            if log is not None:
+                log.append(reply.failed({"message": "Internal error; see the gateway's log.", "code": "server_error"}))
             await _write(store, rid, record, reply.response("failed", []) | {"error": {
                 "code": "server_error", "message": "Internal error; see the gateway's log."}})
+        finally:
+            if log is not None:
+                log.close()
+
+    async def _stream(self, store, reply: ResponsesReply, generation: Generation, record: dict, log: EventLog) -> None:
+        """The response's events into `log`; the record `in_progress` at the first token, the
+        finished response stored by the reply's `keep`, `failed` if the stream ends in an error."""
+        deltas = merged([generation])
+        try:
+            first = await anext(deltas, None)  # an error before the first token is raised here
+            await _write(store, reply.request_id, record, reply.response("in_progress", []))
+            async for event in reply.events(generation, first, deltas, created=False):
+                log.append(event)
+        finally:
+            await deltas.aclose()
+        if reply.error is not None:
+            await _write(store, reply.request_id, record, reply.response("failed", []) | {"error": {
+                "code": reply.error.get("code") or reply.error.get("type"), "message": reply.error.get("message")}})
 
     async def cancel(self, store, backend, record: dict) -> dict:
         """Stop a background response (here, or on the gateway running it) and give it back `cancelled`;
@@ -139,5 +234,5 @@ async def _write(store, rid: str, record: dict, response: dict, force: bool = Fa
     try:
         await store.put(rid, record | {"response": response})
     except StoreError as exc:
-        log.warning("background response %s: %s not stored: %s", rid, response.get("status"), exc)
+        logger.warning("background response %s: %s not stored: %s", rid, response.get("status"), exc)
 

@@ -207,9 +207,12 @@ def create_app(settings: Settings, service) -> FastAPI:
                     try:
                         queued = await background.start(response_store(), reply, generations[0],
                                                         {"input_items": original.input_items(), "conversation": None},
-                                                        settings.gateway.request_timeout_s)
+                                                        settings.gateway.request_timeout_s, stream=bool(body.stream))
                     except StoreError as exc:
                         raise unavailable(f"The response cannot be stored now ({exc}); retry shortly.") from None
+                    if body.stream:  # its events as they come; a client gone stops nothing (GET resumes)
+                        return StreamingResponse(background.events(request_id).read(), media_type="text/event-stream",
+                                                 headers=headers | {"cache-control": "no-cache"})
                     return JSONResponse(queued, headers=headers)
                 if body.stream:
                     return await stream_response(generations[0], reply, headers)

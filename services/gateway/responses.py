@@ -264,6 +264,7 @@ class ResponsesReply:
         self.sequence = 0
         self.message_id, self.reasoning_id = _id("msg"), _id("rs")
         self.message_index = 0  # the message item's place in `output` (1 after a reasoning item)
+        self.error: dict | None = None  # the error the event stream ended with, if it did
 
     # -- the response object -------------------------------------------------------------
     def response(self, status: str, output: list[dict], out: Outcome | None = None) -> dict:
@@ -343,9 +344,11 @@ class ResponsesReply:
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(body, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
-    def start(self) -> list[str]:
+    def start(self, created: bool = True) -> list[str]:
+        """The stream's opening events (`created`: also response.created, unless sent already)."""
         opened = self.response("in_progress", [])
-        return [self.event("response.created", response=opened), self.event("response.in_progress", response=opened)]
+        events = [self.event("response.created", response=opened)] if created else []
+        return events + [self.event("response.in_progress", response=opened)]
 
     def thinking_opened(self) -> str:
         return self.event("response.output_item.added", output_index=0,
@@ -403,9 +406,10 @@ class ResponsesReply:
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return self.event(kind, response=await self.kept(self.response(status, items, out)))
 
-    async def events(self, generation, first, deltas) -> AsyncIterator[str]:
+    async def events(self, generation, first, deltas, created: bool = True) -> AsyncIterator[str]:
         """`generation`'s stream of events (`deltas` its merged deltas, `first` already read):
-        a reasoning item's, then the message's, then each call's, then the finished response."""
+        a reasoning item's, then the message's, then each call's, then the finished response.
+        `created` false: response.created was sent already (a background stream's)."""
         text, opened = "", False
         thought, thinking = "", None  # None: no reasoning item; False: open; True: closed
         calls = ToolStream(self.tools) if self.tools else None
@@ -435,7 +439,7 @@ class ResponsesReply:
             return out
 
         try:
-            for event in self.start():
+            for event in self.start(created):
                 yield event
             split = ThinkingStream(self.thinking) if self.thinking else None
             pending = [first] if first is not None else []
@@ -476,4 +480,5 @@ class ResponsesReply:
             yield self.failed({"message": "Internal error; see the gateway's log.", "code": "server_error"})
 
     def failed(self, error: dict) -> str:
+        self.error = error
         return self.event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))

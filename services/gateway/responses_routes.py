@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import re
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import StreamingResponse
 
-from services.gateway.background import BackgroundResponses, keeps_cancelled
+from services.gateway.background import EVENTS_KEPT_S, BackgroundResponses, keeps_cancelled
 from services.gateway.chat import chat_prompt
 from services.gateway.generation import ApiError, invalid, unavailable
 from services.gateway.openai_models import ERRORS
@@ -63,9 +64,9 @@ def register_responses(app: FastAPI, settings, backend, serve, background: Backg
             chat.messages = truncated(chat.messages, fits)
         prompt = chat_prompt(tok, chat.messages, tools)
         store = response_store() if body.store is not False else None
-        if body.background and (store is None or body.stream):
-            raise invalid("background needs the response stored (store: true, gateway.responses_store on) and no "
-                          "stream: poll GET /v1/responses/{id} for it.", "background")
+        if body.background and store is None:
+            raise invalid("background needs the response stored (store: true, gateway.responses_store on): poll "
+                          "GET /v1/responses/{id} for it.", "background")
 
         async def keep(final: dict) -> None:
             record = {"response": final, "input_items": body.input_items(),
@@ -92,9 +93,24 @@ def register_responses(app: FastAPI, settings, backend, serve, background: Backg
         return await background.cancel(response_store(), backend(), record)
 
     @app.get("/v1/responses/{response_id}", responses=ERRORS)
-    async def get_response(response_id: str) -> dict:
-        """A stored response, as it was answered (a background one: as it stands)."""
-        return (await background.settle(response_store(), await stored(response_id)))["response"]
+    async def get_response(response_id: str, stream: bool = False,
+                           starting_after: int | None = Query(None, ge=-1)):
+        """A stored response, as it was answered (a background one: as it stands). `stream=true`:
+        a streamed background response's events again, those after `starting_after` (a
+        sequence number) first, then the rest as they come."""
+        record = await background.settle(response_store(), await stored(response_id))
+        if not stream:
+            if starting_after is not None:
+                raise invalid("starting_after goes with stream=true (it resumes a background response's events).",
+                              "starting_after")
+            return record["response"]
+        log = background.events(response_id)
+        if log is None:
+            raise invalid(f"The events of {response_id!r} are not here: only a response made with background and "
+                          f"stream true has them, in the gateway generating it, until "
+                          f"{EVENTS_KEPT_S / 60:g} minutes after it ends. GET it without stream.", "stream")
+        return StreamingResponse(log.read(-1 if starting_after is None else starting_after),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     @app.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
     async def response_input_items(response_id: str) -> dict:
