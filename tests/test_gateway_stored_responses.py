@@ -185,6 +185,13 @@ async def test_openai_client_chains_retrieves_and_deletes(backend, store):
             pass
         assert later.status == "completed" and later.output_text == "Plus tard."
         assert (await oai.responses.cancel(later.id)).status == "completed"
+        answer_with(backend, "En direct.")
+        streamed = [e async for e in await oai.responses.create(model=MODEL, input="Live", background=True,
+                                                                 stream=True, max_output_tokens=32)]
+        assert [e.type for e in streamed[:2]] == ["response.created", "response.queued"]
+        assert streamed[-1].type == "response.completed" and streamed[-1].response.output_text == "En direct."
+        resumed = [e async for e in await oai.responses.retrieve(streamed[0].response.id, stream=True, starting_after=2)]
+        assert [e.sequence_number for e in resumed] == [e.sequence_number for e in streamed[3:]]
 
 
 async def finished(client, response_id: str, timeout_s: float = 10.0) -> dict:
