@@ -119,6 +119,7 @@ class EngineSettings(BaseModel):
     runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean runner (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3; others fall back to transformers) or transformers.")
     prefix_caching: bool = Field(True, description="Start a prompt on the head of it the KV cache still holds from an "
                                  "earlier or live request (of the same cache_salt): only the rest is prefilled.")
+    prefill_chunk: int = Field(512, ge=0, description="Chunked prefill on the target (vLLM's): a prompt longer than this is written into the prefix cache this many tokens a round, between the decode rounds, so running requests keep their pace while it is read; 0: every prompt in one forward. Needs prefix_caching.")
     model: str | None = Field(None, description="Family member a worker hosts (default by role: drafter-code, verifier, target).")
     log_stats_interval_s: float = Field(10.0, ge=0, description="Seconds between the target's throughput lines in its log (prompt and generation tok/s, running, waiting, slots, prefix cache hits, acceptance per level), as vLLM's engine logs; 0: none.")
 

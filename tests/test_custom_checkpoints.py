@@ -5,7 +5,8 @@ A Qwen3 target and verifier (the lean runner), a Phi-3 code drafter (lean, fused
 and partial rotary dimensions) and a Gemma 3 prose drafter (the lean runner refuses it:
 its worker runs transformers' batched forward), random weights over the tiny family's
 tokenizer. The target's generation_config.json recommends sampling settings and lists a
-second end token. Through real NATS and PostgreSQL: every chain gives the target alone's
+second end token. The target reads prompts 8 tokens a round (chunked prefill). Through
+real NATS and PostgreSQL: every chain gives the target alone's
 tokens, greedy and seeded; a request that leaves the sampling fields out is sampled with
 the checkpoint's; the second end token stops a request.
 """
@@ -69,6 +70,7 @@ def custom(tiny_family, tmp_path_factory):
         "SPECMESH_MODELS__TARGET": str(folders["target"]), "SPECMESH_MODELS__VERIFIER": str(folders["verifier"]),
         "SPECMESH_MODELS__DRAFTER_CODE": str(folders["drafter-code"]),
         "SPECMESH_MODELS__DRAFTER_PROSE": str(folders["drafter-prose"]),
+        "SPECMESH_ENGINE__PREFILL_CHUNK": "8",  # the 30-token prompts are read in chunks (chunked prefill)
     }
     try:
         specmesh(env, "up", timeout=900)

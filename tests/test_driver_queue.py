@@ -155,3 +155,50 @@ def test_a_preempted_request_resumes_from_its_commits_with_the_target_alones_tok
         assert d.committer.output(job.request_id) == alone, job.request_id
     assert [c.position for c in d.committer.commits["seeded"]].count(held) == 1  # resumed at its committed length
     assert not d.preempted and kv_requests(target) == 0
+
+
+def test_a_long_prompt_is_read_a_chunk_a_round_between_the_decode_rounds(tiny_family):
+    """Chunked prefill: with prefill_chunk 16, a 100-token prompt goes into the target's cache
+    over 7 rounds while two requests keep decoding; then its chain prefill runs its last
+    token only. Every output is the target alone's, and the prefix-cache counters and the
+    request's cached_tokens count no warm-up as a hit."""
+    from shared.engine.build import RunnerPool
+    from shared.engine.chain import Chain
+    from shared.engine.sampling import SamplingParams
+    from shared.models.corpus import heldout_prompts
+
+    torch.set_num_threads(1)
+    pool = RunnerPool(tiny_family, max_batch=4, max_len=256, prefix_caching=True)
+    target, tok = pool.get("target"), pool.tokenizer()
+    settings = Settings()
+    settings.engine.max_batch, settings.engine.prefill_chunk = 3, 16
+    d = Driver("test", target, nc=None, loop=None, settings=settings)
+    d.committer = Commits()
+    long_prompt = tok.encode(heldout_prompts("prose", 1, 600, seed=5)[0])[:100]
+    jobs = [GenerateJob("a", tok.encode("def main():\n    "), 40, chain=["ngram", "target"]),
+            GenerateJob("b", tok.encode("The lake was"), 40, sampling=Sampling(temperature=0.8, seed=2)),
+            GenerateJob("long", long_prompt, 12, chain=["ngram", "target"])]
+    for job in jobs[:2]:
+        d.submit(job)
+    d._drain(block=False)
+    queried, hits = target.prefix_queried, target.prefix_hits
+    d.submit(jobs[2])
+    rounds, during = 0, []
+    while "long" not in d.committer.commits:
+        d._drain(block=False)
+        d._step()
+        during.append(sum(len(c.tokens) for rid in "ab" for c in d.committer.commits[rid]))
+        d._warm()
+        rounds += 1
+    assert rounds == 7  # ceil(99 / 16) chunks, one a round; the 7th also joins the chain
+    assert during[-1] > during[0]  # the others decoded meanwhile
+    while d.jobs or d.waiting:
+        d._drain(block=False)
+        d._step()
+        d._warm()
+    assert target.prefix_queried - queried == len(long_prompt)  # the long prompt, counted once...
+    assert target.prefix_hits == hits  # ...and none of it was a hit
+    assert d.committer.commits["long"][-1].stats["cached_prompt_tokens"] == 0
+    for job in jobs:
+        alone = Chain([("target", target)]).generate([job.prompt], job.max_tokens, SamplingParams.from_wire(job.sampling))[0]
+        assert d.committer.output(job.request_id) == alone, job.request_id

@@ -44,6 +44,17 @@ DOWN_FOR_S = 5.0
 
 
 @dataclass
+class WarmUp:
+    """A long prompt's head being written into the target's prefix cache, a chunk a round,
+    under a request id of its own (chunked prefill); its job joins its chain when it is all in."""
+
+    request_id: str
+    written: int = 0  # tokens of the head in the cache so far
+    cached: int = 0  # of them, what the cache held before (a real prefix-cache hit)
+    first: int = 0  # tokens of the first chunk's prefill (counted as queried by the runner)
+
+
+@dataclass
 class Job:
     msg: GenerateJob
     chain_key: tuple[str, ...]
@@ -72,6 +83,7 @@ class Driver:
         self.waiting: collections.deque[GenerateJob] = collections.deque()  # beyond max_batch: by priority, then arrival
         self.jobs: dict[str, Job] = {}
         self.preempted: dict[str, Job] = {}  # waiting again, with their committed tokens, for a more urgent job
+        self.warming: dict[str, WarmUp] = {}  # admitted jobs whose long prompt is read a chunk a round
         self.chains: dict[tuple[str, ...], Chain] = {}
         self.epochs: dict[str, int] = {}
         self.remotes: dict[str, RemoteRunner] = {}
@@ -181,6 +193,7 @@ class Driver:
             if not idle:
                 self._drain(block=False)
             stepped = self._step()
+            self._warm()  # one chunk of a long prompt between two decode rounds
             if stepped:  # what the round cost beyond forwards and level calls: the driver's own work
                 self._overhead.append(max(0.0, time.perf_counter() - t0 - (self._model_seconds() - model_s)))
                 self._batch_sum += stepped
@@ -309,6 +322,8 @@ class Driver:
             job.done += req.output[: job.sent]
             job.levels = feedback.merged(job, req)
             chain.release(rid)
+        if (warm := self.warming.pop(rid, None)) is not None:  # its head stays in the cache: a later warm-up reuses it
+            self.target.release(warm.request_id)
         job.sent = 0
         del self.jobs[rid]
         self.preempted[rid] = job
@@ -323,7 +338,7 @@ class Driver:
             return
         if (job := self.preempted.pop(msg.request_id, None)) is not None:  # resumes where it was preempted
             self.jobs[msg.request_id] = job
-            self._add(job)
+            self._admit(job)
             return
         if not valid_request_id(msg.request_id):
             log.error("dropped job with unusable request id %r", msg.request_id[:80])
@@ -341,21 +356,64 @@ class Driver:
         # A resumed request starts a new term, so a presumed-dead driver's commits are fenced off.
         self.epochs[msg.request_id] = (msg.epoch // TERM + 1) * TERM if msg.committed or msg.epoch else 0
         self.jobs[msg.request_id] = job
+        self._admit(job)
+
+    def _admit(self, job: Job) -> None:
+        """Into its chain now, or, when more of its prompt than `engine.prefill_chunk` is not in
+        the prefix cache, into the warm-up first."""
+        chunk, seq = self.settings.engine.prefill_chunk, job.msg.prompt + job.done
+        if chunk and getattr(self.target, "prefix_caching", False) and len(seq) - 1 > chunk:
+            salt = SamplingParams.from_wire(job.msg.sampling).cache_salt
+            if len(seq) - 1 - self.target.held_prefix(seq, salt) > chunk:
+                self.warming[job.msg.request_id] = WarmUp(f"{job.msg.request_id}#warm")
+                return
         self._add(job)
 
-    def _add(self, job: Job) -> None:
+    def _warm(self) -> None:
+        """Chunked prefill: the next chunk of the oldest warm-up's head into the target's cache.
+        When the head (all but the last token) is in, the warm-up's slot is freed holding just
+        it, and the job's chain prefill takes it as it is (prefix caching), running the last
+        token only: the same keys and values as one forward, so the same tokens."""
+        if not self.warming:
+            return
+        rid, warm = next(iter(self.warming.items()))
+        job = self.jobs[rid]
+        seq = job.msg.prompt + job.done
+        head, chunk = len(seq) - 1, self.settings.engine.prefill_chunk
+        try:
+            if warm.written == 0:  # the first chunk starts where the cache's head of it ends
+                params = SamplingParams.from_wire(job.msg.sampling).starting_at(len(job.msg.prompt))
+                upto = min(self.target.held_prefix(seq[:head], params.cache_salt) + chunk, head)
+                self.target.prefill(warm.request_id, seq[:upto], params)
+                warm.cached, warm.first = self.target.cached_prefix(warm.request_id), upto
+            else:
+                upto = min(warm.written + chunk, head)
+                self.target.extend(warm.request_id, seq[warm.written:upto])
+            warm.written = upto
+        except Exception as exc:  # noqa: BLE001 - the request fails, the driver goes on
+            log.exception("warm-up of %s failed", rid)
+            self._fail(rid, f"internal error: {exc}")
+            return
+        if warm.written < head:
+            return
+        del self.warming[rid]
+        self.target.release(warm.request_id)  # freed holding just the head: the chain's prefill takes it
+        self._add(job, warm)
+
+    def _add(self, job: Job, warm: WarmUp | None = None) -> None:
         """`_join`, inside a `prefill` span of the request."""
         rid = job.msg.request_id
         span = self.spans.open(rid, "prefill", {"specmesh.chain": ",".join(job.chain_key)})
         previous = self.spans.enter(rid, span)
         try:
-            self._join(job)
+            self._join(job, warm)
         finally:
             self.spans.leave(rid, previous)
             end(span, chain=",".join(job.chain_key), epoch=self.epochs.get(rid, 0))
 
-    def _join(self, job: Job) -> None:
-        """Put the job's request into the chain it can use now; retries without lost levels."""
+    def _join(self, job: Job, warm: WarmUp | None = None) -> None:
+        """Put the job's request into the chain it can use now; retries without lost levels.
+        `warm`: the warm-up that wrote its head (what the prefix cache really held is its `cached`)."""
         msg = job.msg
         # the output starts after the job's prompt, also when resumed from prompt + committed tokens
         params = SamplingParams.from_wire(msg.sampling).starting_at(len(msg.prompt))
@@ -377,6 +435,10 @@ class Driver:
                 self._fail(msg.request_id, str(exc))
                 return
             job.chain_key = key
+            if warm is not None:  # the warm-up's head is no cache hit: count the prompt once, as one prefill
+                self.target.prefix_queried -= warm.first
+                self.target.prefix_hits -= self.target.cached_prefix(msg.request_id) - warm.cached
+                req.cached_prompt = warm.cached
             self._publish_one(job, req)
             return
 
@@ -446,6 +508,8 @@ class Driver:
         job = self.jobs.pop(rid, None) or self.preempted.pop(rid, None)
         if job is None:
             return
+        if (warm := self.warming.pop(rid, None)) is not None:
+            self.target.release(warm.request_id)
         for chain in self.chains.values():
             if rid in chain.requests:
                 chain.release(rid)

@@ -78,10 +78,7 @@ class KVCache:
         if not self._free:
             raise CacheFullError(f"all {self.slots} KV cache slots are in use; release a request or raise max_batch")
         tokens = list(tokens)
-        cap = len(tokens) - 1
-        usable = {slot: len(self._held[slot]) for slot in self._free if self._salt[slot] == salt}
-        usable.update((slot, self._length[rid]) for rid, slot in self._slot.items() if self._salt[slot] == salt)
-        found = {slot: common_prefix(self._held[slot], tokens, min(cap, n)) for slot, n in usable.items()}
+        usable, found = self._heads(tokens, salt)
         n = max(found.values(), default=0)
         if n == 0:
             self._take(request_id, self._free[0], 0, salt)
@@ -99,6 +96,17 @@ class KVCache:
             self._held[target][start:] = tokens[start:n]
         self._take(request_id, target, n, salt)
         return n
+
+    def held_prefix(self, tokens: Sequence[int], salt: str = "") -> int:
+        """The head `open_prefix` would start `tokens` on now, without opening anything."""
+        return max(self._heads(list(tokens), salt)[1].values(), default=0)
+
+    def _heads(self, tokens: list[int], salt: str) -> tuple[dict[int, int], dict[int, int]]:
+        """Per slot of `salt` (freed or live): the positions it holds, and how many of them begin `tokens` (< len)."""
+        cap = len(tokens) - 1
+        usable = {slot: len(self._held[slot]) for slot in self._free if self._salt[slot] == salt}
+        usable.update((slot, self._length[rid]) for rid, slot in self._slot.items() if self._salt[slot] == salt)
+        return usable, {slot: common_prefix(self._held[slot], tokens, min(cap, n)) for slot, n in usable.items()}
 
     def _take(self, request_id: str, slot: int, length: int, salt: str) -> None:
         self._free.remove(slot)

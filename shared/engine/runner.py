@@ -262,6 +262,16 @@ class Runner:
         probs = self._probs(request_ids, logits, chunks)
         return [probs[b, : len(c)] for b, c in enumerate(chunks)]
 
+    @torch.inference_mode()
+    def extend(self, request_id: str, tokens: Sequence[int]) -> None:
+        """Write `tokens` after what the request's cache holds, computing no distribution (a
+        chunk of a long prompt's prefill)."""
+        self._forward([request_id], [list(tokens)], last_only=True)
+
+    def held_prefix(self, tokens: Sequence[int], salt: str = "") -> int:
+        """How many tokens of `tokens` a prefill would now find in the cache (0 without prefix caching)."""
+        return 0
+
     def cached_prefix(self, request_id: str) -> int:
         """How many tokens of the request's last prefill the cache already held (prefix caching)."""
         return self._cached.get(request_id, 0)
@@ -301,6 +311,9 @@ class LeanRunner(Runner):
 
     def _close(self, request_id: str) -> None:
         self.cache.close(request_id)
+
+    def held_prefix(self, tokens: Sequence[int], salt: str = "") -> int:
+        return self.cache.held_prefix(tokens, salt) if self.prefix_caching else 0
 
     def length(self, request_id: str) -> int:
         return self.cache.length(request_id)
@@ -376,14 +389,8 @@ class HFRunner(Runner):
         if not self.prefix_caching:
             return super()._open_prefix(request_id, tokens, salt)
         self._room(request_id)
-        tokens, usable = list(tokens), len(tokens) - 1  # the last token runs: its logits are the answer
-        best, source = 0, None
-        for key, (cache, held, s) in self._kept.items():
-            if s == salt and (n := common_prefix(held, tokens, usable)) > best:
-                best, source = n, ("kept", key)
-        for rid, (held, s) in self._held.items():
-            if rid != request_id and s == salt and (n := common_prefix(held, tokens, usable)) > best:
-                best, source = n, ("live", rid)
+        tokens = list(tokens)
+        best, source = self._best_head(tokens, salt, request_id)
         if source is None:
             self._open(request_id, salt)
             return 0
@@ -395,6 +402,20 @@ class HFRunner(Runner):
             cache.crop(best - cache.get_seq_length())
         self._put(request_id, cache, tokens[:best], salt)
         return best
+
+    def _best_head(self, tokens: list[int], salt: str, exclude: str | None = None) -> tuple[int, tuple | None]:
+        """The longest head of `tokens` (< len: the last token runs) a cache of `salt` holds, and whose."""
+        best, source, usable = 0, None, len(tokens) - 1
+        for key, (cache, held, s) in self._kept.items():
+            if s == salt and (n := common_prefix(held, tokens, usable)) > best:
+                best, source = n, ("kept", key)
+        for rid, (held, s) in self._held.items():
+            if rid != exclude and s == salt and (n := common_prefix(held, tokens, usable)) > best:
+                best, source = n, ("live", rid)
+        return best, source
+
+    def held_prefix(self, tokens: Sequence[int], salt: str = "") -> int:
+        return self._best_head(list(tokens), salt)[0] if self.prefix_caching else 0
 
     def _close(self, request_id: str) -> None:
         cache = self._caches.pop(request_id, None)
