@@ -199,6 +199,22 @@ def test_a_long_prompt_is_read_a_chunk_a_round_between_the_decode_rounds(tiny_fa
     assert target.prefix_queried - queried == len(long_prompt)  # the long prompt, counted once...
     assert target.prefix_hits == hits  # ...and none of it was a hit
     assert d.committer.commits["long"][-1].stats["cached_prompt_tokens"] == 0
+    # the same head with another tail: the warm-up starts after the head the cache holds, and only that is a hit
+    tail = tok.encode(heldout_prompts("code", 1, 300, seed=6)[0])[:60]
+    jobs.append(GenerateJob("again", long_prompt[:90] + tail, 8))
+    queried, hits = target.prefix_queried, target.prefix_hits
+    d.submit(jobs[-1])
+    d._drain(block=False)
+    assert "again" in d.warming
+    while d.jobs or d.waiting:
+        d._drain(block=False)
+        d._step()
+        d._warm()
+    assert target.prefix_queried - queried == 150 and target.prefix_hits - hits == 90
+    assert d.committer.commits["again"][-1].stats["cached_prompt_tokens"] == 90
+    d.submit(GenerateJob("scored", tail + long_prompt, 4, prompt_logprobs=0))  # its prefill runs every row anyway
+    d._drain(block=False)
+    assert "scored" in d.jobs and "scored" not in d.warming and len(d.committer.commits["scored"][0].prompt_logprobs) == 159
     for job in jobs:
         alone = Chain([("target", target)]).generate([job.prompt], job.max_tokens, SamplingParams.from_wire(job.sampling))[0]
         assert d.committer.output(job.request_id) == alone, job.request_id

@@ -362,7 +362,8 @@ class Driver:
         """Into its chain now, or, when more of its prompt than `engine.prefill_chunk` is not in
         the prefix cache, into the warm-up first."""
         chunk, seq = self.settings.engine.prefill_chunk, job.msg.prompt + job.done
-        if chunk and getattr(self.target, "prefix_caching", False) and len(seq) - 1 > chunk:
+        scored = job.msg.prompt_logprobs >= 0 and not job.done  # prompt_logprobs: every prompt row is run anyway
+        if chunk and getattr(self.target, "prefix_caching", False) and len(seq) - 1 > chunk and not scored:
             salt = SamplingParams.from_wire(job.msg.sampling).cache_salt
             if len(seq) - 1 - self.target.held_prefix(seq, salt) > chunk:
                 self.warming[job.msg.request_id] = WarmUp(f"{job.msg.request_id}#warm")
@@ -437,7 +438,7 @@ class Driver:
             job.chain_key = key
             if warm is not None:  # the warm-up's head is no cache hit: count the prompt once, as one prefill
                 self.target.prefix_queried -= warm.first
-                self.target.prefix_hits -= self.target.cached_prefix(msg.request_id) - warm.cached
+                self.target.prefix_hits -= self.target.cached_prefix(msg.request_id)
                 req.cached_prompt = warm.cached
             self._publish_one(job, req)
             return
