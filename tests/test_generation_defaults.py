@@ -110,3 +110,28 @@ async def test_grpc_applies_them_too(backend):
     first, second = backend.jobs[-2:]
     assert (first.sampling.temperature, first.sampling.top_k, first.max_tokens) == (pytest.approx(0.6), 20, 12)
     assert second.sampling.top_k == 3 and second.sampling.top_p == pytest.approx(0.95)
+
+
+async def test_request_lines_are_logged_when_asked_with_the_prompt_cut(tok, caplog):  # noqa: F811
+    import logging
+
+    backend = FakeBackend(tok)
+    settings = make_settings(log_requests=True, max_log_len=5)
+    app = create_app(settings, SimpleNamespace(backend=backend, nc=None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        with caplog.at_level(logging.INFO, logger="specmesh.gateway.requests"):
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hello there", "max_tokens": 6,
+                                                           "temperature": 0, "seed": 3,
+                                                           "speculation": {"chain": "drafter,target", "k": 2}})
+    assert r.status_code == 200
+    received, finished = [rec.getMessage() for rec in caplog.records if rec.name == "specmesh.gateway.requests"]
+    rid = r.json()["id"]
+    assert received.startswith(f"request {rid} received: ") and "max_tokens 6, chain drafter,target, k [2]" in received
+    assert "seed=3" in received and "prompt 'hello'..." in received
+    assert finished.startswith(f"request {rid} finished: length, 6 tokens, chain drafter,target")
+    caplog.clear()
+    app = create_app(make_settings(), SimpleNamespace(backend=backend, nc=None))  # off by default
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        with caplog.at_level(logging.INFO, logger="specmesh.gateway.requests"):
+            await client.post("/v1/completions", json={"model": MODEL, "prompt": "hello there", "max_tokens": 2})
+    assert not [rec for rec in caplog.records if rec.name == "specmesh.gateway.requests"]

@@ -22,6 +22,7 @@ from shared.settings import Settings
 from shared.tracing import Status, StatusCode, tracer, use_span
 
 log = logging.getLogger("specmesh.gateway")
+requests_log = logging.getLogger("specmesh.gateway.requests")  # gateway.log_requests' lines
 
 # Limits a request is checked against (the OpenAI API's where it has one).
 TEMPERATURE_MAX = 2.0
@@ -662,8 +663,10 @@ class Generation:
     """
 
     def __init__(self, backend, job: GenerateJob, stops: Sequence[str], *, timeout_s: float,
-                 started: float | None = None, operation: str = "text_completion", include_stop: bool = False):
+                 started: float | None = None, operation: str = "text_completion", include_stop: bool = False,
+                 log_prompt: int | None = None):
         self.backend, self.job = backend, job
+        self.log_prompt = log_prompt  # None: no request lines; else their prompt text, cut to this many characters
         self.operation = operation  # gen_ai.operation.name of the request's span
         self.span = None  # the request's span, open while `deltas` runs
         self.started = started if started is not None else time.monotonic()
@@ -684,6 +687,8 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[Delta]:
         self.span = self._open_span()
+        if self.log_prompt is not None:
+            self._log_received()
         batches = self.backend.generate(self.job)
         backend_done = False
         try:
@@ -828,9 +833,34 @@ class Generation:
         metrics = getattr(self.backend, "metrics", None)
         if metrics is not None:
             metrics.finished(out.timings, out.prompt_tokens, len(out.token_ids), out.finish_reason)
+        if self.log_prompt is not None:
+            t = out.timings
+            accepted = ", ".join(f"{lv['name']} {lv['accepted']}/{lv['drafted']}" for lv in levels) or "none"
+            requests_log.info("request %s finished: %s, %d tokens, chain %s (accepted/drafted: %s), TTFT %s ms, "
+                              "TPOT %s ms, %d cached prompt tokens", self.job.request_id, out.finish_reason,
+                              len(out.token_ids), ",".join(out.speculation.get("chain", [])), accepted,
+                              t.get("first_token_ms"), t.get("inter_token_ms"), out.cached_tokens)
+
+    def _log_received(self) -> None:
+        """vLLM's request line: what was asked, and (`log_prompt` characters of) the prompt."""
+        job, s = self.job, self.job.sampling
+        sampling = f"temperature={s.temperature:g} top_p={s.top_p:g} top_k={s.top_k} min_p={s.min_p:g}" + \
+            (f" seed={s.seed}" if s.seed is not None else "")
+        text = ""
+        if self.log_prompt:
+            decoded = self.backend.tokenizer().decode(job.prompt)
+            text = f", prompt {decoded[:self.log_prompt]!r}" + ("..." if len(decoded) > self.log_prompt else "")
+        requests_log.info("request %s received: %d prompt tokens, max_tokens %d, chain %s, k %s, %s, priority %d%s",
+                          job.request_id, len(job.prompt), job.max_tokens, ",".join(job.chain), list(job.k), sampling,
+                          job.priority, text)
 
     def _failed(self, exc: BaseException) -> None:
         """The request ended without finishing: its span says why; an error is counted."""
+        if self.log_prompt is not None:
+            why = "cancelled" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else \
+                f"{exc.status} {exc.message}" if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+            requests_log.info("request %s ended unfinished after %d tokens: %s", self.job.request_id,
+                              len(self.outcome.token_ids), why)
         if isinstance(exc, ApiError):
             self.span.set_status(Status(StatusCode.ERROR, exc.message))
             self.span.set_attribute("error.type", exc.code or exc.type)

@@ -122,7 +122,9 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             truncate_prompt_tokens=request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None,
             priority=request.priority if request.HasField("priority") else None,
         ))
-        return Generation(self.backend, job, stops, timeout_s=self.settings.gateway.request_timeout_s,
+        cfg = self.settings.gateway
+        return Generation(self.backend, job, stops, timeout_s=cfg.request_timeout_s,
+                          log_prompt=cfg.max_log_len if cfg.log_requests else None,
                           include_stop=request.include_stop_str_in_output,
                           started=arrived)
 

@@ -197,6 +197,7 @@ def create_app(settings: Settings, service) -> FastAPI:
         try:
             planned = plan_all(b, settings, choice_requests(request, prompts, body.n or 1))
             generations = [Generation(b, job, stops, timeout_s=settings.gateway.request_timeout_s, started=arrived,
+                                      log_prompt=settings.gateway.max_log_len if settings.gateway.log_requests else None,
                                       include_stop=bool(body.include_stop_str_in_output),
                                       operation="text_completion" if kind == "completion" else "chat")
                            for job, stops in planned]
