@@ -90,3 +90,47 @@ def evaluate(
         family = ensure_family((profile or ProfileName(get_settings().models.profile)).value, _cache_dir(cache_dir))
     report = evaluate_family(family, windows=windows, seq_len=seq_len, latency=latency, progress=not as_json)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@app.command("check")
+def check(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """What the services will make of the settings' models, before `specmesh up`: each one's
+    architecture, runner (lean, or transformers and why), context, end tokens and memory; the
+    target's sampling defaults and chat template; exit status 1 if something is wrong."""
+    from shared.cli.models_check import check_family
+    from shared.models.family import VocabularyMismatch, resolve_family
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    try:
+        family = resolve_family(settings)
+    except (VocabularyMismatch, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    report = check_family(family, settings)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        eng = settings.engine
+        typer.echo(f"family {report['profile']} at {report['root']}; engine: {eng.runner} runner, {eng.dtype}, "
+                   f"max_batch {eng.max_batch}, max_len {eng.max_len}")
+        typer.echo(f"  {'model':<14}{'type':<14}{'params':>10}  {'runner':<7}{'context':>8}  {'end tokens':<16}"
+                   f"{'weights':>10}{'KV cache':>10}")
+        for m in report["models"]:
+            typer.echo(f"  {m['name']:<14}{m['model_type']:<14}{m['params'] / 1e6:>9.2f}M  {m['runner']:<7}"
+                       f"{m['context'] or '?':>8}  {str(m['eos_token_ids']):<16}{_mib(m['weights_bytes']):>10}"
+                       f"{_mib(m['kv_cache_bytes']):>10}")
+        for m in report["models"]:
+            if m["runner_reason"]:
+                typer.echo(f"  {m['name']} runs on transformers: {m['runner_reason']}")
+        defaults = report["sampling"]["defaults"]
+        typer.echo(f"target sampling defaults: {', '.join(f'{k}={v}' for k, v in defaults.items())} "
+                   f"(from {report['sampling']['source']})" if defaults else "target sampling defaults: OpenAI's")
+        typer.echo(f"chat template: {report['chat_template']}")
+        typer.echo("problems: " + ("none" if not report["problems"] else "\n  " + "\n  ".join(report["problems"])))
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"

@@ -93,26 +93,46 @@ class _Layer:
     rope: bool  # SmolLM3 leaves every fourth layer without RoPE
 
 
-def _rope_tables(hf_model, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_len, rotary_dim] as the checkpoint's own rotary embedding computes
-    them (its scaling type, attention factor and partial rotary dimensions), float32.
+def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
+    """Why the lean forward cannot reproduce this checkpoint (its config, and its weights'
+    names and shapes), or None when it can.
 
-    A type whose frequencies follow the sequence's length (dynamic NTK, LongRoPE) is static
-    up to its original context; past that, transformers recomputes the tables for every
-    position at once, which a cache written earlier would not match, so it is refused."""
-    config = hf_model.config
+    A RoPE type whose frequencies follow the sequence's length (dynamic NTK, LongRoPE) is
+    static up to its original context; past that, transformers recomputes the tables for
+    every position at once, which a cache written earlier would not match, so it is refused."""
+    if config.model_type not in SUPPORTED:
+        return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED)} (use --runner hf)"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not supported (SwiGLU with silu only)"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < max_len:
+        return f"sliding window {window} < max_len {max_len} is not supported"
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default") if isinstance(params, dict) else None
     if rope_type not in ROPE_TYPES:
-        raise UnsupportedModel(f"rope type {rope_type!r} is not supported by the lean runner (use --runner hf)")
+        return f"rope type {rope_type!r} is not supported by the lean runner (use --runner hf)"
+    if rope_type in LENGTH_DEPENDENT:
+        bound = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        bound = bound or getattr(config, "max_position_embeddings", 0)
+        if max_len > bound:
+            return f"rope type {rope_type!r} changes past {bound} positions; max_len {max_len} is longer"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for name, shape in shapes.items():
+        if not name.startswith("model.layers."):
+            continue
+        if name.endswith(("o_proj.bias", "gate_proj.bias", "up_proj.bias", "down_proj.bias", "gate_up_proj.bias")):
+            return "biases on o_proj or the MLP are not supported"
+        if name.endswith(("q_norm.weight", "k_norm.weight")) and tuple(shape) != (head_dim,):
+            return f"q/k norms of shape {tuple(shape)} are not per head (head_dim {head_dim})"
+    return None
+
+
+def _rope_tables(hf_model, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_len, rotary_dim] as the checkpoint's own rotary embedding computes
+    them (its scaling type, attention factor and partial rotary dimensions), float32."""
     rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
     if rotary is None:
         raise UnsupportedModel("the checkpoint has no model.rotary_emb")
-    if rope_type in LENGTH_DEPENDENT:
-        bound = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-        bound = bound or getattr(rotary, "original_max_seq_len", 0)
-        if max_len > bound:
-            raise UnsupportedModel(f"rope type {rope_type!r} changes past {bound} positions; max_len {max_len} is longer")
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len)[None])
     return cos[0].float(), sin[0].float()
@@ -123,13 +143,9 @@ class LeanLlama:
 
     def __init__(self, hf_model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, max_len: int = 512):
         config = hf_model.config
-        if config.model_type not in SUPPORTED:
-            raise UnsupportedModel(f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED)} (use --runner hf)")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (SwiGLU with silu only)")
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and window < max_len:
-            raise UnsupportedModel(f"sliding window {window} < max_len {max_len} is not supported")
+        sd = {name: t.detach() for name, t in hf_model.state_dict().items()}
+        if (problem := lean_problem(config, {name: tuple(t.shape) for name, t in sd.items()}, max_len)) is not None:
+            raise UnsupportedModel(problem)
         self.device = torch.device(device)
         self.dtype = dtype
         self.vocab_size = config.vocab_size
@@ -140,7 +156,6 @@ class LeanLlama:
         self.eps = config.rms_norm_eps
         self.max_len = max_len
 
-        sd = {name: t.detach() for name, t in hf_model.state_dict().items()}
         D = self.head_dim
         no_rope = getattr(config, "no_rope_layers", None) or [1] * self.n_layers  # SmolLM3: 0 = no RoPE
 
@@ -161,13 +176,9 @@ class LeanLlama:
             qkv = [a + "qkv_proj.weight"] if fused else [a + f"{x}_proj.weight" for x in "qkv"]
             bias = [a + "qkv_proj.bias"] if fused else [a + f"{x}_proj.bias" for x in "qkv"]
             gate_up = [m + "gate_up_proj.weight"] if m + "gate_up_proj.weight" in sd else [m + "gate_proj.weight", m + "up_proj.weight"]
-            if any(m + f"{x}_proj.bias" in sd for x in ("gate", "up", "down", "gate_up")) or a + "o_proj.bias" in sd:
-                raise UnsupportedModel("biases on o_proj or the MLP are not supported")
             qk_norm = None
             if a + "q_norm.weight" in sd:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
                 qn, kn = sd[a + "q_norm.weight"], sd[a + "k_norm.weight"]
-                if qn.shape != (D,) or kn.shape != (D,):
-                    raise UnsupportedModel(f"q/k norms of shape {tuple(qn.shape)} are not per head (head_dim {D})")
                 qk_norm = torch.cat([qn.expand(self.n_heads, D), kn.expand(self.n_kv_heads, D)])[:, None].to(self.device, dtype).contiguous()
             self.layers.append(
                 _Layer(

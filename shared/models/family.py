@@ -284,19 +284,26 @@ def _train_family(spec: Profile, root: Path, key: str, inputs: dict, progress: b
 # ---------------------------------------------------------------- explicit folders and vocabularies
 
 
-def count_params(path: Path) -> int:
-    """Parameters stored in a checkpoint folder's safetensors files (read from their headers)."""
-    total = 0
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each weight's name and shape in a checkpoint folder's safetensors files (read from
+    their headers: nothing is loaded)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         with open(file, "rb") as handle:
             (size,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(size))
-        for name, tensor in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in tensor["shape"]:
-                    count *= dim
-                total += count
+        shapes.update((name, tuple(t["shape"])) for name, t in header.items() if name != "__metadata__")
+    return shapes
+
+
+def count_params(path: Path) -> int:
+    """Parameters stored in a checkpoint folder's safetensors files (read from their headers)."""
+    total = 0
+    for shape in checkpoint_shapes(path).values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
     return total
 
 

@@ -1,0 +1,84 @@
+"""`specmesh models check`: the settings' models as the services will take them, read from
+their configs and safetensors headers; problems named, exit status 1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from shared.cli.main import app
+from shared.settings import get_settings
+from tests.test_custom_checkpoints import GENERATION, _checkpoint
+
+
+@pytest.fixture
+def check(monkeypatch):
+    def run(env: dict[str, str], *args: str):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(app, ["models", "check", *args])
+        finally:
+            get_settings.cache_clear()
+        return result
+    yield run
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    tok = tiny_family.path("target")
+    paths = {role: root / role for role in ("target", "verifier", "drafter-code", "drafter-prose")}
+    _checkpoint(paths["target"], tok, "qwen3", 0, head_dim=24)
+    shutil.copytree(paths["target"], paths["verifier"])
+    _checkpoint(paths["drafter-code"], tok, "phi3", 1)
+    _checkpoint(paths["drafter-prose"], tok, "gemma3", 2, head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"])
+    gen = json.loads((paths["target"] / "generation_config.json").read_text()) | GENERATION
+    (paths["target"] / "generation_config.json").write_text(json.dumps(gen))
+    return {f"SPECMESH_MODELS__{role.upper().replace('-', '_')}": str(path) for role, path in paths.items()}
+
+
+def test_the_trained_family_passes(check, tiny_family):
+    result = check({"SPECMESH_MODELS__PROFILE": "tiny"}, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [m["name"] for m in report["models"]] == ["target", "verifier", "drafter-code", "drafter-prose"]
+    assert {m["runner"] for m in report["models"]} == {"lean"} and report["problems"] == []
+    target = report["models"][0]
+    assert target["params"] == tiny_family.models["target"].params and target["weights_bytes"] == 4 * target["params"]
+
+
+def test_explicit_folders_say_which_runner_and_what_the_target_recommends(check, folders):
+    result = check(folders, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    runners = {m["name"]: (m["model_type"], m["runner"]) for m in report["models"]}
+    assert runners == {"target": ("qwen3", "lean"), "verifier": ("qwen3", "lean"), "drafter-code": ("phi3", "lean"),
+                       "drafter-prose": ("gemma3_text", "hf")}
+    assert "'gemma3_text' is not one of" in report["models"][3]["runner_reason"]
+    assert report["sampling"]["defaults"] == GENERATION and report["chat_template"].startswith("the family's")
+    table = check(folders | {"SPECMESH_ENGINE__DTYPE": "bfloat16"})
+    assert table.exit_code == 0 and "drafter-prose runs on transformers: model type 'gemma3_text'" in table.stdout
+    assert "temperature=0.7, top_p=0.9, top_k=12" in table.stdout
+
+
+def test_problems_are_named_and_fail_the_check(check, folders, tmp_path):
+    result = check(folders | {"SPECMESH_ENGINE__MAX_LEN": "2048"}, "--json")
+    assert result.exit_code == 1
+    problems = json.loads(result.stdout)["problems"]
+    assert len(problems) == 4 and problems[0].startswith("target: engine.max_len=2048 is longer than its context (1024")
+    other = tmp_path / "other"
+    shutil.copytree(folders["SPECMESH_MODELS__VERIFIER"], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two tokens' ids swapped: another vocabulary
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    result = check(folders | {"SPECMESH_MODELS__VERIFIER": str(other)})
+    assert result.exit_code == 1 and "error:" in result.stderr and str(other) in result.stderr
