@@ -1,8 +1,9 @@
 """A user's own checkpoints through the whole stack: the four roles from explicit folders
 (`SPECMESH_MODELS__TARGET` ...), of architectures the family does not use.
 
-A Qwen3 target and verifier (the lean runner), a Phi-3 code drafter (lean, fused weights
-and partial rotary dimensions) and a Gemma 3 prose drafter (the lean runner refuses it:
+A Qwen3 target, a Gemma 3 verifier (the lean runner, a sliding window shorter than the
+prompts), a Phi-3 code drafter (lean, fused weights and partial rotary dimensions) and an
+OLMo 2 prose drafter (the lean runner refuses it:
 its worker runs transformers' batched forward), random weights over the tiny family's
 tokenizer. The target's generation_config.json recommends sampling settings and lists a
 second end token. The target reads prompts 8 tokens a round (chunked prefill). Through
@@ -32,7 +33,7 @@ CHAINS = ["target", "drafter,target", "drafter-prose,target", "drafter,verifier,
 def _checkpoint(folder, tokenizer_from, arch: str, seed: int, **config) -> None:
     import transformers
 
-    prefix = {"qwen3": "Qwen3", "phi3": "Phi3", "gemma3": "Gemma3Text"}[arch]
+    prefix = {"qwen3": "Qwen3", "phi3": "Phi3", "gemma3": "Gemma3Text", "olmo2": "Olmo2"}[arch]
     Config = getattr(transformers, f"{prefix}Config")
     Model = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")
     tok = json.loads((tokenizer_from / "config.json").read_text())
@@ -56,11 +57,11 @@ def custom(tiny_family, tmp_path_factory):
     family_target = tiny_family.path("target")
     folders = {role: root / role for role in ("target", "verifier", "drafter-code", "drafter-prose")}
     _checkpoint(folders["target"], family_target, "qwen3", 0, head_dim=24)
-    shutil.copytree(folders["target"], folders["verifier"])  # the verifier agrees with the target
+    _checkpoint(folders["verifier"], family_target, "gemma3", 3, head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"])
     _checkpoint(folders["drafter-code"], family_target, "phi3", 1, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
-    _checkpoint(folders["drafter-prose"], family_target, "gemma3", 2, head_dim=16, sliding_window=8,
-                layer_types=["sliding_attention", "full_attention"])
+    _checkpoint(folders["drafter-prose"], family_target, "olmo2", 2)
     eos = json.loads((family_target / "config.json").read_text())["eos_token_id"]
     end = 7 if eos != 7 else 8  # a second end token, in the generation config only
     gen = json.loads((folders["target"] / "generation_config.json").read_text())
@@ -98,7 +99,7 @@ def _complete(url, prompt, chain=None, **fields) -> dict:
     return r.json()["choices"][0] | {"speculation": r.json()["speculation"]}
 
 
-def test_every_chain_over_qwen3_phi3_and_gemma3_is_the_qwen3_targets_own(custom):
+def test_every_chain_over_qwen3_gemma3_phi3_and_olmo2_is_the_qwen3_targets_own(custom):
     url, target, end = custom
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(10, 2000, (n,), generator=gen).tolist() for n in (9, 30)]

@@ -18,7 +18,7 @@ VOCAB = 257
 
 ARCHS = {  # model type -> the transformers classes' prefix
     "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "smollm3": "SmolLM3",
-    "olmo2": "Olmo2", "gemma3": "Gemma3Text",  # transformers' runner only
+    "gemma3": "Gemma3Text", "olmo2": "Olmo2",  # the last: transformers' runner only
 }
 
 
@@ -55,6 +55,10 @@ VARIANTS = {  # fixture name -> (model type, config overrides)
     "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2)),  # layers without RoPE
     "llama3-rope": ("llama", _rope("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
     "yarn-rope": ("qwen2", _rope("yarn", factor=4.0, original_max_position_embeddings=64)),
+    # Gemma 3 text: a sliding window shorter than the sequences on one layer, a table per layer type, the
+    # sandwich norms, q/k norms, tanh GELU, its attention scale and (Gemma 2's) final soft-capping
+    "gemma3": ("gemma3", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                              query_pre_attn_scalar=24, final_logit_softcapping=30.0)),
 }
 
 
@@ -293,7 +297,7 @@ def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_floa
     path = _save(tmp_path, "llama", **VARIANTS["llama3-rope"][1])
     direct = load_runner(path, dtype="bfloat16", max_batch=1, max_len=64)
     cast = LeanRunner(load_hf_model(path), DEVICE, torch.bfloat16, max_batch=1, max_len=64)
-    assert direct.model.embed.dtype == torch.bfloat16 and torch.equal(direct.model.cos, cast.model.cos)
+    assert direct.model.embed.dtype == torch.bfloat16 and torch.equal(direct.model.tables["default"][0], cast.model.tables["default"][0])
     tokens = list(range(5, 30))
     assert torch.equal(direct.prefill("a", tokens), cast.prefill("a", tokens))
     hf = load_runner(path, runner="hf", dtype="bfloat16", max_batch=1, max_len=64)
@@ -301,13 +305,12 @@ def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_floa
 
 
 @pytest.mark.parametrize("arch, overrides", [
-    ("mistral", dict(sliding_window=6)),  # a window shorter than the sequences: the lean runner refuses it
-    ("gemma3", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    ("mistral", dict(sliding_window=6)),  # a window shorter than the sequences on every layer: the lean runner refuses it
     ("olmo2", {}),
-], ids=["mistral-window", "gemma3", "olmo2"])
+], ids=["mistral-window", "olmo2"])
 def test_transformers_runner_batches_architectures_the_lean_one_refuses(tmp_path, arch, overrides):
-    """Sliding windows, Gemma 3's local and global layers, OLMo 2's norms: the HF runner's
-    ragged batch equals transformers on each sequence alone, and so does a chain over it."""
+    """Mistral's window on every layer, OLMo 2's norms: the HF runner's ragged batch equals
+    transformers on each sequence alone, and so does a chain over it."""
     from shared.engine.chain import Chain
     from shared.engine.llama import UnsupportedModel
     from tests.test_engine_chain import target_alone
@@ -332,3 +335,18 @@ def test_transformers_runner_batches_architectures_the_lean_one_refuses(tmp_path
     ref = [target_alone(hf, p, 10) for p in prompts]
     chain = Chain([("ngram", NgramProposer(VOCAB)), ("target", hf)], k=3)
     assert chain.generate(prompts, 10, stop_at_eos=False) == ref
+
+
+def test_a_reduced_precision_chunk_equals_its_decode_steps_past_a_sliding_window(tmp_path):
+    """bf16 attention rounds differently for 5 queries than for 1, so a chunk computes its
+    queries one by one; on a sliding layer each one sees only its window's keys."""
+    arch, overrides = VARIANTS["gemma3"]
+    model = load_hf_model(_save(tmp_path, arch, **overrides))
+    runner = LeanRunner(model, DEVICE, torch.bfloat16, max_batch=2, max_len=64)
+    prompt, chunk = list(range(10, 30)), [3, 4, 5, 6, 7]
+    runner.prefill("chunk", prompt)
+    runner.prefill("steps", prompt)
+    with torch.inference_mode():
+        whole = runner._logits(["chunk"], [chunk], last_only=False)[0]
+        steps = torch.stack([runner._logits(["steps"], [[t]], last_only=True)[0] for t in chunk])
+    assert torch.equal(whole, steps)

@@ -37,8 +37,7 @@ def folders(tiny_family, tmp_path_factory):
     _checkpoint(paths["target"], tok, "qwen3", 0, head_dim=24)
     shutil.copytree(paths["target"], paths["verifier"])
     _checkpoint(paths["drafter-code"], tok, "phi3", 1)
-    _checkpoint(paths["drafter-prose"], tok, "gemma3", 2, head_dim=16, sliding_window=8,
-                layer_types=["sliding_attention", "full_attention"])
+    _checkpoint(paths["drafter-prose"], tok, "olmo2", 2)
     gen = json.loads((paths["target"] / "generation_config.json").read_text()) | GENERATION
     (paths["target"] / "generation_config.json").write_text(json.dumps(gen))
     return {f"SPECMESH_MODELS__{role.upper().replace('-', '_')}": str(path) for role, path in paths.items()}
@@ -60,11 +59,11 @@ def test_explicit_folders_say_which_runner_and_what_the_target_recommends(check,
     report = json.loads(result.stdout)
     runners = {m["name"]: (m["model_type"], m["runner"]) for m in report["models"]}
     assert runners == {"target": ("qwen3", "lean"), "verifier": ("qwen3", "lean"), "drafter-code": ("phi3", "lean"),
-                       "drafter-prose": ("gemma3_text", "hf")}
-    assert "'gemma3_text' is not one of" in report["models"][3]["runner_reason"]
+                       "drafter-prose": ("olmo2", "hf")}
+    assert "'olmo2' is not one of" in report["models"][3]["runner_reason"]
     assert report["sampling"]["defaults"] == GENERATION and report["chat_template"].startswith("the family's")
     table = check(folders | {"SPECMESH_ENGINE__DTYPE": "bfloat16"})
-    assert table.exit_code == 0 and "drafter-prose runs on transformers: model type 'gemma3_text'" in table.stdout
+    assert table.exit_code == 0 and "drafter-prose runs on transformers: model type 'olmo2'" in table.stdout
     assert "temperature=0.7, top_p=0.9, top_k=12" in table.stdout
 
 

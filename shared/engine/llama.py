@@ -1,8 +1,10 @@
-"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3) in plain PyTorch.
+"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 3 text) in plain PyTorch.
 
 RMSNorm, RoPE (the checkpoint's own tables: any static scaling, partial rotary
-dimensions, layers without RoPE), Qwen3's per-head q/k norms, grouped-query attention
-through `F.scaled_dot_product_attention`, SwiGLU, tied or untied lm_head. Weights are taken
+dimensions, layers without RoPE, a table per layer type), Qwen3's per-head q/k norms,
+grouped-query attention through `F.scaled_dot_product_attention` (sliding windows on the
+layers a config's `layer_types` marks), SwiGLU, tied or untied lm_head; Gemma 3's scaled
+embeddings, norms around each block (weights stored as w - 1), GELU and attention scale. Weights are taken
 from a transformers model's state dict; q/k/v and gate/up are fused into one matmul each
 (Phi-3 ships them fused) so a step issues as few kernels as possible (the fixed cost per
 call dominates small models on CPU). The forward reads and writes a `KVCache` at explicit
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 
 from shared.engine.kv_cache import KVCache
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma3_text")
+GEMMA = ("gemma3_text",)  # norms store w - 1; the embedding is scaled by sqrt(hidden); sandwich norms
 # RoPE types whose frequencies change with the sequence's length: static below a bound
 LENGTH_DEPENDENT = ("dynamic", "longrope")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", *LENGTH_DEPENDENT)
@@ -90,7 +93,19 @@ class _Layer:
     gate_up: _Linear
     down: _Linear
     qk_norm: torch.Tensor | None  # [H + Hk, 1, D]: Qwen3's q_norm per query head, k_norm per key head
-    rope: bool  # SmolLM3 leaves every fourth layer without RoPE
+    rope: str | None  # the layer's RoPE table (its layer type's); None: no RoPE (SmolLM3's every fourth layer)
+    window: int | None  # sliding-window attention: a query sees the last `window` positions
+    post_attn: torch.Tensor | None = None  # Gemma 3: norms of the attention's and the MLP's outputs
+    post_mlp: torch.Tensor | None = None
+
+
+def _window_of(config, layer: int) -> int | None:
+    """The layer's sliding window, where the config's `layer_types` marks it sliding (and enables it)."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not types or not window or types[layer] != "sliding_attention" or not getattr(config, "use_sliding_window", True):
+        return None
+    return int(window)
 
 
 def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
@@ -102,20 +117,26 @@ def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
     every position at once, which a cache written earlier would not match, so it is refused."""
     if config.model_type not in SUPPORTED:
         return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED)} (use --runner hf)"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r} is not supported (SwiGLU with silu only)"
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if act != ("gelu_pytorch_tanh" if config.model_type in GEMMA else "silu"):
+        return f"activation {act!r} is not supported for {config.model_type} (SwiGLU with silu; Gemma's tanh GELU)"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping is not supported"
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < max_len:
-        return f"sliding window {window} < max_len {max_len} is not supported"
+    if not getattr(config, "layer_types", None) and window and getattr(config, "use_sliding_window", True) \
+            and window < max_len:  # a window on every layer (Mistral's, Phi-3's): only where it changes nothing
+        return f"sliding window {window} < max_len {max_len} on every layer is not supported"
     params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else None
-    if rope_type not in ROPE_TYPES:
-        return f"rope type {rope_type!r} is not supported by the lean runner (use --runner hf)"
-    if rope_type in LENGTH_DEPENDENT:
-        bound = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-        bound = bound or getattr(config, "max_position_embeddings", 0)
-        if max_len > bound:
-            return f"rope type {rope_type!r} changes past {bound} positions; max_len {max_len} is longer"
+    layered = isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values())
+    for rope in (params.values() if layered else [params]):
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else None
+        if rope_type not in ROPE_TYPES:
+            return f"rope type {rope_type!r} is not supported by the lean runner (use --runner hf)"
+        if rope_type in LENGTH_DEPENDENT:
+            bound = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+            bound = bound or getattr(config, "max_position_embeddings", 0)
+            if max_len > bound:
+                return f"rope type {rope_type!r} changes past {bound} positions; max_len {max_len} is longer"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for name, shape in shapes.items():
         if not name.startswith("model.layers."):
@@ -127,15 +148,21 @@ def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
     return None
 
 
-def _rope_tables(hf_model, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_tables(hf_model, max_len: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """cos and sin [max_len, rotary_dim] as the checkpoint's own rotary embedding computes
-    them (its scaling type, attention factor and partial rotary dimensions), float32."""
+    them (its scaling type, attention factor and partial rotary dimensions), float32; per
+    layer type where it keeps one table each (Gemma 3: local and global layers), else
+    under "default"."""
     rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
     if rotary is None:
         raise UnsupportedModel("the checkpoint has no model.rotary_emb")
+    positions, x = torch.arange(max_len)[None], torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len)[None])
-    return cos[0].float(), sin[0].float()
+        if isinstance(getattr(rotary, "rope_type", None), dict):  # one table per layer type
+            tables = {kind: rotary(x, positions, kind) for kind in rotary.rope_type}
+        else:
+            tables = {"default": rotary(x, positions)}
+    return {kind: (cos[0].float(), sin[0].float()) for kind, (cos, sin) in tables.items()}
 
 
 class LeanLlama:
@@ -158,16 +185,27 @@ class LeanLlama:
 
         D = self.head_dim
         no_rope = getattr(config, "no_rope_layers", None) or [1] * self.n_layers  # SmolLM3: 0 = no RoPE
+        gemma = config.model_type in GEMMA
+        tables = _rope_tables(hf_model, max_len)
+        types = getattr(config, "layer_types", None)
+        self.act = (lambda g: F.gelu(g, approximate="tanh")) if gemma else F.silu
+        self.scale = getattr(config, "query_pre_attn_scalar", None) ** -0.5 if gemma else None  # None: 1/sqrt(D)
+        # rounded to the dtype first, as transformers does
+        self.embed_scale = torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device) if gemma else None
+        self.softcap = getattr(config, "final_logit_softcapping", None)
 
         def w(name: str) -> torch.Tensor:
             return sd[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def norm(name: str) -> torch.Tensor:  # Gemma stores w - 1 and computes x * (1 + w), in float32
+            return (sd[name].float() + 1.0).to(device=self.device, dtype=dtype).contiguous() if gemma else w(name)
 
         def cat(names: list[str]) -> torch.Tensor:
             return torch.cat([sd[n] for n in names], 0).to(device=self.device, dtype=dtype).contiguous()
 
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = _Linear(w("lm_head.weight") if "lm_head.weight" in sd else self.embed, None)
-        self.norm = w("model.norm.weight")
+        self.norm = norm("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(self.n_layers):
             p = f"model.layers.{i}."
@@ -178,25 +216,31 @@ class LeanLlama:
             gate_up = [m + "gate_up_proj.weight"] if m + "gate_up_proj.weight" in sd else [m + "gate_proj.weight", m + "up_proj.weight"]
             qk_norm = None
             if a + "q_norm.weight" in sd:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
-                qn, kn = sd[a + "q_norm.weight"], sd[a + "k_norm.weight"]
+                qn, kn = (sd[a + f"{x}_norm.weight"].float() + (1.0 if gemma else 0.0) for x in "qk")
                 qk_norm = torch.cat([qn.expand(self.n_heads, D), kn.expand(self.n_kv_heads, D)])[:, None].to(self.device, dtype).contiguous()
+            rope = (types[i] if types and types[i] in tables else "default") if no_rope[i] else None
             self.layers.append(
                 _Layer(
-                    ln1=w(p + "input_layernorm.weight"),
+                    ln1=norm(p + "input_layernorm.weight"),
                     qkv=_Linear(cat(qkv), cat(bias) if all(b in sd for b in bias) else None),
                     o=_Linear(w(a + "o_proj.weight"), None),
-                    ln2=w(p + "post_attention_layernorm.weight"),
+                    # the MLP's input norm: Llama's "post_attention_layernorm", Gemma's "pre_feedforward_layernorm"
+                    ln2=norm(p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")),
                     gate_up=_Linear(cat(gate_up), None),
                     down=_Linear(w(m + "down_proj.weight"), None),
                     qk_norm=qk_norm,
-                    rope=bool(no_rope[i]),
+                    rope=rope,
+                    window=_window_of(config, i),
+                    post_attn=norm(p + "post_attention_layernorm.weight") if gemma else None,
+                    post_mlp=norm(p + "post_feedforward_layernorm.weight") if gemma else None,
                 )
             )
-        cos, sin = _rope_tables(hf_model, max_len)
-        self.rotary_dim = cos.shape[-1]  # < head_dim: RoPE on the first dimensions only (Phi-3's partial_rotary_factor)
-        sin[:, : self.rotary_dim // 2] *= -1  # rotate_half's sign folded in: x*cos + roll(x)*sin
-        self.cos = cos.to(device=self.device, dtype=dtype)
-        self.sin = sin.to(device=self.device, dtype=dtype)
+        self.rotary_dim = next(iter(tables.values()))[0].shape[-1]  # < head_dim: Phi-3's partial_rotary_factor
+        self.tables = {}
+        for kind, (cos, sin) in tables.items():
+            sin[:, : self.rotary_dim // 2] *= -1  # rotate_half's sign folded in: x*cos + roll(x)*sin
+            self.tables[kind] = (cos.to(device=self.device, dtype=dtype), sin.to(device=self.device, dtype=dtype))
+        self.windows = sorted({layer.window for layer in self.layers if layer.window})
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
         self.arange = torch.arange(max_len, device=self.device)
 
@@ -231,7 +275,7 @@ class LeanLlama:
         if B == 1:
             s0 = starts[0]
             pos = self.arange[s0 : s0 + T]
-            cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
+            rot = {kind: (cos[pos][None, None], sin[pos][None, None]) for kind, (cos, sin) in self.tables.items()}  # [1, 1, T, D]
             mask = None if T == 1 else self.causal[s0 : s0 + T, :kv_len]
             slot = slots[0]
         else:
@@ -240,17 +284,26 @@ class LeanLlama:
             offs = self.arange[:T]
             valid = offs[None, :] < len_t[:, None]  # [B, T]
             pos = torch.where(valid, start_t[:, None] + offs[None, :], 0)  # padding attends to position 0
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, T, D]
+            rot = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.tables.items()}  # [B, 1, T, D]
             mask = (self.arange[:kv_len][None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
             slot_t = torch.tensor(slots, device=self.device)
             first = slots[0]
             run = slots == list(range(first, first + B))  # consecutive slots: read a view, copy nothing
             w_slot = torch.where(valid, slot_t[:, None], cache.scratch)
             w_pos = torch.where(valid, pos, offs[None, :])
+        masks = {None: mask}
+        for window in self.windows:  # sliding layers also drop the keys `window` or more positions back
+            recent = self.arange[:kv_len] > (pos[..., None] - window)  # [T, kv_len] or [B, T, kv_len]
+            if B == 1:
+                masks[window] = recent[None, None] if mask is None else (mask & recent)[None, None]
+            else:
+                masks[window] = mask & recent[:, None]
         # bf16/fp16 attention rounds differently for 5 queries than for 1; a chunk then
         # computes its queries one by one so that it reproduces the decode steps bit for bit
         per_query = B == 1 and 1 < T <= 32 and self.dtype != torch.float32
         x = F.embedding(tokens, self.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
             qkv = layer.qkv(h)
@@ -258,8 +311,8 @@ class LeanLlama:
             qk = heads[:, : H + Hk]
             if layer.qk_norm is not None:
                 qk = F.rms_norm(qk, (D,), None, self.eps) * layer.qk_norm
-            if layer.rope:
-                qk = self._rope(qk, cos, sin)  # one RoPE for queries and keys
+            if layer.rope is not None:
+                qk = self._rope(qk, *rot[layer.rope])  # one RoPE for queries and keys
             q, k, v = qk[:, :H], qk[:, H:], heads[:, H + Hk :]
             ck, cv = cache.k[li], cache.v[li]
             if B == 1:
@@ -276,21 +329,27 @@ class LeanLlama:
             if per_query:  # reduced precision: one query at a time, exactly as a decode step computes it
                 o = torch.cat(
                     [
-                        F.scaled_dot_product_attention(q[:, :, t : t + 1], keys[:, :, : s0 + t + 1], values[:, :, : s0 + t + 1], enable_gqa=Hk != H)
+                        F.scaled_dot_product_attention(q[:, :, t : t + 1], keys[:, :, lo : s0 + t + 1], values[:, :, lo : s0 + t + 1],
+                                                       scale=self.scale, enable_gqa=Hk != H)
                         for t in range(T)
+                        for lo in [max(0, s0 + t + 1 - layer.window) if layer.window else 0]
                     ],
                     dim=2,
                 )
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=Hk != H)
-            x = x + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[layer.window], scale=self.scale,
+                                                   enable_gqa=Hk != H)
+            o = layer.o(o.transpose(1, 2).reshape(B, T, H * D))
+            x = x + (o if layer.post_attn is None else F.rms_norm(o, (o.shape[-1],), layer.post_attn, self.eps))
             h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            m = layer.down(self.act(gate) * up)
+            x = x + (m if layer.post_mlp is None else F.rms_norm(m, (m.shape[-1],), layer.post_mlp, self.eps))
         if last_only:
             if B == 1:
                 x = x[:, lengths[0] - 1]
             else:
                 x = x[torch.arange(B, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
