@@ -545,11 +545,13 @@ def load_runner(
         logging.getLogger(__name__).warning(
             "%s with batches of up to %d: ragged batches in reduced precision are not batch-invariant, so a "
             "request's tokens can differ from the target alone; float32 is exact at any batch", torch_dtype, max_batch)
-    model = load_hf_model(path, torch_dtype)  # in the runner's dtype: a bf16 checkpoint never takes fp32's memory
-    context = getattr(model.config, "max_position_embeddings", None)
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)  # before any weight
     if context and max_len > context:  # past the positions it was trained on, its outputs are not to be trusted
         raise ValueError(f"engine.max_len={max_len} is longer than the context of {path} ({context} positions, its "
                          f"max_position_embeddings); set SPECMESH_ENGINE__MAX_LEN to at most {context}")
+    model = load_hf_model(path, torch_dtype)  # in the runner's dtype: a bf16 checkpoint never takes fp32's memory
     made = None
     if runner == "lean":
         try:
