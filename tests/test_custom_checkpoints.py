@@ -50,11 +50,8 @@ def _checkpoint(folder, tokenizer_from, arch: str, seed: int, **config) -> None:
         shutil.copy(tokenizer_from / name, folder / name)
 
 
-@pytest.fixture(scope="module")
-def custom(tiny_family, tmp_path_factory):
-    """`specmesh up` over the four folders; yields (gateway URL, target folder, end token)."""
-    root = tmp_path_factory.mktemp("custom")
-    family_target = tiny_family.path("target")
+def write_folders(root, family_target) -> tuple[dict, int]:
+    """The four roles' folders under `root` (see the module's doc), and the target's second end token."""
     folders = {role: root / role for role in ("target", "verifier", "drafter-code", "drafter-prose")}
     _checkpoint(folders["target"], family_target, "qwen3", 0, head_dim=24)
     _checkpoint(folders["verifier"], family_target, "gemma3", 3, head_dim=16, sliding_window=8,
@@ -67,6 +64,14 @@ def custom(tiny_family, tmp_path_factory):
     gen = json.loads((folders["target"] / "generation_config.json").read_text())
     gen |= GENERATION | {"eos_token_id": [eos, end]}
     (folders["target"] / "generation_config.json").write_text(json.dumps(gen))
+    return folders, end
+
+
+@pytest.fixture(scope="module")
+def custom(tiny_family, tmp_path_factory):
+    """`specmesh up` over the four folders; yields (gateway URL, target folder, end token)."""
+    root = tmp_path_factory.mktemp("custom")
+    folders, end = write_folders(root, tiny_family.path("target"))
     env = stack_env(root / ".run") | {
         "SPECMESH_MODELS__TARGET": str(folders["target"]), "SPECMESH_MODELS__VERIFIER": str(folders["verifier"]),
         "SPECMESH_MODELS__DRAFTER_CODE": str(folders["drafter-code"]),

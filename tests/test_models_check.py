@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from shared.cli.main import app
 from shared.settings import get_settings
-from tests.test_custom_checkpoints import GENERATION, _checkpoint
+from tests.test_custom_checkpoints import GENERATION, write_folders
 
 
 @pytest.fixture
@@ -31,15 +31,7 @@ def check(monkeypatch):
 
 @pytest.fixture(scope="module")
 def folders(tiny_family, tmp_path_factory):
-    root = tmp_path_factory.mktemp("check")
-    tok = tiny_family.path("target")
-    paths = {role: root / role for role in ("target", "verifier", "drafter-code", "drafter-prose")}
-    _checkpoint(paths["target"], tok, "qwen3", 0, head_dim=24)
-    shutil.copytree(paths["target"], paths["verifier"])
-    _checkpoint(paths["drafter-code"], tok, "phi3", 1)
-    _checkpoint(paths["drafter-prose"], tok, "olmo2", 2)
-    gen = json.loads((paths["target"] / "generation_config.json").read_text()) | GENERATION
-    (paths["target"] / "generation_config.json").write_text(json.dumps(gen))
+    paths, _ = write_folders(tmp_path_factory.mktemp("check"), tiny_family.path("target"))
     return {f"SPECMESH_MODELS__{role.upper().replace('-', '_')}": str(path) for role, path in paths.items()}
 
 
@@ -58,7 +50,7 @@ def test_explicit_folders_say_which_runner_and_what_the_target_recommends(check,
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     runners = {m["name"]: (m["model_type"], m["runner"]) for m in report["models"]}
-    assert runners == {"target": ("qwen3", "lean"), "verifier": ("qwen3", "lean"), "drafter-code": ("phi3", "lean"),
+    assert runners == {"target": ("qwen3", "lean"), "verifier": ("gemma3_text", "lean"), "drafter-code": ("phi3", "lean"),
                        "drafter-prose": ("olmo2", "hf")}
     assert "'olmo2' is not one of" in report["models"][3]["runner_reason"]
     assert report["sampling"]["defaults"] == GENERATION and report["chat_template"].startswith("the family's")
