@@ -34,7 +34,16 @@ def _save(path, arch: str, **overrides):
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     cfg.update(overrides)
-    model = Model(Config(**cfg))
+    if arch == "gemma3" and cfg.pop("vision", False):  # Gemma 3 4B and up: the text model inside a vision-language one
+        tokens = {k: cfg.pop(k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        config = transformers.Gemma3Config(
+            text_config=cfg, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=28, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1,
+            **tokens)
+        model = transformers.Gemma3ForConditionalGeneration(config)
+    else:
+        model = Model(Config(**cfg))
     with torch.no_grad():  # sharper logits than the default init, so argmaxes mean something
         model.lm_head.weight.mul_(20.0) if not cfg["tie_word_embeddings"] else model.model.embed_tokens.weight.mul_(5.0)
     model.save_pretrained(str(path))
@@ -59,6 +68,9 @@ VARIANTS = {  # fixture name -> (model type, config overrides)
     # sandwich norms, q/k norms, tanh GELU, its attention scale and (Gemma 2's) final soft-capping
     "gemma3": ("gemma3", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                               query_pre_attn_scalar=24, final_logit_softcapping=30.0)),
+    # Gemma 3 4B and up: the same text model inside Gemma3ForConditionalGeneration (model.language_model.*)
+    "gemma3-multimodal": ("gemma3", dict(head_dim=16, sliding_window=6, vision=True,
+                                         layer_types=["sliding_attention", "full_attention"])),
 }
 
 

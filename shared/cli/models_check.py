@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.engine.llama import lean_problem
+from shared.engine.llama import lean_problem, text_part
 from shared.models.family import checkpoint_shapes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -39,7 +39,7 @@ def model_report(name: str, path: Path, engine) -> dict:
     shapes = checkpoint_shapes(path)
     params = sum(_count(shape) for shape in shapes.values())
     why = lean_problem(config, shapes, engine.max_len) if engine.runner == "lean" else "engine.runner is hf"
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text, _ = text_part(config, shapes)
     layers = getattr(text, "num_hidden_layers", 0)
     heads = getattr(text, "num_attention_heads", 1)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

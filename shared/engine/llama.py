@@ -108,6 +108,18 @@ def _window_of(config, layer: int) -> int | None:
     return int(window)
 
 
+def text_part(config, names) -> tuple[object, dict[str, str]]:
+    """The language model's config and weight names (as a text-only checkpoint names them:
+    `model.layers...`) of a checkpoint that may wrap it with a vision tower (Gemma 3 4B and
+    up: `model.language_model.*`); the map goes from those names to the checkpoint's own."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    wrapped = any(name.startswith("model.language_model.") for name in names)
+    prefix = "model.language_model." if wrapped else "model."
+    own = {("model." + name[len(prefix):] if name.startswith(prefix) else name): name for name in names
+           if name.startswith(prefix) or not name.startswith("model.")}
+    return text, own
+
+
 def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
     """Why the lean forward cannot reproduce this checkpoint (its config, and its weights'
     names and shapes), or None when it can.
@@ -115,6 +127,8 @@ def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
     A RoPE type whose frequencies follow the sequence's length (dynamic NTK, LongRoPE) is
     static up to its original context; past that, transformers recomputes the tables for
     every position at once, which a cache written earlier would not match, so it is refused."""
+    config, own = text_part(config, shapes)
+    shapes = {name: shapes[checkpoint] for name, checkpoint in own.items()}
     if config.model_type not in SUPPORTED:
         return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED)} (use --runner hf)"
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
@@ -153,7 +167,8 @@ def _rope_tables(hf_model, max_len: int) -> dict[str, tuple[torch.Tensor, torch.
     them (its scaling type, attention factor and partial rotary dimensions), float32; per
     layer type where it keeps one table each (Gemma 3: local and global layers), else
     under "default"."""
-    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    body = getattr(hf_model, "model", None)
+    rotary = getattr(getattr(body, "language_model", body), "rotary_emb", None)
     if rotary is None:
         raise UnsupportedModel("the checkpoint has no model.rotary_emb")
     positions, x = torch.arange(max_len)[None], torch.zeros(1, dtype=torch.float32)
@@ -169,10 +184,11 @@ class LeanLlama:
     """Weights and forward of one Llama-family model; no nn.Module, no hooks."""
 
     def __init__(self, hf_model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, max_len: int = 512):
-        config = hf_model.config
-        sd = {name: t.detach() for name, t in hf_model.state_dict().items()}
-        if (problem := lean_problem(config, {name: tuple(t.shape) for name, t in sd.items()}, max_len)) is not None:
+        state = {name: t.detach() for name, t in hf_model.state_dict().items()}
+        if (problem := lean_problem(hf_model.config, {name: tuple(t.shape) for name, t in state.items()}, max_len)):
             raise UnsupportedModel(problem)
+        config, own = text_part(hf_model.config, state)  # a vision tower's weights are left alone
+        sd = {name: state[checkpoint] for name, checkpoint in own.items()}
         self.device = torch.device(device)
         self.dtype = dtype
         self.vocab_size = config.vocab_size

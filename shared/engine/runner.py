@@ -358,7 +358,8 @@ class HFRunner(Runner):
                  seed: int | None = None, prefix_caching: bool = False):
         self.device = torch.device(device)
         self.model = hf_model.to(device=self.device, dtype=dtype).eval()
-        self.vocab_size = hf_model.config.vocab_size
+        config = hf_model.config
+        self.vocab_size = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
         self.eos_token_ids = eos_token_ids(hf_model)
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.max_batch, self.max_len = max_batch, max_len
@@ -547,7 +548,9 @@ def load_runner(
             "request's tokens can differ from the target alone; float32 is exact at any batch", torch_dtype, max_batch)
     from transformers import AutoConfig
 
-    context = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)  # before any weight
+    config = AutoConfig.from_pretrained(str(path))  # before any weight
+    context = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                      "max_position_embeddings", None)
     if context and max_len > context:  # past the positions it was trained on, its outputs are not to be trusted
         raise ValueError(f"engine.max_len={max_len} is longer than the context of {path} ({context} positions, its "
                          f"max_position_embeddings); set SPECMESH_ENGINE__MAX_LEN to at most {context}")
