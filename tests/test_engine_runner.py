@@ -362,3 +362,26 @@ def test_a_reduced_precision_chunk_equals_its_decode_steps_past_a_sliding_window
         whole = runner._logits(["chunk"], [chunk], last_only=False)[0]
         steps = torch.stack([runner._logits(["steps"], [[t]], last_only=True)[0] for t in chunk])
     assert torch.equal(whole, steps)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.9, seed=4)], ids=["greedy", "seeded"])
+def test_levels_with_embeddings_padded_to_other_sizes_give_the_target_alones_tokens(tmp_path, sampling):
+    """One tokenizer, embedding tables of different sizes (Qwen2.5 0.5B drafting for 7B): a
+    narrower drafter (it reads the target's tokens past its size as 0) and a wider one."""
+    from shared.engine.chain import Chain
+    from tests.test_engine_chain import target_alone
+
+    def lean(name, vocab):
+        return LeanRunner(load_hf_model(_save(tmp_path / name, "llama", vocab_size=vocab)), DEVICE, max_batch=4, max_len=96)
+
+    target = lean("target", VOCAB + 40)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (7, 19)]
+    ref = [target_alone(target, p, 14, sampling) for p in prompts]
+    assert any(t >= VOCAB for out in ref for t in out)  # the target says tokens the narrow drafter cannot read
+    for levels in ([("drafter", lean("narrow", VOCAB)), ("target", target)],
+                   [("ngram", NgramProposer(VOCAB + 40)), ("drafter", lean("wide", VOCAB + 60)),
+                    ("verifier", lean("narrow-verifier", VOCAB)), ("target", target)]):
+        chain = Chain(levels, k=3)
+        assert chain.generate(prompts, 14, sampling, stop_at_eos=False) == ref, [name for name, _ in levels]
+        assert all(st.drafted > 0 for st in chain.collect_stats().levels[:-1])

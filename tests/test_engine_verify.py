@@ -349,3 +349,35 @@ def test_logprob_ranks_count_the_likelier_tokens_and_only_when_asked():
     ranked = logprobs_of(probs, [2, 1], top=1, ranks=True)
     assert [lp.rank for lp in ranked] == [3, 1]
     assert [lp.rank for lp in logprobs_of(probs, [2, 1], top=1)] == [0, 0]  # output tokens: not computed
+
+
+@pytest.mark.parametrize("draft_width", [V - 3, V + 4], ids=["narrower", "wider"])
+def test_rejection_sampling_follows_the_target_across_vocabulary_sizes(draft_width):
+    """A drafter whose embeddings are padded to another size (one tokenizer): its
+    distribution is compared over the wider vocabulary, zeros past each one's size; the
+    output still follows p, and never a token past p's size."""
+    gen = torch.Generator().manual_seed(5)
+    p = random_dist(gen)
+    q = torch.rand(draft_width, generator=gen) ** 3
+    q /= q.sum()
+    params = SamplingParams(temperature=1.0)
+    runs = torch.Generator().manual_seed(6)
+    drafts = torch.multinomial(q, N, replacement=True, generator=runs)
+    counts = torch.zeros(V)
+    for i in range(N):
+        v = verify([int(drafts[i])], q[None], torch.stack([p, p]), params, 0, runs)
+        counts[v.tokens[0]] += 1  # an index past V would raise here
+        assert v.probs.shape[-1] == V
+    stat, df = chi2(counts, p)
+    assert stat < chi2_critical(df), (stat, df)
+
+
+def test_greedy_and_seeded_drafts_past_the_verifiers_vocabulary_are_rejected_there():
+    p = torch.stack([onehot([3])[0]] * 3)
+    greedy = verify([3, V + 2, 3], None, p, SamplingParams(), 0)
+    assert greedy.tokens == [3, 3] and greedy.accepted == 1
+    seeded = SamplingParams(temperature=1.0, seed=9)
+    noise = gumbel_noise(9, range(0, 3), V)
+    first = int(torch.argmax(torch.log(p[0]) + noise[0]))
+    v = verify([V + 1, 5], torch.rand(2, V + 3), p, seeded, 0)
+    assert v.accepted == 0 and v.tokens == [first]

@@ -90,9 +90,8 @@ class Chain:
             raise ValueError("an n-gram proposer can only be the bottom level of a chain")
         if len({id(p) for _, p in levels}) != len(levels):
             raise ValueError("each level of a chain needs its own runner")
-        vocab = {p.vocab_size for _, p in levels}
-        if len(vocab) != 1:
-            raise ValueError(f"the levels of a chain must share one vocabulary; got sizes {sorted(vocab)}")
+        # One tokenizer for every level (the family checks it); their embedding tables may be
+        # padded to different sizes (verify.py compares distributions over the wider one).
         if leniency < 1.0:
             raise ValueError(f"leniency must be >= 1 (1 = exact), got {leniency}")
         self.levels = [Level(name, p, LevelStats(name)) for name, p in levels]

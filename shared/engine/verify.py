@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from shared.engine.sampling import SamplingParams, gumbel_noise
 
@@ -179,21 +180,40 @@ def verify(
     first_position is the absolute position of the first draft token (the one p_1
     predicts); the bonus position is first_position + k. `generator` supplies the
     uniforms of unseeded rejection sampling.
+
+    The drafter's vocabulary may be wider or narrower than the verifier's (one tokenizer,
+    embeddings padded to different sizes: Qwen2.5 0.5B's 151936 rows against 7B's 152064):
+    a token past either's size has probability 0 under it. Greedy and seeded verification
+    cut the drafts at the first token the verifier cannot emit (rejected there, the
+    verifier's own token follows, as it would have); rejection sampling compares both
+    distributions over the wider vocabulary, zeros past each one's size.
     """
+    V = target_probs.shape[-1]
+    if params.greedy or params.seeded:
+        draft_tokens = list(draft_tokens)
+        cut = next((j for j, t in enumerate(draft_tokens) if t >= V), None)
+        if cut is not None:  # rows past the cut's belong to drafts never verified
+            draft_tokens, target_probs = draft_tokens[:cut], target_probs[: cut + 1]
+            draft_probs = draft_probs[:cut] if draft_probs is not None else None
     if params.greedy:
         return verify_greedy(draft_tokens, target_probs, leniency)
     drafts = torch.as_tensor(list(draft_tokens), dtype=torch.long, device=target_probs.device)
     k = drafts.shape[0]
     if params.seeded:
-        noise = gumbel_noise(params.seed, range(first_position, first_position + k + 1), target_probs.shape[-1])
+        noise = gumbel_noise(params.seed, range(first_position, first_position + k + 1), V)
         verdict = verify_gumbel(drafts, target_probs, noise, leniency)
     else:
         uniforms = torch.rand(2 * k + 1, generator=generator)
-        q = draft_probs if draft_probs is not None else target_probs.new_zeros((0, target_probs.shape[-1]))
-        verdict = verify_rejection(drafts, q, target_probs, uniforms[:k], uniforms[k:], leniency)
-    if k and draft_probs is not None and draft_probs.shape == (k, target_probs.shape[-1]):
+        q = draft_probs if draft_probs is not None else target_probs.new_zeros((0, V))
+        width = max(V, q.shape[-1])
+        p = F.pad(target_probs, (0, width - V)) if width > V else target_probs
+        q = F.pad(q, (0, width - q.shape[-1])) if width > q.shape[-1] else q
+        verdict = verify_rejection(drafts, q.to(p.device), p, uniforms[:k], uniforms[k:], leniency)
+        verdict.probs = verdict.probs[:, :V]
+    if k and draft_probs is not None and draft_probs.shape[0] == k:
         # Expected acceptance of each drafted position, 1 - TV (BRIEF section 3): the router's
         # second estimate of the pair, sharper than the accept/reject coin flips it summarises.
-        verdict.overlap = float(torch.minimum(target_probs[:k], draft_probs.to(target_probs.device)).sum())
+        q = draft_probs[:, :V].to(target_probs.device)
+        verdict.overlap = float(torch.minimum(target_probs[:k, : q.shape[-1]], q).sum())
         verdict.overlap_positions = k
     return verdict
