@@ -18,7 +18,7 @@ VOCAB = 257
 
 ARCHS = {  # model type -> the transformers classes' prefix
     "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "smollm3": "SmolLM3",
-    "gemma3": "Gemma3Text", "olmo2": "Olmo2",  # the last: transformers' runner only
+    "gemma2": "Gemma2", "gemma3": "Gemma3Text", "olmo2": "Olmo2",  # the last: transformers' runner only
 }
 
 
@@ -68,6 +68,9 @@ VARIANTS = {  # fixture name -> (model type, config overrides)
     # sandwich norms, q/k norms, tanh GELU, its attention scale and (Gemma 2's) final soft-capping
     "gemma3": ("gemma3", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                               query_pre_attn_scalar=24, final_logit_softcapping=30.0)),
+    # Gemma 2: attention scores soft-capped by tanh (50 in the real ones; 0.5 here, and a larger scale, so that it bites)
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                              attn_logit_softcapping=0.5, final_logit_softcapping=30.0, query_pre_attn_scalar=1)),
     # Gemma 3 4B and up: the same text model inside Gemma3ForConditionalGeneration (model.language_model.*)
     "gemma3-multimodal": ("gemma3", dict(head_dim=16, sliding_window=6, vision=True,
                                          layer_types=["sliding_attention", "full_attention"])),

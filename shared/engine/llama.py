@@ -1,10 +1,11 @@
-"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 3 text) in plain PyTorch.
+"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 2, Gemma 3) in plain PyTorch.
 
 RMSNorm, RoPE (the checkpoint's own tables: any static scaling, partial rotary
 dimensions, layers without RoPE, a table per layer type), Qwen3's per-head q/k norms,
 grouped-query attention through `F.scaled_dot_product_attention` (sliding windows on the
 layers a config's `layer_types` marks), SwiGLU, tied or untied lm_head; Gemma 3's scaled
-embeddings, norms around each block (weights stored as w - 1), GELU and attention scale. Weights are taken
+embeddings, norms around each block (weights stored as w - 1), GELU and attention scale;
+Gemma 2's soft-capped attention scores (an explicit softmax, which SDPA has no option for). Weights are taken
 from a transformers model's state dict; q/k/v and gate/up are fused into one matmul each
 (Phi-3 ships them fused) so a step issues as few kernels as possible (the fixed cost per
 call dominates small models on CPU). The forward reads and writes a `KVCache` at explicit
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 
 from shared.engine.kv_cache import KVCache
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma3_text")
-GEMMA = ("gemma3_text",)  # norms store w - 1; the embedding is scaled by sqrt(hidden); sandwich norms
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")  # norms store w - 1; the embedding is scaled by sqrt(hidden); sandwich norms
 # RoPE types whose frequencies change with the sequence's length: static below a bound
 LENGTH_DEPENDENT = ("dynamic", "longrope")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", *LENGTH_DEPENDENT)
@@ -134,7 +135,7 @@ def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if act != ("gelu_pytorch_tanh" if config.model_type in GEMMA else "silu"):
         return f"activation {act!r} is not supported for {config.model_type} (SwiGLU with silu; Gemma's tanh GELU)"
-    if getattr(config, "attn_logit_softcapping", None):
+    if getattr(config, "attn_logit_softcapping", None) and config.model_type not in GEMMA:
         return "attention logit soft-capping is not supported"
     window = getattr(config, "sliding_window", None)
     if not getattr(config, "layer_types", None) and window and getattr(config, "use_sliding_window", True) \
@@ -209,6 +210,7 @@ class LeanLlama:
         # rounded to the dtype first, as transformers does
         self.embed_scale = torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device) if gemma else None
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.attn_softcap = getattr(config, "attn_logit_softcapping", None) if gemma else None  # Gemma 2
 
         def w(name: str) -> torch.Tensor:
             return sd[name].to(device=self.device, dtype=dtype).contiguous()
@@ -269,6 +271,20 @@ class LeanLlama:
             return torch.addcmul(x * cos, x.roll(r // 2, dims=-1), sin)
         rot = x[..., :r]
         return torch.cat([torch.addcmul(rot * cos, rot.roll(r // 2, dims=-1), sin), x[..., r:]], dim=-1)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of queries [B, H, T, D] over keys and values [B, Hk, S, D] (`mask` [.., T, S], True: seen)."""
+        H, Hk = self.n_heads, self.n_kv_heads
+        if self.attn_softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=Hk != H)
+        # Gemma 2: scores soft-capped by tanh before the softmax, which SDPA has no option for
+        if Hk != H:
+            keys, values = keys.repeat_interleave(H // Hk, dim=1), values.repeat_interleave(H // Hk, dim=1)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
 
     def forward(
         self,
@@ -345,16 +361,14 @@ class LeanLlama:
             if per_query:  # reduced precision: one query at a time, exactly as a decode step computes it
                 o = torch.cat(
                     [
-                        F.scaled_dot_product_attention(q[:, :, t : t + 1], keys[:, :, lo : s0 + t + 1], values[:, :, lo : s0 + t + 1],
-                                                       scale=self.scale, enable_gqa=Hk != H)
+                        self._attend(q[:, :, t : t + 1], keys[:, :, lo : s0 + t + 1], values[:, :, lo : s0 + t + 1], None)
                         for t in range(T)
                         for lo in [max(0, s0 + t + 1 - layer.window) if layer.window else 0]
                     ],
                     dim=2,
                 )
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[layer.window], scale=self.scale,
-                                                   enable_gqa=Hk != H)
+                o = self._attend(q, keys, values, masks[layer.window])
             o = layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             x = x + (o if layer.post_attn is None else F.rms_norm(o, (o.shape[-1],), layer.post_attn, self.eps))
             h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
