@@ -118,7 +118,7 @@ class EngineSettings(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads per model process (report it with every number).")
     max_batch: int = Field(16, ge=1, description="Most requests one model holds KV cache for at once.")
     max_len: int = Field(512, ge=16, description="Longest sequence (prompt + output) a request may reach.")
-    runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean runner (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 2 and 3; others fall back to transformers) or transformers.")
+    runner: Literal["lean", "hf"] = Field("lean", description="Model code: the lean runner (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 2 and 3, OLMo 2; others fall back to transformers) or transformers.")
     prefix_caching: bool = Field(True, description="Start a prompt on the head of it the KV cache still holds from an "
                                  "earlier or live request (of the same cache_salt): only the rest is prefilled.")
     prefill_chunk: int = Field(512, ge=0, description="Chunked prefill on the target (vLLM's): a prompt longer than this is written into the prefix cache this many tokens a round, between the decode rounds, so running requests keep their pace while it is read; 0: every prompt in one forward. Needs prefix_caching.")

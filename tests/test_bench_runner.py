@@ -28,11 +28,11 @@ def test_both_runners_by_batch_give_the_same_tokens(tmp_path):
 
 
 def test_an_architecture_the_lean_runner_refuses_runs_on_transformers_only(tmp_path):
-    path = _save(tmp_path, "olmo2")
+    path = _save(tmp_path, "gpt_neox")
     code, out = _bench("--checkpoint", str(path), "--batches", "1,3", "--prompt-tokens", "6", "--max-tokens", "3",
                        "--threads", "1")
     assert code == 0, out
-    assert "lean: not run (model type 'olmo2' is not one of" in out
+    assert "lean: not run (model type 'gpt_neox' is not one of" in out
     assert "identical tokens across runners: True" in out and out.count("\nhf ") == 2
 
 

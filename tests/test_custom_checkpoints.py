@@ -2,10 +2,9 @@
 (`SPECMESH_MODELS__TARGET` ...), of architectures the family does not use.
 
 A Qwen3 target, a Gemma 3 verifier (the lean runner, a sliding window shorter than the
-prompts), a Phi-3 code drafter (lean, fused weights and partial rotary dimensions) and an
-OLMo 2 prose drafter (the lean runner refuses it:
-its worker runs transformers' batched forward), random weights over the tiny family's
-tokenizer. The target's generation_config.json recommends sampling settings and lists a
+prompts), a Phi-3 code drafter (lean, fused weights and partial rotary dimensions) and a
+GPT-NeoX (Pythia) prose drafter (the lean runner refuses it: its worker runs transformers'
+batched forward), random weights over the tiny family's tokenizer. The target's generation_config.json recommends sampling settings and lists a
 second end token. The target reads prompts 8 tokens a round (chunked prefill). Through
 real NATS and PostgreSQL: every chain gives the target alone's
 tokens, greedy and seeded; a request that leaves the sampling fields out is sampled with
@@ -33,7 +32,7 @@ CHAINS = ["target", "drafter,target", "drafter-prose,target", "drafter,verifier,
 def _checkpoint(folder, tokenizer_from, arch: str, seed: int, **config) -> None:
     import transformers
 
-    prefix = {"qwen3": "Qwen3", "phi3": "Phi3", "gemma3": "Gemma3Text", "olmo2": "Olmo2"}[arch]
+    prefix = {"qwen3": "Qwen3", "phi3": "Phi3", "gemma3": "Gemma3Text", "gpt_neox": "GPTNeoX"}[arch]
     Config = getattr(transformers, f"{prefix}Config")
     Model = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")
     tok = json.loads((tokenizer_from / "config.json").read_text())
@@ -58,7 +57,7 @@ def write_folders(root, family_target) -> tuple[dict, int]:
                 layer_types=["sliding_attention", "full_attention"])
     _checkpoint(folders["drafter-code"], family_target, "phi3", 1, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
-    _checkpoint(folders["drafter-prose"], family_target, "olmo2", 2)
+    _checkpoint(folders["drafter-prose"], family_target, "gpt_neox", 2)
     eos = json.loads((family_target / "config.json").read_text())["eos_token_id"]
     end = 7 if eos != 7 else 8  # a second end token, in the generation config only
     gen = json.loads((folders["target"] / "generation_config.json").read_text())
@@ -104,7 +103,7 @@ def _complete(url, prompt, chain=None, **fields) -> dict:
     return r.json()["choices"][0] | {"speculation": r.json()["speculation"]}
 
 
-def test_every_chain_over_qwen3_gemma3_phi3_and_olmo2_is_the_qwen3_targets_own(custom):
+def test_every_chain_over_qwen3_gemma3_phi3_and_gpt_neox_is_the_qwen3_targets_own(custom):
     url, target, end = custom
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(10, 2000, (n,), generator=gen).tolist() for n in (9, 30)]

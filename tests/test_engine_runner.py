@@ -18,7 +18,7 @@ VOCAB = 257
 
 ARCHS = {  # model type -> the transformers classes' prefix
     "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "smollm3": "SmolLM3",
-    "gemma2": "Gemma2", "gemma3": "Gemma3Text", "olmo2": "Olmo2",  # the last: transformers' runner only
+    "gemma2": "Gemma2", "gemma3": "Gemma3Text", "olmo2": "Olmo2", "gpt_neox": "GPTNeoX",  # the last: transformers' only
 }
 
 
@@ -71,6 +71,7 @@ VARIANTS = {  # fixture name -> (model type, config overrides)
     # Gemma 2: attention scores soft-capped by tanh (50 in the real ones; 0.5 here, and a larger scale, so that it bites)
     "gemma2": ("gemma2", dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                               attn_logit_softcapping=0.5, final_logit_softcapping=30.0, query_pre_attn_scalar=1)),
+    "olmo2": ("olmo2", {}),  # norms after the attention and the MLP only, q/k norms over all heads
     # Gemma 3 4B and up: the same text model inside Gemma3ForConditionalGeneration (model.language_model.*)
     "gemma3-multimodal": ("gemma3", dict(head_dim=16, sliding_window=6, vision=True,
                                          layer_types=["sliding_attention", "full_attention"])),
@@ -321,11 +322,11 @@ def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_floa
 
 @pytest.mark.parametrize("arch, overrides", [
     ("mistral", dict(sliding_window=6)),  # a window shorter than the sequences on every layer: the lean runner refuses it
-    ("olmo2", {}),
-], ids=["mistral-window", "olmo2"])
+    ("gpt_neox", dict(rotary_pct=0.5, use_parallel_residual=True)),  # Pythia: LayerNorm, GELU, parallel residual
+], ids=["mistral-window", "gpt-neox"])
 def test_transformers_runner_batches_architectures_the_lean_one_refuses(tmp_path, arch, overrides):
-    """Mistral's window on every layer, OLMo 2's norms: the HF runner's ragged batch equals
-    transformers on each sequence alone, and so does a chain over it."""
+    """Mistral's window on every layer, GPT-NeoX (Pythia): the HF runner's ragged batch
+    equals transformers on each sequence alone, and so does a chain over it."""
     from shared.engine.chain import Chain
     from shared.engine.llama import UnsupportedModel
     from tests.test_engine_chain import target_alone

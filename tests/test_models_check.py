@@ -51,11 +51,11 @@ def test_explicit_folders_say_which_runner_and_what_the_target_recommends(check,
     report = json.loads(result.stdout)
     runners = {m["name"]: (m["model_type"], m["runner"]) for m in report["models"]}
     assert runners == {"target": ("qwen3", "lean"), "verifier": ("gemma3_text", "lean"), "drafter-code": ("phi3", "lean"),
-                       "drafter-prose": ("olmo2", "hf")}
-    assert "'olmo2' is not one of" in report["models"][3]["runner_reason"]
+                       "drafter-prose": ("gpt_neox", "hf")}
+    assert "'gpt_neox' is not one of" in report["models"][3]["runner_reason"]
     assert report["sampling"]["defaults"] == GENERATION and report["chat_template"].startswith("the family's")
     table = check(folders | {"SPECMESH_ENGINE__DTYPE": "bfloat16"})
-    assert table.exit_code == 0 and "drafter-prose runs on transformers: model type 'olmo2'" in table.stdout
+    assert table.exit_code == 0 and "drafter-prose runs on transformers: model type 'gpt_neox'" in table.stdout
     assert "temperature=0.7, top_p=0.9, top_k=12" in table.stdout
 
 

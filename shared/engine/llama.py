@@ -1,11 +1,12 @@
-"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 2, Gemma 3) in plain PyTorch.
+"""A lean forward for the Llama family (Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 2 and 3, OLMo 2) in plain PyTorch.
 
 RMSNorm, RoPE (the checkpoint's own tables: any static scaling, partial rotary
 dimensions, layers without RoPE, a table per layer type), Qwen3's per-head q/k norms,
 grouped-query attention through `F.scaled_dot_product_attention` (sliding windows on the
 layers a config's `layer_types` marks), SwiGLU, tied or untied lm_head; Gemma 3's scaled
 embeddings, norms around each block (weights stored as w - 1), GELU and attention scale;
-Gemma 2's soft-capped attention scores (an explicit softmax, which SDPA has no option for). Weights are taken
+Gemma 2's soft-capped attention scores (an explicit softmax, which SDPA has no option for);
+OLMo 2's norms after the attention and the MLP only, and its q/k norms over all heads. Weights are taken
 from a transformers model's state dict; q/k/v and gate/up are fused into one matmul each
 (Phi-3 ships them fused) so a step issues as few kernels as possible (the fixed cost per
 call dominates small models on CPU). The forward reads and writes a `KVCache` at explicit
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 
 from shared.engine.kv_cache import KVCache
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma2", "gemma3_text", "olmo2")
 GEMMA = ("gemma2", "gemma3_text")  # norms store w - 1; the embedding is scaled by sqrt(hidden); sandwich norms
+OLMO = ("olmo2",)  # norms after the attention and the MLP only; q/k norms over all heads at once
 # RoPE types whose frequencies change with the sequence's length: static below a bound
 LENGTH_DEPENDENT = ("dynamic", "longrope")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", *LENGTH_DEPENDENT)
@@ -87,10 +89,10 @@ def _prepack(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
 
 @dataclass
 class _Layer:
-    ln1: torch.Tensor
+    ln1: torch.Tensor | None  # None: no norm before the attention (OLMo 2)
     qkv: _Linear
     o: _Linear
-    ln2: torch.Tensor
+    ln2: torch.Tensor | None  # the MLP's input norm; None: none (OLMo 2)
     gate_up: _Linear
     down: _Linear
     qk_norm: torch.Tensor | None  # [H + Hk, 1, D]: Qwen3's q_norm per query head, k_norm per key head
@@ -98,6 +100,7 @@ class _Layer:
     window: int | None  # sliding-window attention: a query sees the last `window` positions
     post_attn: torch.Tensor | None = None  # Gemma 3: norms of the attention's and the MLP's outputs
     post_mlp: torch.Tensor | None = None
+    qk_full: tuple[torch.Tensor, torch.Tensor] | None = None  # OLMo 2: q_norm [H * D], k_norm [Hk * D]
 
 
 def _window_of(config, layer: int) -> int | None:
@@ -158,8 +161,11 @@ def lean_problem(config, shapes: dict[str, tuple], max_len: int) -> str | None:
             continue
         if name.endswith(("o_proj.bias", "gate_proj.bias", "up_proj.bias", "down_proj.bias", "gate_up_proj.bias")):
             return "biases on o_proj or the MLP are not supported"
-        if name.endswith(("q_norm.weight", "k_norm.weight")) and tuple(shape) != (head_dim,):
-            return f"q/k norms of shape {tuple(shape)} are not per head (head_dim {head_dim})"
+        heads = config.num_attention_heads if name.endswith("q_norm.weight") else \
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if name.endswith(("q_norm.weight", "k_norm.weight")) \
+                and tuple(shape) != ((heads * head_dim,) if config.model_type in OLMO else (head_dim,)):
+            return f"q/k norms of shape {tuple(shape)} do not fit {config.model_type}'s (head_dim {head_dim})"
     return None
 
 
@@ -202,7 +208,7 @@ class LeanLlama:
 
         D = self.head_dim
         no_rope = getattr(config, "no_rope_layers", None) or [1] * self.n_layers  # SmolLM3: 0 = no RoPE
-        gemma = config.model_type in GEMMA
+        gemma, olmo = config.model_type in GEMMA, config.model_type in OLMO
         tables = _rope_tables(hf_model, max_len)
         types = getattr(config, "layer_types", None)
         self.act = (lambda g: F.gelu(g, approximate="tanh")) if gemma else F.silu
@@ -232,25 +238,28 @@ class LeanLlama:
             qkv = [a + "qkv_proj.weight"] if fused else [a + f"{x}_proj.weight" for x in "qkv"]
             bias = [a + "qkv_proj.bias"] if fused else [a + f"{x}_proj.bias" for x in "qkv"]
             gate_up = [m + "gate_up_proj.weight"] if m + "gate_up_proj.weight" in sd else [m + "gate_proj.weight", m + "up_proj.weight"]
-            qk_norm = None
-            if a + "q_norm.weight" in sd:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
+            qk_norm = qk_full = None
+            if olmo:
+                qk_full = (w(a + "q_norm.weight"), w(a + "k_norm.weight"))
+            elif a + "q_norm.weight" in sd:  # Qwen3: RMSNorm over each head's dimensions, before RoPE
                 qn, kn = (sd[a + f"{x}_norm.weight"].float() + (1.0 if gemma else 0.0) for x in "qk")
                 qk_norm = torch.cat([qn.expand(self.n_heads, D), kn.expand(self.n_kv_heads, D)])[:, None].to(self.device, dtype).contiguous()
             rope = (types[i] if types and types[i] in tables else "default") if no_rope[i] else None
             self.layers.append(
                 _Layer(
-                    ln1=norm(p + "input_layernorm.weight"),
+                    ln1=None if olmo else norm(p + "input_layernorm.weight"),
                     qkv=_Linear(cat(qkv), cat(bias) if all(b in sd for b in bias) else None),
                     o=_Linear(w(a + "o_proj.weight"), None),
                     # the MLP's input norm: Llama's "post_attention_layernorm", Gemma's "pre_feedforward_layernorm"
-                    ln2=norm(p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")),
+                    ln2=None if olmo else norm(p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")),
                     gate_up=_Linear(cat(gate_up), None),
                     down=_Linear(w(m + "down_proj.weight"), None),
                     qk_norm=qk_norm,
                     rope=rope,
                     window=_window_of(config, i),
-                    post_attn=norm(p + "post_attention_layernorm.weight") if gemma else None,
-                    post_mlp=norm(p + "post_feedforward_layernorm.weight") if gemma else None,
+                    post_attn=norm(p + "post_attention_layernorm.weight") if gemma or olmo else None,
+                    post_mlp=norm(p + "post_feedforward_layernorm.weight") if gemma or olmo else None,
+                    qk_full=qk_full,
                 )
             )
         self.rotary_dim = next(iter(tables.values()))[0].shape[-1]  # < head_dim: Phi-3's partial_rotary_factor
@@ -337,8 +346,13 @@ class LeanLlama:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for li, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
+            h = x if layer.ln1 is None else F.rms_norm(x, (x.shape[-1],), layer.ln1, self.eps)
             qkv = layer.qkv(h)
+            if layer.qk_full is not None:  # OLMo 2: q and k normalised over all their heads at once
+                qn, kn = layer.qk_full
+                qkv = torch.cat([F.rms_norm(qkv[..., : H * D], (H * D,), qn, self.eps),
+                                 F.rms_norm(qkv[..., H * D : (H + Hk) * D], (Hk * D,), kn, self.eps),
+                                 qkv[..., (H + Hk) * D :]], dim=-1)
             heads = qkv.view(B, T, H + 2 * Hk, D).transpose(1, 2)  # [B, H + 2Hk, T, D]
             qk = heads[:, : H + Hk]
             if layer.qk_norm is not None:
@@ -371,7 +385,7 @@ class LeanLlama:
                 o = self._attend(q, keys, values, masks[layer.window])
             o = layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             x = x + (o if layer.post_attn is None else F.rms_norm(o, (o.shape[-1],), layer.post_attn, self.eps))
-            h = F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
+            h = x if layer.ln2 is None else F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             m = layer.down(self.act(gate) * up)
             x = x + (m if layer.post_mlp is None else F.rms_norm(m, (m.shape[-1],), layer.post_mlp, self.eps))
