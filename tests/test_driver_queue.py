@@ -84,6 +84,20 @@ def test_a_resent_job_already_waiting_keeps_its_place():
     assert started == ["a"] and [j.request_id for j in d.waiting] == ["b", "c"]
 
 
+def traced():
+    """A tracer provider keeping its spans in memory, and a gateway span's context to submit under."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    gateway = provider.get_tracer("test").start_span("gateway")
+    return provider, exporter, trace.set_span_in_context(gateway)
+
+
 class Commits:
     """The committer's part the driver calls: commits recorded, not sent."""
 
@@ -130,14 +144,15 @@ def test_a_preempted_request_resumes_from_its_commits_with_the_target_alones_tok
     settings = Settings()
     settings.engine.max_batch = 2
     metrics = DriverMetrics(CollectorRegistry())
-    d = Driver("test", target, nc=None, loop=None, settings=settings, metrics=metrics)
+    provider, exporter, context = traced()
+    d = Driver("test", target, nc=None, loop=None, settings=settings, tracer_provider=provider, metrics=metrics)
     d.committer = Commits()
     seeded = Sampling(temperature=0.9, top_p=0.95, seed=11)
     jobs = [GenerateJob("greedy", tok.encode("def parse(line):\n    "), 24, chain=["ngram", "target"], priority=5),
             GenerateJob("seeded", tok.encode("The river ran"), 24, sampling=seeded, priority=5),
             GenerateJob("urgent", tok.encode("import os\n"), 12, chain=["ngram", "target"], priority=0)]
     for job in jobs[:2]:
-        d.submit(job)
+        d.submit(job, trace=context)
     d._drain(block=False)
     for _ in range(3):
         d._step()
@@ -155,6 +170,8 @@ def test_a_preempted_request_resumes_from_its_commits_with_the_target_alones_tok
         assert d.committer.output(job.request_id) == alone, job.request_id
     assert [c.position for c in d.committer.commits["seeded"]].count(held) == 1  # resumed at its committed length
     assert not d.preempted and kv_requests(target) == 0
+    [paused] = [s for s in exporter.get_finished_spans() if s.name == "preempted"]  # the wait, in the request's trace
+    assert paused.attributes["specmesh.committed"] == held and paused.end_time > paused.start_time
 
 
 def test_a_long_prompt_is_read_a_chunk_a_round_between_the_decode_rounds(tiny_family):
@@ -172,7 +189,8 @@ def test_a_long_prompt_is_read_a_chunk_a_round_between_the_decode_rounds(tiny_fa
     target, tok = pool.get("target"), pool.tokenizer()
     settings = Settings()
     settings.engine.max_batch, settings.engine.prefill_chunk = 3, 16
-    d = Driver("test", target, nc=None, loop=None, settings=settings)
+    provider, exporter, context = traced()
+    d = Driver("test", target, nc=None, loop=None, settings=settings, tracer_provider=provider)
     d.committer = Commits()
     long_prompt = tok.encode(heldout_prompts("prose", 1, 600, seed=5)[0])[:100]
     jobs = [GenerateJob("a", tok.encode("def main():\n    "), 40, chain=["ngram", "target"]),
@@ -182,7 +200,7 @@ def test_a_long_prompt_is_read_a_chunk_a_round_between_the_decode_rounds(tiny_fa
         d.submit(job)
     d._drain(block=False)
     queried, hits = target.prefix_queried, target.prefix_hits
-    d.submit(jobs[2])
+    d.submit(jobs[2], trace=context)
     rounds, during = 0, []
     while "long" not in d.committer.commits:
         d._drain(block=False)
@@ -191,6 +209,8 @@ def test_a_long_prompt_is_read_a_chunk_a_round_between_the_decode_rounds(tiny_fa
         d._warm()
         rounds += 1
     assert rounds == 7  # ceil(99 / 16) chunks, one a round; the 7th also joins the chain
+    chunks = [s for s in exporter.get_finished_spans() if s.name == "prefill chunk"]
+    assert [s.attributes["specmesh.to"] for s in chunks] == [16, 32, 48, 64, 80, 96, 99]
     assert during[-1] > during[0]  # the others decoded meanwhile
     while d.jobs or d.waiting:
         d._drain(block=False)

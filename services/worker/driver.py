@@ -67,6 +67,7 @@ class Job:
     batch_sum: int = 0  # over those steps: requests in each target round (the load it ran under)
     mixed: int = 0  # of those steps: rounds whose target forward verified other chains too
     counted: dict = field(default_factory=dict)  # per level: stats already added to the metrics
+    paused: object = None  # while preempted: its `preempted` span (traced requests)
 
 
 class Driver:
@@ -327,6 +328,8 @@ class Driver:
         job.sent = 0
         del self.jobs[rid]
         self.preempted[rid] = job
+        job.paused = self.spans.open(rid, "preempted", {"specmesh.committed": len(job.done),
+                                                        "specmesh.priority": job.msg.priority})
         self._enqueue(job.msg, first=True)
         if self.metrics is not None:
             self.metrics.preemptions.inc()
@@ -337,6 +340,8 @@ class Driver:
         if msg.request_id in self.jobs:
             return
         if (job := self.preempted.pop(msg.request_id, None)) is not None:  # resumes where it was preempted
+            end(job.paused)
+            job.paused = None
             self.jobs[msg.request_id] = job
             self._admit(job)
             return
@@ -381,6 +386,7 @@ class Driver:
         job = self.jobs[rid]
         seq = job.msg.prompt + job.done
         head, chunk = len(seq) - 1, self.settings.engine.prefill_chunk
+        span = self.spans.open(rid, "prefill chunk", {"specmesh.from": warm.written})
         try:
             if warm.written == 0:  # the first chunk starts where the cache's head of it ends
                 params = SamplingParams.from_wire(job.msg.sampling).starting_at(len(job.msg.prompt))
@@ -392,9 +398,11 @@ class Driver:
                 self.target.extend(warm.request_id, seq[warm.written:upto])
             warm.written = upto
         except Exception as exc:  # noqa: BLE001 - the request fails, the driver goes on
+            end(span, error=str(exc))
             log.exception("warm-up of %s failed", rid)
             self._fail(rid, f"internal error: {exc}")
             return
+        end(span, to=upto, of=head)
         if warm.written < head:
             return
         del self.warming[rid]
@@ -509,6 +517,7 @@ class Driver:
         job = self.jobs.pop(rid, None) or self.preempted.pop(rid, None)
         if job is None:
             return
+        end(job.paused)
         if (warm := self.warming.pop(rid, None)) is not None:
             self.target.release(warm.request_id)
         for chain in self.chains.values():
