@@ -88,6 +88,14 @@ def test_up_status_down_leaves_nothing(tmp_path):
         specmesh(env, "down", check=False)
     assert failed.returncode != 0
     assert "gateway exited while starting" in failed.stderr and "missing.jinja" in failed.stderr, failed.stderr
+    # Models that cannot be served as configured stop `up` before any service starts, naming why.
+    long = env | {"SPECMESH_ENGINE__MAX_LEN": "4096"}  # the tiny family's context is 2048
+    try:
+        refused = specmesh(long, "up", timeout=240, check=False)
+        assert not any(PidFile(run_dir, name).live() for name in SERVICES)
+    finally:
+        specmesh(env, "down", check=False)
+    assert refused.returncode != 0 and "engine.max_len=4096 is longer than its context (2048" in refused.stderr
     specmesh(env, "down", "--purge")
     assert not run_dir.exists()
 

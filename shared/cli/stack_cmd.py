@@ -21,8 +21,16 @@ def register(app: typer.Typer) -> None:
         """Start NATS, PostgreSQL, migrations and every service; return once all are healthy."""
         from shared.stack.stack import Stack
 
+        def check(family) -> None:  # `specmesh models check`'s problems stop the start before any service
+            from shared.cli.models_check import check_family
+
+            problems = check_family(family, get_settings())["problems"]
+            if problems:
+                raise RuntimeError("the models cannot be served as configured (specmesh models check):\n  "
+                                   + "\n  ".join(problems))
+
         try:
-            Stack(get_settings()).up(say=lambda line: typer.echo(line, err=True))
+            Stack(get_settings()).up(say=lambda line: typer.echo(line, err=True), check=check)
         except Exception as exc:
             typer.secho(f"error: {exc}", err=True, fg="red")
             raise typer.Exit(1) from exc

@@ -125,7 +125,9 @@ class Stack:
         )
         return path
 
-    def up(self, say=print, timeout_s: float = 300.0) -> None:
+    def up(self, say=print, timeout_s: float = 300.0, check=None) -> None:
+        """Start what is not running and wait until every service answers; `check(family)`,
+        when given, vets the models before any service starts (it raises what is wrong)."""
         from shared.db.migrate import upgrade
         from shared.models.family import resolve_family
 
@@ -138,7 +140,9 @@ class Stack:
         upgrade(self.settings)
         self.postgres.grant_app_role()
         say(f"models: profile {self.settings.models.profile} (trained on first use)")
-        resolve_family(self.settings)
+        family = resolve_family(self.settings)
+        if check is not None:
+            check(family)
         for instance, service in self.instances():
             if self.ensure_service(instance, service):
                 say(f"{instance}: starting")
