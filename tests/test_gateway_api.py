@@ -1140,6 +1140,23 @@ async def test_grpc_generate(grpc_gateway, tok):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "lookaround" in err.value.details()
 
 
+async def test_grpc_prompt_logprobs_score_the_prompt(grpc_gateway):
+    stub, backend = grpc_gateway.stub, grpc_gateway.backend
+    reply = await stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], max_tokens=2, prompt_logprobs=2))
+    assert backend.jobs[-1].prompt_logprobs == 2 and backend.jobs[-1].logprobs == -1
+    assert [lp.logprob for lp in reply.prompt_logprobs] == pytest.approx([0.0, -0.1, -0.2])  # tokens 6, 7, 8
+    assert [list(lp.top_token_ids) for lp in reply.prompt_logprobs] == [[6, 7], [7, 8], [8, 9]]
+    assert not reply.prompt_logprobs[0].HasField("rank") and not reply.logprobs
+    plain = await stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], max_tokens=2))
+    assert not plain.prompt_logprobs and backend.jobs[-1].prompt_logprobs == -1
+    replies = [r async for r in stub.GenerateStream(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=4,
+                                                                       prompt_logprobs=0))]
+    assert len(replies[-1].prompt_logprobs) == 2 and not any(r.prompt_logprobs for r in replies[:-1])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(pb.GenerateRequest(prompt="x", prompt_logprobs=21))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs" in err.value.details()
+
+
 async def test_grpc_generate_stream(grpc_gateway, tok):
     backend = grpc_gateway.backend
     replies = [r async for r in grpc_gateway.stub.GenerateStream(pb.GenerateRequest(

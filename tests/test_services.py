@@ -699,9 +699,16 @@ def test_grpc_generate_and_stream(stack):
             chat = await stub.Generate(generate_pb2.GenerateRequest(
                 messages=[generate_pb2.ChatMessage(role="user", content="def add(a, b):")], max_tokens=12,
                 sampling=generate_pb2.SamplingParameters(temperature=0)))
-            return whole, pieces, chat
+            scored = await stub.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[5, 6, 7, 8, 9], max_tokens=1,
+                                                                      prompt_logprobs=1))
+            return whole, pieces, chat, scored
 
-    whole, pieces, chat = asyncio.run(go())
+    whole, pieces, chat, scored = asyncio.run(go())
+    assert len(scored.prompt_logprobs) == 4 and all(lp.rank >= 1 and lp.logprob <= 0 for lp in scored.prompt_logprobs)
+    [via_http] = asyncio.run(complete_all(settings.gateway.http_url, [{"model": "specmesh", "prompt": [5, 6, 7, 8, 9],
+                                                                        "max_tokens": 1, "prompt_logprobs": 1}]))
+    assert [lp.rank for lp in scored.prompt_logprobs] == [
+        entry[str(t)]["rank"] for entry, t in zip(via_http["choices"][0]["prompt_logprobs"][1:], [6, 7, 8, 9])]
     assert whole.text
     assert "".join(p.text for p in pieces) == whole.text
     [http] = asyncio.run(complete_all(settings.gateway.http_url, [{"model": "specmesh", "prompt": "User: def add(a, b):\nAssistant:",

@@ -121,6 +121,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             cache_salt=request.cache_salt if request.HasField("cache_salt") else None,
             truncate_prompt_tokens=request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None,
             priority=request.priority if request.HasField("priority") else None,
+            prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else -1,
         ))
         cfg = self.settings.gateway
         return Generation(self.backend, job, stops, timeout_s=cfg.request_timeout_s,
@@ -169,8 +170,8 @@ def _trace_metadata(context) -> None:
 
 
 def _logprobs(logprobs) -> list:
-    return [pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
-            for lp in logprobs]
+    return [pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_ids, top_logprobs=lp.top_logprobs,
+                            rank=lp.rank or None) for lp in logprobs]
 
 
 def _summary(out: Outcome) -> dict:
@@ -183,6 +184,7 @@ def _summary(out: Outcome) -> dict:
     reason = out.stop_reason
     stop = {} if reason is None else {"stop_string": reason} if isinstance(reason, str) else {"stop_token_id": reason}
     return stop | {
+        "prompt_logprobs": _logprobs(out.prompt_logprobs),
         "finish_reason": FINISH[out.finish_reason],
         "usage": pb.Usage(**out.usage),
         "speculation": pb.SpeculationStats(chain=spec.get("chain", []), k=spec.get("k", []), levels=levels,
