@@ -261,7 +261,7 @@ def test_eos_stops_like_the_target_alone(pool, prompts, reference):
     assert out == reference[0][: reference[0].index(eos) + 1]
 
 
-def test_chain_names_and_vocabulary_are_checked(pool, tmp_path):
+def test_chain_names_and_lengths_are_checked(pool, tmp_path):
     with pytest.raises(ValueError):
         parse_chain("target,ngram")
     with pytest.raises(ValueError):
@@ -273,13 +273,7 @@ def test_chain_names_and_vocabulary_are_checked(pool, tmp_path):
     for bad in ("ngram,fused,target", "verifier,fused,target", "fused,drafter-prose,target", "fused"):
         with pytest.raises(ValueError):
             parse_chain(bad)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from shared.engine.runner import LeanRunner
-
-    other = LeanRunner(LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
-    with pytest.raises(ValueError, match="vocabulary"):
-        Chain([("drafter", other), ("target", pool.get("target"))])
+    # levels whose embedding tables differ in size are served (test_engine_runner.py's padded-vocabulary test)
     with pytest.raises(ValueError, match="max_len"):
         pool.chain("drafter,target", k=4).add([5] * 240, 16)
 
