@@ -307,3 +307,85 @@ async def test_continue_final_message_and_add_generation_prompt(client, backend)
                          ({"chat_template_kwargs": {"tools": []}}, "may not set 'tools'")]:
         r = await client.post("/v1/chat/completions", json=chat(**({"messages": messages, "tools": None} | extra)))
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+# -- over gRPC ----------------------------------------------------------------------------
+@pytest.fixture
+async def stub(backend):
+    import grpc
+
+    from services.gateway.grpc_server import start_grpc
+    from services.gateway.proto import generate_pb2_grpc
+    from tests.test_gateway_api import make_settings
+
+    server = await start_grpc(make_settings(host="127.0.0.1", grpc_port=0), backend)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield generate_pb2_grpc.TextGenerationStub(channel)
+    await server.stop(None)
+
+
+def grpc_chat(**extra):
+    from services.gateway.proto import generate_pb2 as pb
+
+    return pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Weather in Paris?")], max_tokens=400,
+                              sampling=pb.SamplingParameters(temperature=0), tools=json.dumps([WEATHER, TIME]), **extra)
+
+
+async def test_grpc_tool_calls_come_back_as_the_chat_api_gives_them(stub, backend):
+    from services.gateway.proto import generate_pb2 as pb
+
+    answer_with(backend, CALLS)
+    reply = await stub.Generate(grpc_chat())  # auto: read from the output
+    assert [(c.name, json.loads(c.arguments)) for c in reply.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {})]
+    assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS and reply.text == ""
+    assert all(c.id.startswith("call_") for c in reply.tool_calls) and "get_weather" in prompt_of(backend)
+    assert not backend.jobs[-1].sampling.response_format  # auto: free output
+    reply = await stub.Generate(grpc_chat(tool_choice="required"))
+    job = backend.jobs[-1]
+    assert job.sampling.response_format == "json_schema" and accepts(job.sampling.json_schema, CALLS)
+    assert len(reply.tool_calls) == 2 and reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    answer_with(backend, '[{"name": "get_time", "arguments": {}}]')
+    named = await stub.Generate(grpc_chat(tool_choice="get_time"))  # a named function: finish STOP, as OpenAI's
+    assert [c.name for c in named.tool_calls] == ["get_time"] and named.finish_reason == pb.FINISH_REASON_STOP
+    assert not accepts(backend.jobs[-1].sampling.json_schema, CALLS)
+    answer_with(backend, "Sunny.")
+    text = await stub.Generate(grpc_chat())
+    assert text.text == "Sunny." and not text.tool_calls and text.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_grpc_streamed_calls_come_whole_on_the_last_message_and_a_tool_turn_is_rendered(stub, backend):
+    from services.gateway.proto import generate_pb2 as pb
+
+    answer_with(backend, CALLS)
+    replies = [r async for r in stub.GenerateStream(grpc_chat())]
+    assert "".join(r.text for r in replies) == "" and [c.name for c in replies[-1].tool_calls] == ["get_weather", "get_time"]
+    assert replies[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS and not any(r.tool_calls for r in replies[:-1])
+    answer_with(backend, "Sunny at noon.")
+    called = pb.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+    turn = [pb.ChatMessage(role="user", content="Weather in Paris?"),
+            pb.ChatMessage(role="assistant", tool_calls=[called]),
+            pb.ChatMessage(role="tool", content="18 C", tool_call_id="call_1")]
+    reply = await stub.Generate(pb.GenerateRequest(messages=turn, max_tokens=20, tools=json.dumps([WEATHER])))
+    assert reply.text == "Sunny at noon." and reply.finish_reason == pb.FINISH_REASON_STOP
+    assert prompt_of(backend).index('"get_weather"') < prompt_of(backend).index("Tool: 18 C")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": "not json"}, "tools"),
+    ({"tools": json.dumps([{"type": "function", "function": {"description": "no name"}}])}, "tools"),
+    ({"tools": json.dumps([WEATHER]), "tool_choice": "get_time"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+])
+async def test_grpc_bad_tools_are_invalid_arguments(stub, fields, param):
+    import grpc
+
+    from services.gateway.proto import generate_pb2 as pb
+
+    request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Hi")], **fields)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # tools with a plain prompt
+        await stub.Generate(pb.GenerateRequest(prompt="Hi", tools=json.dumps([WEATHER])))
+    assert "messages" in err.value.details()

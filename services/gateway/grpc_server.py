@@ -22,7 +22,8 @@ from services.gateway.chat import chat_prompt
 from services.gateway.generation import (
     REQUEST_ID, ApiError, Generation, GenerationRequest, Outcome, SpeculationRequest, invalid, plan,
 )
-from services.gateway.openai_models import ChatMessage
+from services.gateway.openai_models import ChatMessage, FunctionCall, MessageToolCall, NamedToolChoice, Tool
+from services.gateway.tools import ToolPlan, ToolStream, tool_plan
 from services.gateway.proto import generate_pb2 as pb
 from services.gateway.proto import generate_pb2_grpc as pb_grpc
 from shared.settings import Settings
@@ -33,8 +34,8 @@ log = logging.getLogger("specmesh.gateway")
 SERVICE_NAME = "specmesh.v1.TextGeneration"
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_MAX_TOKENS_CHAT = 128  # with `messages`, as the chat API
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 # HTTP statuses of ApiError as gRPC codes: the one place errors become replies.
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -77,7 +78,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
     def __init__(self, settings: Settings, backend):
         self.settings, self.backend = settings, backend
 
-    def _start(self, request: pb.GenerateRequest) -> Generation:
+    def _start(self, request: pb.GenerateRequest) -> tuple[Generation, ToolPlan | None]:
         arrived = time.monotonic()
         if request.model and request.model not in getattr(self.backend, "model_names", [self.backend.model_name]):
             raise ApiError(404, f"The model {request.model!r} does not exist; this server serves "
@@ -94,9 +95,20 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
                 confidence_threshold=spec.confidence_threshold if spec.HasField("confidence_threshold") else None,
                 slo_tpot_ms=spec.slo_tpot_ms if spec.HasField("slo_tpot_ms") else None,
             )
+        tools = _tool_plan(request)
+        response_format = s.response_format if s.HasField("response_format") else None
+        json_schema = s.json_schema if s.HasField("json_schema") else None
+        regex = s.regex if s.HasField("regex") else None
+        if tools and tools.constrained:  # the output is the list of calls, as the chat API makes it
+            for param, given in (("response_format", response_format), ("min_tokens", s.HasField("min_tokens")),
+                                 ("ignore_eos", s.HasField("ignore_eos") and s.ignore_eos)):
+                if given:
+                    raise invalid(f"{param} cannot be combined with tool_choice {tools.choice!r}: the output is the "
+                                  f"list of calls, then the end of sequence.", param)
+            response_format, json_schema, regex = "json_schema", tools.schema(), None
         job, stops = plan(self.backend, self.settings, GenerationRequest(
             request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
-            prompt=self._prompt(request), prompt_param="messages" if request.messages else "prompt",
+            prompt=self._prompt(request, tools), prompt_param="messages" if request.messages else "prompt",
             max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
             default_max_tokens=DEFAULT_MAX_TOKENS_CHAT if request.messages else DEFAULT_MAX_TOKENS,
             temperature=s.temperature if s.HasField("temperature") else None,
@@ -112,9 +124,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else None,
             stop_token_ids=list(s.stop_token_ids) or None,
             allowed_token_ids=list(s.allowed_token_ids) or None,
-            response_format=s.response_format if s.HasField("response_format") else None,
-            json_schema=s.json_schema if s.HasField("json_schema") else None,
-            regex=s.regex if s.HasField("regex") else None,
+            response_format=response_format, json_schema=json_schema, regex=regex,
+            tool_calls=bool(tools and tools.constrained),
             stop=list(request.stop),
             speculation=speculation,
             logprobs=request.logprobs if request.HasField("logprobs") else -1,
@@ -127,9 +138,9 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         return Generation(self.backend, job, stops, timeout_s=cfg.request_timeout_s,
                           log_prompt=cfg.max_log_len if cfg.log_requests else None,
                           include_stop=request.include_stop_str_in_output,
-                          started=arrived)
+                          started=arrived), tools
 
-    def _prompt(self, request: pb.GenerateRequest) -> str | list[int]:
+    def _prompt(self, request: pb.GenerateRequest, tools: ToolPlan | None = None) -> str | list[int]:
         """The request's prompt: its token ids, its text, or its conversation rendered as the chat API does."""
         if not request.messages:
             return list(request.prompt_token_ids) or request.prompt
@@ -140,26 +151,42 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             if m.role not in CHAT_ROLES:
                 raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}.",
                               f"messages[{i}].role")
-            messages.append(ChatMessage(role=m.role, content=m.content))
-        return chat_prompt(self.backend.tokenizer(), messages)
+            calls = [MessageToolCall(id=c.id or None, function=FunctionCall(name=c.name, arguments=c.arguments))
+                     for c in m.tool_calls]
+            messages.append(ChatMessage(role=m.role, content=m.content, tool_calls=calls or None,
+                                        tool_call_id=m.tool_call_id or None))
+        return chat_prompt(self.backend.tokenizer(), messages, tools)
 
     @_replies_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         _trace_metadata(context)
-        generation = self._start(request)
+        generation, tools = self._start(request)
         out = await generation.run()
-        return pb.GenerateResponse(request_id=generation.job.request_id, text=out.text, token_ids=out.token_ids,
-                                   logprobs=_logprobs(out.logprobs), **_summary(out))
+        found = tools.read(out.text) if tools and tools.parses and out.finish_reason == "stop" else None
+        text, calls = (out.text, None) if found is None else (found[0] or "", found[1])
+        return pb.GenerateResponse(request_id=generation.job.request_id, text=text, token_ids=out.token_ids,
+                                   logprobs=_logprobs(out.logprobs), **_summary(out, tools, calls))
 
     @_replies_errors
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         _trace_metadata(context)
-        generation = self._start(request)
+        generation, tools = self._start(request)
         request_id = generation.job.request_id
+        held = ToolStream(tools) if tools and tools.parses else None  # what may be calls waits for the end
+
+        def message(delta) -> pb.GenerateStreamResponse:
+            return pb.GenerateStreamResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
+                                             logprobs=_logprobs(delta.logprobs))
+
         async for delta in generation.deltas():
-            yield pb.GenerateStreamResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
-                                            logprobs=_logprobs(delta.logprobs))
-        yield pb.GenerateStreamResponse(request_id=request_id, **_summary(generation.outcome))
+            for part in held.feed(delta) if held else [delta]:
+                yield message(part)
+        calls = None
+        if held:
+            rest, calls = held.finish(generation.outcome.finish_reason)
+            for part in rest:
+                yield message(part)
+        yield pb.GenerateStreamResponse(request_id=request_id, **_summary(generation.outcome, tools, calls))
 
 
 def _trace_metadata(context) -> None:
@@ -174,8 +201,33 @@ def _logprobs(logprobs) -> list:
                             rank=lp.rank or None) for lp in logprobs]
 
 
-def _summary(out: Outcome) -> dict:
-    """finish_reason, stop_reason, usage, speculation and timings of a finished generation, as proto fields."""
+def _tool_plan(request: pb.GenerateRequest) -> ToolPlan | None:
+    """The request's tools, checked as the chat API checks them (None without tools)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if not request.tools:
+        if request.tool_choice not in ("", "none") or request.HasField("parallel_tool_calls"):
+            raise invalid("tool_choice and parallel_tool_calls need tools: give the functions the model may call in "
+                          "`tools`.", "tool_choice")
+        return None
+    if not request.messages:
+        raise invalid("tools go with a conversation: give the prompt as `messages`.", "tools")
+    try:
+        tools = TypeAdapter(list[Tool]).validate_json(request.tools)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise invalid(f"tools must be OpenAI's chat `tools` list as JSON; at {where or 'the top'}: {first['msg']}.",
+                      "tools") from None
+    choice = request.tool_choice or None
+    if choice not in (None, "auto", "none", "required"):
+        choice = NamedToolChoice(type="function", function={"name": choice})
+    return tool_plan(tools, choice, request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None)
+
+
+def _summary(out: Outcome, tools: ToolPlan | None = None, calls: list[dict] | None = None) -> dict:
+    """finish_reason, stop_reason, usage, speculation and timings of a finished generation (and
+    the calls it made, with `tools`), as proto fields."""
     spec = out.speculation
     levels = [pb.LevelStats(name=lv["name"], drafted=lv["drafted"], accepted=lv["accepted"],
                             acceptance_rate=lv["acceptance_rate"] or 0.0,
@@ -183,9 +235,12 @@ def _summary(out: Outcome) -> dict:
     t = out.timings
     reason = out.stop_reason
     stop = {} if reason is None else {"stop_string": reason} if isinstance(reason, str) else {"stop_token_id": reason}
+    finish = tools.finish_reason(calls, out.finish_reason) if tools else out.finish_reason
     return stop | {
         "prompt_logprobs": _logprobs(out.prompt_logprobs),
-        "finish_reason": FINISH[out.finish_reason],
+        "tool_calls": [pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+                       for c in calls or []],
+        "finish_reason": FINISH[finish],
         "usage": pb.Usage(**out.usage),
         "speculation": pb.SpeculationStats(chain=spec.get("chain", []), k=spec.get("k", []), levels=levels,
                                            slo_tpot_ms=spec.get("slo_tpot_ms"), slo_met=spec.get("slo_met")),
