@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from shared.engine.llama import lean_problem, text_part
-from shared.models.family import checkpoint_shapes
+from shared.models.family import checkpoint_shapes, param_count
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -37,7 +37,7 @@ def model_report(name: str, path: Path, engine) -> dict:
 
     config = AutoConfig.from_pretrained(str(path))
     shapes = checkpoint_shapes(path)
-    params = sum(_count(shape) for shape in shapes.values())
+    params = param_count(shapes)
     why = lean_problem(config, shapes, engine.max_len) if engine.runner == "lean" else "engine.runner is hf"
     text, _ = text_part(config, shapes)
     layers = getattr(text, "num_hidden_layers", 0)
@@ -64,13 +64,6 @@ def model_report(name: str, path: Path, engine) -> dict:
         "kv_cache_bytes": 2 * layers * kv_heads * head_dim * (engine.max_batch + 1) * engine.max_len * size,
         "problems": problems,
     }
-
-
-def _count(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def check_family(family, settings) -> dict:

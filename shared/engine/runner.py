@@ -93,7 +93,7 @@ class Runner:
     @torch.inference_mode()
     def _forward(self, request_ids: Sequence[str], chunks: Sequence[Sequence[int]], last_only: bool) -> torch.Tensor:
         vocab = self.vocab_size
-        if any(t >= vocab for c in chunks for t in c):  # a padding row of a wider level's vocabulary: unreadable here
+        if max(map(max, filter(None, chunks)), default=-1) >= vocab:  # a padding row of a wider level's table: unreadable here
             chunks = [[t if t < vocab else 0 for t in c] for c in chunks]  # (a drafter's guesses get worse, no more)
         t0 = time.perf_counter()
         out = self._logits(request_ids, chunks, last_only)

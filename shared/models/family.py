@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -296,15 +297,14 @@ def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def param_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Parameters in weights of these shapes."""
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def count_params(path: Path) -> int:
     """Parameters stored in a checkpoint folder's safetensors files (read from their headers)."""
-    total = 0
-    for shape in checkpoint_shapes(path).values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
-    return total
+    return param_count(checkpoint_shapes(path))
 
 
 def resolve_family(settings) -> Family:
