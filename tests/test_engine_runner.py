@@ -305,13 +305,17 @@ def test_every_eos_token_of_the_generation_config_ends_a_sequence(tmp_path):
         assert end not in late[: first + 1] and late[:first] == free[:first], kind
 
 
-def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_float32(tmp_path):
+def test_a_reduced_precision_runner_loads_in_its_dtype_and_computes_as_from_float32(tmp_path, monkeypatch):
     """load_runner reads the weights in the runner's dtype (half fp32's memory at load): the
     same weights and RoPE tables as casting a float32 load, so the same logits, bit for bit."""
+    import shared.engine.runner as runners
     from shared.engine.runner import load_runner
 
     path = _save(tmp_path, "llama", **VARIANTS["llama3-rope"][1])
+    loaded = []
+    monkeypatch.setattr(runners, "load_hf_model", lambda p, dtype=torch.float32: loaded.append(dtype) or load_hf_model(p, dtype))
     direct = load_runner(path, dtype="bfloat16", max_batch=1, max_len=64)
+    assert loaded == [torch.bfloat16]  # never a float32 copy of the weights first
     cast = LeanRunner(load_hf_model(path), DEVICE, torch.bfloat16, max_batch=1, max_len=64)
     assert direct.model.embed.dtype == torch.bfloat16 and torch.equal(direct.model.tables["default"][0], cast.model.tables["default"][0])
     tokens = list(range(5, 30))
