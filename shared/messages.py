@@ -117,6 +117,7 @@ class GenerateJob:
     logprobs: int = -1
     prompt_logprobs: int = -1  # the same for the prompt's tokens after the first (echo), from the target's prefill
     priority: int = 0  # lower is admitted first from a target's waiting queue (vLLM's); equal ones in arrival order
+    adaptive_depth: bool = False  # k was not pinned by the client: a round may verify fewer drafts (SpecServe's per-step k)
 
 
 @dataclass

@@ -80,6 +80,12 @@ class DriverMetrics(SpecDecodeMetrics):
         self.preemptions = Counter("specmesh_num_preemptions", "Running requests sent back to the waiting queue for a "
                                    "more urgent one (vLLM's num_preemptions); they resume from their committed tokens.",
                                    registry=registry)
+        self.depth = Histogram("specmesh_speculation_depth", "Drafts a round verified per request on a chain the "
+                               "depth policy steers (speculation.adaptive_depth): the round's depth, at most the "
+                               "requests' k.", ["chain"], buckets=list(range(17)), registry=registry)
+        self.depth_cut = Counter("specmesh_speculation_depth_cut_rounds", "Rounds the depth policy verified fewer "
+                                 "drafts than their requests' k, because more would have cost more than they bring.",
+                                 ["chain"], registry=registry)
         self.rollbacks = Counter("specmesh_rollbacks", "KV cache rollbacks, by level (the model rolled back).",
                                  ["level"], registry=registry)
         self.kv = KvMetrics(registry)

@@ -303,6 +303,17 @@ async def test_priority_reaches_the_job(client, backend):
     assert backend.jobs[-1].priority == 0
 
 
+async def test_a_pinned_k_is_verified_whole_every_round(client, backend):
+    """The driver may verify fewer drafts a round than k only where the client left k out."""
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].adaptive_depth is True
+    for spec in ({"k": 3}, {"chain": "target", "k": 0}):
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "speculation": spec})
+        assert r.status_code == 200, r.text
+        assert backend.jobs[-1].adaptive_depth is False, spec
+
+
 async def test_truncate_prompt_tokens_keeps_the_prompts_tail(client, backend, tok):
     text = "The quick brown fox jumps over the lazy dog and runs away."
     ids = tok.encode(text)

@@ -159,6 +159,15 @@ def test_counters_agree_with_the_responses(stack):
     tokens = sum(r["usage"]["completion_tokens"] for r in results)
     assert gw_after[("specmesh_generation_tokens_total", ())] - gw_before.get(("specmesh_generation_tokens_total", ()), 0) == tokens
 
+    # k pinned: every round verified the whole k, no depth recorded; k left out: the policy steered
+    assert delta("specmesh_speculation_depth_count", chain="drafter,verifier,target") == 0
+    free = {"model": "specmesh", "prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0,
+            "speculation": {"chain": "ngram,target"}}
+    assert httpx.post(f"{settings.gateway.http_url}/v1/completions", json=free, timeout=120).status_code == 200
+    steered = scrape(target)
+    assert steered.get(("specmesh_speculation_depth_count", (("chain", "ngram,target"),)), 0) - \
+        before.get(("specmesh_speculation_depth_count", (("chain", "ngram,target"),)), 0) > 0
+
     level = scrape(drafter)
     assert level[("specmesh_level_calls_total", (("model", "drafter-code"), ("op", "propose")))] > 0
     assert ("specmesh_kv_cache_bytes_in_use", (("model", "drafter-code"),)) in level

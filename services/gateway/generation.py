@@ -188,7 +188,7 @@ def plan(backend, settings: Settings, req: GenerationRequest) -> tuple[GenerateJ
                       chain=chain, k=k, confidence_threshold=threshold, request_class=request_class, slo_tpot_ms=slo,
                       stop_at_eos=not _bool(req.ignore_eos, "ignore_eos"),
                       logprobs=req.logprobs, prompt_logprobs=max(req.logprobs if req.echo else -1, req.prompt_logprobs),
-                      priority=_priority(req.priority))
+                      priority=_priority(req.priority), adaptive_depth=spec.k is None)
     stops = _stops(req.stop)
     limit = settings.gateway.max_concurrent_requests
     if len(getattr(backend, "in_flight", ())) >= limit:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from shared.engine.build import FUSED_PARTS, canonical, models_of, parse_chain
 from shared.engine.fused import FusedRunner
 from shared.engine.chain import Chain, verify_rounds
+from shared.engine.depth import DepthPolicy, profile_verify
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Runner
 from shared.engine.sampling import SamplingParams
@@ -103,6 +104,7 @@ class Driver:
         self.thread = threading.Thread(target=self._run, name="driver", daemon=True)
         self._proposers: concurrent.futures.ThreadPoolExecutor | None = None  # for chains proposing at once
         self._overlap_s = 0.0  # level calls' seconds that ran at the same time as others (counted once)
+        self.depth: DepthPolicy | None = None  # per-round depth (speculation.adaptive_depth), profiled in the thread
 
     # -- called from the event loop ------------------------------------------------------
     def start(self) -> None:
@@ -172,7 +174,7 @@ class Driver:
                     levels.append((name, self._remote(canonical(name))))
             spec = self.settings.speculation
             self.chains[key] = Chain(levels, k=spec.k, confidence_threshold=spec.confidence_threshold,
-                                     leniency=spec.lenient, eos_token_id=self.target.eos_token_ids)
+                                     leniency=spec.lenient, eos_token_id=self.target.eos_token_ids, depth=self.depth)
         return self.chains[key]
 
     def _ks(self, msg: GenerateJob, key: tuple[str, ...]) -> list[int]:
@@ -186,6 +188,16 @@ class Driver:
 
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        spec = self.settings.speculation
+        if spec.adaptive_depth:  # before any request: the profile times the target's forwards alone
+            t0 = time.perf_counter()
+            profile = profile_verify(self.target, self.settings.engine.max_batch,
+                                     max(self.settings.router.k_max, spec.k) + 1)
+            self.depth = DepthPolicy(profile, margin=spec.adaptive_depth_margin)
+            if self.metrics is not None:
+                self.depth.listener = observe.depth_metrics(self.metrics)
+            log.info("verification profiled for per-round depth in %.1f s (batch %s x width %s)",
+                     time.perf_counter() - t0, profile.batches, profile.widths)
         while not self._stop.is_set():
             idle = not self.jobs and not self.waiting
             if idle:
@@ -213,6 +225,8 @@ class Driver:
         Returns the number of requests stepped."""
         live = [(key, chain) for key, chain in list(self.chains.items())
                 if any(not r.done for r in chain.requests.values())]
+        if self.depth is not None:  # the round's batch over every chain: one target forward verifies them all
+            self.depth.batch = sum(sum(not r.done for r in chain.requests.values()) for _, chain in live)
         opened = [observe.open_steps(self, key, chain) for key, chain in live]
         rounds = []
         for (key, _), steps, pending in zip(live, opened, self._propose(live)):
@@ -433,6 +447,7 @@ class Driver:
                 req = chain.add(msg.prompt + job.done, msg.max_tokens - len(job.done), params,
                                 k=self._ks(msg, key), confidence_threshold=msg.confidence_threshold,
                                 request_id=msg.request_id, stop_at_eos=msg.stop_at_eos, logprobs=msg.logprobs,
+                                adaptive_depth=msg.adaptive_depth,
                                 # a resume's prompt was scored by the first commit, which the state keeps
                                 prompt_logprobs=msg.prompt_logprobs if not job.done else -1)
             except LevelUnavailable as exc:

@@ -115,3 +115,13 @@ def count(driver, job: Job, merged: dict, emitted: int) -> None:
     if span.is_recording():
         span.set_attributes({"specmesh.emitted": emitted, "specmesh.levels": levels,
                              "specmesh.drafted": drafted, "specmesh.accepted": accepted})
+
+
+def depth_metrics(metrics):
+    """The depth policy's listener: each steered round's depth, and the rounds it cut."""
+    def observe(key: tuple[str, ...], depth: int, deepest: int) -> None:
+        chain = ",".join(key)
+        metrics.depth.labels(chain).observe(depth)
+        if depth < deepest:
+            metrics.depth_cut.labels(chain).inc()
+    return observe

@@ -22,6 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
+from shared.engine.depth import DepthPolicy
 from shared.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprobs_of
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Draft, Runner
@@ -43,6 +44,7 @@ class Request:
     k: list[int] = field(default_factory=list)  # k[i]: tokens level i proposes per verification
     confidence_threshold: float = 0.0
     stop_at_eos: bool = True
+    adaptive_depth: bool = False  # the chain's depth policy may verify fewer than k[-1] drafts a step
     output: list[int] = field(default_factory=list)
     done: bool = False
     stopped: bool = False  # ended by the end-of-sequence token or a stop token (not by max_tokens)
@@ -81,6 +83,7 @@ class Chain:
         leniency: float = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         seed: int | None = None,
+        depth: DepthPolicy | None = None,
     ) -> None:
         if not levels:
             raise ValueError("a chain needs at least its target")
@@ -108,6 +111,10 @@ class Chain:
         else:
             self.generator.seed()
         self.requests: dict[str, Request] = {}
+        self.depth = depth  # SpecServe's per-step depth for requests with `adaptive_depth` (may serve other chains too)
+        self.key = tuple(name for name, _ in levels)
+        # n-gram lookup right below the target costs a round the same at any depth: no cost per step
+        self._lookup_drafts = len(self.levels) == 2 and self.levels[0].runner is None
         self.stats = ChainStats([lv.stats for lv in self.levels])
         self.reset_stats()
 
@@ -133,8 +140,13 @@ class Chain:
         stop_at_eos: bool = True,
         logprobs: int = -1,
         prompt_logprobs: int = -1,
+        adaptive_depth: bool = False,
     ) -> Request:
         """Prefill every level with `prompt` and emit the target's first token.
+
+        `adaptive_depth`: with the chain's `depth` policy, each step verifies as many of the
+        top proposing level's k drafts as pay at the current load (`shared.engine.depth`);
+        otherwise always k.
 
         `logprobs` >= 0: every output token also gets its log-probability under the target and
         the `logprobs` likeliest tokens at its position (`Request.output_logprobs`);
@@ -157,6 +169,7 @@ class Chain:
             self.k if k is None else self._ks(k),
             self.confidence_threshold if confidence_threshold is None else confidence_threshold,
             stop_at_eos,
+            adaptive_depth=adaptive_depth and self.depth is not None,
             logprobs=logprobs,
         )
         reach = len(req.prompt) + max_tokens + sum(req.k)  # drafts may run sum(k) past the end
@@ -216,6 +229,8 @@ class Chain:
             if level.runner is not None:
                 level.runner.release(request_id)
         self.requests.pop(request_id, None)
+        if self.depth is not None:
+            self.depth.forget(request_id)
 
     # -- the recursion -------------------------------------------------------------------
     def _produce(self, i: int, reqs: list[Request], ctx: dict[str, list[int]], n: dict[str, int]) -> dict[str, Draft]:
@@ -277,6 +292,8 @@ class Chain:
         """What level i verifies next: up to k[i - 1] tokens per request from the level below."""
         if i > 0:
             n = {r.request_id: min(r.k[i - 1], r.max_tokens - len(r.output) - 1) for r in reqs}
+            if i == self.top and self.depth is not None:
+                n.update(self.depth.depths(self.key, {r.request_id: n[r.request_id] for r in reqs if r.adaptive_depth}, len(reqs)))
             return self._produce(i - 1, reqs, ctx, n)
         vocab = self.levels[i].proposer.vocab_size
         return {r.request_id: Draft([], torch.empty(0, vocab)) for r in reqs}
@@ -300,6 +317,8 @@ class Chain:
                 self.levels[i - 1].stats.record(k, v.accepted, v.overlap, v.overlap_positions)
                 below = self.levels[i - 1].name
                 r.stats.setdefault(below, LevelStats(below)).record(k, v.accepted, v.overlap, v.overlap_positions)
+                if i == self.top and self.depth is not None:
+                    self.depth.record(self.key, rid, k, v.accepted)
         self.levels[i].stats.rounds += len(reqs)
         for r in reqs:
             self._sync(i, r.request_id, len(ctx[r.request_id]) + verdicts[r.request_id].accepted)
@@ -332,7 +351,10 @@ class Chain:
         t0 = time.perf_counter()
         ctx = {r.request_id: r.tokens for r in reqs}
         drafts = self._drafts(self.top, reqs, ctx)
-        self.stats.seconds += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.stats.seconds += spent
+        if self.depth is not None and not self._lookup_drafts:
+            self.depth.observe_draft(self.key, max((len(d.tokens) for d in drafts.values()), default=0), spent)
         ids = [r.request_id for r in reqs]
         return PendingRound(self, reqs, ctx, drafts, ids, self._chunks(self.top, ids, ctx, drafts))
 
@@ -407,8 +429,9 @@ def verify_rounds(rounds: Sequence[PendingRound]) -> list[list[Request]]:
     target = rounds[0].chain.levels[-1].runner
     if any(r.chain.levels[-1].runner is not target for r in rounds):
         raise ValueError("rounds verified together must share one target runner")
+    chunks = [c for r in rounds for c in r.chunks]
     t0 = time.perf_counter()
-    scored = target.score([rid for r in rounds for rid in r.ids], [c for r in rounds for c in r.chunks])
+    scored = target.score([rid for r in rounds for rid in r.ids], chunks)
     seconds = time.perf_counter() - t0
     total = sum(len(r.ids) for r in rounds)
     out, at = [], 0
@@ -416,4 +439,7 @@ def verify_rounds(rounds: Sequence[PendingRound]) -> list[list[Request]]:
         part = scored[at : at + len(r.ids)]
         at += len(r.ids)
         out.append(r.chain.conclude(r, part, seconds * len(r.ids) / total))
+    for policy in {id(r.chain.depth): r.chain.depth for r in rounds if r.chain.depth is not None}.values():
+        policy.observe_verify(len(chunks), max(map(len, chunks)), seconds)
+        policy.observe_round(time.perf_counter())
     return out

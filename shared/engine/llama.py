@@ -309,6 +309,10 @@ class LeanLlama:
         tokens [B, T] (rows right-padded), row b holds lengths[b] new tokens for slot
         slots[b] at positions starts[b].. . Returns [B, T, V] logits, or [B, V] at each
         row's last real token when last_only.
+
+        Rows of different lengths are packed outside attention: the projections, the MLPs
+        and the head run on the real tokens only, so a step whose requests verify different
+        numbers of drafts costs its tokens, not its rows times the longest.
         """
         B, T = tokens.shape
         H, Hk, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -342,7 +346,8 @@ class LeanLlama:
         # bf16/fp16 attention rounds differently for 5 queries than for 1; a chunk then
         # computes its queries one by one so that it reproduces the decode steps bit for bit
         per_query = B == 1 and 1 < T <= 32 and self.dtype != torch.float32
-        x = F.embedding(tokens, self.embed)
+        packed = valid.reshape(-1).nonzero().squeeze(1) if B > 1 and sum(lengths) < B * T else None  # real tokens
+        x = F.embedding(tokens if packed is None else tokens.reshape(-1)[packed], self.embed)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for li, layer in enumerate(self.layers):
@@ -353,6 +358,8 @@ class LeanLlama:
                 qkv = torch.cat([F.rms_norm(qkv[..., : H * D], (H * D,), qn, self.eps),
                                  F.rms_norm(qkv[..., H * D : (H + Hk) * D], (Hk * D,), kn, self.eps),
                                  qkv[..., (H + Hk) * D :]], dim=-1)
+            if packed is not None:
+                qkv = _unpacked(qkv, packed, B * T)
             heads = qkv.view(B, T, H + 2 * Hk, D).transpose(1, 2)  # [B, H + 2Hk, T, D]
             qk = heads[:, : H + Hk]
             if layer.qk_norm is not None:
@@ -383,7 +390,8 @@ class LeanLlama:
                 )
             else:
                 o = self._attend(q, keys, values, masks[layer.window])
-            o = layer.o(o.transpose(1, 2).reshape(B, T, H * D))
+            o = o.transpose(1, 2).reshape(B, T, H * D)
+            o = layer.o(o if packed is None else o.reshape(B * T, H * D)[packed])
             x = x + (o if layer.post_attn is None else F.rms_norm(o, (o.shape[-1],), layer.post_attn, self.eps))
             h = x if layer.ln2 is None else F.rms_norm(x, (x.shape[-1],), layer.ln2, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
@@ -392,8 +400,20 @@ class LeanLlama:
         if last_only:
             if B == 1:
                 x = x[:, lengths[0] - 1]
+            elif packed is not None:
+                x = x[torch.tensor(lengths, device=self.device).cumsum(0) - 1]
             else:
                 x = x[torch.arange(B, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
         logits = self.lm_head(x)
-        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if packed is not None and not last_only:
+            logits = _unpacked(logits, packed, B * T).view(B, T, -1)
+        return logits
+
+
+def _unpacked(rows: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed rows [N, F] back at their places `packed` among n padded ones (zeros elsewhere)."""
+    out = rows.new_zeros(n, rows.shape[-1])
+    return out.index_copy_(0, packed, rows)
