@@ -22,7 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
-from shared.engine.depth import DepthPolicy
+from shared.engine.depth import DepthPolicy, synchronize
 from shared.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprobs_of
 from shared.engine.ngram import NgramProposer
 from shared.engine.runner import Draft, Runner
@@ -432,6 +432,8 @@ def verify_rounds(rounds: Sequence[PendingRound]) -> list[list[Request]]:
     chunks = [c for r in rounds for c in r.chunks]
     t0 = time.perf_counter()
     scored = target.score([rid for r in rounds for rid in r.ids], chunks)
+    if any(r.chain.depth is not None for r in rounds):
+        synchronize(target.device)  # the policy learns from this time (the verdicts wait for it anyway)
     seconds = time.perf_counter() - t0
     total = sum(len(r.ids) for r in rounds)
     out, at = [], 0

@@ -25,6 +25,7 @@ drafts, and seeded sampling draws by position.
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
@@ -116,6 +117,7 @@ def profile_verify(runner, max_batch: int, max_width: int, context: int = 128, r
                 for _ in range(repeats + 1):  # the first of each is a warm-up
                     t0 = time.perf_counter()
                     ops.score(runner, ids[:b], [prompt[:w]] * b)
+                    synchronize(runner.device)
                     times.append(time.perf_counter() - t0)
                     for rid in ids[:b]:
                         ops.rollback(runner, rid, context)
@@ -127,6 +129,12 @@ def profile_verify(runner, max_batch: int, max_width: int, context: int = 128, r
         for name, value in saved.items():
             setattr(runner, name, value)
     return VerifyProfile(batches, widths, grid)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA forward returns before it ran)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class DepthPolicy:
@@ -155,6 +163,7 @@ class DepthPolicy:
         self.shallow: dict[Hashable, int] = {}  # per chain: consecutive rounds at depth 0
         self.listener = None  # called with (key, depth, deepest k) after each decision (the driver's metrics)
         self._round_end: float | None = None
+        self._lock = threading.Lock()
         self._round_model_s = 0.0  # this round's verification and drafting seconds so far
         self._round_s: list[float] = []  # recent round times, to tell an idle gap from a round
 
@@ -164,7 +173,8 @@ class DepthPolicy:
         in `seconds`. (N-gram lookup is not reported: it costs a round the same at any depth,
         part of the round's overhead; a line through its seconds against its depth read the
         lookups that found no match, which scan the whole context, as a cost per step.)"""
-        self._round_model_s += seconds
+        with self._lock:  # chains that share no level propose from threads of their own
+            self._round_model_s += seconds
         if steps > 0:
             per = seconds / steps
             old = self.step_s.get(key)
