@@ -9,7 +9,9 @@ and `O` everything else in a round (measured: a round's wall time, start to star
 forwards and drafting). What it brings is `sum_r E_r(min(m, k_r))` tokens, with
 `E_r(n) = 1 + sum_{j<n} prod_{t<=j} a_rt` from each request's conditional acceptance at
 each draft position (its own counts shrunk towards the chain's pooled rate there, shrunk
-towards 1/2). The round takes the m in 0..max k_r with the most tokens per second (the
+towards 1/2; until the pool has 8 proposals at each position a proposal reaches one
+time in five, the round takes the whole k, which is how those positions get measured). The
+round takes the m in 0..max k_r with the most tokens per second (the
 goodput model of SpecServe, `sum E / (T_draft(k) + T_verify(B (k + 1)))`) when it beats the
 full depth by more than `margin` (10%: the model's own error; within it, the k asked for
 stands, as on the tiny family's n-gram chain at batch 16, where the model put k = 4 and
@@ -34,6 +36,8 @@ import torch
 
 NEUTRAL = 0.5  # acceptance before any observation
 NEUTRAL_WEIGHT = 2.0  # ... worth this many proposals
+EVIDENCE = 8.0  # proposals a chain's pool needs at a draft position before a round may stop short of it
+REACHED = 0.2  # ... at the positions a proposal reaches at least this often
 EWMA = 0.1  # weight of the newest sample in the measured costs
 
 
@@ -106,23 +110,27 @@ def profile_verify(runner, max_batch: int, max_width: int, context: int = 128, r
     ids = [f"__depth-profile-{i}" for i in range(max_batch)]
     sampling = SamplingParams(cache_salt="__depth-profile")
     prompt = [(7 * i) % max(2, runner.vocab_size - 1) + 1 for i in range(context)]
+    def timed(b: int, w: int) -> float:
+        t0 = time.perf_counter()
+        ops.score(runner, ids[:b], [prompt[:w]] * b)
+        synchronize(runner.device)
+        spent = time.perf_counter() - t0
+        for rid in ids[:b]:
+            ops.rollback(runner, rid, context)
+        return spent
+
     try:
         for rid in ids:
             ops.prefill(runner, rid, prompt, sampling)
-        grid = []
-        for b in batches:
-            row = []
+        for b in batches:  # a first forward of each shape allocates: a pass over the grid first
             for w in widths:
-                times = []
-                for _ in range(repeats + 1):  # the first of each is a warm-up
-                    t0 = time.perf_counter()
-                    ops.score(runner, ids[:b], [prompt[:w]] * b)
-                    synchronize(runner.device)
-                    times.append(time.perf_counter() - t0)
-                    for rid in ids[:b]:
-                        ops.rollback(runner, rid, context)
-                row.append(sorted(times[1:])[len(times[1:]) // 2])
-            grid.append(row)
+                timed(b, w)
+        # the fastest of the repeats (others' work on the machine only adds), then no cell
+        # cheaper than a narrower or smaller one (more work never costs less)
+        grid = [[min(timed(b, w) for _ in range(repeats)) for w in widths] for b in batches]
+        for i, row in enumerate(grid):
+            for j in range(len(row)):
+                row[j] = max([row[j]] + ([row[j - 1]] if j else []) + ([grid[i - 1][j]] if i else []))
     finally:
         for rid in ids:
             ops.release(runner, rid)
@@ -228,6 +236,24 @@ class DepthPolicy:
             out.append(out[-1] + chance)
         return out
 
+    def measured(self, key: Hashable, depth: int) -> bool:
+        """Whether the chain's pool has EVIDENCE proposals at every draft position up to
+        `depth` that a proposal reaches one time in five or more (the rates at positions it
+        never verified are only the prior: a round that stopped short of them would never
+        learn otherwise; the counts decay, so a position left unverified is measured again
+        after a while)."""
+        pool = self.pools.get(key)
+        if pool is None:
+            return False
+        chance = 1.0
+        for j in range(depth):
+            if chance < REACHED:
+                return True
+            if j >= len(pool.reached) or pool.reached[j] < EVIDENCE:
+                return False
+            chance *= pool.rate(j, NEUTRAL, NEUTRAL_WEIGHT)
+        return True
+
     def round_seconds(self, key: Hashable, batch: int, depth: int) -> float:
         """Predicted wall time of a round of `batch` requests at `depth`."""
         return (self.overhead_s or 0.0) + self.scale * self.profile(batch, 1 + depth) + depth * self.step_s.get(key, 0.0)
@@ -239,6 +265,8 @@ class DepthPolicy:
         deepest = max(caps.values(), default=0)
         if deepest <= 0:
             return dict(caps)
+        if not self.measured(key, deepest):
+            return dict(caps)  # a position too seldom reached to judge: measure it at the k asked for
         batch = max(self.batch or 0, batch, len(caps))
         others = batch - len(caps)  # rows of other chains in the same forward: a token each at least
         gains = [self.expected(key, rid, cap) for rid, cap in caps.items()]
