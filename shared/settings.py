@@ -134,7 +134,7 @@ class SpeculationSettings(BaseModel):
     confidence_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Stop drafting below this confidence.")
     lenient: float = Field(1.0, ge=1.0, description="Middle-level leniency (1 = exact).")
     lookahead: bool = Field(False, description="Remote proposers draft the next round while the level above verifies (pays when each level has its own device).")
-    adaptive_depth: bool = Field(True, description="Per round, the requests whose k the client did not pin verify only as many drafts as the goodput model says pay at that round's batch (SpecServe's per-step k; never more than their k). The target's verification is profiled over batch x width when the worker starts.")
+    adaptive_depth: bool = Field(False, description="Per round, the requests whose k the client did not pin verify only as many drafts as the goodput model says pay at that round's batch (SpecServe's per-step k; never more than their k); the target's verification is profiled over batch x width when the worker starts. Off by default: the router reads a round the policy cut short as one of the full k and took 3-level chains for 3x faster than they ran (bench adaptive on the bench family, 2026-12-03: 0.79x ngram,target).")
     adaptive_depth_margin: float = Field(0.1, ge=0.0, lt=1.0, description="A round goes shallower than its requests' k only when the model predicts this much more tokens per second (its own error; within it, k stands).")
     parallel_chains: bool = Field(True, description="In a round with requests on several chains, chains that share no lower level propose at once (their levels are other processes), so the round waits for the slowest proposal rather than their sum.")
 

@@ -39,6 +39,7 @@ def stack_env(run_dir: Path) -> dict[str, str]:
         "SPECMESH_GATEWAY__PORT": str(http), "SPECMESH_GATEWAY__GRPC_PORT": str(grpc),
         "SPECMESH_MODELS__PROFILE": "tiny",
         "SPECMESH_GATEWAY__DEV_MODE": "true",
+        "SPECMESH_SPECULATION__ADAPTIVE_DEPTH": "true",  # off by default; the stack tests keep it exact
     })
     if "SPECMESH_MODELS__CACHE_DIR" in os.environ:
         env["SPECMESH_MODELS__CACHE_DIR"] = os.environ["SPECMESH_MODELS__CACHE_DIR"]
