@@ -102,7 +102,6 @@ def profile_verify(runner, max_batch: int, max_width: int, context: int = 128, r
     from shared.engine.sampling import SamplingParams
 
     ops = type(runner)
-
     batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch} | {max_batch})
     widths = sorted({w for w in (1, 2, 3, 5, 8, 12, 17) if w < max_width} | {max_width, 1, 2})
     context = max(1, min(context, runner.max_len - max(widths) - 1))
@@ -110,6 +109,7 @@ def profile_verify(runner, max_batch: int, max_width: int, context: int = 128, r
     ids = [f"__depth-profile-{i}" for i in range(max_batch)]
     sampling = SamplingParams(cache_salt="__depth-profile")
     prompt = [(7 * i) % max(2, runner.vocab_size - 1) + 1 for i in range(context)]
+
     def timed(b: int, w: int) -> float:
         t0 = time.perf_counter()
         ops.score(runner, ids[:b], [prompt[:w]] * b)
