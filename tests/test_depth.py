@@ -98,6 +98,18 @@ def test_a_round_kept_at_depth_zero_probes_one_draft_now_and_then():
     assert got == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
+def test_every_decision_reaches_the_listener():
+    key = ("drafter", "target")
+    policy = DepthPolicy(flat(1e-3, 5e-3))
+    seen = []
+    policy.listener = lambda *args: seen.append(args)
+    policy.depths(key, {"a": 4})  # nothing measured yet: the whole k
+    learnt(policy, key, "a", 0)
+    policy.depths(key, {"a": 4})
+    policy.depths(key, {"a": 0})  # nothing to decide
+    assert seen == [(key, 4, 4), (key, 0, 4)]
+
+
 def test_caps_are_never_exceeded_and_unsteered_requests_count_in_the_batch():
     key = ("drafter", "target")
     policy = DepthPolicy(flat(10e-3, 0.1e-3))

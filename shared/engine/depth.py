@@ -265,8 +265,12 @@ class DepthPolicy:
         deepest = max(caps.values(), default=0)
         if deepest <= 0:
             return dict(caps)
-        if not self.measured(key, deepest):
-            return dict(caps)  # a position too seldom reached to judge: measure it at the k asked for
+        best = self._depth(key, caps, batch, deepest) if self.measured(key, deepest) else deepest  # else: measure it
+        if self.listener is not None:
+            self.listener(key, best, deepest)
+        return {rid: min(cap, best) for rid, cap in caps.items()}
+
+    def _depth(self, key: Hashable, caps: dict[str, int], batch: int, deepest: int) -> int:
         batch = max(self.batch or 0, batch, len(caps))
         others = batch - len(caps)  # rows of other chains in the same forward: a token each at least
         gains = [self.expected(key, rid, cap) for rid, cap in caps.items()]
@@ -281,9 +285,7 @@ class DepthPolicy:
                 self.shallow[key], best = 0, 1
         else:
             self.shallow[key] = 0
-        if self.listener is not None:
-            self.listener(key, best, deepest)
-        return {rid: min(cap, best) for rid, cap in caps.items()}
+        return best
 
     def as_dict(self) -> dict:
         return {"overhead_ms": None if self.overhead_s is None else round(self.overhead_s * 1e3, 4),
