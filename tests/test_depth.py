@@ -171,7 +171,15 @@ def prompts(pool):
 def test_profile_of_a_runner_leaves_it_as_it_was(pool):
     target = pool.get("target")
     before = (target.forwards, target.forward_s, target.prefix_queried, target.prefix_hits)
-    profile = profile_verify(target, 8, 5, context=32, repeats=1)
+    wrapped = []  # a worker wraps its target's methods on the instance (tracing, rollback metrics)
+    for name in ("prefill", "score", "rollback", "release"):
+        setattr(target, name, lambda *a, _name=name, **kw: wrapped.append(_name))
+    try:
+        profile = profile_verify(target, 8, 5, context=32, repeats=1)
+    finally:
+        for name in ("prefill", "score", "rollback", "release"):
+            delattr(target, name)
+    assert not wrapped
     assert profile.batches == [1, 2, 4, 8] and profile.widths == [1, 2, 3, 5]
     assert all(s > 0 for row in profile.seconds for s in row)
     assert (target.forwards, target.forward_s, target.prefix_queried, target.prefix_hits) == before
