@@ -13,9 +13,9 @@ towards 1/2; until the pool has 8 proposals at each position a proposal reaches 
 time in five, the round takes the whole k, which is how those positions get measured). The
 round takes the m in 0..max k_r with the most tokens per second (the
 goodput model of SpecServe, `sum E / (T_draft(k) + T_verify(B (k + 1)))`) when it beats the
-full depth by more than `margin` (10%: the model's own error; within it, the k asked for
-stands, as on the tiny family's n-gram chain at batch 16, where the model put k = 4 and
-the target alone within 1% of each other and k = 4 ran 10-30% faster): idle, a forward's
+full depth by more than `margin` (10%, the model's own error: within it the k asked for
+stands; on the tiny family's n-gram chain at batch 16 the model put k = 4 and the target
+alone within 1% of each other, closer than one run's spread on this machine): idle, a forward's
 fixed cost dominates and the whole k pays; under load, or when the drafts seldom hold, m
 falls, to 0 (the target alone for that round). A request never verifies more than its
 own k (the router's or the default), so the policy only ever makes a chain shallower.
@@ -286,9 +286,3 @@ class DepthPolicy:
         else:
             self.shallow[key] = 0
         return best
-
-    def as_dict(self) -> dict:
-        return {"overhead_ms": None if self.overhead_s is None else round(self.overhead_s * 1e3, 4),
-                "scale": round(self.scale, 3),
-                "draft_step_ms": {",".join(k) if isinstance(k, tuple) else str(k): round(v * 1e3, 4) for k, v in self.step_s.items()},
-                "requests": len(self.requests)}
