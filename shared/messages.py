@@ -285,6 +285,9 @@ class Outcome:
     # Share of its target rounds that also verified other chains: such a round waits for every
     # chain's proposal, so its TPOT is not this chain's own (0: none, or not measured).
     mixed_share: float = 0.0
+    # Rounds by the drafts the per-round depth policy let the target verify (index = drafts,
+    # 0..k[-1]); empty when the policy did not steer the request (its rounds verified k[-1]).
+    depths: list[int] = field(default_factory=list)
 
 
 DRIVER = "driver"  # ModelStep.model of the driver's own work per round (forwards = rounds, tokens = requests)

@@ -215,10 +215,20 @@ def test_a_steered_chain_gives_the_target_alones_tokens(pool, prompts, sampling)
         while any(not r.done for r in static.requests.values()):
             static.step()
         full = static.collect_stats().levels[-2].drafted
+        below = spec.split(",")[-2]
+        for r in steered:  # each round's depth is tallied for the router: a proposal never outruns it
+            reaching = [sum(r.depths[j + 1:]) for j in range(4)]
+            per_pos = r.stats[below].drafted_per_pos
+            assert all(per_pos[j] <= reaching[j] for j in range(len(per_pos))), (r.depths, per_pos)
+            assert len(r.depths) <= 5 and sum(r.depths) >= r.stats[below].proposals > 0
+        assert all(not r.depths for r in static.requests.values())
+        tally = [sum(r.depths[m] for r in steered if m < len(r.depths)) for m in range(5)]
         if spec == "drafter,target":
             assert drafted < full / 2, (drafted, full)
+            assert tally[0] == max(tally), tally  # mostly held at depth 0
         else:
             assert drafted == full
+            assert tally[4] > 4 * sum(tally[:4]), tally  # the whole k but where max_tokens caps it
         assert not policy.requests  # finished requests are forgotten
 
     # n-gram lookup right below the target costs a round the same at any depth: no cost per step

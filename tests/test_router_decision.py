@@ -11,7 +11,7 @@ import random
 import pytest
 
 from services.router.cost_model import expected_tokens, predict, tau
-from services.router.decision import TARGET_ALONE, candidates, decide, served_chains
+from services.router.decision import TARGET_ALONE, candidates, decide, realised_cost, served_chains
 from services.router.estimates import Acceptance, Estimates, StepTime, conditional_counts
 from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepProfile
 
@@ -1097,3 +1097,44 @@ def test_a_class_keeps_its_chain_and_k_while_another_is_cheaper_by_less_than_the
     assert hold(choice, (chain, (4,)), 0.03).winner.k == (4,)
     assert hold(choice, (chain, (4,)), 0.03, slo_tpot_ms=1.0).winner.k == (5,)
     assert hold(choice, (chain, (4,)), 0.0).winner.k == (5,)
+
+
+def test_rounds_the_depth_policy_cut_are_priced_at_the_tokens_they_emit():
+    """The per-round depth policy held 15 of a request's 20 rounds at depth 0 (9 ms each, the
+    target alone), 2 at depth 2 and 3 at 4 (20 ms): 27 tokens after the first in 235 ms.
+    Priced at a round of 4 drafts the chain would look almost twice as cheap as it ran; at
+    the depths its rounds took it costs about what it realised. A round held at depth 0 is no
+    draft-rate trial, and a proposal the policy cut short no continuation trial."""
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0)), store=None, params={}, seed=0)
+    est = router.estimates = Estimates(half_life_tokens=1e9)
+    chain, cls, depths = ("drafter-code", "target"), "code-short", [15, 0, 2, 0, 3]
+    level = LevelOutcome("drafter-code", "target", 16, 7, [5, 5, 3, 3], [3, 2, 1, 1])  # 20 rounds: 28 tokens
+    tpot = 235.0 / 27
+    for i in range(10):
+        router.on_outcome(Outcome(f"r{i}", cls, list(chain), [4], 28, 10, 20.0, tpot, 300.0, [level], "length", "t1",
+                                  batch_mean=1.0, depths=depths))
+    seen = est.realised(chain, (4,), 1.0, cls)
+    assert seen.round_ms == pytest.approx(235.0 / 20) and seen.depths == pytest.approx([0.75, 0, 0.1, 0, 0.15])
+    assert est.draft_rate("drafter-code", cls) == pytest.approx(1.0)  # 5 proposals in the 5 rounds allowed one
+    pair = est.pair("drafter-code", "target", cls)
+    assert [pair.continuation(j) for j in range(4)] == [1.0, 1.0, 1.0, 1.0]  # the cuts are the policy's
+    cost = realised_cost((chain, (4,)), seen, cls, est)
+    gain = lambda m: est.expected_tokens("drafter-code", "target", cls, m) - 1  # noqa: E731
+    assert cost == pytest.approx(seen.round_ms / (1 + 0.1 * gain(2) + 0.15 * gain(4)))
+    assert cost > 1.5 * seen.round_ms / (1 + gain(4))  # what a round of k drafts would have said
+    assert cost == pytest.approx(tpot, rel=0.25)
+    # Unsteered outcomes of the same (chain, k) move the shares back towards k in every round.
+    for i in range(40):
+        router.on_outcome(Outcome(f"u{i}", cls, list(chain), [4], 28, 10, 20.0, 5.0, 300.0,
+                                  [LevelOutcome("drafter-code", "target", 28, 7, [7] * 4, [3, 2, 1, 1])], "length", "t1",
+                                  batch_mean=1.0))
+    assert seen.depths[4] > 0.5 and seen.depths[0] < 0.4
+    # Nonsense depths (negative counts, none at all) are ignored, as if the request was not steered.
+    other = Estimates(half_life_tokens=1e9)
+    other.observe_calibration(chain, 1.0, tpot, 5.0, (4,), cls, 11.75, [-1, 3])
+    other.observe_calibration(chain, 1.0, tpot, 5.0, (4,), "prose-short", 11.75, [0, 0])
+    assert other.realised(chain, (4,), 1.0, cls).depths == [0, 0, 0, 0, 1.0]
+    assert other.realised(chain, (4,), 1.0, "prose-short").depths == [0, 0, 0, 0, 1.0]

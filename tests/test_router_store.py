@@ -50,7 +50,10 @@ def test_migrations_up_and_down(pg):
     upgrade(settings)
     for table in Base.metadata.sorted_tables:
         assert _columns(server, table.name) == {c.name for c in table.columns}, table.name
-    assert server.psql("SELECT version_num FROM alembic_version", "specmesh") == "0004"
+    assert server.psql("SELECT version_num FROM alembic_version", "specmesh") == "0005"
+    downgrade(settings, "0004")
+    assert "depths" not in _columns(server, "decisions") and "depths" not in _columns(server, "pair_stats")
+    assert "mixed_share" in _columns(server, "decisions")
     downgrade(settings, "0003")
     assert "mixed_share" not in _columns(server, "decisions") and "batch_mean" in _columns(server, "decisions")
     downgrade(settings, "0002")
@@ -165,7 +168,10 @@ async def test_restarted_router_resumes_from_history(pg):
     first = Router(settings, store, seed=0)
     rng = random.Random(4)
     for i in range(60):
-        first.on_outcome(_outcome(i, rng, alpha=0.3, cls="prose-long"))
+        outcome = _outcome(i, rng, alpha=0.3, cls="prose-long")
+        if i % 2:  # steered by the per-round depth policy: 2 rounds at depth 0, 1 at 2, the rest at 4
+            outcome.depths = [2, 0, 1, 0, 5]
+        first.on_outcome(outcome)
         first.on_profile(_profile(rng))
     await store.flush()
     fresh = Router(settings, store, seed=0)
@@ -186,6 +192,12 @@ async def test_restarted_router_resumes_from_history(pg):
     cal_new = fresh.estimates.calibration_for(("drafter-code", "target"), 1.0)
     assert cal_new.observations == cal_old.observations > 0
     assert cal_new.ratio() == pytest.approx(cal_old.ratio(), rel=0.05)
+    # The depths the rounds took come back too: the draft rate's trials and the rounds' shares.
+    assert fresh.estimates.draft_rate("drafter-code", "prose-long") == \
+        pytest.approx(first.estimates.draft_rate("drafter-code", "prose-long"), rel=1e-6)
+    key = next(key for key in first.estimates.calibration_class if key[-1] == "prose-long")
+    old_depths, new_depths = first.estimates.calibration_class[key].depths, fresh.estimates.calibration_class[key].depths
+    assert 0 < old_depths[0] < 0.25 and new_depths == pytest.approx(old_depths, abs=1e-9)
 
 
 async def test_a_refused_row_is_counted_and_does_not_block_the_rest(pg):

@@ -113,7 +113,10 @@ def test_requests_on_different_chains_at_once_reproduce_target_only(stack, promp
 
         sub = await nc.subscribe(SUBJECT_OUTCOME, cb=on_outcome)
         try:
-            results = await complete_all(settings.gateway.http_url, [body(p, c) for p, c in zip(prompts, chains)], 30)
+            bodies = [body(p, c) for p, c in zip(prompts, chains)]
+            for b in bodies[1::2]:  # k left out: the per-round depth policy steers these
+                del b["speculation"]["k"]
+            results = await complete_all(settings.gateway.http_url, bodies, 30)
             ids = {r["id"] for r in results}
             for _ in range(100):  # outcomes follow the commits' answers
                 if len([o for o in outcomes if o.request_id in ids]) >= len(results):
@@ -132,6 +135,14 @@ def test_requests_on_different_chains_at_once_reproduce_target_only(stack, promp
     # The driver tells the router which requests shared their rounds with other chains.
     assert len(outcomes) == len(results) and any(o.mixed_share > 0 for o in outcomes)
     assert all(0 <= o.mixed_share <= 1 for o in outcomes)
+    # And each steered request's rounds by the depth the policy allowed (none for a pinned k).
+    by_id = {o.request_id: o for o in outcomes}
+    for i, r in enumerate(results):
+        depths, ks = by_id[r["id"]].depths, by_id[r["id"]].k
+        if i % 2 == 0 or chains[i] == "target":
+            assert depths == [], (i, chains[i], depths)
+        else:
+            assert 1 <= len(depths) <= ks[-1] + 1 and sum(depths) >= 1, (chains[i], ks, depths)
 
 
 INDEPENDENT = ["drafter-code,target", "drafter-prose,target", "verifier,target", "ngram,target"]

@@ -293,14 +293,22 @@ def hold(choice: Choice, incumbent: tuple[tuple[str, ...], tuple[int, ...]] | No
     return replace(choice, winner=kept, best=kept, reason=reason, why=why)
 
 
-def tokens_per_round(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates) -> float:
-    """Tokens one target round emits for the class: 1 + (proposals per round) x (accepted per proposal)."""
+def tokens_per_round(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates,
+                     depths: list[float] | None = None) -> float:
+    """Tokens one target round emits for the class: 1 + (proposals per round) x (accepted per proposal).
+
+    `depths`: the share of rounds at each depth 0..k the per-round depth policy took (a round
+    at depth m verifies at most m drafts); None: every round verified k.
+    """
     if chain == TARGET_ALONE or not ks:
         return 1.0
     proposer = chain[-2]
-    gain = estimates.expected_tokens(proposer, chain[-1], request_class, ks[-1])
     rate = estimates.draft_rate(proposer, request_class) if len(chain) == 2 else 1.0
-    return 1.0 + rate * (gain - 1.0)
+    if depths is None:
+        depths = [0.0] * ks[-1] + [1.0]
+    gain = sum(share * (estimates.expected_tokens(proposer, chain[-1], request_class, m) - 1.0)
+               for m, share in enumerate(depths) if share > 0)
+    return 1.0 + rate * gain
 
 
 def realised_cost(key: tuple, seen, request_class: str, estimates) -> float:
@@ -310,11 +318,14 @@ def realised_cost(key: tuple, seen, request_class: str, estimates) -> float:
     from the class's acceptance pooled over every request and k: a request's TPOT is mostly
     its prompt's luck (an n-gram chain emits 1 to 3 tokens a round from one prompt to the
     next, the round's time barely moves), so the k that ran the last few lucky prompts would
-    win on luck. Without the rounds' time (history without it), the realised TPOT.
+    win on luck. The tokens a round emits at the depths its rounds took: rounds the per-round
+    depth policy cut cost less and emit less (priced at k, a chain whose rounds the policy
+    mostly held at depth 0 looked three times cheaper than it was). Without the rounds' time
+    (history without it), the realised TPOT.
     """
     if seen.round_ms is None:
         return seen.tpot_ms
-    return seen.round_ms / tokens_per_round(key[0], key[1], request_class, estimates)
+    return seen.round_ms / tokens_per_round(key[0], key[1], request_class, estimates, seen.depths)
 
 
 LOAD_SHIFT_MAX = 2.0  # at most this factor either way when moving a realised TPOT to another batch

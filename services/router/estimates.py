@@ -27,8 +27,11 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
   spread over the tokens it emits), so each (chain, k, load bucket) measured keeps its
   own ratio, shrunk towards its chain's (`K_PRIOR_WEIGHT` outcomes' worth);
 - what ran, per (chain, k, load bucket) and per class there: the realised TPOT, the time
-  per target round (`round_time`) and the load those ran under (EWMAs), which the decision
-  compares (services/router/decision.py `realised_cost`).
+  per target round (`round_time`), the share of those rounds at each depth (the per-round
+  depth policy, `shared/engine/depth.py`, verifies fewer than k drafts at some) and the load
+  those ran under (EWMAs), which the decision compares (services/router/decision.py
+  `realised_cost`). A round the policy held at depth 0 is no draft-rate trial, and a
+  proposal it cut short is no continuation trial.
 """
 
 from __future__ import annotations
@@ -94,12 +97,15 @@ class Acceptance:
     continued_per_pos: list[float] = field(default_factory=list)
     continuable_per_pos: list[float] = field(default_factory=list)
 
-    def observe(self, level: LevelOutcome, half_life_tokens: float, k: int | None = None) -> None:
+    def observe(self, level: LevelOutcome, half_life_tokens: float, k: int | None = None,
+                depths: list[int] | None = None) -> None:
+        """One request's verifications of this pair; `depths`: its rounds by the drafts the
+        per-round depth policy allowed (`Outcome.depths`), when the policy steered it."""
         accepted, trials = conditional_counts(level)
         if trials <= 0:
             return
         decay = 0.5 ** (level.drafted / half_life_tokens)
-        self._observe_continuation(list(level.drafted_per_pos), k, decay)
+        self._observe_continuation(list(level.drafted_per_pos), k, decay, depths)
         self.accepted = self.accepted * decay + accepted
         self.trials = self.trials * decay + trials
         if level.overlap_positions > 0 and 0 <= level.overlap <= level.overlap_positions:
@@ -121,18 +127,29 @@ class Acceptance:
         self.observations += 1
         self.drafted_total += level.drafted
 
-    def _observe_continuation(self, drafted: list[int], k: int | None, decay: float) -> None:
-        """Decay the continuation counts; add this request's when its k is known (a history row has none)."""
+    def _observe_continuation(self, drafted: list[int], k: int | None, decay: float,
+                              depths: list[int] | None = None) -> None:
+        """Decay the continuation counts; add this request's when its k is known (a history row has none).
+
+        Under the depth policy a proposal that stopped at position j may have been cut there:
+        of the proposals that drafted position j - 1, those whose round allowed position j
+        count (taken as the share of rounds allowing j among those allowing j - 1), so the
+        policy's cuts do not pass for the proposer's own (an n-gram match ending).
+        """
         for arr in (self.continued_per_pos, self.continuable_per_pos):
             for j in range(len(arr)):
                 arr[j] *= decay
         if not k or not drafted:
             return
+        allowed = reaching(depths, k)  # rounds whose depth allowed position j, where steered
         for arr in (self.continued_per_pos, self.continuable_per_pos):
             arr.extend([0.0] * (k - len(arr)))
         for j in range(1, k):
-            self.continuable_per_pos[j] += drafted[j - 1] if j - 1 < len(drafted) else 0
-            self.continued_per_pos[j] += drafted[j] if j < len(drafted) else 0
+            before = drafted[j - 1] if j - 1 < len(drafted) else 0
+            if allowed is not None:
+                before = before * allowed[j] / allowed[j - 1] if allowed[j - 1] > 0 else 0.0
+            self.continuable_per_pos[j] += before
+            self.continued_per_pos[j] += min(before, drafted[j] if j < len(drafted) else 0)
 
     def continuation(self, j: int) -> float:
         """P(a proposal drafts position j | it drafted position j - 1 and k > j), 1 at j = 0; prior 1."""
@@ -244,6 +261,33 @@ def prior_step_ms(params: int | None) -> float:
     return 0.6 + params * 4 / 6e6
 
 
+def valid_depths(depths) -> list[int] | None:
+    """`Outcome.depths` when it describes some rounds (non-negative counts, not all zero), else None."""
+    if not depths or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in depths) or sum(depths) <= 0:
+        return None
+    return list(depths)
+
+
+def reaching(depths: list[int] | None, k: int) -> list[int] | None:
+    """Per position j < k, the rounds whose depth allowed a draft there (None: not steered)."""
+    depths = valid_depths(depths)
+    if depths is None:
+        return None
+    return [sum(depths[j + 1:]) for j in range(k)]
+
+
+def depth_shares(depths: list[int] | None, k: int) -> list[float]:
+    """The share of rounds at each depth 0..k; a request the policy did not steer took k in every round."""
+    depths = valid_depths(depths)
+    if depths is None:
+        return [0.0] * k + [1.0]
+    shares = [0.0] * (k + 1)
+    total = sum(depths)
+    for m, n in enumerate(depths):
+        shares[min(m, k)] += n / total
+    return shares
+
+
 BUCKET_FROM = (1.0, 1.5, 2.5, 5.5, 11.5)  # where each load bucket starts: batch 1, 2, 3-5, 6-11, 12 and more
 BUCKET_BATCH = (1.0, 2.0, 4.0, 8.0, 16.0)  # a batch in each load bucket
 
@@ -262,12 +306,15 @@ class Calibration:
     tpot_ms: float | None = None  # EWMA of realised TPOT
     batch: float | None = None  # EWMA of the load those outcomes ran under (same weights as `tpot_ms`)
     round_ms: float | None = None  # EWMA of the time per target round (TPOT x tokens per round), where known
+    # EWMA (same weights as `round_ms`) of the share of those rounds at each depth 0..k: the
+    # per-round depth policy verifies fewer drafts at some rounds (`depth_shares`)
+    depths: list[float] | None = None
     observations: int = 0
     rounds_seen: int = 0  # observations with a round time
     updated: float | None = None  # time.monotonic() of the newest observation
 
     def observe(self, realised_ms: float, predicted_ms: float, decay: float = 0.9, batch: float = 1.0,
-                round_ms: float | None = None) -> None:
+                round_ms: float | None = None, depths: list[float] | None = None) -> None:
         if predicted_ms <= 0 or realised_ms <= 0:
             return
         self.observations += 1
@@ -276,6 +323,11 @@ class Calibration:
             self.rounds_seen += 1
             v = max(1.0 / self.rounds_seen, REALISED_WEIGHT)
             self.round_ms = round_ms if self.round_ms is None else (1 - v) * self.round_ms + v * round_ms
+            if depths is not None:
+                if self.depths is None or len(self.depths) != len(depths):
+                    self.depths = list(depths)
+                else:
+                    self.depths = [(1 - v) * a + v * b for a, b in zip(self.depths, depths)]
         ratio = min(8.0, max(0.125, realised_ms / predicted_ms))
         self.ratio_sum = self.ratio_sum * decay + ratio
         self.weight = self.weight * decay + 1.0
@@ -479,8 +531,14 @@ class Estimates:
 
     # -- learning ------------------------------------------------------------------------
     def observe_level(self, level: LevelOutcome, request_class: str, rounds: int | None = None,
-                      k: int | None = None) -> None:
-        self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens, k)
+                      k: int | None = None, depths: list[int] | None = None) -> None:
+        """One request's verifications of a level; `rounds`: the target's, when it verifies the
+        level; `depths`: the request's rounds by the drafts the depth policy allowed (the
+        level right below the target only)."""
+        depths = valid_depths(depths)
+        self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens, k, depths)
+        if rounds is not None and depths is not None:
+            rounds -= min(rounds, depths[0])  # a round held at depth 0 gave the proposer no chance to draft
         if rounds is not None and rounds > 0:
             proposals = level.drafted_per_pos[0] if level.drafted_per_pos else 0
             self.draft_rate(level.name, request_class)
@@ -502,7 +560,9 @@ class Estimates:
             bottom = chain and name == chain[0]
             at = chain.index(name) if name in chain else -1
             k = outcome.k[at] if 0 <= at < len(outcome.k) else None
-            self.observe_level(level, outcome.request_class, self.rounds(outcome, level) if bottom else None, k)
+            top = canonical(level.verifier) == "target"
+            self.observe_level(level, outcome.request_class, self.rounds(outcome, level) if bottom else None, k,
+                               outcome.depths if top else None)
 
     def observe_traffic(self, request_class: str) -> None:
         """One finished request of `request_class`: the mix of recent requests (`shares`)."""
@@ -547,18 +607,20 @@ class Estimates:
 
     def observe_calibration(self, chain: tuple[str, ...], batch: float, realised_ms: float, predicted_ms: float,
                             ks: tuple[int, ...] | None = None, request_class: str = "",
-                            round_ms: float | None = None) -> None:
+                            round_ms: float | None = None, depths: list[int] | None = None) -> None:
         """One outcome's realised TPOT against the model's, at the load it ran under; `round_ms`:
-        its time per target round (`round_time`), when known."""
+        its time per target round (`round_time`), when known; `depths`: its rounds by the
+        drafts the depth policy allowed (`Outcome.depths`; none: every round took k)."""
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms, batch=batch)
         if ks is not None:  # () for the target alone
             key = self._k_key(chain, ks, batch)
+            shares = depth_shares(depths, ks[-1] if ks else 0)
             self.calibration_k.setdefault(key, Calibration()).observe(realised_ms, predicted_ms, batch=batch,
-                                                                      round_ms=round_ms)
+                                                                      round_ms=round_ms, depths=shares)
             self.ran.add(key[:2])
             if request_class:
                 self.calibration_class.setdefault((*key, request_class), Calibration()).observe(
-                    realised_ms, predicted_ms, batch=batch, round_ms=round_ms)
+                    realised_ms, predicted_ms, batch=batch, round_ms=round_ms, depths=shares)
 
     @staticmethod
     def round_time(tpot_ms: float, tokens: int, rounds: int | None) -> float | None:

@@ -23,7 +23,7 @@ from services.router.cost_model import predict
 from services.router.decision import (
     Choice, decide, explore_depth, explore_shared_depth, hold, served_chains, shared,
 )
-from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, load_bucket
+from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, load_bucket, valid_depths
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
 from shared.messages import (
@@ -88,11 +88,13 @@ class Router:
         if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
             round_ms = Estimates.round_time(outcome.tpot_ms, outcome.tokens, Estimates.target_rounds(outcome))
             self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class,
-                                               round_ms)
+                                               round_ms, outcome.depths)
         if self.store is None:
             return
+        depths = valid_depths(outcome.depths)
         for level in outcome.levels:
             bottom = chain and canonical(level.name) == chain[0]
+            top = canonical(level.verifier) == "target"
             self.store.add("pair_stats", {
                 "proposer": canonical(level.name), "verifier": canonical(level.verifier),
                 "request_class": outcome.request_class, "drafted": level.drafted, "accepted": level.accepted,
@@ -101,6 +103,7 @@ class Router:
                 "tv_distance": round(1 - level.overlap / level.overlap_positions, 6) if level.overlap_positions else None,
                 "request_id": outcome.request_id[:64],
                 "rounds": Estimates.rounds(outcome, level) if bottom else None,
+                "depths": depths if top else None,
             })
         current = self.choices.get(outcome.request_class)
         slo = outcome.slo_tpot_ms or self.cfg.slo_tpot_ms
@@ -113,7 +116,7 @@ class Router:
             "ttft_ms": outcome.ttft_ms, "tpot_ms": outcome.tpot_ms,
             "slo_met": (outcome.tpot_ms <= slo) if slo else None, "reason": "outcome",
             "version": self.version or None, "duration_ms": outcome.duration_ms, "batch_mean": batch,
-            "mixed_share": outcome.mixed_share,
+            "mixed_share": outcome.mixed_share, "depths": depths,
         })
 
     def on_profile(self, profile: StepProfile) -> None:
@@ -149,7 +152,7 @@ class Router:
                                  list(row["drafted_per_position"] or []), list(row["accepted_per_position"] or []),
                                  (1 - tv) * row["drafted"] if tv is not None else 0.0,
                                  row["drafted"] if tv is not None else 0)
-            self.estimates.observe_level(level, row["request_class"], row.get("rounds"))
+            self.estimates.observe_level(level, row["request_class"], row.get("rounds"), depths=row.get("depths"))
             n += 1
         for row in history.get("decisions", []):
             if row.get("reason") == "outcome" and row.get("request_class"):
@@ -161,7 +164,8 @@ class Router:
                 self.estimates.observe_calibration(chain, row.get("batch_mean") or 1.0,
                                                    row["tpot_ms"], row["predicted_ms_per_token"], tuple(row.get("k") or ()),
                                                    row.get("request_class") or "",
-                                                   Estimates.round_time(row["tpot_ms"], row["tokens"], target_rounds))
+                                                   Estimates.round_time(row["tpot_ms"], row["tokens"], target_rounds),
+                                                   row.get("depths"))
                 n += 1
         return n
 

@@ -50,7 +50,7 @@ def outcome(driver, job: Job, req, stats: dict, reason: str | None) -> None:
         tpot = (last - first) * 1e3 / max(n - 1, 1)
         result = Outcome(job.msg.request_id, job.msg.request_class, list(key), list(req.k), tokens,
                          len(job.msg.prompt), round(ttft, 3), round(tpot, 3), round(duration, 3), levels,
-                         reason or "", driver.worker, batch_mean, job.msg.slo_tpot_ms, mixed_share)
+                         reason or "", driver.worker, batch_mean, job.msg.slo_tpot_ms, mixed_share, list(req.depths))
         send(driver, SUBJECT_OUTCOME, result, trace)
 
     driver.committer.when_finished(job.msg.request_id, finished)

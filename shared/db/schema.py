@@ -1,7 +1,7 @@
 """Tables the router keeps: model profiles, pair statistics, decisions and their outcomes.
 
 Alembic migrations under `migrations/` create exactly these tables (0001: the tables,
-0002-0004: the columns the router needs to resume its estimates); `tests/test_router_store.py`
+0002-0005: the columns the router needs to resume its estimates); `tests/test_router_store.py`
 checks that the two agree.
 """
 
@@ -55,6 +55,7 @@ class PairStat(Base):
     # 0002: the request it came from and the verifier's rounds (for a proposer's draft rate)
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     rounds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    depths: Mapped[list | None] = mapped_column(JSON, nullable=True)  # 0005: rounds by depth (the target's level)
 
 
 class Decision(Base):
@@ -81,3 +82,4 @@ class Decision(Base):
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0003: load when the outcome arrived
     mixed_share: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0004: rounds shared with other chains
+    depths: Mapped[list | None] = mapped_column(JSON, nullable=True)  # 0005: rounds by the depth the policy allowed

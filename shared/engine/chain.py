@@ -53,6 +53,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (the first has none), when asked
     cached_prompt: int = 0  # the prompt's head the target's cache already held (prefix caching)
     stats: dict[str, LevelStats] = field(default_factory=dict)  # this request's share, per proposing level
+    depths: list[int] = field(default_factory=list)  # rounds by the drafts the depth policy allowed (index = drafts)
 
     @property
     def tokens(self) -> list[int]:
@@ -293,7 +294,14 @@ class Chain:
         if i > 0:
             n = {r.request_id: min(r.k[i - 1], r.max_tokens - len(r.output) - 1) for r in reqs}
             if i == self.top and self.depth is not None:
-                n.update(self.depth.depths(self.key, {r.request_id: n[r.request_id] for r in reqs if r.adaptive_depth}, len(reqs)))
+                steered = [r for r in reqs if r.adaptive_depth]
+                allowed = self.depth.depths(self.key, {r.request_id: n[r.request_id] for r in steered}, len(reqs))
+                for r in steered:
+                    m = allowed[r.request_id]
+                    if m >= 0:
+                        r.depths.extend([0] * (m + 1 - len(r.depths)))
+                        r.depths[m] += 1
+                n.update(allowed)
             return self._produce(i - 1, reqs, ctx, n)
         vocab = self.levels[i].proposer.vocab_size
         return {r.request_id: Draft([], torch.empty(0, vocab)) for r in reqs}
