@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from services.router.cost_model import expected_tokens, predict, tau
+from services.router.cost_model import expected_tokens, predict, predict_at_depths, tau
 from services.router.decision import TARGET_ALONE, candidates, decide, realised_cost, served_chains
 from services.router.estimates import Acceptance, Estimates, StepTime, conditional_counts
 from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepProfile
@@ -1132,6 +1132,16 @@ def test_rounds_the_depth_policy_cut_are_priced_at_the_tokens_they_emit():
                                   [LevelOutcome("drafter-code", "target", 28, 7, [7] * 4, [3, 2, 1, 1])], "length", "t1",
                                   batch_mean=1.0))
     assert seen.depths[4] > 0.5 and seen.depths[0] < 0.4
+    # Its model error is taken against the model at those depths: a round at depth m is one
+    # of k = m, a round at depth 0 the target's alone.
+    at = lambda ks, shares: predict_at_depths(chain, ks, cls, est, 1.0, shares)  # noqa: E731
+    full, alone = predict(chain, (4,), cls, est, 1.0, calibrated=False), predict(("target",), (), cls, est, 1.0)
+    assert at((4,), [0, 0, 0, 0, 1.0]) == pytest.approx(full.model_ms)
+    assert at((4,), [1.0, 0, 0, 0, 0]) == pytest.approx(alone.model_ms)
+    mixed = at((4,), seen.depths)
+    assert min(full.model_ms, alone.model_ms) < mixed < max(full.model_ms, alone.model_ms)
+    three = ("drafter-code", "verifier", "target")
+    assert predict_at_depths(three, (4, 3), cls, est, 1.0, [1.0, 0, 0, 0]) == pytest.approx(alone.model_ms)
     # Nonsense depths (negative counts, none at all) are ignored, as if the request was not steered.
     other = Estimates(half_life_tokens=1e9)
     other.observe_calibration(chain, 1.0, tpot, 5.0, (4,), cls, 11.75, [-1, 3])

@@ -19,11 +19,11 @@ import logging
 import random
 import time
 
-from services.router.cost_model import predict
+from services.router.cost_model import predict, predict_at_depths
 from services.router.decision import (
     Choice, decide, explore_depth, explore_shared_depth, hold, served_chains, shared,
 )
-from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, load_bucket, valid_depths
+from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, depth_shares, load_bucket, valid_depths
 from shared.engine.build import canonical
 from services.router.store import HistoryStore
 from shared.messages import (
@@ -84,14 +84,18 @@ class Router:
         chain = tuple(canonical(c) for c in outcome.chain)
         # The load the request ran under (its driver's mean round size), not the load now.
         batch = outcome.batch_mean if outcome.batch_mean >= 1.0 else self.estimates.batch()
-        raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
+        depths = valid_depths(outcome.depths)
+        if depths is None or not outcome.k:
+            raw = predict(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch, calibrated=False).model_ms
+        else:  # the model at the depths its rounds took, not at k in every round
+            raw = predict_at_depths(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch,
+                                    depth_shares(depths, outcome.k[-1]))
         if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
             round_ms = Estimates.round_time(outcome.tpot_ms, outcome.tokens, Estimates.target_rounds(outcome))
             self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class,
                                                round_ms, outcome.depths)
         if self.store is None:
             return
-        depths = valid_depths(outcome.depths)
         for level in outcome.levels:
             bottom = chain and canonical(level.name) == chain[0]
             top = canonical(level.verifier) == "target"
