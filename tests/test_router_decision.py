@@ -948,7 +948,10 @@ def test_what_ran_competes_at_its_rounds_time_over_the_tokens_a_round_emits():
     choice = decide(cls, est, [chain], 6, batch=1.0, measured_only=True)
     costs = {p.k: p.ms_per_token for p in choice.options if p.chain == chain}
     per_round = 1 + est.draft_rate("ngram", cls) * (est.expected_tokens("ngram", "target", cls, 4) - 1)
-    assert costs[(4,)] == pytest.approx(10.0 / per_round)
+    # times what this chain's rounds emitted in the class against the model, pooled over k
+    # (both k's outcomes: a ratio common to them, so it does not pick between them)
+    assert est.emitted_ratio(chain, cls) > 1.0
+    assert costs[(4,)] == pytest.approx(10.0 / (per_round * est.emitted_ratio(chain, cls)))
     assert costs[(4,)] < costs[(5,)] and choice.winner.k == (4,)
     # a restarted router takes the rounds from the history: the bottom level's row of the request
     replayed = Router(Settings(), store=None, params={}, seed=0)
@@ -1123,7 +1126,9 @@ def test_rounds_the_depth_policy_cut_are_priced_at_the_tokens_they_emit():
     assert [pair.continuation(j) for j in range(4)] == [1.0, 1.0, 1.0, 1.0]  # the cuts are the policy's
     cost = realised_cost((chain, (4,)), seen, cls, est)
     gain = lambda m: est.expected_tokens("drafter-code", "target", cls, m) - 1  # noqa: E731
-    assert cost == pytest.approx(seen.round_ms / (1 + 0.1 * gain(2) + 0.15 * gain(4)))
+    emitted = est.emitted_ratio(chain, cls)  # 27 tokens in 20 rounds against the model's, pooled
+    assert emitted == pytest.approx((270 + 200) / (200 * (1 + 0.1 * gain(2) + 0.15 * gain(4)) + 200), rel=0.02)
+    assert cost == pytest.approx(seen.round_ms / ((1 + 0.1 * gain(2) + 0.15 * gain(4)) * emitted))
     assert cost > 1.5 * seen.round_ms / (1 + gain(4))  # what a round of k drafts would have said
     assert cost == pytest.approx(tpot, rel=0.25)
     # Unsteered outcomes of the same (chain, k) move the shares back towards k in every round.
@@ -1148,3 +1153,37 @@ def test_rounds_the_depth_policy_cut_are_priced_at_the_tokens_they_emit():
     other.observe_calibration(chain, 1.0, tpot, 5.0, (4,), "prose-short", 11.75, [0, 0])
     assert other.realised(chain, (4,), 1.0, cls).depths == [0, 0, 0, 0, 1.0]
     assert other.realised(chain, (4,), 1.0, "prose-short").depths == [0, 0, 0, 0, 1.0]
+
+
+def test_a_chains_rounds_are_priced_at_what_they_emitted_in_the_class():
+    """Every request's n-gram proposals: half are long matches (4 drafts, all accepted), half
+    one token the target rejects. A round emits 3 tokens on average. The model's per-position
+    counts take going on to the next position (half the proposals do) as independent of the
+    drafts before being accepted, and say 2.25. Pooled over the chain's outcomes in the class,
+    what the rounds emitted against the model puts the chain at its rounds' time over 3."""
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0)), store=None, params={}, seed=0)
+    est = router.estimates = Estimates(half_life_tokens=1e9)
+    chain, cls = ("ngram", "target"), "code-short"
+    level = LevelOutcome("ngram", "target", 50, 40, [20, 10, 10, 10], [10, 10, 10, 10])  # 20 rounds, 61 tokens
+    for i in range(60):
+        router.on_outcome(Outcome(f"r{i}", cls, list(chain), [4], 61, 10, 20.0, 10.0 * 20 / 60, 300.0, [level], "length",
+                                  "t1", batch_mean=1.0))
+    modelled = 1 + est.draft_rate("ngram", cls) * (est.expected_tokens("ngram", "target", cls, 4) - 1)
+    assert modelled == pytest.approx(2.25, abs=0.1)
+    assert est.emitted_ratio(chain, cls) * modelled == pytest.approx(3.0, rel=0.03)
+    seen = est.realised(chain, (4,), 1.0, cls)
+    assert realised_cost((chain, (4,)), seen, cls, est) == pytest.approx(10.0 / 3, rel=0.03)
+    assert est.emitted_ratio(("drafter-code", "target"), cls) == 1.0  # none seen: the model stands
+    # A restarted router rebuilds it from the history rows (the rounds from the pair's row).
+    replayed = Router(Settings(), store=None, params={}, seed=0)
+    replayed.resume({
+        "pair_stats": [{"proposer": "ngram", "verifier": "target", "request_class": cls, "drafted": 50, "accepted": 40,
+                        "accepted_per_position": level.accepted_per_pos, "drafted_per_position": level.drafted_per_pos,
+                        "tv_distance": None, "request_id": f"r{i}", "rounds": 20} for i in range(5)],
+        "decisions": [{"reason": "outcome", "chain": "ngram,target", "k": [4], "tokens": 61, "tpot_ms": 10.0 / 3,
+                       "predicted_ms_per_token": 3.0, "batch_mean": 1.0, "request_id": f"r{i}", "request_class": cls,
+                       "tokens_per_round": 2.25} for i in range(5)]})
+    assert replayed.estimates.emitted_ratio(chain, cls) == pytest.approx((300 + 200) / (225 + 200), rel=0.02)

@@ -1,7 +1,9 @@
-"""Per-round depth: an outcome's rounds by the drafts the depth policy let the target verify.
+"""Per-round depth and tokens per round: what a restarted router needs to price what ran.
 
-The router prices what ran at the tokens its rounds emitted at the depths they took, and a
-round held at depth 0 is no draft-rate trial; the columns let a restarted router replay both.
+An outcome's rounds by the drafts the depth policy let the target verify (the router prices
+what ran at the depths its rounds took, and a round held at depth 0 is no draft-rate
+trial), and the model's tokens per round for it when it arrived (the router compares what
+a chain's rounds emitted with it).
 
 Revision ID: 0005
 Revises: 0004
@@ -19,9 +21,11 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("decisions", sa.Column("depths", sa.JSON(), nullable=True))
+    op.add_column("decisions", sa.Column("tokens_per_round", sa.Float(), nullable=True))
     op.add_column("pair_stats", sa.Column("depths", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     op.drop_column("pair_stats", "depths")
+    op.drop_column("decisions", "tokens_per_round")
     op.drop_column("decisions", "depths")

@@ -321,11 +321,14 @@ def realised_cost(key: tuple, seen, request_class: str, estimates) -> float:
     win on luck. The tokens a round emits at the depths its rounds took: rounds the per-round
     depth policy cut cost less and emit less (priced at k, a chain whose rounds the policy
     mostly held at depth 0 looked three times cheaper than it was). Without the rounds' time
-    (history without it), the realised TPOT.
+    (history without it), the realised TPOT. The tokens a round emits are the model's times
+    what the chain's rounds emitted in the class against it (`Estimates.emitted_ratio`,
+    pooled over k and load).
     """
     if seen.round_ms is None:
         return seen.tpot_ms
-    return seen.round_ms / tokens_per_round(key[0], key[1], request_class, estimates, seen.depths)
+    per_round = tokens_per_round(key[0], key[1], request_class, estimates, seen.depths)
+    return seen.round_ms / (per_round * estimates.emitted_ratio(key[0], request_class))
 
 
 LOAD_SHIFT_MAX = 2.0  # at most this factor either way when moving a realised TPOT to another batch

@@ -21,7 +21,7 @@ import time
 
 from services.router.cost_model import predict, predict_at_depths
 from services.router.decision import (
-    Choice, decide, explore_depth, explore_shared_depth, hold, served_chains, shared,
+    TARGET_ALONE, Choice, decide, explore_depth, explore_shared_depth, hold, served_chains, shared, tokens_per_round,
 )
 from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, depth_shares, load_bucket, valid_depths
 from shared.engine.build import canonical
@@ -90,8 +90,12 @@ class Router:
         else:  # the model at the depths its rounds took, not at k in every round
             raw = predict_at_depths(chain, tuple(outcome.k), outcome.request_class, self.estimates, batch,
                                     depth_shares(depths, outcome.k[-1]))
+        rounds = Estimates.target_rounds(outcome)
+        per_round = self.modelled_per_round(chain, tuple(outcome.k), outcome.request_class, depths)
+        if per_round is not None:
+            self.estimates.observe_emitted(chain, outcome.request_class, outcome.tokens, rounds, per_round)
         if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
-            round_ms = Estimates.round_time(outcome.tpot_ms, outcome.tokens, Estimates.target_rounds(outcome))
+            round_ms = Estimates.round_time(outcome.tpot_ms, outcome.tokens, rounds)
             self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class,
                                                round_ms, outcome.depths)
         if self.store is None:
@@ -120,8 +124,16 @@ class Router:
             "ttft_ms": outcome.ttft_ms, "tpot_ms": outcome.tpot_ms,
             "slo_met": (outcome.tpot_ms <= slo) if slo else None, "reason": "outcome",
             "version": self.version or None, "duration_ms": outcome.duration_ms, "batch_mean": batch,
-            "mixed_share": outcome.mixed_share, "depths": depths,
+            "mixed_share": outcome.mixed_share, "depths": depths, "tokens_per_round": per_round,
         })
+
+    def modelled_per_round(self, chain: tuple[str, ...], ks: tuple[int, ...], request_class: str,
+                           depths: list[int] | None) -> float | None:
+        """The model's tokens per target round for a request's rounds now (None: the target alone)."""
+        if chain == TARGET_ALONE or not ks or not request_class:
+            return None
+        shares = depth_shares(depths, ks[-1]) if depths else None
+        return tokens_per_round(chain, ks, request_class, self.estimates, shares)
 
     def on_profile(self, profile: StepProfile) -> None:
         self.estimates.observe_profile(profile)
@@ -161,6 +173,9 @@ class Router:
         for row in history.get("decisions", []):
             if row.get("reason") == "outcome" and row.get("request_class"):
                 self.estimates.observe_traffic(row["request_class"])
+                if row.get("tokens_per_round") and row.get("request_id") in rounds:  # the model's then
+                    self.estimates.observe_emitted(tuple(row["chain"].split(",")), row["request_class"], row.get("tokens") or 0,
+                                                   rounds[row["request_id"]], row["tokens_per_round"])
             if row.get("reason") == "outcome" and row.get("tpot_ms") and row.get("predicted_ms_per_token") \
                     and (row.get("tokens") or 0) >= 2 and (row.get("mixed_share") or 0.0) <= MIXED_MAX:
                 chain = tuple(row["chain"].split(","))

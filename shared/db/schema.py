@@ -83,3 +83,4 @@ class Decision(Base):
     batch_mean: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0003: load when the outcome arrived
     mixed_share: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0004: rounds shared with other chains
     depths: Mapped[list | None] = mapped_column(JSON, nullable=True)  # 0005: rounds by the depth the policy allowed
+    tokens_per_round: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0005: the model's, then
