@@ -31,7 +31,9 @@ PostgreSQL. Every estimate starts from a prior and is smoothed:
   depth policy, `shared/engine/depth.py`, verifies fewer than k drafts at some) and the load
   those ran under (EWMAs), which the decision compares (services/router/decision.py
   `realised_cost`). A round the policy held at depth 0 is no draft-rate trial, and a
-  proposal it cut short is no continuation trial.
+  proposal it cut short is no continuation trial;
+- per chain and class, what its rounds emitted against the model's tokens per round
+  (`Emitted`), which corrects the latter in `realised_cost`.
 """
 
 from __future__ import annotations
