@@ -318,12 +318,12 @@ def realised_cost(key: tuple, seen, request_class: str, estimates) -> float:
     from the class's acceptance pooled over every request and k: a request's TPOT is mostly
     its prompt's luck (an n-gram chain emits 1 to 3 tokens a round from one prompt to the
     next, the round's time barely moves), so the k that ran the last few lucky prompts would
-    win on luck. The tokens a round emits at the depths its rounds took: rounds the per-round
-    depth policy cut cost less and emit less (priced at k, a chain whose rounds the policy
-    mostly held at depth 0 looked three times cheaper than it was). Without the rounds' time
-    (history without it), the realised TPOT. The tokens a round emits are the model's times
-    what the chain's rounds emitted in the class against it (`Estimates.emitted_ratio`,
-    pooled over k and load).
+    win on luck. The model's tokens a round emits are taken at the depths the rounds took
+    (rounds the per-round depth policy cut cost less and emit less: priced at k, a chain
+    whose rounds the policy mostly held at depth 0 looked three times cheaper than it was),
+    times what the chain's rounds emitted in the class against the model
+    (`Estimates.emitted_ratio`, pooled over k and load). Without the rounds' time (history
+    without it), the realised TPOT.
     """
     if seen.round_ms is None:
         return seen.tpot_ms
