@@ -1177,6 +1177,8 @@ def test_a_chains_rounds_are_priced_at_what_they_emitted_in_the_class():
     seen = est.realised(chain, (4,), 1.0, cls)
     assert realised_cost((chain, (4,)), seen, cls, est) == pytest.approx(10.0 / 3, rel=0.03)
     assert est.emitted_ratio(("drafter-code", "target"), cls) == 1.0  # none seen: the model stands
+    shown = est.summary()["emitted"]  # `specmesh router explain --json` shows it
+    assert list(shown) == ["ngram,target@code-short"] and shown["ngram,target@code-short"]["tokens"] == 3600
     # A restarted router rebuilds it from the history rows (the rounds from the pair's row).
     replayed = Router(Settings(), store=None, params={}, seed=0)
     replayed.resume({

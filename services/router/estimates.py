@@ -706,4 +706,8 @@ class Estimates:
             "calibration_k": {f"{','.join(ch)}{list(ks)}@bucket{b}": {"ratio": round(self.calibration_ratio(ch, BUCKET_BATCH[b], ks), 4),
                                                                      "observations": c.observations}
                               for (ch, ks, b), c in sorted(self.calibration_k.items()) if c.observations},
+            # tokens a chain's rounds emitted in a class over the model's tokens per round (`Emitted`)
+            "emitted": {f"{','.join(ch)}@{c}": {"ratio": round(e.ratio(), 4), "tokens": round(e.realised, 1),
+                                                "modelled": round(e.modelled, 1)}
+                        for (ch, c), e in sorted(self.emitted.items())},
         }
