@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from services.router.cost_model import expected_tokens, predict, predict_at_depths, tau
-from services.router.decision import TARGET_ALONE, candidates, decide, realised_cost, served_chains
+from services.router.cost_model import expected_tokens, predict, tau
+from services.router.decision import TARGET_ALONE, candidates, decide, predict_at_depths, realised_cost, served_chains
 from services.router.estimates import Acceptance, Estimates, StepTime, conditional_counts
 from shared.messages import DRIVER, HOP, LevelOutcome, ModelStep, Outcome, StepProfile
 

@@ -125,20 +125,3 @@ def predict(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, est
     model_ms = tau(steps, alphas, list(ks), rates, gains)
     factor = estimates.calibration_ratio(chain, batch, tuple(ks)) if calibrated else 1.0
     return Prediction(chain, tuple(ks), model_ms * factor, model_ms, factor, batch, inputs)
-
-
-def predict_at_depths(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates, batch: float,
-                      shares: list[float]) -> float:
-    """The model's ms per token (uncalibrated) for rounds that verified at most m of the top
-    proposer's k drafts at `shares[m]` of them (the per-round depth policy): the rounds' mean
-    time over their mean tokens, a round at depth m being one of `ks` with the top k set to m."""
-    time_ms = tokens = 0.0
-    for m, share in enumerate(shares):
-        if share <= 0:
-            continue
-        at = predict(chain, (*ks[:-1], m), request_class, estimates, batch, calibrated=False)
-        top = at.inputs[-2][5] if len(at.inputs) > 1 else None  # (alpha, k, rate, gain) of the level below the target
-        per_round = 1.0 + top[2] * (top[3] - 1.0) if top else 1.0
-        time_ms += share * at.model_ms * per_round
-        tokens += share * per_round
-    return time_ms / tokens if tokens > 0 else predict(chain, ks, request_class, estimates, batch, calibrated=False).model_ms

@@ -311,6 +311,22 @@ def tokens_per_round(chain: tuple[str, ...], ks: tuple[int, ...], request_class:
     return 1.0 + rate * gain
 
 
+def predict_at_depths(chain: tuple[str, ...], ks: tuple[int, ...], request_class: str, estimates, batch: float,
+                      shares: list[float]) -> float:
+    """The model's ms per token (uncalibrated) for rounds that verified at most m of the top
+    proposer's k drafts at `shares[m]` of them (the per-round depth policy): the rounds' mean
+    time over their mean tokens, a round at depth m being one of `ks` with the top k set to m
+    (at 0, the target's alone)."""
+    time_ms = tokens = 0.0
+    for m, share in enumerate(shares):
+        if share > 0:
+            at = (*ks[:-1], m)
+            per_round = tokens_per_round(chain, at, request_class, estimates)
+            time_ms += share * predict(chain, at, request_class, estimates, batch, calibrated=False).model_ms * per_round
+            tokens += share * per_round
+    return time_ms / tokens if tokens > 0 else predict(chain, ks, request_class, estimates, batch, calibrated=False).model_ms
+
+
 def realised_cost(key: tuple, seen, request_class: str, estimates) -> float:
     """What a (chain, k) costs this class per token, from its realised outcomes (at their load).
 

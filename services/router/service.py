@@ -19,9 +19,10 @@ import logging
 import random
 import time
 
-from services.router.cost_model import predict, predict_at_depths
+from services.router.cost_model import predict
 from services.router.decision import (
-    TARGET_ALONE, Choice, decide, explore_depth, explore_shared_depth, hold, served_chains, shared, tokens_per_round,
+    TARGET_ALONE, Choice, decide, explore_depth, explore_shared_depth, hold, predict_at_depths, served_chains, shared,
+    tokens_per_round,
 )
 from services.router.estimates import BUCKET_BATCH, BUCKET_FROM, Estimates, depth_shares, load_bucket, valid_depths
 from shared.engine.build import canonical
@@ -97,7 +98,7 @@ class Router:
         if outcome.tokens >= 2 and outcome.tpot_ms > 0 and outcome.mixed_share <= MIXED_MAX:
             round_ms = Estimates.round_time(outcome.tpot_ms, outcome.tokens, rounds)
             self.estimates.observe_calibration(chain, batch, outcome.tpot_ms, raw, tuple(outcome.k), outcome.request_class,
-                                               round_ms, outcome.depths)
+                                               round_ms, depths)
         if self.store is None:
             return
         for level in outcome.levels:
