@@ -505,6 +505,58 @@ def test_a_chain_that_ran_at_another_load_competes_at_the_model_scaled_by_what_r
     assert {p.chain for p in choice.ranking} == {fast, slow, TARGET_ALONE}
 
 
+def test_exploration_is_bounded_by_what_a_chain_realised_here_and_how_often():
+    """A stale chain measured slow here is not tried again; one measured near the winner is."""
+    from services.router.decision import EXPLORE_WITHIN, explore_within
+
+    assert explore_within(0) == EXPLORE_WITHIN and explore_within(3) == pytest.approx(1.5)
+    assert explore_within(10) == pytest.approx(1 + 1 / 11 ** 0.5) and explore_within(-1) == EXPLORE_WITHIN
+    est = synthetic(PROFILE, ALPHAS)
+    fast, near, slow = ("drafter-code", "target"), ("verifier", "target"), ("drafter-code", "verifier", "target")
+    for chain, ks, ms in ((fast, (2,), 3.0), (near, (2,), 3.3), (slow, (2, 2), 4.8)):  # 1x, 1.1x, 1.6x the winner
+        for _ in range(10):
+            est.observe_calibration(chain, 1.0, ms, 3.0, ks, "code-short")
+    for _ in range(10):
+        est.observe_calibration(TARGET_ALONE, 1.0, 9.0, 9.0, (), "code-short")
+    rng = random.Random(1)
+    chains = [fast, near, slow, TARGET_ALONE]
+    picks = [decide("code-short", est, chains, K_MAX, batch=1.0, measured_only=True, explore_rate=1.0, rng=rng,
+                    explore_stale_s=1e-9) for _ in range(40)]
+    assert all(c.best.chain == fast for c in picks)
+    assert {c.winner.chain for c in picks if c.explored} == {near}  # stale, both: only the near one is tried
+    assert not any(c.explored for c in (decide("code-short", est, chains, K_MAX, batch=1.0, measured_only=True,
+                                                explore_rate=1.0, rng=rng) for _ in range(20)))  # fresh: none
+    # the same slow chain with no outcome here (2x bound) is tried
+    est.calibration.pop((slow, 0))
+    tried = {decide("code-short", est, chains, K_MAX, batch=1.0, measured_only=True, explore_rate=1.0, rng=rng,
+                    explore_stale_s=1e-9).winner.chain for _ in range(40)}
+    assert slow in tried
+
+
+def test_a_depth_known_dear_is_not_tried_again_when_stale():
+    from services.router.decision import explore_depth
+
+    est = synthetic(PROFILE, ALPHAS)
+    chain = ("drafter-code", "target")
+    for _ in range(10):
+        est.observe_calibration(chain, 1.0, 3.0, 3.0, (3,), "code-short")
+        est.observe_calibration(chain, 1.0, 4.8, 3.0, (2,), "code-short")  # 1.6x the winner: known dear
+        est.observe_calibration(TARGET_ALONE, 1.0, 9.0, 9.0, (), "code-short")
+    choice = decide("code-short", est, [chain, TARGET_ALONE], K_MAX, batch=1.0, measured_only=True)
+    assert choice.winner.k == (3,)
+    rng = random.Random(0)
+    # k = 4 never ran: tried; k = 2 ran 10 times at 1.6x: not, stale or not
+    assert {explore_depth(choice, est, 1.0, K_MAX, rng, rate=1.0, until=10, stale_s=1e-9).winner.k
+            for _ in range(30)} == {(4,)}
+    for _ in range(10):
+        est.observe_calibration(chain, 1.0, 3.1, 3.0, (4,), "code-short")
+    choice = decide("code-short", est, [chain, TARGET_ALONE], K_MAX, batch=1.0, measured_only=True)
+    assert choice.winner.k == (3,)
+    assert {explore_depth(choice, est, 1.0, K_MAX, rng, rate=1.0, until=10, stale_s=1e-9).winner.k
+            for _ in range(30)} == {(4,)}  # stale: the near one again, never the dear one
+    assert explore_depth(choice, est, 1.0, K_MAX, rng, rate=1.0, until=10) is choice  # fresh: nothing
+
+
 def test_exploration_reaches_chains_that_never_ran_when_only_measured_ones_compete():
     est = synthetic(PROFILE, ALPHAS)
     ran = ("verifier", "target")

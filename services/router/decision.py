@@ -11,15 +11,17 @@ level in 1..k_max, and the target alone (k = 0). Rules, in order:
 3. CoSine's specialist: among the drafters, the one with the best measured acceptance on
    the class is the one whose chains predict cheapest (the ranking says which);
 4. exploration: with probability `explore_rate` per class and interval, another candidate
-   predicted within 2x of the winner (the least observed chain at this load first) is
-   assigned instead for that interval, reason `explore`, if that chain has fewer than
-   `explore_until` outcomes at this load or none for `explore_stale_s` (a known chain is
-   not tried again and again); the router passes a rate of 0 under load
+   (the least observed chain at this load first) is assigned instead for that interval,
+   reason `explore`, if that chain has fewer than `explore_until` outcomes at this load or
+   none for `explore_stale_s` (a known chain is not tried again and again), and is priced
+   (at what it realised here, where it did) within `explore_within` of the winner: 2x for a
+   chain never run here, narrowing with its outcomes here (a chain known to be slow is not
+   tried again when its outcomes go stale); the router passes a rate of 0 under load
    (`router.explore_max_batch`);
    depth: with probability `explore_depth_rate` per class and interval, at any load, the
    winning chain with k one step up or down on one level (`explore_depth`), while that k has
-   few or stale outcomes at this load: only measured (chain, k) compete (below), so without
-   it a chain would keep the k it first ran with;
+   few or stale outcomes at this load and is priced within the same bound: only measured
+   (chain, k) compete (below), so without it a chain would keep the k it first ran with;
 5. under load (`router.shared_chain_batch`), one chain for every class (`shared`): a target
    round drafts every chain present, then verifies all requests in one forward, so a round
    with two chains waits for both proposals and every request in it pays for the slower.
@@ -61,6 +63,7 @@ over k that follows the model where it gains more than the margin).
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass, field, replace
 
@@ -68,7 +71,21 @@ from services.router.cost_model import Prediction, predict
 from shared.engine.build import canonical, models_of
 
 TARGET_ALONE = ("target",)
-EXPLORE_WITHIN = 2.0  # explore only chains predicted within this factor of the winner
+EXPLORE_WITHIN = 2.0  # explore only chains priced within this factor of the winner (one never run here)
+
+
+def explore_within(outcomes: int) -> float:
+    """How far above the winner's price a chain (or k) may be priced and still be tried, given
+    its `outcomes` at this load: `EXPLORE_WITHIN` for one never run here, narrowing as
+    1/sqrt(1 + outcomes) (an upper confidence bound: what has run here is priced by what it
+    realised, and its price is known the better the more it ran).
+
+    Without it a chain known to be slow was tried again whenever its outcomes went stale: on
+    the bench family at one request in flight, `drafter-prose,target` (0.67x the tokens/s of
+    `ngram,target`, both measured there) took 4 of adaptive's 80 requests in one low phase.
+    A chain within 2x with 10 outcomes is tried only within 1.30x, with 3 within 1.5x.
+    """
+    return 1.0 + (EXPLORE_WITHIN - 1.0) / math.sqrt(1.0 + max(0, outcomes))
 
 
 def served_chains() -> list[tuple[str, ...]]:
@@ -255,9 +272,14 @@ def decide(request_class: str, estimates, chains: list[tuple[str, ...]], k_max: 
                     specialist=specialist(request_class, estimates, available=available), options=preds)
     others = []
     if explore_rate > 0 and rng is not None and len({chain for chain, _ in pool}) > 1 and rng.random() < explore_rate:
-        # from the model's ranking: what has not run here is not among the measured
-        others = [p for p in best_per_chain(modelled_all()) if p.chain != winner.chain and p.ms_per_token <= EXPLORE_WITHIN * winner.ms_per_token
-                  and estimates.calibration_for(p.chain, batch).needs_outcomes(explore_until, explore_stale_s)]
+        # from the model's ranking (what has not run here is not among the measured), each chain
+        # priced at what it realised here where it did, within `explore_within` of the winner
+        priced = {p.chain: p.ms_per_token for p in ranking}
+        for p in best_per_chain(modelled_all()):
+            seen_here = estimates.calibration_for(p.chain, batch)
+            if p.chain != winner.chain and seen_here.needs_outcomes(explore_until, explore_stale_s) \
+                    and priced.get(p.chain, p.ms_per_token) <= explore_within(seen_here.observations) * winner.ms_per_token:
+                others.append(p)
     if others:
         seen = {p.chain: estimates.calibration_for(p.chain, batch).observations for p in others}
         fewest = min(seen.values())
@@ -370,15 +392,26 @@ def neighbours(ks: tuple[int, ...], k_max: int) -> list[tuple[int, ...]]:
 
 
 def depth_trial(chain: tuple[str, ...], ks: tuple[int, ...], estimates, batch: float, k_max: int, rng: random.Random,
-                until: int, stale_s: float) -> tuple[tuple[int, ...], int] | None:
+                until: int, stale_s: float, over=None) -> tuple[tuple[int, ...], int] | None:
     """The neighbour of `ks` to try on `chain` and its outcomes so far at this load: the one with
-    the fewest, among those with fewer than `until` or none for `stale_s`; None if every one is known."""
+    the fewest, among those with fewer than `until` or none for `stale_s` and, given `over`
+    (a neighbour's price over the winner's), priced within `explore_within` of the winner;
+    None if every one is known (or too dear to try)."""
     seen = {n: estimates.depth_calibration(chain, n, batch) for n in neighbours(ks, k_max)}
-    open_ = {n: c.observations for n, c in seen.items() if c.needs_outcomes(until, stale_s)}
+    open_ = {n: c.observations for n, c in seen.items() if c.needs_outcomes(until, stale_s)
+             and (over is None or over(n) <= explore_within(c.observations))}
     if not open_:
         return None
     fewest = min(open_.values())
     return rng.choice(sorted(n for n, count in open_.items() if count == fewest)), fewest
+
+
+def _price(choice: Choice, ks: tuple[int, ...], estimates, batch: float) -> float:
+    """The winning chain at `ks` for the choice's class: as the decision priced it (what it
+    realised here, or one step from what did), else the model's."""
+    chain = choice.winner.chain
+    known = next((p.ms_per_token for p in choice.options if p.chain == chain and p.k == ks), None)
+    return known if known is not None else predict(chain, ks, choice.request_class, estimates, batch).ms_per_token
 
 
 def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: random.Random, rate: float,
@@ -394,7 +427,8 @@ def explore_depth(choice: Choice, estimates, batch: float, k_max: int, rng: rand
     winner = choice.winner
     if rate <= 0 or choice.explored or winner.chain == TARGET_ALONE or rng.random() >= rate:
         return choice
-    trial = depth_trial(winner.chain, winner.k, estimates, batch, k_max, rng, until, stale_s)
+    trial = depth_trial(winner.chain, winner.k, estimates, batch, k_max, rng, until, stale_s,
+                        over=lambda ks: _price(choice, ks, estimates, batch) / max(winner.ms_per_token, 1e-9))
     if trial is None:
         return choice
     ks, fewest = trial
@@ -415,7 +449,9 @@ def explore_shared_depth(choices: dict[str, Choice], estimates, batch: float, k_
     ((chain, ks),) = winners
     if chain == TARGET_ALONE or rng.random() >= rate:
         return choices
-    trial = depth_trial(chain, ks, estimates, batch, k_max, rng, until, stale_s)
+    trial = depth_trial(chain, ks, estimates, batch, k_max, rng, until, stale_s,
+                        over=lambda n: sum(_price(c, n, estimates, batch) / max(c.winner.ms_per_token, 1e-9)
+                                           for c in choices.values()) / len(choices))
     if trial is None:
         return choices
     pick, fewest = trial
