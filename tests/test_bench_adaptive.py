@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from shared.bench.adaptive import (ADAPTIVE, NO_SPECULATION, default_slo, markdown, per_view, percentile,
+from shared.bench.adaptive import (ADAPTIVE, NO_SPECULATION, default_slo, markdown, per_prompt, per_view, percentile,
                                    summarise, summarise_all, verdict)
 from shared.cli.adaptive_bench import order
 
@@ -107,6 +107,37 @@ def test_a_tie_on_the_whole_mix_is_not_strictly_better():
     assert v["overall"]["adaptive_vs_best_static"] == 1.0
     assert not v["targets"][2]["met"]
     assert not v["targets"][3]["met"]  # 300 / 310 < 0.98
+
+
+def timed(latencies: list[float], seconds: float = 1.0, order: list[int] | None = None) -> dict:
+    """A run whose request for prompt i took latencies[i] ms, finished in `order` (default: the prompts')."""
+    order = list(range(len(latencies))) if order is None else order
+    return {"results": [{"tokens": 10, "ttft_ms": 1.0, "tpot_ms": 1.0, "chain": "x", "index": i,
+                         "latency_ms": latencies[i]} for i in order], "errors": [], "seconds": seconds}
+
+
+def test_per_prompt_pairs_each_request_with_the_same_prompt_in_the_same_run():
+    # the reference's run 2 is slower throughout (drift): pooled, adaptive looks faster; per prompt it is the same
+    ada = [timed([100, 200, 300, 400]), timed([100, 200, 300, 400], order=[3, 1, 0, 2])]
+    ref = [timed([110, 220, 330, 440]), timed([100, 200, 300, 400])]
+    got = per_prompt(ada, ref)
+    assert got["pairs"] == 8 and got["adaptive_faster"] == 4
+    assert got["median"] == pytest.approx(1.05)
+    assert got["ci95"][0] <= 1.0 <= got["ci95"][1] + 1e-9 and got["ci95"][1] == pytest.approx(1.1)
+    assert per_prompt(ada[:1], ref)["median"] == pytest.approx(1.1)  # only run 1 pairs: zip stops at the shorter
+    assert per_prompt([timed([1.0])], [{"results": [{"latency_ms": 1.0}], "errors": [], "seconds": 1.0}]) is None
+
+
+def test_the_verdict_reports_per_prompt_speed_beside_the_pooled_ratio():
+    runs = {"ngram,target": {"low": [timed([100, 100]), timed([100, 100])], "high": [timed([50, 50])] * 2},
+            NO_SPECULATION: {"low": [timed([200, 200])] * 2, "high": [timed([80, 80])] * 2},
+            ADAPTIVE: {"low": [timed([90, 90]), timed([125, 125])], "high": [timed([50, 50])] * 2}}
+    v = verdict(summarise_all(runs, None), runs)
+    assert v["low"]["adaptive_vs_best_static_per_prompt"]["pairs"] == 4
+    assert v["low"]["adaptive_vs_best_static_per_prompt"]["median"] == pytest.approx((100 / 90 + 0.8) / 2, abs=1e-3)
+    assert v["overall"]["adaptive_vs_best_static_per_prompt"]["pairs"] == 8
+    assert "per prompt" in v["targets"][0]["measured"] and "adaptive faster in 2 of 4" in v["targets"][0]["measured"]
+    assert "per prompt" not in verdict(summarise_all(runs, None))["targets"][0]["measured"]  # no runs: pooled only
 
 
 def test_markdown_has_a_row_per_configuration_and_view_and_every_target():

@@ -84,12 +84,34 @@ def summarise_all(runs: dict[str, dict[str, list[dict]]], slo_ms: float | None) 
             for config, phases in runs.items()}
 
 
-def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
+def per_prompt(adaptive: list[dict], reference: list[dict]) -> dict | None:
+    """Adaptive's speed against `reference`'s prompt by prompt: each request of adaptive's
+    i-th run over the same prompt's (`index`) in the reference's i-th run (the same repeat,
+    or the same head-to-head pair), as the reference's latency over adaptive's (greedy: the
+    same tokens, so > 1 is adaptive faster). The median and its 95% bootstrap interval, and
+    how many adaptive won: a run's wall time carries the machine's drift over its seconds,
+    a pair of one prompt's requests a minute apart less of it. None without pairs."""
+    ratios = []
+    for mine, theirs in zip(adaptive, reference):
+        by_prompt = {r["index"]: r for r in theirs["results"] if r.get("index") is not None}
+        for r in mine["results"]:
+            twin = by_prompt.get(r.get("index"))
+            if twin is not None and r["latency_ms"] > 0 and twin["latency_ms"] > 0:
+                ratios.append(twin["latency_ms"] / r["latency_ms"])
+    if not ratios:
+        return None
+    median, low, high = stats.median_ci(ratios)
+    return {"pairs": len(ratios), "median": round(median, 3), "ci95": [round(low, 3), round(high, 3)],
+            "adaptive_faster": sum(1 for x in ratios if x > 1.0)}
+
+
+def verdict(summaries: dict[str, dict[str, dict]], runs: dict[str, dict[str, list[dict]]] | None = None) -> dict:
     """Adaptive against the best static configuration (no speculation included) per view.
 
     Pooled ratio (tokens/s over tokens/s), the per-repeat ratios against that same
-    configuration, and how many repeats adaptive won; then issue 6's four targets with
-    `met` judged on the pooled ratios and `every_repeat` on the paired ones.
+    configuration, and how many repeats adaptive won; given the `runs`, also prompt by
+    prompt (`per_prompt`); then issue 6's four targets with `met` judged on the pooled
+    ratios and `every_repeat` on the paired ones.
     """
     statics = [c for c in summaries if c != ADAPTIVE]
     out: dict = {}
@@ -109,14 +131,21 @@ def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
             "adaptive_vs_no_speculation": _ratio(ada["tokens_per_s"], nospec["tokens_per_s"]),
             "adaptive_vs_no_speculation_by_repeat": _paired(ada, nospec),
         }
+        if runs is not None:
+            views = {c: per_view(phases) for c, phases in runs.items()}
+            out[view]["adaptive_vs_best_static_per_prompt"] = per_prompt(
+                *([run for phase in PHASES for run in views[c][phase]] if view == "overall" else views[c][view]
+                  for c in (ADAPTIVE, best)))
     targets = []
     for phase in PHASES:
         v = out[phase]
         targets.append(_target(f"{phase} phase: adaptive >= the best static chain ({v['best_static']})",
-                               v["adaptive_vs_best_static"], v["adaptive_vs_best_static_by_repeat"], 1.0, strict=False))
+                               v["adaptive_vs_best_static"], v["adaptive_vs_best_static_by_repeat"], 1.0, strict=False,
+                               prompts=v.get("adaptive_vs_best_static_per_prompt")))
     v = out["overall"]
     targets.append(_target(f"whole mix: adaptive > every static chain (best: {v['best_static']})",
-                           v["adaptive_vs_best_static"], v["adaptive_vs_best_static_by_repeat"], 1.0, strict=True))
+                           v["adaptive_vs_best_static"], v["adaptive_vs_best_static_by_repeat"], 1.0, strict=True,
+                           prompts=v.get("adaptive_vs_best_static_per_prompt")))
     v = out["high"]
     targets.append(_target("high phase: adaptive >= 0.98x no speculation", v["adaptive_vs_no_speculation"],
                            v["adaptive_vs_no_speculation_by_repeat"], NO_SPEC_FLOOR, strict=False))
@@ -124,9 +153,14 @@ def verdict(summaries: dict[str, dict[str, dict]]) -> dict:
     return out
 
 
-def _target(name: str, pooled: float, paired: list[float], floor: float, strict: bool) -> dict:
+def _target(name: str, pooled: float, paired: list[float], floor: float, strict: bool,
+            prompts: dict | None = None) -> dict:
     ok = (lambda x: x > floor) if strict else (lambda x: x >= floor)
     spread = f" (per repeat {min(paired):.3f}-{max(paired):.3f})" if len(paired) > 1 else ""
+    if prompts:
+        low, high = prompts["ci95"]
+        spread += (f"; per prompt {prompts['median']:.3f}x (95% CI {low:.3f}-{high:.3f}, adaptive faster in "
+                   f"{prompts['adaptive_faster']} of {prompts['pairs']})")
     return {"target": name, "measured": f"{pooled:.3f}x{spread}", "met": ok(pooled),
             "every_repeat": bool(paired) and all(ok(p) for p in paired)}
 

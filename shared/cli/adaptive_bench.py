@@ -24,7 +24,9 @@ repeat`: the repeats, then the head-to-head runs) include them. Per configuratio
 phase, and overall: tokens/s (output tokens over the phase's wall time; pooled and per
 repeat), TPOT p50/p99 and TTFT p50 measured at the client from the stream, SLO attainment (share of requests whose TPOT is at most
 `--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase), and the
-verdict on issue 6's targets (`shared/bench/adaptive.py`). Bounded: `--requests` and
+verdict on issue 6's targets (`shared/bench/adaptive.py`), with adaptive's speed against
+the best static configuration prompt by prompt too (each request's latency against the
+same prompt's in the same repeat or head-to-head pair: median and 95% interval). Bounded: `--requests` and
 `--high-requests` per configuration and repeat, `--max-seconds` per run.
 """
 
@@ -87,16 +89,16 @@ async def _one(client, prompt: str, config: str, max_tokens: int, domain: str = 
 
 async def _run(client, prompts: list[tuple[str, str]], config: str, concurrency: int, max_tokens: int, max_seconds: float,
                bar) -> dict:
-    queue = list(prompts)
+    queue = list(enumerate(prompts))
     results: list[dict] = []
     errors: list[str] = []
     t0 = time.perf_counter()
 
     async def worker() -> None:
         while queue and time.perf_counter() - t0 < max_seconds:
-            prompt, domain = queue.pop(0)
+            index, (prompt, domain) = queue.pop(0)
             try:
-                results.append(await _one(client, prompt, config, max_tokens, domain))
+                results.append({**await _one(client, prompt, config, max_tokens, domain), "index": index})
             except Exception as exc:  # counted and shown: a failed request is not a fast one
                 errors.append(str(exc)[:200])
             bar.update(1)
@@ -235,7 +237,7 @@ def register(bench_app: typer.Typer) -> None:
                   "head_to_head_pairs": confirm, "max_tokens": max_tokens,
                   "concurrency": {"low": low, "high": high},
                   "slo_tpot_ms": None if slo is None else round(slo, 3), "gateway": settings.gateway.http_url,
-                  "configs": summaries, "verdict": verdict(summaries)}
+                  "configs": summaries, "verdict": verdict(summaries, runs)}
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         elif as_markdown:
