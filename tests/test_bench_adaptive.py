@@ -121,9 +121,15 @@ def test_per_prompt_pairs_each_request_with_the_same_prompt_in_the_same_run():
     ada = [timed([100, 200, 300, 400]), timed([100, 200, 300, 400], order=[3, 1, 0, 2])]
     ref = [timed([110, 220, 330, 440]), timed([100, 200, 300, 400])]
     got = per_prompt(ada, ref)
-    assert got["pairs"] == 8 and got["adaptive_faster"] == 4
+    assert got["pairs"] == 8 and got["runs"] == 2 and got["adaptive_faster"] == 4
     assert got["median"] == pytest.approx(1.05)
-    assert got["ci95"][0] <= 1.0 <= got["ci95"][1] + 1e-9 and got["ci95"][1] == pytest.approx(1.1)
+    # resampled by run: either run twice (1.0 or 1.1) or both (1.05)
+    assert got["ci95"] == [pytest.approx(1.0), pytest.approx(1.1)]
+    # sixteen runs of four requests, each run at its own moment's speed: the interval is the runs' spread
+    runs_a = [timed([100.0 * (1 + 0.1 * (i % 3 - 1))] * 4) for i in range(16)]
+    runs_r = [timed([100.0] * 4) for _ in range(16)]
+    wide = per_prompt(runs_a, runs_r)
+    assert wide["runs"] == 16 and wide["ci95"][0] < 1.0 < wide["ci95"][1]
     assert per_prompt(ada[:1], ref)["median"] == pytest.approx(1.1)  # only run 1 pairs: zip stops at the shorter
     assert per_prompt([timed([1.0])], [{"results": [{"latency_ms": 1.0}], "errors": [], "seconds": 1.0}]) is None
 
@@ -136,7 +142,8 @@ def test_the_verdict_reports_per_prompt_speed_beside_the_pooled_ratio():
     assert v["low"]["adaptive_vs_best_static_per_prompt"]["pairs"] == 4
     assert v["low"]["adaptive_vs_best_static_per_prompt"]["median"] == pytest.approx((100 / 90 + 0.8) / 2, abs=1e-3)
     assert v["overall"]["adaptive_vs_best_static_per_prompt"]["pairs"] == 8
-    assert "per prompt" in v["targets"][0]["measured"] and "adaptive faster in 2 of 4" in v["targets"][0]["measured"]
+    assert "per prompt" in v["targets"][0]["measured"] and "adaptive faster in 2 of 4" in v["targets"][0]["measured"] \
+        and "over 2 run pairs" in v["targets"][0]["measured"]
     assert "per prompt" not in verdict(summarise_all(runs, None))["targets"][0]["measured"]  # no runs: pooled only
 
 
