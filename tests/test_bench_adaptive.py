@@ -145,6 +145,12 @@ def test_the_verdict_reports_per_prompt_speed_beside_the_pooled_ratio():
     assert "per prompt" in v["targets"][0]["measured"] and "adaptive faster in 2 of 4" in v["targets"][0]["measured"] \
         and "over 2 run pairs" in v["targets"][0]["measured"]
     assert "per prompt" not in verdict(summarise_all(runs, None))["targets"][0]["measured"]  # no runs: pooled only
+    # adaptive ran head to head against another configuration: the best static's low runs stop at the
+    # repeats, and its high runs still pair with adaptive's high runs (never a low run with a high one)
+    runs[ADAPTIVE]["low"].append(timed([10, 10]))
+    overall = verdict(summarise_all(runs, None), runs)["overall"]["adaptive_vs_best_static_per_prompt"]
+    assert overall["pairs"] == 8 and overall["runs"] == 4
+    assert overall["median"] == pytest.approx(1.0) and overall["adaptive_faster"] == 2
 
 
 def test_markdown_has_a_row_per_configuration_and_view_and_every_target():

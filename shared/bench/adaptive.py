@@ -139,10 +139,7 @@ def verdict(summaries: dict[str, dict[str, dict]], runs: dict[str, dict[str, lis
             "adaptive_vs_no_speculation_by_repeat": _paired(ada, nospec),
         }
         if runs is not None:
-            views = {c: per_view(phases) for c, phases in runs.items()}
-            out[view]["adaptive_vs_best_static_per_prompt"] = per_prompt(
-                *([run for phase in PHASES for run in views[c][phase]] if view == "overall" else views[c][view]
-                  for c in (ADAPTIVE, best)))
+            out[view]["adaptive_vs_best_static_per_prompt"] = per_prompt(*_aligned(runs, best, view))
     targets = []
     for phase in PHASES:
         v = out[phase]
@@ -158,6 +155,19 @@ def verdict(summaries: dict[str, dict[str, dict]], runs: dict[str, dict[str, lis
                            v["adaptive_vs_no_speculation_by_repeat"], NO_SPEC_FLOOR, strict=False))
     out["targets"] = targets
     return out
+
+
+def _aligned(runs: dict[str, dict[str, list[dict]]], reference: str, view: str) -> tuple[list[dict], list[dict]]:
+    """Adaptive's runs and `reference`'s of `view`, the i-th of each phase against the i-th
+    (the same repeat, then the same head-to-head pair), both phases for `overall`."""
+    mine: list[dict] = []
+    theirs: list[dict] = []
+    for phase in (PHASES if view == "overall" else (view,)):
+        a, b = runs[ADAPTIVE].get(phase, []), runs[reference].get(phase, [])
+        n = min(len(a), len(b))  # a reference that was not the head-to-head opponent has no runs there
+        mine += a[:n]
+        theirs += b[:n]
+    return mine, theirs
 
 
 def _target(name: str, pooled: float, paired: list[float], floor: float, strict: bool,
