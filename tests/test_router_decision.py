@@ -557,6 +557,26 @@ def test_a_depth_known_dear_is_not_tried_again_when_stale():
     assert explore_depth(choice, est, 1.0, K_MAX, rng, rate=1.0, until=10) is choice  # fresh: nothing
 
 
+def test_a_depth_known_dear_is_not_tried_for_every_class_on_the_shared_chain():
+    from services.router.decision import explore_shared_depth
+
+    est = synthetic(PROFILE, ALPHAS, live=16)
+    chain = ("drafter-code", "target")
+    for cls in ("code-short", "prose-short"):
+        for _ in range(10):
+            est.observe_calibration(chain, 16.0, 30.0, 30.0, (3,), cls)
+            est.observe_calibration(chain, 16.0, 48.0, 30.0, (2,), cls)  # 1.6x: known dear
+            est.observe_calibration(chain, 16.0, 31.0, 30.0, (4,), cls)  # near
+            est.observe_calibration(TARGET_ALONE, 16.0, 90.0, 90.0, (), cls)
+    choices = {cls: decide(cls, est, [chain, TARGET_ALONE], K_MAX, batch=16.0, measured_only=True)
+               for cls in ("code-short", "prose-short")}
+    assert {(c.winner.chain, c.winner.k) for c in choices.values()} == {(chain, (3,))}
+    rng = random.Random(0)
+    picks = [explore_shared_depth(choices, est, 16.0, K_MAX, rng, rate=1.0, until=10, stale_s=1e-9) for _ in range(30)]
+    assert {c.winner.k for p in picks for c in p.values()} == {(4,)}  # both stale, as often seen: only the near one
+    assert explore_shared_depth(choices, est, 16.0, K_MAX, rng, rate=1.0, until=10) is choices  # fresh: nothing
+
+
 def test_exploration_reaches_chains_that_never_ran_when_only_measured_ones_compete():
     est = synthetic(PROFILE, ALPHAS)
     ran = ("verifier", "target")

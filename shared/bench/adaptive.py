@@ -10,7 +10,6 @@ per-repeat ratios says whether a margin is larger than run-to-run variation.
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections import Counter
 
@@ -104,12 +103,9 @@ def per_prompt(adaptive: list[dict], reference: list[dict], resamples: int = 200
     if not groups:
         return None
     pooled = [x for g in groups for x in g]
-    rng = random.Random(seed)
-    medians = sorted(stats.percentile([x for g in rng.choices(groups, k=len(groups)) for x in g], 50)
-                     for _ in range(resamples))
-    return {"pairs": len(pooled), "runs": len(groups), "median": round(stats.percentile(pooled, 50), 3),
-            "ci95": [round(stats.percentile(medians, 2.5), 3), round(stats.percentile(medians, 97.5), 3)],
-            "adaptive_faster": sum(1 for x in pooled if x > 1.0)}
+    median, low, high = stats.grouped_median_ci(groups, resamples=resamples, seed=seed)
+    return {"pairs": len(pooled), "runs": len(groups), "median": round(median, 3),
+            "ci95": [round(low, 3), round(high, 3)], "adaptive_faster": sum(1 for x in pooled if x > 1.0)}
 
 
 def verdict(summaries: dict[str, dict[str, dict]], runs: dict[str, dict[str, list[dict]]] | None = None) -> dict:

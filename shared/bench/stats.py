@@ -189,12 +189,20 @@ def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 200
               seed: int = 0) -> tuple[float, float, float]:
     """(median, low, high): the median and its percentile-bootstrap confidence interval at
     `level` (seeded, so a report rebuilt from its JSON says the same); NaNs for no values."""
+    return grouped_median_ci([[x] for x in values], level, resamples, seed)
+
+
+def grouped_median_ci(groups: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """`median_ci` of the pooled values, resampling whole `groups` (values that share a
+    condition, such as the requests of one run, are not independent draws)."""
     if not 0 < level < 1:
         raise ValueError(f"confidence level must be within (0, 1), got {level}")
-    xs = list(values)
-    if not xs:
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
         return math.nan, math.nan, math.nan
     rng = random.Random(seed)
-    medians = sorted(percentile(rng.choices(xs, k=len(xs)), 50) for _ in range(resamples))
+    medians = sorted(percentile([x for g in rng.choices(groups, k=len(groups)) for x in g], 50)
+                     for _ in range(resamples))
     tail = 100 * (1 - level) / 2
-    return percentile(xs, 50), percentile(medians, tail), percentile(medians, 100 - tail)
+    return percentile([x for g in groups for x in g], 50), percentile(medians, tail), percentile(medians, 100 - tail)
