@@ -208,3 +208,30 @@ def test_head_to_head_runs_alternate_abba_against_the_best_static_so_far():
 
 def _run_of(tokens: int, seconds: float) -> dict:
     return {"results": [{"tokens": tokens, "ttft_ms": 1.0, "tpot_ms": 1.0, "chain": ""}], "errors": [], "seconds": seconds}
+
+
+def test_a_json_result_keeps_its_requests_and_rescores_to_the_same_verdict(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from shared.cli.adaptive_bench import rescored, scored
+    from shared.cli.main import app as cli
+
+    runs = {"ngram,target": {"low": [timed([100, 100]), timed([100, 100])], "high": [timed([50, 50])] * 2},
+            NO_SPECULATION: {"low": [timed([200, 200])] * 2, "high": [timed([80, 80])] * 2},
+            ADAPTIVE: {"low": [timed([90, 90]), timed([125, 125])], "high": [timed([50, 50])] * 2}}
+    first = json.loads(json.dumps(scored({"family": "tiny", "repeats": 2}, runs, None)))
+    assert first["runs"] == runs and first["family"] == "tiny"
+    again = rescored(first)
+    assert again["verdict"] == first["verdict"] and again["slo_tpot_ms"] == first["slo_tpot_ms"]
+    assert rescored(first, slo_tpot_ms=0.5)["configs"][ADAPTIVE]["low"]["slo_attainment"] == 0.0  # TPOTs are 1 ms
+
+    path = tmp_path / "adaptive.json"
+    path.write_text(json.dumps(first))
+    out = CliRunner().invoke(cli, ["bench", "adaptive", "--rescore", str(path), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["verdict"] == first["verdict"]
+    path.write_text(json.dumps({k: v for k, v in first.items() if k != "runs"}))  # summaries only: nothing to score
+    out = CliRunner().invoke(cli, ["bench", "adaptive", "--rescore", str(path)])
+    assert out.exit_code == 1 and "is not a `bench adaptive --json` result with its runs" in out.output

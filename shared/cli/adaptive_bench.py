@@ -27,7 +27,9 @@ repeat), TPOT p50/p99 and TTFT p50 measured at the client from the stream, SLO a
 verdict on issue 6's targets (`shared/bench/adaptive.py`), with adaptive's speed against
 the best static configuration prompt by prompt too (each request's latency against the
 same prompt's in the same repeat or head-to-head pair: median and 95% interval). Bounded: `--requests` and
-`--high-requests` per configuration and repeat, `--max-seconds` per run.
+`--high-requests` per configuration and repeat, `--max-seconds` per run. `--json` keeps every
+request (`runs`), and `--rescore FILE` scores such a file again without a stack (after a
+change to the statistics, or with another `--slo-tpot-ms`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -183,8 +186,21 @@ def register(bench_app: typer.Typer) -> None:
         confirm: int = typer.Option(2, "--confirm", min=0,
                                     help="Then, per phase, this many pairs of adaptive and that phase's best static "
                                          "configuration head to head, in ABBA order (0: none)."),
+        rescore: Optional[Path] = typer.Option(None, "--rescore", exists=True, dir_okay=False,
+                                               help="Run nothing: score the requests an earlier `--json` run kept "
+                                                    "(its `runs`) with this code's statistics and verdict."),
     ) -> None:
         """Every static chain, no speculation and the adaptive router: tokens/s, TPOT p50/p99, SLO attainment."""
+        if rescore is not None:
+            try:
+                result = rescored(json.loads(rescore.read_text()), slo_tpot_ms)
+            except (ValueError, KeyError, TypeError) as exc:
+                typer.secho(f"error: {rescore} is not a `bench adaptive --json` result with its runs ({exc})",
+                            err=True, fg="red")
+                raise typer.Exit(1) from None
+            show(result, as_json, as_markdown)
+            return
+
         import httpx
         from tqdm import tqdm
 
@@ -230,20 +246,37 @@ def register(bench_app: typer.Typer) -> None:
         except RuntimeError as exc:
             typer.secho(f"error: {exc}", err=True, fg="red")
             raise typer.Exit(1) from None
-        slo = slo_tpot_ms or default_slo(runs)
-        summaries = summarise_all(runs, slo)
-        result = {"family": settings.models.profile, "threads_per_process": settings.engine.threads,
-                  "requests_per_phase": len(prompts["low"]), "requests_high_phase": len(prompts["high"]), "repeats": repeats,
-                  "head_to_head_pairs": confirm, "max_tokens": max_tokens,
-                  "concurrency": {"low": low, "high": high},
-                  "slo_tpot_ms": None if slo is None else round(slo, 3), "gateway": settings.gateway.http_url,
-                  "configs": summaries, "verdict": verdict(summaries, runs)}
-        if as_json:
-            typer.echo(json.dumps(result, indent=2))
-        elif as_markdown:
-            typer.echo(markdown(result), nl=False)
-        else:
-            _print_table(result)
+        meta = {"family": settings.models.profile, "threads_per_process": settings.engine.threads,
+                "requests_per_phase": len(prompts["low"]), "requests_high_phase": len(prompts["high"]),
+                "repeats": repeats, "head_to_head_pairs": confirm, "max_tokens": max_tokens,
+                "concurrency": {"low": low, "high": high}, "gateway": settings.gateway.http_url}
+        show(scored(meta, runs, slo_tpot_ms), as_json, as_markdown)
+
+
+def scored(meta: dict, runs: dict[str, dict[str, list[dict]]], slo_tpot_ms: float | None) -> dict:
+    """The result of a run: its settings (`meta`), per configuration and view the summaries, the
+    verdict, and the requests themselves (`runs`: per configuration, phase and run, each
+    request's tokens, TTFT, TPOT, latency, chain and prompt index), so a later version of
+    the statistics can score the same run again (`--rescore`)."""
+    slo = slo_tpot_ms or default_slo(runs)
+    summaries = summarise_all(runs, slo)
+    return {**meta, "slo_tpot_ms": None if slo is None else round(slo, 3), "configs": summaries,
+            "verdict": verdict(summaries, runs), "runs": runs}
+
+
+def rescored(earlier: dict, slo_tpot_ms: float | None = None) -> dict:
+    """`scored` again on an earlier `--json` result's requests, its SLO kept unless one is given."""
+    meta = {k: v for k, v in earlier.items() if k not in ("configs", "verdict", "runs", "slo_tpot_ms")}
+    return scored(meta, earlier["runs"], slo_tpot_ms or earlier.get("slo_tpot_ms"))
+
+
+def show(result: dict, as_json: bool, as_markdown: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif as_markdown:
+        typer.echo(markdown(result), nl=False)
+    else:
+        _print_table(result)
 
 
 def _print_table(result: dict) -> None:
