@@ -452,3 +452,18 @@ def test_every_request_carries_a_cache_salt_of_its_own():
     mode = Mode.parse("drafter,target", 3)
     salts = {request_body(mode, "same prompt", 8)["cache_salt"] for _ in range(50)}
     assert len(salts) == 50 and all(len(s) >= 16 for s in salts)
+
+
+def test_the_paired_interval_resamples_rounds_not_requests():
+    from shared.bench.report import _paired
+
+    def rec(cell, round_, at, tpot):
+        return {"cell": cell, "round": round_, "scheduled_s": at, "domain": "code", "tpot_s": tpot}
+
+    cells = [{"process": "poisson", "rate": 1.0, "mode": m} for m in ("ngram,target", "adaptive")]
+    # round 0: adaptive as fast as its twins; round 1 (a slow stretch of the machine): 1.2x on every request
+    records = [rec(0, r, t, 1.0) for r in (0, 1) for t in range(12)]
+    records += [rec(1, 0, t, 1.0) for t in range(12)] + [rec(1, 1, t, 1.2) for t in range(12)]
+    text = _paired({"cells": cells, "records": records}, "poisson", 1.0, "ngram,target")
+    # per request the interval would be narrow around 1.1; two rounds resampled: from one round twice to the other
+    assert "TPOT 1.100x (95% CI 1.000-1.200, resampling its 2 rounds, slower in 12 of 24)" in text

@@ -20,7 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from shared.bench.load import ADAPTIVE, OFF
-from shared.bench.stats import RequestRecord, Slo, cell_stats, chain_counts, chain_label, median_ci, paired_ratios
+from shared.bench.stats import (RequestRecord, Slo, cell_stats, chain_counts, chain_label, grouped_median_ci,
+                                 paired_ratios)
 
 RESULTS_ROOT = Path("bench/results")
 README_MARKER = "Latest load benchmark:"
@@ -99,16 +100,22 @@ def targets(doc: dict) -> list[dict]:
 
 def _paired(doc: dict, process: str, rate: float, mode: str) -> str:
     """The paired comparison of adaptive with `mode` at one rate, for the targets' table:
-    p50s of two cells of a few dozen requests differ by several percent from noise alone."""
+    p50s of two cells of a few dozen requests differ by several percent from noise alone.
+    The interval resamples whole rounds: a round of one mode is one stretch of time, and the
+    machine's speed moves from stretch to stretch (requests of one round are not independent)."""
     index = {(c["process"], c["rate"], c["mode"]): i for i, c in enumerate(doc["cells"])}
     mine, theirs = index.get((process, rate, ADAPTIVE)), index.get((process, rate, mode))
     records = doc.get("records") or []
-    ratios = paired_ratios([r for r in records if r.get("cell") == mine], [r for r in records if r.get("cell") == theirs])
+    rounds = sorted({r.get("round", 0) for r in records if r.get("cell") == mine})
+    groups = [paired_ratios([r for r in records if r.get("cell") == mine and r.get("round", 0) == i],
+                            [r for r in records if r.get("cell") == theirs and r.get("round", 0) == i]) for i in rounds]
+    ratios = [x for g in groups for x in g]
     if not ratios:
         return ""
-    mid, low, high = median_ci(ratios)
+    mid, low, high = grouped_median_ci(groups)
     slower = sum(x > 1 for x in ratios)
-    return (f"; per request against its twin in that cell, TPOT {mid:.3f}x (95% CI {low:.3f}-{high:.3f}, "
+    over = f", resampling its {len(rounds)} rounds" if len(rounds) > 1 else ""
+    return (f"; per request against its twin in that cell, TPOT {mid:.3f}x (95% CI {low:.3f}-{high:.3f}{over}, "
             f"slower in {slower} of {len(ratios)})")
 
 

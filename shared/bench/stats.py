@@ -13,7 +13,8 @@ Definitions (those of `vllm bench serve`, so numbers compare):
 - Goodput: requests meeting their SLO per second of the run's wall time.
 - Paired TPOT ratio: a request's TPOT over its twin's in another mode's cell, the twin being
   the request of the same round and arrival slot (so the same prompt and, greedy, the same
-  output); the median over pairs, with a bootstrap confidence interval.
+  output); the median over pairs, with a bootstrap confidence interval that resamples whole
+  rounds (one round of a mode is one stretch of the machine's time).
 """
 
 from __future__ import annotations
