@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from shared.bench.adaptive import (ADAPTIVE, NO_SPECULATION, default_slo, markdown, per_prompt, per_view, percentile,
-                                   summarise, summarise_all, verdict)
+from shared.bench.adaptive import (ADAPTIVE, GROUPS, NO_SPECULATION, ceiling, ceiling_text, default_slo, group_of,
+                                   markdown, per_prompt, per_view, percentile, summarise, summarise_all, verdict)
 from shared.cli.adaptive_bench import order
 
 
@@ -142,6 +142,7 @@ def test_the_verdict_reports_per_prompt_speed_beside_the_pooled_ratio():
     assert v["low"]["adaptive_vs_best_static_per_prompt"]["pairs"] == 4
     assert v["low"]["adaptive_vs_best_static_per_prompt"]["median"] == pytest.approx((100 / 90 + 0.8) / 2, abs=1e-3)
     assert v["overall"]["adaptive_vs_best_static_per_prompt"]["pairs"] == 8
+    assert v["low"]["ceiling"]["best_single"] == "ngram,target" and v["low"]["ceiling"]["in_sample"] == 1.0
     assert "per prompt" in v["targets"][0]["measured"] and "adaptive faster in 2 of 4" in v["targets"][0]["measured"] \
         and "over 2 run pairs" in v["targets"][0]["measured"]
     assert "per prompt" not in verdict(summarise_all(runs, None))["targets"][0]["measured"]  # no runs: pooled only
@@ -151,6 +152,44 @@ def test_the_verdict_reports_per_prompt_speed_beside_the_pooled_ratio():
     overall = verdict(summarise_all(runs, None), runs)["overall"]["adaptive_vs_best_static_per_prompt"]
     assert overall["pairs"] == 8 and overall["runs"] == 4
     assert overall["median"] == pytest.approx(1.0) and overall["adaptive_faster"] == 2
+
+
+def test_the_ceiling_routes_each_class_to_its_own_best_static_configuration():
+    # prompts 0-3 are code-short, code-long, prose-short, prose-long; two identical repeats
+    runs = {"a": {"low": [timed([100, 100, 100, 100])] * 2},
+            "b": {"low": [timed([80, 200, 50, 200])] * 2},
+            ADAPTIVE: {"low": [timed([95, 95, 95, 95])] * 2}}
+    c = ceiling(runs)
+    assert c["best_single"] == "a" and c["repeats"] == 2  # 400 ms a run against b's 530
+    assert c["in_sample"] == c["cross_validated"] == pytest.approx(400 / 330, abs=1e-3)
+    assert c["groups"] == {"code-short": {"best": "b", "vs_best_single": 1.25}, "code-long": {"best": "a", "vs_best_single": 1.0},
+                           "prose-short": {"best": "b", "vs_best_single": 2.0}, "prose-long": {"best": "a", "vs_best_single": 1.0}}
+    assert c["adaptive"] == pytest.approx(400 / 380, abs=1e-3)
+    text = ceiling_text(c)
+    assert "1.212x as fast as a" in text and "prose-short: b 2.000x" in text and "adaptive on the same measure: 1.053x" in text
+    assert ceiling({ADAPTIVE: runs[ADAPTIVE]}) is None and ceiling_text(None) == ""
+
+
+def test_the_cross_validated_ceiling_does_not_credit_a_lucky_repeat():
+    # c and d each beat a on one class in repeat 1 only by luck: in sample they look like a gain,
+    # chosen on one repeat and measured on the other they are none
+    runs = {"a": {"low": [timed([100, 100, 100, 100])] * 2},
+            "c": {"low": [timed([90, 110, 110, 110]), timed([105, 110, 110, 110])]},
+            "d": {"low": [timed([110, 110, 90, 110]), timed([110, 110, 105, 110])]}}
+    c = ceiling(runs)
+    assert c["best_single"] == "a"
+    assert c["in_sample"] == pytest.approx(400 / 395, abs=1e-3) and c["in_sample"] > 1
+    assert c["cross_validated"] == pytest.approx(800 / 810, abs=1e-3) and c["cross_validated"] < 1
+    assert ceiling({"a": {"low": [timed([100] * 4)]}})["cross_validated"] is None  # one repeat: nothing to hold out
+
+
+def test_a_request_keeps_its_group_else_its_prompt_index_gives_it():
+    from shared.cli.adaptive_bench import workload
+
+    assert [group_of({"index": i}) for i in range(5)] == [*GROUPS, GROUPS[0]]
+    assert group_of({"index": 0, "group": "prose-long"}) == "prose-long" and group_of({}) is None
+    prompts = workload(4)  # the workload's order is the groups'
+    assert [d for _, d in prompts] == [g.split("-")[0] for g in GROUPS]
 
 
 def test_markdown_has_a_row_per_configuration_and_view_and_every_target():

@@ -20,6 +20,7 @@ NO_SPECULATION = "target"
 PHASES = ("low", "high")
 VIEWS = PHASES + ("overall",)
 NO_SPEC_FLOOR = 0.98  # issue 6: under load, adaptive >= 0.98x no speculation
+GROUPS = ("code-short", "code-long", "prose-short", "prose-long")  # the workload's order: prompt i is GROUPS[i % 4]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -108,12 +109,97 @@ def per_prompt(adaptive: list[dict], reference: list[dict], resamples: int = 200
             "ci95": [round(low, 3), round(high, 3)], "adaptive_faster": sum(1 for x in pooled if x > 1.0)}
 
 
+def group_of(result: dict) -> str | None:
+    """The prompt group (the router's request class) of one request: its `group`, or from its
+    prompt's index in the workload's order (results written before they carried the group)."""
+    if result.get("group"):
+        return result["group"]
+    index = result.get("index")
+    return None if index is None else GROUPS[index % len(GROUPS)]
+
+
+def ceiling(runs: dict[str, dict[str, list[dict]]], phase: str = "low", repeats: int | None = None) -> dict | None:
+    """How much a router could gain in `phase` by its one lever at one request in flight:
+    sending each prompt group (its request class) to that group's own best static
+    configuration, against the best single static configuration. None without groups or
+    static runs.
+
+    At one request in flight requests do not share rounds, so a configuration's time is the
+    sum of its requests' latencies: per configuration and group, the mean latency over the
+    first `repeats` runs (the interleaved repeats, not the head-to-head runs only two
+    configurations have), times the group's requests per run. `in_sample`: the best single
+    configuration's time over the per-group best's, both chosen and measured on the same
+    runs (the minimum of a dozen noisy means is low by luck, so this overstates the gain);
+    `cross_validated`: each repeat measured with the choices made on the others (needs two
+    repeats; what a router that learnt from the other repeats would get). `adaptive`: the
+    best single configuration's time over adaptive's, on the same measure. The static
+    configurations take the router's k for their chain, so the only gain left is the chain
+    per class. Under load the router puts every class on one chain (rule 5), so there the
+    ceiling is the best single configuration itself.
+    """
+    statics = [c for c in runs if c != ADAPTIVE and runs[c].get(phase)]
+    if not statics:
+        return None
+    n = repeats or min(len(runs[c][phase]) for c in statics)
+
+    def cells(config: str, picked: list[int]) -> dict[str, float]:  # group -> mean latency over the picked runs
+        sums: dict[str, list[float]] = {}
+        for i in picked:
+            for r in runs[config][phase][i]["results"] if i < len(runs[config][phase]) else []:
+                g = group_of(r)
+                if g is not None and r.get("latency_ms"):
+                    sums.setdefault(g, []).append(r["latency_ms"])
+        return {g: statistics.fmean(v) for g, v in sums.items()}
+
+    count: Counter = Counter()
+    for c in statics:
+        for g, k in Counter(group_of(r) for r in runs[c][phase][0]["results"]).items():
+            count[g] = max(count[g], k)
+    count.pop(None, None)
+    if not count:
+        return None
+
+    def choose(picked: list[int]) -> tuple[str, dict[str, str], dict[str, dict[str, float]]]:
+        by = {c: cells(c, picked) for c in statics}
+        full = [c for c in statics if all(g in by[c] for g in count)]
+        single = min(full, key=lambda c: sum(count[g] * by[c][g] for g in count))
+        per_group = {g: min((c for c in statics if g in by[c]), key=lambda c: by[c][g]) for g in count}
+        return single, per_group, by
+
+    def total(by: dict[str, dict[str, float]], pick: dict[str, str]) -> float:
+        return sum(count[g] * by[pick[g]][g] for g in count)
+
+    everything = list(range(n))
+    single, per_group, by = choose(everything)
+    single_time = total(by, dict.fromkeys(count, single))
+    out = {"phase": phase, "repeats": n, "best_single": single,
+           "in_sample": _ratio(single_time, total(by, per_group)),
+           "groups": {g: {"best": per_group[g], "vs_best_single": _ratio(by[single][g], by[per_group[g]][g])}
+                      for g in sorted(count, key=lambda g: (GROUPS.index(g) if g in GROUPS else len(GROUPS), g))}}
+    mine = cells(ADAPTIVE, everything) if runs.get(ADAPTIVE, {}).get(phase) else {}
+    out["adaptive"] = _ratio(single_time, sum(count[g] * mine[g] for g in count)) if all(g in mine for g in count) else None
+    if n >= 2:
+        held_single = held_oracle = 0.0
+        for r in everything:
+            s, pg, _ = choose([i for i in everything if i != r])
+            on_r = {c: cells(c, [r]) for c in statics}
+            if any(g not in on_r[s] or g not in on_r[pg[g]] for g in count):
+                continue  # a configuration lost that group's requests in this repeat
+            held_single += total(on_r, dict.fromkeys(count, s))
+            held_oracle += total(on_r, pg)
+        out["cross_validated"] = _ratio(held_single, held_oracle) if held_oracle else None
+    else:
+        out["cross_validated"] = None
+    return out
+
+
 def verdict(summaries: dict[str, dict[str, dict]], runs: dict[str, dict[str, list[dict]]] | None = None) -> dict:
     """Adaptive against the best static configuration (no speculation included) per view.
 
     Pooled ratio (tokens/s over tokens/s), the per-repeat ratios against that same
     configuration, and how many repeats adaptive won; given the `runs`, also prompt by
-    prompt (`per_prompt`); then issue 6's four targets with `met` judged on the pooled
+    prompt (`per_prompt`) and, in the low phase, what routing each class to its own best
+    static configuration could gain at all (`ceiling`); then issue 6's four targets with `met` judged on the pooled
     ratios and `every_repeat` on the paired ones.
     """
     statics = [c for c in summaries if c != ADAPTIVE]
@@ -136,6 +222,8 @@ def verdict(summaries: dict[str, dict[str, dict]], runs: dict[str, dict[str, lis
         }
         if runs is not None:
             out[view]["adaptive_vs_best_static_per_prompt"] = per_prompt(*_aligned(runs, best, view))
+    if runs is not None:
+        out["low"]["ceiling"] = ceiling(runs, "low")
     targets = []
     for phase in PHASES:
         v = out[phase]
@@ -213,11 +301,28 @@ def markdown(result: dict) -> str:
                          f"{' / '.join(f'{x:.0f}' for x in s['tokens_per_s_by_repeat'])} | {_f(s['tpot_p50_ms'])} | "
                          f"{' / '.join(_f(v) for v in (s.get('tpot_p50_ms_by_domain') or {}).values())} | "
                          f"{_f(s['tpot_p99_ms'])} | {_f(s['ttft_p50_ms'])} | {slo} | {chains} |")
+    if (text := ceiling_text(result["verdict"]["low"].get("ceiling"))):
+        lines += ["", text]
     lines += ["", "| target | measured | met (pooled) | in every repeat |", "|---|---|---|---|"]
     for t in result["verdict"]["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} | "
                      f"{'yes' if t['every_repeat'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def ceiling_text(c: dict | None) -> str:
+    """One sentence on the low phase's `ceiling`, or "" without one."""
+    if not c:
+        return ""
+    others = [f"{g}: {x['best']} {x['vs_best_single']:.3f}x" for g, x in c["groups"].items() if x["best"] != c["best_single"]]
+    cv = "" if c["cross_validated"] is None else f", {c['cross_validated']:.3f}x cross-validated over its repeats"
+    text = (f"Ceiling, {c['phase']} phase: each class on its own best static configuration would run "
+            f"{c['in_sample']:.3f}x as fast as {c['best_single']} for every class ({c['repeats']} repeats, "
+            f"request latencies summed, in-sample{cv}; ")
+    text += ("other classes' best: " + "; ".join(others)) if others else f"{c['best_single']} is every class's best"
+    if c.get("adaptive") is not None:
+        return text + f"); adaptive on the same measure: {c['adaptive']:.3f}x."
+    return text + ")."
 
 
 def _head_to_head(result: dict) -> str:

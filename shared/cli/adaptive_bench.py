@@ -26,7 +26,11 @@ repeat), TPOT p50/p99 and TTFT p50 measured at the client from the stream, SLO a
 `--slo-tpot-ms`, by default twice the no-speculation TPOT p50 of the low phase), and the
 verdict on issue 6's targets (`shared/bench/adaptive.py`), with adaptive's speed against
 the best static configuration prompt by prompt too (each request's latency against the
-same prompt's in the same repeat or head-to-head pair: median and 95% interval). Bounded: `--requests` and
+same prompt's in the same repeat or head-to-head pair: median and 95% interval), and the low
+phase's ceiling: how much faster than the best static configuration each class on its own
+best static configuration would have been (`shared/bench/adaptive.py: ceiling`; the static
+configurations take the router's k, so the chain per class is all a router can add there).
+Bounded: `--requests` and
 `--high-requests` per configuration and repeat, `--max-seconds` per run. `--json` keeps every
 request (`runs`), and `--rescore FILE` scores such a file again without a stack (after a
 change to the statistics, or with another `--slo-tpot-ms`).
@@ -43,7 +47,7 @@ from typing import Optional
 import typer
 
 from shared.bench.adaptive import (
-    ADAPTIVE, NO_SPECULATION, default_slo, markdown, summarise_all, tokens_per_s, verdict,
+    ADAPTIVE, GROUPS, NO_SPECULATION, ceiling_text, default_slo, group_of, markdown, summarise_all, tokens_per_s, verdict,
 )
 from shared.bench.load import fresh_salt
 from shared.bench.sse import chunks
@@ -52,11 +56,13 @@ from shared.cli.client import served_model
 
 
 def workload(n: int) -> list[tuple[str, str]]:
-    """`n` (prompt, domain), alternating code and prose, short (~200 chars) and long (~700 chars)."""
+    """`n` (prompt, domain), prompt i of group `GROUPS[i % 4]`: code and prose, short (~200
+    chars) and long (~700 chars; the router's classes, long from 128 prompt tokens)."""
     from shared.models.corpus import heldout_prompts
 
     per = max(1, (n + 3) // 4)
-    groups = [(d, heldout_prompts(d, per, chars, seed=17)) for d in ("code", "prose") for chars in (200, 700)]
+    groups = [(d, heldout_prompts(d, per, 200 if size == "short" else 700, seed=17))
+              for d, size in (g.split("-") for g in GROUPS)]
     out = [(g[i], d) for i in range(per) for d, g in groups]
     return out[:n]
 
@@ -101,7 +107,8 @@ async def _run(client, prompts: list[tuple[str, str]], config: str, concurrency:
         while queue and time.perf_counter() - t0 < max_seconds:
             index, (prompt, domain) = queue.pop(0)
             try:
-                results.append({**await _one(client, prompt, config, max_tokens, domain), "index": index})
+                result = {**await _one(client, prompt, config, max_tokens, domain), "index": index}
+                results.append({**result, "group": group_of(result)})
             except Exception as exc:  # counted and shown: a failed request is not a fast one
                 errors.append(str(exc)[:200])
             bar.update(1)
@@ -296,6 +303,8 @@ def _print_table(result: dict) -> None:
         typer.echo(f"{view}: adaptive {v['adaptive_tokens_per_s']:.1f} tok/s = {v['adaptive_vs_best_static']:.3f}x best static "
                    f"({v['best_static']}; per repeat {v['adaptive_vs_best_static_by_repeat']}), "
                    f"{v['adaptive_vs_no_speculation']:.3f}x no speculation")
+    if (text := ceiling_text(result["verdict"]["low"].get("ceiling"))):
+        typer.echo(text)
     for t in result["verdict"]["targets"]:
         typer.echo(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']}"
                    + ("" if t["every_repeat"] else " (not in every repeat)"))
