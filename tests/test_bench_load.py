@@ -467,3 +467,31 @@ def test_the_paired_interval_resamples_rounds_not_requests():
     text = _paired({"cells": cells, "records": records}, "poisson", 1.0, "ngram,target")
     # per request the interval would be narrow around 1.1; two rounds resampled: from one round twice to the other
     assert "TPOT 1.100x (95% CI 1.000-1.200, resampling its 2 rounds, slower in 12 of 24)" in text
+
+
+def test_the_lowest_rate_ceiling_takes_each_class_from_its_own_best_chain():
+    from shared.bench.report import _ceiling
+
+    def rec(cell, round_, domain, tpot, prompt_tokens=40):
+        return {"cell": cell, "round": round_, "domain": domain, "tpot_s": tpot, "prompt_tokens": prompt_tokens}
+
+    cells = [{"process": "poisson", "rate": 1.0, "mode": m} for m in ("ngram,target", "drafter,target", "adaptive")]
+    # ngram is the faster on code, the drafter on prose, in both rounds
+    records = [rec(0, r, "code", 0.002) for r in (0, 1) for _ in range(3)] + [rec(0, r, "prose", 0.004) for r in (0, 1) for _ in range(3)]
+    records += [rec(1, r, "code", 0.005) for r in (0, 1) for _ in range(3)] + [rec(1, r, "prose", 0.003) for r in (0, 1) for _ in range(3)]
+    records += [rec(2, 0, "code", 0.001)]  # adaptive's own requests are not a static chain's
+    doc = {"cells": cells, "records": records}
+    text = _ceiling(doc, "poisson", 1.0, ["ngram,target", "drafter,target"])
+    assert "TPOT p50 2.50 ms in sample, 2.50 cross-validated over rounds" in text  # median of 2s and 3s
+    assert "(code-short ngram,target, prose-short drafter,target)" in text
+    # a drafter fast on prose in round 0 only (a fast stretch): in sample it is chosen, but chosen on
+    # round 1 it is not taken for round 0, and chosen on round 0 it is slow in round 1
+    records[-7:-1] = [rec(1, 0, "prose", 0.001)] * 3 + [rec(1, 1, "prose", 0.0045)] * 3
+    lucky = _ceiling(doc, "poisson", 1.0, ["ngram,target", "drafter,target"])
+    assert "TPOT p50 2.00 ms in sample, 3.00 cross-validated over rounds" in lucky
+    one_round = _ceiling({"cells": cells, "records": [rec(0, 0, "code", 0.002)]}, "poisson", 1.0, ["ngram,target"])
+    assert "in sample" in one_round and "cross-validated" not in one_round
+    assert _ceiling({"cells": cells, "records": []}, "poisson", 1.0, ["ngram,target"]) == ""
+    long_prompt = _ceiling({"cells": cells, "records": [rec(0, 0, "code", 0.002, prompt_tokens=400)]}, "poisson", 1.0,
+                           ["ngram,target"])
+    assert "code-long ngram,target" in long_prompt

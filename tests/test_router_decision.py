@@ -1261,3 +1261,40 @@ def test_a_chains_rounds_are_priced_at_what_they_emitted_in_the_class():
                        "predicted_ms_per_token": 3.0, "batch_mean": 1.0, "request_id": f"r{i}", "request_class": cls,
                        "tokens_per_round": 2.25} for i in range(5)]})
     assert replayed.estimates.emitted_ratio(chain, cls) == pytest.approx((300 + 200) / (225 + 200), rel=0.02)
+
+
+def test_an_unchanged_router_decides_once_and_any_observation_decides_again(monkeypatch):
+    import services.router.service as service
+    from services.router.service import Router
+    from shared.settings import RouterSettings, Settings
+
+    router = Router(Settings(router=RouterSettings(explore_rate=0.0, explore_depth_rate=0.0)), store=None, params={}, seed=0)
+    router.chains = CHAINS
+    router.estimates = synthetic(PROFILE, ALPHAS, live=1)
+    calls = []
+    real = service.decide
+    monkeypatch.setattr(service, "decide", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    first = router.table()
+    n = len(calls)
+    assert n >= len(first.assignments)
+    again = router.table()  # nothing observed, same load: the same table, nothing decided again
+    assert len(calls) == n and [(e.chain, e.k) for e in again.assignments] == [(e.chain, e.k) for e in first.assignments]
+    assert again.version > first.version
+    # any observation, at the same load too, and a profile (the load, the step times): decided again
+    batch = router.estimates.batch()
+    router.estimates.observe_traffic("code-short")
+    router.table()
+    assert router.estimates.batch() == batch and len(calls) == 2 * n
+    router.on_profile(StepProfile(worker="t1", interval_s=1.0, steps=[], live_requests=1, waiting_requests=0))
+    router.table()
+    assert len(calls) == 3 * n
+    router.estimates = synthetic(PROFILE, ALPHAS, live=1)  # other estimates, another memo
+    router.table()
+    assert len(calls) == 4 * n
+    router.available = {"verifier"}  # models going down change the candidates
+    narrowed = router.table()
+    assert len(calls) == 5 * n and all("drafter" not in ",".join(e.chain) for e in narrowed.assignments)
+    # trials are drawn every interval whatever the memo holds: a trial is decided afresh
+    router.cfg = router.cfg.model_copy(update={"explore_rate": 1.0})
+    router.available = None
+    assert any(e.reason == "explore" for e in router.table().assignments)

@@ -398,6 +398,7 @@ class Estimates:
         self.traffic: dict[str, float] = {}  # class -> its decayed count of recent outcomes (`shares`)
         self.emitted: dict[tuple[tuple[str, ...], str], Emitted] = {}  # (chain, class): tokens a round emitted vs the model
         self.outcomes = 0
+        self.version = 0  # counts the observations: a decision from the same version and load is the same
         self.profiles = 0
 
     # -- reading -------------------------------------------------------------------------
@@ -484,6 +485,7 @@ class Estimates:
                         per_round: float) -> None:
         """One outcome's tokens after the first over its target rounds, against the model's
         tokens per round for it (`decision.tokens_per_round` at the depths its rounds took)."""
+        self.version += 1
         if rounds is None or rounds <= 0 or tokens < 2:
             return
         self.emitted.setdefault((tuple(chain), request_class), Emitted()).observe(
@@ -583,6 +585,7 @@ class Estimates:
         """One request's verifications of a level; `rounds`: the target's, when it verifies the
         level; `depths`: the request's rounds by the drafts the depth policy allowed (the
         level right below the target only)."""
+        self.version += 1
         depths = valid_depths(depths)
         self.pair(level.name, level.verifier, request_class).observe(level, self.half_life_tokens, k, depths)
         if rounds is not None and depths is not None:
@@ -601,6 +604,7 @@ class Estimates:
         return max(0, outcome.tokens - 1 - level.accepted)
 
     def observe_outcome(self, outcome: Outcome) -> None:
+        self.version += 1
         self.outcomes += 1
         chain = [canonical(c) for c in outcome.chain]
         for level in outcome.levels:
@@ -614,6 +618,7 @@ class Estimates:
 
     def observe_traffic(self, request_class: str) -> None:
         """One finished request of `request_class`: the mix of recent requests (`shares`)."""
+        self.version += 1
         keep = 1.0 - 1.0 / TRAFFIC_WINDOW
         for cls in self.traffic:
             self.traffic[cls] *= keep
@@ -630,6 +635,7 @@ class Estimates:
 
     def observe_step(self, step: ModelStep, batch: float | None = None) -> None:
         """One model's forwards over an interval; a remote level's 'forward' is one call."""
+        self.version += 1
         if step.forwards <= 0 or step.seconds <= 0:
             return
         per_call_ms = step.seconds * 1e3 / step.forwards
@@ -644,6 +650,7 @@ class Estimates:
         self.step(step.model).observe(tokens_per_call / fwd_per_call, per_call_ms / fwd_per_call, step.forwards)
 
     def observe_profile(self, profile: StepProfile, now: float | None = None) -> None:
+        self.version += 1
         self.profiles += 1
         now = time.monotonic() if now is None else now
         self.load[profile.worker] = (now, profile.live_requests, profile.waiting_requests)
@@ -659,6 +666,7 @@ class Estimates:
         """One outcome's realised TPOT against the model's, at the load it ran under; `round_ms`:
         its time per target round (`round_time`), when known; `depths`: its rounds by the
         drafts the depth policy allowed (`Outcome.depths`; none: every round took k)."""
+        self.version += 1
         self.calibration_for(chain, batch).observe(realised_ms, predicted_ms, batch=batch)
         if ks is not None:  # () for the target alone
             key = self._k_key(chain, ks, batch)

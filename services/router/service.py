@@ -43,6 +43,7 @@ DISCOVER_SOON_S = 0.5  # between tries while no worker has answered yet
 # An outcome whose rounds mostly verified other chains too is not calibrated: its TPOT was set
 # by the slowest chain's proposal in each round, not by its own chain.
 MIXED_MAX = 0.5
+MEMO_MAX = 512  # decisions kept between observations (`Router.decide_one`): classes x batches decided at
 
 
 def family_params(settings) -> dict[str, int]:
@@ -77,6 +78,8 @@ class Router:
         self.shared_ks: dict[int, tuple[int, ...]] = {}  # load bucket -> the k every class last took on it
         self.held: dict[tuple[str, int], tuple] = {}  # (class, load bucket) -> its last cost winner (chain, k)
         self.recorded: dict[str, tuple] = {}
+        self._memo: dict[tuple[str, float], Choice] = {}  # (class, batch) -> `decide` without trials (`decide_one`)
+        self._memo_context: tuple | None = None
 
     # -- feedback ------------------------------------------------------------------------
     def on_outcome(self, outcome: Outcome) -> None:
@@ -250,14 +253,38 @@ class Router:
         bucket = load_bucket(batch)
         out = {}
         for cls in (*CLASSES, DEFAULT_CLASS):
-            choice = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
-                            chain_rate if cls != DEFAULT_CLASS else 0.0, self.rng, batch, measured_only=True,
-                            explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
+            if cls != DEFAULT_CLASS and chain_rate > 0 and self.rng.random() < chain_rate:  # a chain trial's interval
+                choice = self.decide_one(cls, batch, explore=True)
+            else:
+                choice = self.decide_one(cls, batch)
             choice = hold(choice, self.held.get((cls, bucket)), cfg.class_switch_margin, cfg.slo_tpot_ms)
             best = choice.best or choice.winner
             self.held[(cls, bucket)] = (best.chain, best.k)
             out[cls] = choice
         return out
+
+    def decide_one(self, cls: str, batch: float, explore: bool = False) -> Choice:
+        """`decide` for one class at `batch` from what was measured; `explore`: a chain trial
+        if one qualifies. Without a trial, the same inputs give the same choice, so it is kept
+        until any of them moves (an observation, the models up, the chains, the settings): an
+        idle router with a long history spent 60-80 ms of CPU a second deciding the same table
+        again (8% of a core on a 2-core machine, beside the services it serves)."""
+        cfg = self.cfg
+        if explore:
+            return decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
+                          1.0, self.rng, batch, measured_only=True, explore_until=cfg.explore_until,
+                          explore_stale_s=cfg.explore_stale_s)
+        context = (self.estimates, self.estimates.version, cfg, tuple(self.chains),
+                   None if self.available is None else frozenset(self.available))
+        if self._memo_context is None or len(self._memo) > MEMO_MAX or any(
+                a is not b and a != b for a, b in zip(context, self._memo_context)):
+            self._memo_context, self._memo = context, {}
+        key = (cls, batch)
+        if key not in self._memo:
+            self._memo[key] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
+                                     self.available, 0.0, None, batch, measured_only=True,
+                                     explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
+        return self._memo[key]
 
     def next_version(self) -> int:
         """Milliseconds since the epoch, strictly increasing: a restarted router's versions keep growing."""
