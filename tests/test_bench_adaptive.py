@@ -181,6 +181,12 @@ def test_the_cross_validated_ceiling_does_not_credit_a_lucky_repeat():
     assert c["in_sample"] == pytest.approx(400 / 395, abs=1e-3) and c["in_sample"] > 1
     assert c["cross_validated"] == pytest.approx(800 / 810, abs=1e-3) and c["cross_validated"] < 1
     assert ceiling({"a": {"low": [timed([100] * 4)]}})["cross_validated"] is None  # one repeat: nothing to hold out
+    # a repeat that lost a group's requests is not measured, and no configuration with every group: no ceiling
+    short = {"results": timed([100, 100])["results"][:1], "errors": ["timeout"], "seconds": 1.0}
+    assert ceiling({"a": {"low": [timed([100, 100]), short]}})["cross_validated"] is None
+    assert ceiling({"a": {"low": [timed([100, 100])]}, "b": {"low": [timed([100, 100])]}} | {"c": {"low": [short]}},
+                   repeats=1)["best_single"] == "a"
+    assert ceiling({"a": {"low": [short]}, "b": {"low": [timed([100])]}}) is not None
 
 
 def test_a_request_keeps_its_group_else_its_prompt_index_gives_it():

@@ -492,6 +492,10 @@ def test_the_lowest_rate_ceiling_takes_each_class_from_its_own_best_chain():
     one_round = _ceiling({"cells": cells, "records": [rec(0, 0, "code", 0.002)]}, "poisson", 1.0, ["ngram,target"])
     assert "in sample" in one_round and "cross-validated" not in one_round
     assert _ceiling({"cells": cells, "records": []}, "poisson", 1.0, ["ngram,target"]) == ""
+    # a class only one round has: no other round chooses for it, and nothing fails
+    apart = _ceiling({"cells": cells, "records": [rec(0, 0, "code", 0.002), rec(1, 1, "prose", 0.003)]}, "poisson", 1.0,
+                     ["ngram,target", "drafter,target"])
+    assert "2.50 ms in sample (code-short ngram,target, prose-short drafter,target)" in apart
     long_prompt = _ceiling({"cells": cells, "records": [rec(0, 0, "code", 0.002, prompt_tokens=400)]}, "poisson", 1.0,
                            ["ngram,target"])
     assert "code-long ngram,target" in long_prompt

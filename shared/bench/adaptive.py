@@ -159,11 +159,13 @@ def ceiling(runs: dict[str, dict[str, list[dict]]], phase: str = "low", repeats:
     if not count:
         return None
 
-    def choose(picked: list[int]) -> tuple[str, dict[str, str], dict[str, dict[str, float]]]:
+    def choose(picked: list[int]) -> tuple[str | None, dict[str, str], dict[str, dict[str, float]]]:
+        """The best single configuration (None if none has every group) and each group's best."""
         by = {c: cells(c, picked) for c in statics}
         full = [c for c in statics if all(g in by[c] for g in count)]
-        single = min(full, key=lambda c: sum(count[g] * by[c][g] for g in count))
-        per_group = {g: min((c for c in statics if g in by[c]), key=lambda c: by[c][g]) for g in count}
+        single = min(full, key=lambda c: sum(count[g] * by[c][g] for g in count), default=None)
+        per_group = {g: min((c for c in statics if g in by[c]), key=lambda c: by[c][g]) for g in count
+                     if any(g in by[c] for c in statics)}
         return single, per_group, by
 
     def total(by: dict[str, dict[str, float]], pick: dict[str, str]) -> float:
@@ -171,6 +173,8 @@ def ceiling(runs: dict[str, dict[str, list[dict]]], phase: str = "low", repeats:
 
     everything = list(range(n))
     single, per_group, by = choose(everything)
+    if single is None:  # every configuration lost some group's requests: no common measure
+        return None
     single_time = total(by, dict.fromkeys(count, single))
     out = {"phase": phase, "repeats": n, "best_single": single,
            "in_sample": _ratio(single_time, total(by, per_group)),
@@ -183,7 +187,7 @@ def ceiling(runs: dict[str, dict[str, list[dict]]], phase: str = "low", repeats:
         for r in everything:
             s, pg, _ = choose([i for i in everything if i != r])
             on_r = {c: cells(c, [r]) for c in statics}
-            if any(g not in on_r[s] or g not in on_r[pg[g]] for g in count):
+            if s is None or any(g not in pg or g not in on_r[s] or g not in on_r[pg[g]] for g in count):
                 continue  # a configuration lost that group's requests in this repeat
             held_single += total(on_r, dict.fromkeys(count, s))
             held_oracle += total(on_r, pg)

@@ -144,19 +144,21 @@ def _ceiling(doc: dict, process: str, rate: float, chains: list[str]) -> str:
     def tpots(mode: str, cls: str, picked: list[int]) -> list[float]:
         return [x for i in picked for x in by.get((mode, cls, i), [])]
 
-    def pick(picked: list[int]) -> dict[str, str]:
-        return {cls: min((m for m in cells.values() if tpots(m, cls, picked)),
+    def pick(picked: list[int]) -> dict[str, str]:  # classes no chain ran in those rounds are left out
+        best = {cls: min((m for m in cells.values() if tpots(m, cls, picked)), default=None,
                          key=lambda m: statistics.median(tpots(m, cls, picked))) for cls in classes}
+        return {cls: m for cls, m in best.items() if m is not None}
 
     chosen = pick(rounds)
-    in_sample = statistics.median([x for cls in classes for x in tpots(chosen[cls], cls, rounds)])
+    in_sample = statistics.median([x for cls, m in chosen.items() for x in tpots(m, cls, rounds)])
     text = f"; each class on its own best static chain: TPOT p50 {in_sample * 1e3:.2f} ms in sample"
     if len(rounds) > 1:
         held = []
         for i in rounds:
             others = pick([j for j in rounds if j != i])
-            held += [x for cls in classes for x in tpots(others[cls], cls, [i])]
-        text += f", {statistics.median(held) * 1e3:.2f} cross-validated over rounds"
+            held += [x for cls, m in others.items() for x in tpots(m, cls, [i])]
+        if held:
+            text += f", {statistics.median(held) * 1e3:.2f} cross-validated over rounds"
     return text + " (" + ", ".join(f"{cls} {m}" for cls, m in chosen.items()) + ")"
 
 
