@@ -267,8 +267,8 @@ class Router:
         """`decide` for one class at `batch` from what was measured; `explore`: a chain trial
         if one qualifies. Without a trial, the same inputs give the same choice, so it is kept
         until any of them moves (an observation, the models up, the chains, the settings): an
-        idle router with a long history spent 60-80 ms of CPU a second deciding the same table
-        again (8% of a core on a 2-core machine, beside the services it serves)."""
+        idle router with a history spent 60-70 ms of CPU a second deciding the same table
+        again (7% of a core on a 2-core machine, beside the services it serves)."""
         cfg = self.cfg
         if explore:
             return decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
