@@ -270,10 +270,14 @@ class Router:
         idle router with a history spent 60-70 ms of CPU a second deciding the same table
         again (7% of a core on a 2-core machine, beside the services it serves)."""
         cfg = self.cfg
-        if explore:
+
+        def run(rate: float) -> Choice:
             return decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms, self.available,
-                          1.0, self.rng, batch, measured_only=True, explore_until=cfg.explore_until,
-                          explore_stale_s=cfg.explore_stale_s)
+                          rate, self.rng if rate else None, batch, measured_only=True,
+                          explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
+
+        if explore:
+            return run(1.0)
         context = (self.estimates, self.estimates.version, cfg, tuple(self.chains),
                    None if self.available is None else frozenset(self.available))
         if self._memo_context is None or len(self._memo) > MEMO_MAX or any(
@@ -281,9 +285,7 @@ class Router:
             self._memo_context, self._memo = context, {}
         key = (cls, batch)
         if key not in self._memo:
-            self._memo[key] = decide(cls, self.estimates, self.chains, cfg.k_max, cfg.margin, cfg.slo_tpot_ms,
-                                     self.available, 0.0, None, batch, measured_only=True,
-                                     explore_until=cfg.explore_until, explore_stale_s=cfg.explore_stale_s)
+            self._memo[key] = run(0.0)
         return self._memo[key]
 
     def next_version(self) -> int:
