@@ -4,7 +4,8 @@ A service is registered with nats.py's `micro`, so `$SRV.PING.<name>`, `$SRV.INF
 and `$SRV.STATS.<name>` answer for it without code of its own. Subclasses add endpoints
 in `setup` and release resources in `teardown`. The shell also sets up the process's
 tracer provider (`self.tracer_provider`) and Prometheus registry (`self.registry`, served on
-the service's metrics port, announced as `metrics` in the `micro` metadata).
+the service's metrics port, announced as `metrics` in the `micro` metadata), and once set up
+freezes what start-up built out of garbage collection (`shared.heap`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import Service
 
+from shared.heap import GcPauses, freeze
 from shared.metrics import CollectorRegistry, serve_metrics
 from shared.nats_auth import credentials
 from shared.settings import Settings
@@ -69,6 +71,7 @@ class ServiceProcess:
         self.micro: Service | None = None
         self._stop = asyncio.Event()
         self.registry = CollectorRegistry()
+        self.gc_pauses = GcPauses(self.registry)
         self.tracer_provider = None
         self.metrics_url = ""
 
@@ -107,6 +110,7 @@ class ServiceProcess:
         ready = False
         try:
             await self.setup()
+            freeze()  # what start-up built is never garbage: later collections skip it (shared.heap)
             ready = True
             log.info("%s ready (nats %s)", self.name, self.settings.nats.client_url)
             await self._stop.wait()
@@ -119,3 +123,4 @@ class ServiceProcess:
             await self.micro.stop()
             await self.nc.drain()
             self.tracer_provider.shutdown()  # flushes the spans still batched
+            self.gc_pauses.close()

@@ -173,3 +173,8 @@ def test_counters_agree_with_the_responses(stack):
     assert ("specmesh_kv_cache_bytes_in_use", (("model", "drafter-code"),)) in level
     state = scrape(metrics_url(env, "state"))
     assert state[("specmesh_state_commits_total", (("result", "accepted"),))] > 0
+
+    # start-up's heap (torch, transformers, the model or tokenizer) is frozen out of collection
+    for page in (steered, level, scrape(gateway)):
+        assert page[("specmesh_gc_frozen_objects", ())] > 50_000
+        assert page[("specmesh_gc_pause_seconds_count", (("generation", "2"),))] >= 1  # the freeze's own

@@ -286,6 +286,8 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
     records as `RequestRecord`s; `progress` (a tqdm bar or None) is advanced per request."""
     import httpx
 
+    from shared.heap import freeze
+
     check_loopback(cfg.url)
     modes = [Mode.parse(m, cfg.k) for m in cfg.modes]
     prompts = prompt_mix(cfg.prompt_chars, cfg.prompts_per_domain, cfg.seed)
@@ -304,6 +306,7 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
     async with httpx.AsyncClient(base_url=cfg.url, limits=limits, timeout=timeout, trust_env=False,
                                  headers=api_key_header()) as client:
         await warm_up(client, list(by_name.values()), prompts[0][1])
+        freeze()  # no collection of the client's start-up heap pauses a request's clock (shared.heap)
         cells: dict[tuple[str, float, str], dict] = {}
         for process, rate, name in cfg.cells():
             mode = by_name[Mode.parse(name, cfg.k).name]

@@ -211,6 +211,7 @@ def register(bench_app: typer.Typer) -> None:
         import httpx
         from tqdm import tqdm
 
+        from shared.heap import freeze
         from shared.settings import get_settings
 
         settings = get_settings()
@@ -234,6 +235,7 @@ def register(bench_app: typer.Typer) -> None:
                     for config in statics + [NO_SPECULATION]:  # warm every level up
                         await _one(client, prompts["low"][0][0], config, 4)
                         bar.update(1)
+                    freeze()  # the client's start-up heap is never collected mid-request (shared.heap)
                     for repeat in range(repeats):
                         for phase, concurrency in phases:
                             for config in order(statics + [NO_SPECULATION], repeat) + [ADAPTIVE]:
