@@ -1,23 +1,25 @@
 """A serving process's Python heap: what start-up built is frozen, every collection is timed.
 
 CPython's cyclic garbage collector walks every tracked object of the generations it
-collects. A process that has imported torch and transformers and loaded a tokenizer holds
-about 270,000 of them, and a full (generation 2) collection of those takes 140 ms on the
-2-core development machine: a pause, at whatever allocation triggers it, in the middle of
+collects. A worker that has imported torch and transformers and loaded its model holds
+about 380,000 of them, and a full (generation 2) collection takes 100-350 ms on the 2-core
+development machine: a pause, at whatever allocation triggers it, in the middle of
 whichever requests are in flight. Nothing built at start-up (modules, the model, the
 tokenizer, the settings) becomes garbage while the process serves, so `freeze` collects once
 and moves what survives into the permanent generation (`gc.freeze`, as vLLM does once its
 engine is up); later collections walk only what serving allocated.
 
-`GcPauses` times each collection from `gc.callbacks` and is read as a Prometheus histogram
-`specmesh_gc_pause_seconds{generation}` when scraped, beside `specmesh_gc_frozen_objects`. The callback takes no lock: a collection
-can start inside any allocation, including one made while a metric's lock is held.
+`GcPauses` times each collection from `gc.callbacks` and is read, when scraped, as the
+Prometheus histogram `specmesh_gc_pause_seconds{generation}` beside the gauge
+`specmesh_gc_frozen_objects`. The callback takes no lock: a collection can start inside any
+allocation, including one made while a metric's (non-reentrant) lock is held.
 """
 
 from __future__ import annotations
 
 import bisect
 import gc
+import itertools
 import logging
 import time
 
@@ -70,12 +72,9 @@ class GcPauses(Collector):
         family = HistogramMetricFamily("specmesh_gc_pause_seconds",
                                        "Pauses of Python's garbage collector, per generation collected.",
                                        labels=["generation"])
+        bounds = [*map(str, PAUSE_BUCKETS), "+Inf"]
         for generation in range(3):
-            counts = self.buckets[generation][:]
-            cumulative, running = [], 0
-            for bound, n in zip([*map(str, PAUSE_BUCKETS), "+Inf"], counts):
-                running += n
-                cumulative.append((bound, running))
+            cumulative = list(zip(bounds, itertools.accumulate(self.buckets[generation])))
             family.add_metric([str(generation)], cumulative, self.sums[generation])
         yield family
         yield GaugeMetricFamily("specmesh_gc_frozen_objects", "Objects frozen out of garbage collection (start-up's).",
